@@ -1,0 +1,7 @@
+"""`python -m distfinalize` (also under torchrun / srun)."""
+
+import sys
+
+from distfinalize.cli import main
+
+sys.exit(main())

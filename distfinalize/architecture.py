@@ -1,0 +1,108 @@
+"""What the model that config.json describes expects: tensor names, shapes, tied aliases.
+
+The architecture is instantiated on the meta device (no memory, no weights), so names are checked
+against transformers itself rather than guessed. Runs on: all ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distfinalize.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The tensors a saved transformers model holds, in the model's own order."""
+
+    config_path: Path
+    architecture: str
+    names: tuple[str, ...]  # saved tensors, tied aliases excluded
+    shapes: Mapping[str, tuple[int, ...]]
+    tied: Mapping[str, str]  # alias -> the name that is saved
+    ignorable: frozenset[str]  # non-persistent buffers: never saved, dropped when a checkpoint has them
+    config_dtype: str | None
+
+    @property
+    def known(self) -> frozenset[str]:
+        return frozenset(self.names) | frozenset(self.tied) | self.ignorable
+
+
+def load_model_spec(config_path: Path) -> ModelSpec:
+    """Instantiate config.json's architecture on the meta device and describe its state dict."""
+    import transformers
+
+    raw = _read_json(config_path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = transformers.AutoConfig.from_pretrained(str(config_path.parent))
+    except (ValueError, KeyError, OSError) as exc:
+        raise SourceError(
+            "transformers cannot read config.json",
+            where=config_path,
+            hint=f"{exc}".splitlines()[0] if str(exc) else "check the file",
+        ) from exc
+    architecture = (raw.get("architectures") or [None])[0]
+    model = _instantiate_on_meta(config, architecture, config_path)
+    state = model.state_dict()
+    tied: dict[str, str] = {}
+    canonical: dict[int, str] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)]:
+        first = canonical.setdefault(id(tensor), name)
+        if first != name:
+            tied[name] = first
+    names = tuple(n for n in state if n not in tied)
+    buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    return ModelSpec(
+        config_path=config_path,
+        architecture=type(model).__name__,
+        names=names,
+        shapes={n: tuple(t.shape) for n, t in state.items()},
+        tied=tied,
+        ignorable=frozenset(buffers - set(state)),
+        config_dtype=_config_dtype(raw),
+    )
+
+
+def _instantiate_on_meta(config: object, architecture: str | None, config_path: Path) -> torch.nn.Module:
+    import transformers
+
+    cls = getattr(transformers, architecture, None) if architecture else None
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if cls is not None:
+                return cls(config)
+            return transformers.AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        raise SourceError(
+            f"cannot build the architecture {architecture or config.model_type!r} from config.json",
+            where=config_path,
+            hint=f"{exc}".splitlines()[0] if str(exc) else None,
+        ) from exc
+
+
+def _config_dtype(raw: Mapping[str, object]) -> str | None:
+    value = raw.get("dtype") or raw.get("torch_dtype")
+    return value if isinstance(value, str) and value != "auto" else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SourceError("cannot parse config.json", where=path, hint=str(exc)) from exc
+    if not isinstance(data, dict):
+        raise SourceError("config.json is not a JSON object", where=path)
+    return data

@@ -1,0 +1,73 @@
+"""Frozen configuration of one finalize run, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+DEVICES = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a shard size the way transformers does ("5GB" = 5e9 bytes, "1GiB" = 2**30, "200MB", ints).
+
+    Raises ValueError naming the bad value and the accepted forms.
+    """
+    from transformers.utils.hub import convert_file_size_to_int
+
+    if isinstance(text, str) and text.strip().isdigit():
+        text = int(text.strip())
+    try:
+        size = convert_file_size_to_int(text.strip() if isinstance(text, str) else text)
+    except ValueError:
+        size = None
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(
+            f"max shard size {text!r} is not a size; use a positive integer of bytes or a number with a unit: "
+            "KB, MB, GB (powers of 10) or KiB, MiB, GiB (powers of 2), e.g. 5GB"
+        )
+    return size
+
+
+@dataclass(frozen=True)
+class FinalizeConfig:
+    """What to finalize, where to, and how. Identical on every rank."""
+
+    src: Path
+    dest: Path
+    checkpoint: Path | None = None
+    dtype: str | None = None
+    max_shard_size: int = 5 * 10**9
+    device: str = "auto"
+    dry_run: bool = False
+    log_level: str = "info"
+    timeout_s: float = 1800.0
+    read_batch_bytes: int = 512 * 2**20
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device {self.device!r} is not supported; choose one of {', '.join(DEVICES)}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+        if self.max_shard_size <= 0:
+            raise ValueError(f"max shard size must be positive, got {self.max_shard_size}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout must be positive, got {self.timeout_s}")
+        if self.read_batch_bytes <= 0:
+            raise ValueError(f"read batch must be positive, got {self.read_batch_bytes}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The requested output dtype, or None for "as config.json / as stored"."""
+        return DTYPES[self.dtype] if self.dtype else None

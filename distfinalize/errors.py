@@ -1,0 +1,52 @@
+"""The exception hierarchy. Every error a user can cause is a DistfinalizeError.
+
+Each one says what is wrong, where, and what to do; the CLI prints it as one line.
+"""
+
+from __future__ import annotations
+
+
+class DistfinalizeError(Exception):
+    """A failure the user can act on. Subclasses set the process exit code."""
+
+    exit_code = 1
+
+    def __init__(self, what: str, *, where: object = None, hint: str | None = None) -> None:
+        self.what = what
+        self.where = where
+        self.hint = hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = self.what
+        if self.where is not None:
+            text += f": {self.where}"
+        if self.hint:
+            text += f". {self.hint}"
+        return text
+
+
+class UsageError(DistfinalizeError):
+    """Bad command-line options."""
+
+    exit_code = 2
+
+
+class SourceError(DistfinalizeError):
+    """SRC is missing, unreadable, not a checkpoint, or corrupt."""
+
+
+class KeyMappingError(SourceError):
+    """The checkpoint's tensor names do not match the model that config.json describes."""
+
+
+class DestinationError(DistfinalizeError):
+    """DEST exists, cannot be written, or the commit failed."""
+
+
+class MissingDependencyError(DistfinalizeError):
+    """An optional dependency is not installed; the hint gives the install command."""
+
+
+class RankFailure(DistfinalizeError):
+    """Raised on every rank whose peer failed, naming the failed rank and step."""

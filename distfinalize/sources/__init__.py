@@ -1,0 +1,89 @@
+"""Input formats behind one protocol, and the registry that finds the right one.
+
+A Source describes a checkpoint from metadata alone (tensor names, shapes, dtypes) and hands out
+readers that fetch only the bytes of the tensors asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """One model tensor of a checkpoint: its storage key, its name inside the model, shape and dtype."""
+
+    key: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What was found: format, checkpoint folder, training step and the world size that saved it."""
+
+    format: str
+    path: Path
+    step: int | None
+    saved_world_size: int | None
+    skipped: int = 0  # entries that are not model tensors (optimizer state, counters, ...)
+
+
+class TensorReader(Protocol):
+    """Reads whole tensors (in their stored dtype, on CPU) touching only the bytes they need."""
+
+    def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]: ...
+
+
+class Source(Protocol):
+    """A checkpoint opened for finalizing. Runs on: all ranks (metadata only)."""
+
+    info: SourceInfo
+    tensors: tuple[TensorMeta, ...]
+
+    def reader(self) -> TensorReader: ...
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    """A registry entry: how to recognise a checkpoint folder of this format and open it."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    open: Callable[[Path, int | None], Source]  # (checkpoint folder, step) -> Source
+
+
+SOURCE_FORMATS: dict[str, SourceFormat] = {}
+
+
+def register_source(fmt: SourceFormat) -> SourceFormat:
+    """Add an input format to the registry."""
+    SOURCE_FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def detect_format(path: Path) -> SourceFormat | None:
+    """The first registered format that recognises `path` as a checkpoint folder."""
+    _load_builtin_formats()
+    return next((fmt for fmt in SOURCE_FORMATS.values() if fmt.detect(path)), None)
+
+
+def _load_builtin_formats() -> None:
+    from distfinalize.sources import dcp  # noqa: F401  (registers itself)

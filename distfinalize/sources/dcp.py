@@ -1,0 +1,151 @@
+"""PyTorch Distributed Checkpoint (DCP) input: FSDP2, torchtitan, Accelerate and plain dcp.save folders.
+
+Metadata comes from DCP's own `.metadata`; tensors are read with DCP's FileSystemReader, which fetches
+only the byte ranges of the chunks each tensor needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from distfinalize.errors import SourceError
+from distfinalize.sources import SourceFormat, SourceInfo, TensorMeta, register_source
+
+log = logging.getLogger(__name__)
+
+# Top-level keys of nested saves ({"model": ..., "optim": ...}) that hold model tensors, and ones that never do.
+MODEL_CONTAINERS = frozenset({"model", "module", "models", "state_dict", "model_state_dict"})
+NON_MODEL_CONTAINERS = frozenset({
+    "optim", "optimizer", "optimizers", "optimizer_state", "optim_state", "lr_scheduler", "lr_schedulers",
+    "scheduler", "dataloader", "train_state", "trainer_state", "rng", "rng_state", "rng_states",
+})
+RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
+
+
+def is_dcp_checkpoint(path: Path) -> bool:
+    """A DCP folder has a `.metadata` file next to its `*.distcp` files."""
+    return (path / ".metadata").is_file()
+
+
+class DcpSource:
+    """A DCP checkpoint folder, described from its `.metadata` alone. Runs on: all ranks."""
+
+    def __init__(self, path: Path, step: int | None = None) -> None:
+        self.path = path
+        self.metadata = read_metadata(path)
+        self.tensors, skipped = model_tensors(self.metadata)
+        if not self.tensors:
+            raise SourceError(
+                "the checkpoint holds no model tensors",
+                where=path / ".metadata",
+                hint=f"found only {skipped} optimizer/trainer entries; point SRC at a checkpoint saved with "
+                "the model's state dict",
+            )
+        self.info = SourceInfo("dcp", path, step, saved_world_size(self.metadata), skipped)
+
+    def reader(self) -> DcpTensorReader:
+        return DcpTensorReader(self.path, self.metadata)
+
+
+def read_metadata(path: Path) -> Metadata:
+    """Load `.metadata`, turning every way it can be broken into one SourceError."""
+    meta_path = path / ".metadata"
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except OSError as exc:
+        raise SourceError("cannot read DCP metadata", where=meta_path, hint=str(exc)) from exc
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError,
+            ValueError) as exc:
+        raise SourceError(
+            "DCP metadata is truncated or not a DCP metadata pickle",
+            where=meta_path,
+            hint="the checkpoint may be incomplete; pick another one with --checkpoint",
+        ) from exc
+    if not isinstance(metadata, Metadata):
+        raise SourceError("not a DCP metadata file", where=meta_path, hint="pick another one with --checkpoint")
+    return metadata
+
+
+def model_tensors(metadata: Metadata) -> tuple[tuple[TensorMeta, ...], int]:
+    """The model tensors of a checkpoint (with container prefixes removed), and how many entries were skipped.
+
+    DCP records each flattened key's path in the original nested dict (`planner_data`), which tells
+    `{"model": {...}}` containers apart from model names that merely start with "model.".
+    """
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    tensors, skipped = [], 0
+    for key, md in metadata.state_dict_metadata.items():
+        name = _model_name(key, paths.get(key))
+        if name is None or not isinstance(md, TensorStorageMetadata):
+            skipped += 1
+            continue
+        tensors.append(TensorMeta(key, name, tuple(md.size), md.properties.dtype))
+    return tuple(tensors), skipped
+
+
+def _model_name(key: str, path: object) -> str | None:
+    """The tensor's name inside the model, or None when the entry is not part of the model."""
+    if isinstance(path, tuple) and len(path) >= 2 and isinstance(path[0], str):
+        if path[0] in NON_MODEL_CONTAINERS:
+            return None
+        if path[0] in MODEL_CONTAINERS and len(path) == 2 and isinstance(path[1], str):
+            return path[1]
+        return key
+    return None if key.split(".", 1)[0] in NON_MODEL_CONTAINERS else key
+
+
+def saved_world_size(metadata: Metadata) -> int | None:
+    """How many ranks wrote the checkpoint, from the `__<rank>_<n>.distcp` file names."""
+    ranks = set()
+    for info in (metadata.storage_data or {}).values():
+        match = RANK_FILE.search(getattr(info, "relative_path", ""))
+        if match:
+            ranks.add(int(match.group(1)))
+    return max(ranks) + 1 if ranks else None
+
+
+class DcpTensorReader:
+    """Reads whole tensors out of a DCP folder through DCP's FileSystemReader. Runs on: each rank."""
+
+    def __init__(self, path: Path, metadata: Metadata) -> None:
+        self.path = path
+        self.metadata = metadata
+        self.storage = FileSystemReader(str(path))
+        self.storage.set_up_storage_reader(metadata, True)
+
+    def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Fetch `keys` (stored dtype, CPU), reading only the chunks they cover."""
+        out: dict[str, torch.Tensor] = {}
+        for key in keys:
+            md = self.metadata.state_dict_metadata[key]
+            out[key] = torch.empty(md.size, dtype=md.properties.dtype)
+        planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+        planner.set_up_planner(out, self.metadata, True)
+        try:
+            plan = self.storage.prepare_local_plan(planner.create_local_plan())
+            plan = planner.finish_plan(self.storage.prepare_global_plan([plan])[0])
+            self.storage.read_data(plan, planner).wait()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # DCP raises CheckpointException, a BaseException
+            wanted = set(keys)
+            files = sorted({info.relative_path for index, info in self.metadata.storage_data.items()
+                            if index.fqn in wanted})
+            raise SourceError(
+                f"cannot read {len(keys)} tensor(s) starting with {keys[0]!r}",
+                where=f"{self.path} ({', '.join(files[:4])}{' ...' if len(files) > 4 else ''})",
+                hint=f"the .distcp files may be truncated or corrupt ({type(exc).__name__}: {exc})",
+            ) from exc
+        return out
+
+
+register_source(SourceFormat("dcp", is_dcp_checkpoint, DcpSource))
