@@ -57,8 +57,7 @@ def load_model_spec(config_path: Path) -> ModelSpec:
     state = model.state_dict()
     tied: dict[str, str] = {}
     canonical: dict[int, str] = {}
-    for name, tensor in [*model.named_parameters(remove_duplicate=False),
-                         *model.named_buffers(remove_duplicate=False)]:
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         first = canonical.setdefault(id(tensor), name)
         if first != name:
             tied[name] = first

@@ -20,6 +20,7 @@ from distfinalize.errors import DistfinalizeError, RankFailure
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = CPU
     owns_group: bool = False
 
     @classmethod
@@ -95,6 +96,8 @@ class DistContext:
         outcomes = self.all_gather_object(outcome)
         failed = [o for o in outcomes if o.error is not None]
         if own_error is not None:
+            if isinstance(own_error, DistfinalizeError) and self.rank != 0 and outcomes[0].error == outcome.error:
+                own_error.shown_by_rank0 = True
             raise own_error
         if failed:
             first = failed[0]
@@ -105,6 +108,10 @@ class DistContext:
     def close(self) -> None:
         """Tear down the process group this context created."""
         if self.owns_group and dist.is_initialized():
+            try:
+                dist.barrier()  # tearing down gloo while a peer is still in a collective aborts the peer
+            except (RuntimeError, dist.DistBackendError) as exc:
+                log.debug("barrier before teardown failed: %s", exc)
             dist.destroy_process_group()
 
 

@@ -24,10 +24,24 @@ log = logging.getLogger(__name__)
 
 # Top-level keys of nested saves ({"model": ..., "optim": ...}) that hold model tensors, and ones that never do.
 MODEL_CONTAINERS = frozenset({"model", "module", "models", "state_dict", "model_state_dict"})
-NON_MODEL_CONTAINERS = frozenset({
-    "optim", "optimizer", "optimizers", "optimizer_state", "optim_state", "lr_scheduler", "lr_schedulers",
-    "scheduler", "dataloader", "train_state", "trainer_state", "rng", "rng_state", "rng_states",
-})
+NON_MODEL_CONTAINERS = frozenset(
+    {
+        "optim",
+        "optimizer",
+        "optimizers",
+        "optimizer_state",
+        "optim_state",
+        "lr_scheduler",
+        "lr_schedulers",
+        "scheduler",
+        "dataloader",
+        "train_state",
+        "trainer_state",
+        "rng",
+        "rng_state",
+        "rng_states",
+    }
+)
 RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
 
 
@@ -63,8 +77,7 @@ def read_metadata(path: Path) -> Metadata:
         metadata = FileSystemReader(str(path)).read_metadata()
     except OSError as exc:
         raise SourceError("cannot read DCP metadata", where=meta_path, hint=str(exc)) from exc
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError,
-            ValueError) as exc:
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as exc:
         raise SourceError(
             "DCP metadata is truncated or not a DCP metadata pickle",
             where=meta_path,
@@ -138,8 +151,9 @@ class DcpTensorReader:
             raise
         except BaseException as exc:  # DCP raises CheckpointException, a BaseException
             wanted = set(keys)
-            files = sorted({info.relative_path for index, info in self.metadata.storage_data.items()
-                            if index.fqn in wanted})
+            files = sorted(
+                {info.relative_path for index, info in self.metadata.storage_data.items() if index.fqn in wanted}
+            )
             raise SourceError(
                 f"cannot read {len(keys)} tensor(s) starting with {keys[0]!r}",
                 where=f"{self.path} ({', '.join(files[:4])}{' ...' if len(files) > 4 else ''})",

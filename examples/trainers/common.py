@@ -30,6 +30,7 @@ def tiny_config(tie: bool) -> LlamaConfig:
         max_position_embeddings=64,
         tie_word_embeddings=tie,
         dtype="float32",
+        architectures=["LlamaForCausalLM"],
     )
 
 

@@ -1,0 +1,1 @@
+"""Files rank 0 writes once: the index, config.json, and (later) tokenizer, generation config, card."""

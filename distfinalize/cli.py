@@ -1,0 +1,155 @@
+"""Command line: arguments -> FinalizeConfig -> pipeline.run, and one-line errors with what to do next.
+
+python -m distfinalize SRC DEST [options]
+torchrun --nproc_per_node=N -m distfinalize SRC DEST [options]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from distfinalize.config import (
+    DEFAULT_MAX_SHARD_SIZE,
+    DEVICES,
+    DTYPES,
+    LOG_LEVELS,
+    FinalizeConfig,
+    parse_size,
+)
+from distfinalize.errors import DistfinalizeError
+
+log = logging.getLogger("distfinalize")
+PROG = "distfinalize"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Turn a sharded training checkpoint (PyTorch DCP from FSDP2, torchtitan or Accelerate) into a "
+        "Hugging Face model directory, with every rank of the job writing its own files.",
+        epilog="Run alone, or under torchrun: torchrun --nproc_per_node=N -m distfinalize SRC DEST",
+    )
+    parser.add_argument(
+        "src",
+        type=Path,
+        metavar="SRC",
+        help="checkpoint folder, or a training output dir holding checkpoints (the latest is used)",
+    )
+    parser.add_argument("dest", type=Path, metavar="DEST", help="output directory; must not exist")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="PATH",
+        help="the checkpoint to finalize (a path, or relative to SRC); default: the latest",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        help="output dtype of floating tensors (default: config.json's dtype, else as stored)",
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        metavar="SIZE",
+        help="largest output file, e.g. 5GB, 500MB, 2GiB (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where tensors are cast (auto: this rank's GPU when there is one)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="how long a rank waits for the others at each step (default: %(default)s)",
+    )
+    return parser
+
+
+def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> FinalizeConfig:
+    """Parse and validate; a bad value exits 2 with argparse's usage line."""
+    args = parser.parse_args(argv)
+    try:
+        return FinalizeConfig(
+            src=args.src,
+            dest=args.dest,
+            checkpoint=args.checkpoint,
+            dtype=args.dtype,
+            max_shard_size=parse_size(args.max_shard_size),
+            device=args.device,
+            dry_run=args.dry_run,
+            log_level=args.log_level,
+            timeout_s=args.timeout,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `distfinalize` and `python -m distfinalize`. Returns the exit code."""
+    from distfinalize.logs import setup_logging
+
+    config = parse_config(build_parser(), argv)
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(config.log_level, rank, int(os.environ.get("WORLD_SIZE", "1")))
+    ctx = None
+    try:
+        from distfinalize.dist import DistContext
+        from distfinalize.pipeline import run
+
+        ctx = DistContext.from_env(config.device, config.timeout_s)
+        outcome = run(config, ctx)
+        if ctx.is_rank0 and outcome.dry_run:
+            print(format_plan(outcome.plan))
+        return 0
+    except DistfinalizeError as exc:
+        report(exc, rank, config.log_level)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        report_line("interrupted; nothing was written to DEST", rank)
+        return 130
+    except Exception as exc:  # a bug, not a user mistake: say so, with the traceback
+        report_line(f"internal error ({type(exc).__name__}: {exc}); please report it with the traceback below", rank)
+        traceback.print_exc()
+        return 70
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def report(exc: DistfinalizeError, rank: int, log_level: str) -> None:
+    """One line on stderr: by rank 0, or by the rank whose own error it is. Traceback only with debug."""
+    if rank == 0 or not exc.shown_by_rank0:
+        report_line(str(exc), rank)
+    if log_level == "debug":
+        traceback.print_exc()
+
+
+def report_line(message: str, rank: int) -> None:
+    prefix = f"[rank{rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    print(f"{prefix}{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+
+def format_plan(plan) -> str:
+    """The dry-run plan as a table: file, rank, tensors, bytes."""
+    width = max(len(f.filename) for f in plan.files)
+    lines = [f"{'file':<{width}}  rank  tensors  bytes"]
+    lines += [f"{f.filename:<{width}}  {f.rank:>4}  {len(f.tensors):>7}  {f.nbytes}" for f in plan.files]
+    per_rank = ", ".join(f"rank {r}: {plan.bytes_for(r)}" for r in range(plan.world_size))
+    lines.append(
+        f"total: {len(plan.tensors)} tensors, {plan.total_size} bytes in {len(plan.files)} file(s); {per_rank}"
+    )
+    for f in plan.files:
+        lines += [f"  {f.filename}: {t.name} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in f.tensors]
+    return "\n".join(lines)

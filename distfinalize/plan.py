@@ -1,0 +1,146 @@
+"""The plan: which tensor goes to which output file in which dtype, and which rank writes each file.
+
+Pure and deterministic: built from metadata alone, identical on every rank without talking.
+Runs on: all ranks.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from distfinalize.sources import TensorMeta
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+FILENAME_PATTERN = "model{suffix}.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: its name, where it comes from, and its output shape and dtype."""
+
+    name: str
+    source_key: str
+    shape: tuple[int, ...]
+    source_dtype: torch.dtype
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """One output safetensors file and the rank that writes it."""
+
+    filename: str
+    rank: int
+    tensors: tuple[TensorPlan, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every output file, in order, for a job of `world_size` ranks."""
+
+    files: tuple[FilePlan, ...]
+    world_size: int
+
+    @property
+    def sharded(self) -> bool:
+        return len(self.files) > 1
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    @property
+    def tensors(self) -> tuple[TensorPlan, ...]:
+        return tuple(t for f in self.files for t in f.tensors)
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {t.name: f.filename for f in self.files for t in f.tensors}
+
+    def files_for(self, rank: int) -> tuple[FilePlan, ...]:
+        return tuple(f for f in self.files if f.rank == rank)
+
+    def bytes_for(self, rank: int) -> int:
+        return sum(f.nbytes for f in self.files_for(rank))
+
+
+def output_dtype(stored: torch.dtype, target: torch.dtype | None) -> torch.dtype:
+    """Floating tensors take the target dtype; integer and bool tensors (and no target) keep theirs."""
+    if target is None or not stored.is_floating_point:
+        return stored
+    return target
+
+
+def plan_tensors(tensors: Sequence[TensorMeta], dtype: torch.dtype | None) -> tuple[TensorPlan, ...]:
+    """One TensorPlan per checkpoint tensor, in the given order, cast to `dtype` where it applies."""
+    return tuple(TensorPlan(t.name, t.key, tuple(t.shape), t.dtype, output_dtype(t.dtype, dtype)) for t in tensors)
+
+
+def split_into_files(tensors: Sequence[TensorPlan], max_shard_size: int) -> list[list[TensorPlan]]:
+    """Group tensors into files no bigger than `max_shard_size` the way transformers does.
+
+    Uses huggingface_hub's splitter on meta tensors (no memory), so names and grouping match
+    `save_pretrained`: in order, a new file when the next tensor would overflow, oversized tensors alone.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    by_name = {t.name: t for t in tensors}
+    meta = {t.name: torch.empty(t.shape, dtype=t.dtype, device="meta") for t in tensors}
+    split = split_torch_state_dict_into_shards(meta, filename_pattern=FILENAME_PATTERN, max_shard_size=max_shard_size)
+    return [[by_name[n] for n in names] for names in split.filename_to_tensors.values()]
+
+
+def assign_ranks(sizes: Sequence[int], world_size: int) -> list[int]:
+    """Give each file a rank, balancing bytes: biggest file first to the least-loaded rank (lowest on ties)."""
+    load = [(0, r) for r in range(world_size)]
+    heapq.heapify(load)
+    ranks = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        total, rank = heapq.heappop(load)
+        ranks[i] = rank
+        heapq.heappush(load, (total + sizes[i], rank))
+    return ranks
+
+
+def file_names(count: int) -> list[str]:
+    """transformers' names: model.safetensors, or model-0000k-of-0000N.safetensors."""
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+
+
+def build_plan(
+    tensors: Sequence[TensorMeta], *, dtype: torch.dtype | None, max_shard_size: int, world_size: int
+) -> Plan:
+    """The whole plan from the (already renamed and ordered) checkpoint tensors."""
+    groups = split_into_files(plan_tensors(tensors, dtype), max_shard_size)
+    names = file_names(len(groups))
+    ranks = assign_ranks([sum(t.nbytes for t in g) for g in groups], world_size)
+    files = tuple(FilePlan(n, r, tuple(g)) for n, r, g in zip(names, ranks, groups, strict=True))
+    return Plan(files, world_size)
+
+
+def describe(plan: Plan) -> Mapping[str, object]:
+    """A JSON-able summary of the plan (for --dry-run and inspect)."""
+    return {
+        "world_size": plan.world_size,
+        "total_size": plan.total_size,
+        "tensors": len(plan.tensors),
+        "files": [
+            {"file": f.filename, "rank": f.rank, "bytes": f.nbytes, "tensors": len(f.tensors)} for f in plan.files
+        ],
+        "bytes_per_rank": [plan.bytes_for(r) for r in range(plan.world_size)],
+    }

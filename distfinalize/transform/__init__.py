@@ -1,0 +1,1 @@
+"""Per-tensor transforms between the checkpoint and the output: names, casts, ties."""

@@ -1,0 +1,177 @@
+"""Checkpoint tensor names -> Hugging Face names, checked against the model config.json describes.
+
+Key maps live in a registry (by model family / trainer). Wrapper segments that training adds
+(`_orig_mod.` from torch.compile, `_fsdp_wrapped_module.`, `_checkpoint_wrapped_module.`, DDP's
+leading `module.`) are always removed. With a ModelSpec, the map and the container prefix are chosen
+so the names match the architecture exactly; otherwise the names are taken as they are. Pure: runs on
+all ranks, no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+
+from distfinalize.architecture import ModelSpec
+from distfinalize.errors import KeyMappingError, SourceError
+from distfinalize.sources import TensorMeta
+
+log = logging.getLogger(__name__)
+
+WRAPPER_SEGMENTS = re.compile(r"(?:^|(?<=\.))(?:_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
+# Prefixes a trainer may put in front of the model's own names (DDP/DeepSpeed `module.`, a wrapping `model.`).
+CONTAINER_PREFIXES = ("", "module.", "model.", "module.model.")
+# Output-embedding / input-embedding pairs checked for tying when config.json does not say.
+TIE_CANDIDATES = (("lm_head.weight", "model.embed_tokens.weight"),)
+MAX_NAMES_IN_ERROR = 4
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """A registry entry: a rename from a trainer's names to Hugging Face names (None drops the tensor)."""
+
+    name: str
+    rename: Callable[[str], str | None]
+    description: str
+
+
+KEY_MAPS: dict[str, KeyMap] = {}
+
+
+def register_key_map(key_map: KeyMap) -> KeyMap:
+    """Add a key map to the registry."""
+    KEY_MAPS[key_map.name] = key_map
+    return key_map
+
+
+def strip_wrappers(name: str) -> str:
+    """Remove torch.compile / FSDP1 / activation-checkpointing wrapper segments from a name."""
+    return WRAPPER_SEGMENTS.sub("", name)
+
+
+register_key_map(KeyMap("hf", lambda name: name, "Hugging Face names, as transformers saves them"))
+
+
+@dataclass(frozen=True)
+class MappedTensors:
+    """The outcome of mapping: output tensors (Hugging Face names, model order) and what was dropped."""
+
+    tensors: tuple[TensorMeta, ...]
+    key_map: str
+    prefix: str
+    dropped: tuple[str, ...]  # tied aliases and non-persistent buffers, by output name
+
+
+def map_names(tensors: Sequence[TensorMeta], spec: ModelSpec | None, key_map: str | None = None) -> MappedTensors:
+    """Rename the checkpoint's tensors; with a spec, choose the map and prefix that match it exactly.
+
+    Raises KeyMappingError when no candidate matches, naming unmatched and missing tensors.
+    """
+    if key_map is not None and key_map not in KEY_MAPS:
+        raise KeyMappingError(f"unknown key map {key_map!r}", hint=f"choose one of {', '.join(sorted(KEY_MAPS))}")
+    maps = [KEY_MAPS[key_map]] if key_map else list(KEY_MAPS.values())
+    if spec is None:
+        chosen = maps[0]
+        renamed = _rename(tensors, chosen, "")
+        if renamed is None:
+            raise KeyMappingError(f"key map {chosen.name!r} maps two tensors to the same name")
+        return MappedTensors(tuple(renamed), chosen.name, "", ())
+    best: tuple[int, list[TensorMeta], KeyMap, str] | None = None
+    for candidate in maps:
+        for prefix in CONTAINER_PREFIXES:
+            renamed = _rename(tensors, candidate, prefix)
+            if renamed is None:
+                continue
+            score = sum(t.name in spec.known for t in renamed)
+            if best is None or score > best[0]:
+                best = (score, renamed, candidate, prefix)
+            if score == len(renamed) and _missing(renamed, spec) == []:
+                return _finish(renamed, spec, candidate, prefix)
+    _, renamed, candidate, _ = best  # type: ignore[misc]  (maps is never empty)
+    raise _mismatch_error(renamed, spec, candidate)
+
+
+def _rename(tensors: Iterable[TensorMeta], key_map: KeyMap, prefix: str) -> list[TensorMeta] | None:
+    """Apply wrapper stripping, prefix removal and the map; None when two tensors collide."""
+    out, seen = [], set()
+    for t in tensors:
+        name = strip_wrappers(t.name)
+        if prefix and name.startswith(prefix):
+            name = name[len(prefix) :]
+        mapped = key_map.rename(name)
+        if mapped is None:
+            continue
+        if mapped in seen:
+            return None
+        seen.add(mapped)
+        out.append(replace(t, name=mapped))
+    return out
+
+
+def _missing(renamed: Sequence[TensorMeta], spec: ModelSpec) -> list[str]:
+    present = {t.name for t in renamed}
+    present |= {spec.tied[a] for a in present if a in spec.tied}
+    return [n for n in spec.names if n not in present]
+
+
+def _finish(renamed: list[TensorMeta], spec: ModelSpec, key_map: KeyMap, prefix: str) -> MappedTensors:
+    """Drop buffers and tied aliases, fill a missing canonical from its alias, check shapes, model order."""
+    by_name = {t.name: t for t in renamed}
+    for name, t in by_name.items():
+        expected = spec.shapes.get(name)
+        if expected is not None and tuple(t.shape) != tuple(expected):
+            raise SourceError(
+                f"tensor {name!r} has shape {list(t.shape)} in the checkpoint but config.json "
+                f"({spec.architecture}) expects {list(expected)}",
+                where=spec.config_path,
+                hint="the config.json found does not describe this checkpoint; check that it belongs to it",
+            )
+    dropped = []
+    for alias, canonical in spec.tied.items():
+        if alias in by_name:
+            tensor = by_name.pop(alias)
+            if canonical not in by_name:
+                by_name[canonical] = replace(tensor, name=canonical)
+            else:
+                dropped.append(alias)
+    for name in spec.ignorable & by_name.keys():
+        del by_name[name]
+        dropped.append(name)
+    ordered = tuple(by_name[n] for n in spec.names if n in by_name)
+    if prefix or key_map.name != "hf":
+        log.info("tensor names: key map %r, container prefix %r removed", key_map.name, prefix)
+    return MappedTensors(ordered, key_map.name, prefix, tuple(sorted(dropped)))
+
+
+def _mismatch_error(renamed: list[TensorMeta], spec: ModelSpec, key_map: KeyMap) -> KeyMappingError:
+    unknown = [t.name for t in renamed if t.name not in spec.known]
+    missing = _missing(renamed, spec)
+    parts = []
+    if unknown:
+        parts.append(f"{len(unknown)} checkpoint tensor(s) unknown to {spec.architecture}, e.g. {_sample(unknown)}")
+    if missing:
+        parts.append(f"{len(missing)} expected tensor(s) missing, e.g. {_sample(missing)}")
+    return KeyMappingError(
+        "checkpoint tensor names do not match config.json's model (" + "; ".join(parts) + ")",
+        where=spec.config_path,
+        hint=f"known key maps: {', '.join(sorted(KEY_MAPS))}; pass --key-map NAME, or check that config.json "
+        "belongs to this checkpoint",
+    )
+
+
+def _sample(names: Sequence[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:MAX_NAMES_IN_ERROR])
+    return shown + (", ..." if len(names) > MAX_NAMES_IN_ERROR else "")
+
+
+def tie_candidates(tensors: Sequence[TensorMeta]) -> list[tuple[TensorMeta, TensorMeta]]:
+    """(output embedding, input embedding) pairs that may hold the same data: same shape and dtype."""
+    by_name = {t.name: t for t in tensors}
+    pairs = []
+    for head, embed in TIE_CANDIDATES:
+        a, b = by_name.get(head), by_name.get(embed)
+        if a is not None and b is not None and a.shape == b.shape and a.dtype == b.dtype:
+            pairs.append((a, b))
+    return pairs

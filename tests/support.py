@@ -1,0 +1,82 @@
+"""Helpers the tests share: run the CLI (alone or under torchrun), read outputs, checksum trees."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINERS = REPO / "examples" / "trainers"
+TIMEOUT_S = 600
+
+
+def env() -> dict[str, str]:
+    """The subprocess environment: one thread per rank, quiet torchrun, the repo importable."""
+    out = dict(os.environ)
+    out.update({"OMP_NUM_THREADS": "1", "TORCHELASTIC_ERROR_FILE": "", "PYTHONUNBUFFERED": "1"})
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), out.get("PYTHONPATH", "")) if p)
+    return out
+
+
+def torchrun(nproc: int, *args: str | os.PathLike, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=nproc ARGS` (a script path or -m module), captured."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run(
+        [*cmd, *map(str, args)], capture_output=True, text=True, env=env(), cwd=cwd, timeout=TIMEOUT_S, check=False
+    )
+
+
+def finalize(src: Path, dest: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    """Run distfinalize with `nproc` ranks (a plain process when 1)."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "distfinalize", str(src), str(dest), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=TIMEOUT_S, check=False)
+    return torchrun(nproc, "-m", "distfinalize", src, dest, *args)
+
+
+def check_ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def read_output(dest: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a finalized dir, and which file each came from (read from the files themselves)."""
+    tensors, where = {}, {}
+    for path in sorted(dest.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}, path
+            for name in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                assert name not in tensors, f"{name} is in two files"
+                tensors[name] = f.get_tensor(name)
+                where[name] = path.name
+    return tensors, where
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root (and the set of dirs), to prove a tree was not modified."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        out[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return out
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The lines distfinalize itself printed as errors."""
+    return [line for line in stderr.splitlines() if "distfinalize: error:" in line]
+
+
+def our_traceback(stderr: str) -> bool:
+    """Whether a Python traceback went through distfinalize's code (torchrun's own launcher report aside)."""
+    return f'File "{REPO / "distfinalize"}' in stderr or "site-packages/distfinalize/" in stderr

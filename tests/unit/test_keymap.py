@@ -1,0 +1,81 @@
+"""Name mapping against the architecture config.json describes (instantiated on the meta device)."""
+
+from __future__ import annotations
+
+import common
+import pytest
+import torch
+
+from distfinalize.architecture import ModelSpec, load_model_spec
+from distfinalize.errors import KeyMappingError, SourceError
+from distfinalize.sources import TensorMeta
+from distfinalize.transform.keymap import map_names, strip_wrappers
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def spec(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
+    out = tmp_path_factory.mktemp("cfg")
+    common.tiny_config(tie=request.param).save_pretrained(out)
+    return load_model_spec(out / "config.json")
+
+
+def checkpoint_tensors(spec: ModelSpec, rename=lambda n: n) -> list[TensorMeta]:
+    names = [*spec.names, *spec.tied]
+    return [TensorMeta(f"key:{n}", rename(n), spec.shapes[n], torch.float32) for n in reversed(names)]
+
+
+def test_spec_describes_llama(spec: ModelSpec) -> None:
+    assert spec.architecture == "LlamaForCausalLM"
+    assert "model.layers.1.mlp.down_proj.weight" in spec.names
+    tied = "lm_head.weight" not in spec.names
+    assert spec.tied == ({"lm_head.weight": "model.embed_tokens.weight"} if tied else {})
+    assert not any("rotary" in n for n in spec.names)
+
+
+@pytest.mark.parametrize(
+    "rename",
+    [
+        lambda n: n,
+        lambda n: "module." + n,
+        lambda n: n.replace("layers.", "layers._orig_mod."),
+        lambda n: "_orig_mod." + n.replace("layers.0.", "layers.0._checkpoint_wrapped_module."),
+    ],
+    ids=["hf", "ddp", "compiled", "wrapped"],
+)
+def test_names_mapped_in_model_order(spec: ModelSpec, rename) -> None:
+    mapped = map_names(checkpoint_tensors(spec, rename), spec)
+    assert [t.name for t in mapped.tensors] == list(spec.names)
+    assert all(t.key == f"key:{t.name}" for t in mapped.tensors)
+    assert mapped.dropped == tuple(sorted(spec.tied))
+
+
+def test_mismatch_names_unknown_and_missing(spec: ModelSpec) -> None:
+    tensors = [t for t in checkpoint_tensors(spec) if "norm" not in t.name]
+    tensors.append(TensorMeta("x", "model.layers.0.attention.wq.weight", (64, 64), torch.float32))
+    with pytest.raises(KeyMappingError) as info:
+        map_names(tensors, spec)
+    text = str(info.value)
+    assert "1 checkpoint tensor(s) unknown" in text and "'model.layers.0.attention.wq.weight'" in text
+    assert "expected tensor(s) missing" in text and "--key-map" in text and str(spec.config_path) in text
+
+
+def test_shape_mismatch(spec: ModelSpec) -> None:
+    tensors = checkpoint_tensors(spec)
+    tensors[0] = TensorMeta(tensors[0].key, tensors[0].name, (3, 3), torch.float32)
+    with pytest.raises(SourceError, match=r"has shape \[3, 3\] in the checkpoint but config.json"):
+        map_names(tensors, spec)
+
+
+def test_without_config_names_are_kept() -> None:
+    tensors = [TensorMeta("k", "_orig_mod.encoder.w", (2,), torch.float32)]
+    assert [t.name for t in map_names(tensors, None).tensors] == ["encoder.w"]
+
+
+def test_strip_wrappers_only_whole_segments() -> None:
+    assert strip_wrappers("a._fsdp_wrapped_module.b") == "a.b"
+    assert strip_wrappers("my_orig_mod.b") == "my_orig_mod.b"
+
+
+def test_unknown_key_map(spec: ModelSpec) -> None:
+    with pytest.raises(KeyMappingError, match="unknown key map 'nope'"):
+        map_names(checkpoint_tensors(spec), spec, key_map="nope")
