@@ -38,6 +38,16 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+def format_bytes(size: float) -> str:
+    """Human-readable binary size: 812 B, 190.62 KiB, 3.21 GiB."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    step = 0
+    while abs(size) >= 1024 and step < len(units) - 1:
+        size /= 1024
+        step += 1
+    return f"{size:.0f} B" if step == 0 else f"{size:.2f} {units[step]}"
+
+
 @dataclass(frozen=True)
 class FinalizeConfig:
     """What to finalize, where to, and how. Identical on every rank."""

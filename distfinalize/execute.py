@@ -35,9 +35,15 @@ class WrittenFile:
 
 
 def write_rank_files(
-    plan: Plan, rank: int, source: Source, staging: Path, device: torch.device, read_batch_bytes: int
+    plan: Plan,
+    rank: int,
+    source: Source,
+    staging: Path,
+    device: torch.device,
+    read_batch_bytes: int,
+    progress: bool = False,
 ) -> list[WrittenFile]:
-    """Write every file the plan gives `rank`. Runs on: each rank."""
+    """Write every file the plan gives `rank`, with a progress bar when `progress`. Runs on: each rank."""
     files = plan.files_for(rank)
     reader = source.reader()
     done = []
@@ -47,7 +53,7 @@ def write_rank_files(
         unit_scale=True,
         unit_divisor=1024,
         desc=f"rank {rank} writing",
-        disable=rank != 0 or not files,
+        disable=not (progress and files),
         mininterval=1.0,
     ) as bar:
         for file in files:

@@ -20,7 +20,7 @@ import torch
 from distfinalize.architecture import ModelSpec, load_model_spec
 from distfinalize.artifacts.config import write_config
 from distfinalize.artifacts.index import write_index
-from distfinalize.config import FinalizeConfig
+from distfinalize.config import FinalizeConfig, format_bytes
 from distfinalize.dist import DistContext
 from distfinalize.errors import DestinationError
 from distfinalize.execute import WrittenFile, write_rank_files
@@ -75,7 +75,15 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     try:
         written = ctx.run_step(
             "write",
-            lambda: write_rank_files(plan, ctx.rank, prepared.source, staging, ctx.device, config.read_batch_bytes),
+            lambda: write_rank_files(
+                plan,
+                ctx.rank,
+                prepared.source,
+                staging,
+                ctx.device,
+                config.read_batch_bytes,
+                progress=ctx.is_rank0 and config.log_level in ("debug", "info"),
+            ),
         )
         files = tuple(f for per_rank in written for f in per_rank)
         ctx.run_step("commit", lambda: finish(plan, prepared, files, staging, config.dest), ranks="rank0")
@@ -85,11 +93,11 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
         raise
     if ctx.is_rank0:
         log.info(
-            "finalized %s -> %s (%d file(s), %.2f GiB)",
+            "finalized %s -> %s (%d file(s), %s)",
             prepared.source.info.path,
             config.dest,
             len(plan.files),
-            plan.total_size / 2**30,
+            format_bytes(plan.total_size),
         )
     return Outcome(config.dest, plan, prepared.source.info, files, False)
 
@@ -183,6 +191,6 @@ def log_plan(plan: Plan, prepared: Prepared, config: FinalizeConfig) -> None:
         str(prepared.dtype).removeprefix("torch.") if prepared.dtype else "as stored",
         prepared.dtype_reason,
     )
-    log.info("plan: %d file(s), %.3f GiB, %d rank(s)", len(plan.files), plan.total_size / 2**30, plan.world_size)
+    log.info("plan: %d file(s), %s, %d rank(s)", len(plan.files), format_bytes(plan.total_size), plan.world_size)
     if config.dry_run:
         log.info("dry run, nothing written. plan:\n%s", json.dumps(describe(plan), indent=2))

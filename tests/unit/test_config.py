@@ -35,3 +35,10 @@ def test_parse_size_rejects(text: str) -> None:
 def test_config_rejects(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         FinalizeConfig(src=Path("a"), dest=Path("b"), **{field: value})
+
+
+@pytest.mark.parametrize(("size", "text"), [(812, "812 B"), (195_200, "190.62 KiB"), (3.21 * 2**30, "3.21 GiB")])
+def test_format_bytes(size: float, text: str) -> None:
+    from distfinalize.config import format_bytes
+
+    assert format_bytes(size) == text
