@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the checkpoint to finalize (a path, or relative to SRC); default: the latest",
     )
     parser.add_argument(
+        "--tag", help="DeepSpeed checkpoint tag (e.g. global_step500) instead of the one named in `latest`"
+    )
+    parser.add_argument(
         "--dtype",
         choices=list(DTYPES),
         help="output dtype of floating tensors (default: config.json's dtype, else as stored)",
@@ -85,6 +88,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
             src=args.src,
             dest=args.dest,
             checkpoint=args.checkpoint,
+            tag=args.tag,
             dtype=args.dtype,
             max_shard_size=parse_size(args.max_shard_size),
             device=args.device,

@@ -55,6 +55,7 @@ class FinalizeConfig:
     src: Path
     dest: Path
     checkpoint: Path | None = None
+    tag: str | None = None  # DeepSpeed tag (a global_stepN folder) instead of the one in `latest`
     dtype: str | None = None
     max_shard_size: int = 5 * 10**9
     device: str = "auto"

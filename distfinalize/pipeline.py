@@ -105,7 +105,7 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
 def prepare(config: FinalizeConfig) -> Prepared:
     """Locate and open the checkpoint, read config.json, map names, choose the dtype. Runs on: all ranks."""
     check_destination(config.dest, config.src)
-    located = locate(config.src, config.checkpoint)
+    located = locate(config.src, config.checkpoint, config.tag)
     source = located.format.open(located.path, located.step)
     config_path = find_model_config(located.path, config.src)
     spec = load_model_spec(config_path) if config_path is not None else None
@@ -116,7 +116,7 @@ def prepare(config: FinalizeConfig) -> Prepared:
             located.path,
         )
     mapped = map_names(source.tensors, spec)
-    dtype, reason = choose_dtype(config, spec, mapped.tensors)
+    dtype, reason = choose_dtype(config, spec, mapped.tensors, source.info.training_dtype)
     return Prepared(source, spec, config_path, mapped.tensors, dtype, reason, tied=False)
 
 
@@ -133,15 +133,20 @@ def check_destination(dest: Path, src: Path) -> None:
 
 
 def choose_dtype(
-    config: FinalizeConfig, spec: ModelSpec | None, tensors: tuple[TensorMeta, ...]
+    config: FinalizeConfig,
+    spec: ModelSpec | None,
+    tensors: tuple[TensorMeta, ...],
+    training_dtype: torch.dtype | None = None,
 ) -> tuple[torch.dtype | None, str]:
-    """--dtype, else config.json's dtype, else as stored."""
+    """--dtype, else config.json's dtype, else the training dtype the checkpoint records, else as stored."""
     if config.torch_dtype is not None:
         return config.torch_dtype, "--dtype"
     if spec is not None and spec.config_dtype is not None:
         dtype = getattr(torch, spec.config_dtype, None)
         if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
             return dtype, f"dtype in {spec.config_path}"
+    if training_dtype is not None:
+        return training_dtype, "the training dtype recorded in the checkpoint"
     stored = {t.dtype for t in tensors if t.dtype.is_floating_point}
     if len(stored) == 1:
         return stored.pop(), "as stored in the checkpoint"

@@ -44,6 +44,7 @@ class SourceInfo:
     step: int | None
     saved_world_size: int | None
     skipped: int = 0  # entries that are not model tensors (optimizer state, counters, ...)
+    training_dtype: torch.dtype | None = None  # the model's dtype in training, when the checkpoint records it
 
 
 class TensorReader(Protocol):

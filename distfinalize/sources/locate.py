@@ -33,8 +33,13 @@ class Located:
     step: int | None
 
 
-def locate(src: Path, checkpoint: Path | None = None) -> Located:
-    """Pick the checkpoint folder to finalize. Raises SourceError with what was looked for."""
+def locate(src: Path, checkpoint: Path | None = None, tag: str | None = None) -> Located:
+    """Pick the checkpoint folder to finalize. Raises SourceError with what was looked for.
+
+    `tag` names a DeepSpeed tag folder (global_stepN) under SRC, instead of the one its `latest` file names.
+    """
+    if tag is not None and checkpoint is None:
+        checkpoint = Path(tag)
     if not src.exists():
         raise SourceError("source does not exist", where=src, hint="check the SRC path")
     if not src.is_dir():
