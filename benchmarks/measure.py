@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,14 +22,28 @@ class Measurement:
 
 
 def run_measured(cmd: Sequence[str], env: dict[str, str] | None = None) -> Measurement:
-    """Run `cmd`; os.wait4 gives the peak RSS of the largest process in its tree (Linux ru_maxrss, KiB)."""
+    """Run `cmd` under a small wrapper process that reports the peak RSS of its biggest descendant.
+
+    Linux records the pre-exec peak of a forked child, so a big parent (the driver) would leak its own RSS
+    into a direct child's ru_maxrss; the wrapper starts small, and its children fork from it.
+    """
     start = time.perf_counter()
-    proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read() if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(
+        [sys.executable, __file__, *cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return Measurement(wall, usage.ru_maxrss * 1024, proc.returncode, output)
+    output, _, last = proc.stdout.rstrip("\n").rpartition("\n")
+    peak = json.loads(last)["peak_rss_bytes"] if last.startswith("{") else 0
+    return Measurement(wall, peak, proc.returncode, output)
+
+
+def _wrapper_main(cmd: Sequence[str]) -> int:
+    """Run `cmd`, then print {"peak_rss_bytes": ...} of the largest process in its tree (ru_maxrss, KiB)."""
+    returncode = subprocess.call(list(cmd), stderr=subprocess.STDOUT)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    sys.stdout.flush()
+    print(json.dumps({"peak_rss_bytes": peak}), flush=True)
+    return returncode
 
 
 def evict(paths: Sequence[Path]) -> None:
@@ -64,3 +81,7 @@ def disk_write_read(directory: Path, size_bytes: int, block: int = 64 * 2**20) -
     read = size_bytes / (time.perf_counter() - start) / 2**30
     path.unlink()
     return write, read
+
+
+if __name__ == "__main__":
+    sys.exit(_wrapper_main(sys.argv[1:]))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,8 @@ class ModelSpec:
     tied: Mapping[str, str]  # alias -> the name that is saved
     ignorable: frozenset[str]  # non-persistent buffers: never saved, dropped when a checkpoint has them
     config_dtype: str | None
+    input_embedding: str | None = None  # e.g. model.embed_tokens.weight
+    output_embedding: str | None = None  # e.g. lm_head.weight (may be a tied alias)
 
     @property
     def known(self) -> frozenset[str]:
@@ -63,6 +65,7 @@ def load_model_spec(config_path: Path) -> ModelSpec:
             tied[name] = first
     names = tuple(n for n in state if n not in tied)
     buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    embeddings = [_weight_name(model, getter) for getter in (model.get_input_embeddings, model.get_output_embeddings)]
     return ModelSpec(
         config_path=config_path,
         architecture=type(model).__name__,
@@ -71,7 +74,18 @@ def load_model_spec(config_path: Path) -> ModelSpec:
         tied=tied,
         ignorable=frozenset(buffers - set(state)),
         config_dtype=_config_dtype(raw),
+        input_embedding=embeddings[0],
+        output_embedding=embeddings[1],
     )
+
+
+def _weight_name(model: torch.nn.Module, getter: Callable[[], torch.nn.Module | None]) -> str | None:
+    """The state-dict name of the weight of the module `getter` returns (an embedding), or None."""
+    try:
+        module = getter()
+    except (NotImplementedError, AttributeError):
+        return None
+    return next((f"{name}.weight" for name, m in model.named_modules() if m is module and module is not None), None)
 
 
 def _instantiate_on_meta(config: object, architecture: str | None, config_path: Path) -> torch.nn.Module:

@@ -7,6 +7,7 @@ torchrun --nproc_per_node=N -m distfinalize SRC DEST [options]
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -19,7 +20,10 @@ from distfinalize.config import (
     DEVICES,
     DTYPES,
     LOG_LEVELS,
+    CardOptions,
     FinalizeConfig,
+    GenerationOptions,
+    TokenizerOptions,
     parse_size,
 )
 from distfinalize.errors import DistfinalizeError
@@ -77,7 +81,54 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long a rank waits for the others at each step (default: %(default)s)",
     )
+    add_contract_options(parser)
     return parser
+
+
+def add_contract_options(parser: argparse.ArgumentParser) -> None:
+    """Tokenizer, configs, model card, kept checkpoint and Hub options."""
+    tok = parser.add_argument_group("tokenizer and vocabulary")
+    tok.add_argument("--tokenizer", type=Path, metavar="PATH", help="tokenizer dir (default: found in SRC)")
+    tok.add_argument("--chat-template", type=Path, metavar="FILE", help="a Jinja2 chat template to apply")
+    tok.add_argument("--add-tokens", type=Path, metavar="YAML", help="tokens to add, with their row init")
+    tok.add_argument("--skip-default-tokens", action="store_true", help="do not add a PAD token when missing")
+    tok.add_argument("--pad-vocab-to-multiple-of", type=int, metavar="N", help="round embedding rows up to N")
+    cfg = parser.add_argument_group("configs")
+    cfg.add_argument(
+        "--base-model",
+        type=Path,
+        metavar="DIR",
+        help="local Hugging Face dir whose config/tokenizer/generation config are used when SRC has none",
+    )
+    cfg.add_argument(
+        "--generation-config",
+        default="carry",
+        metavar="carry|none|PATH",
+        help="carry the source's (default), write none, or load a preset JSON",
+    )
+    cfg.add_argument("--stop-tokens", metavar="A,B", help="extra end-of-turn tokens merged into eos_token_id")
+    cfg.add_argument(
+        "--no-auto-stop-tokens",
+        action="store_true",
+        help="do not merge <|im_end|>, <|eot_id|>, <|eot|>, <|end_of_turn|> into eos_token_id",
+    )
+    card = parser.add_argument_group("model card")
+    card.add_argument("--base-model-id", metavar="REPO", help="the Hub id of the base model")
+    card.add_argument("--dataset", action="append", default=[], metavar="ID", help="a training dataset (repeatable)")
+    card.add_argument("--training-method", metavar="NAME", help="e.g. sft, dpo, pretraining")
+    card.add_argument("--log-url", action="append", default=[], metavar="URL", help="training logs (repeatable)")
+    keep = parser.add_argument_group("checkpoint layout")
+    keep.add_argument(
+        "--keep-checkpoint",
+        action="store_true",
+        help="also keep a resumable checkpoint in DEST/checkpoints/checkpoint-N (root: symlinks)",
+    )
+    keep.add_argument("--keep-optimizer", action="store_true", help="keep the optimizer state there too (DCP)")
+    hub = parser.add_argument_group("Hugging Face Hub")
+    hub.add_argument("--push-to-hub", metavar="REPO_ID", help="upload DEST from rank 0 after the commit")
+    hub.add_argument("--private", action="store_true", help="create the repo private")
+    hub.add_argument("--revision", metavar="BRANCH", help="branch to push to")
+    hub.add_argument("--commit-message", metavar="TEXT")
 
 
 def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> FinalizeConfig:
@@ -95,9 +146,49 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
             dry_run=args.dry_run,
             log_level=args.log_level,
             timeout_s=args.timeout,
+            base_model=args.base_model,
+            tokenizer=TokenizerOptions(
+                path=args.tokenizer,
+                chat_template=args.chat_template,
+                add_tokens=args.add_tokens,
+                default_tokens=not args.skip_default_tokens,
+                pad_vocab_multiple=args.pad_vocab_to_multiple_of,
+            ),
+            generation=GenerationOptions(
+                mode=args.generation_config,
+                stop_tokens=stop_token_list(args.stop_tokens),
+                auto_stop_tokens=not args.no_auto_stop_tokens,
+            ),
+            card=CardOptions(
+                base_model_id=args.base_model_id,
+                datasets=tuple(args.dataset),
+                training_method=args.training_method,
+                log_urls=tuple(args.log_url),
+            ),
+            keep_checkpoint=args.keep_checkpoint,
+            keep_optimizer=args.keep_optimizer,
+            hub=hub_options(args),
         )
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def stop_token_list(text: str | None) -> tuple[str, ...]:
+    """--stop-tokens "A,B" -> ("A", "B")."""
+    return tuple(t.strip() for t in (text or "").split(",") if t.strip())
+
+
+def hub_options(args: argparse.Namespace):
+    """HubOptions when --push-to-hub is given."""
+    if args.push_to_hub is None:
+        if args.private or args.revision or args.commit_message:
+            raise ValueError("--private, --revision and --commit-message need --push-to-hub")
+        return None
+    from distfinalize.artifacts.hub import HubOptions
+
+    return HubOptions(
+        args.push_to_hub, private=args.private, revision=args.revision, commit_message=args.commit_message
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcome = run(config, ctx)
         if ctx.is_rank0 and outcome.dry_run:
             print(format_plan(outcome.plan))
+            files = {k: v for k, v in outcome.report.items() if k != "plan"}
+            print(json.dumps(files, indent=2))
         return 0
     except DistfinalizeError as exc:
         report(exc, rank, config.log_level)

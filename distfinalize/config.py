@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from distfinalize.artifacts.hub import HubOptions
 
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -48,6 +52,47 @@ def format_bytes(size: float) -> str:
     return f"{size:.0f} B" if step == 0 else f"{size:.2f} {units[step]}"
 
 
+GENERATION_MODES = ("carry", "none")  # or a path to a preset JSON
+
+
+@dataclass(frozen=True)
+class TokenizerOptions:
+    """--tokenizer, --chat-template, --add-tokens, --skip-default-tokens, --pad-vocab-to-multiple-of."""
+
+    path: Path | None = None
+    chat_template: Path | None = None
+    add_tokens: Path | None = None
+    default_tokens: bool = True
+    pad_vocab_multiple: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.pad_vocab_multiple is not None and self.pad_vocab_multiple <= 0:
+            raise ValueError(f"--pad-vocab-to-multiple-of must be positive, got {self.pad_vocab_multiple}")
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """--generation-config (carry | none | a preset path), --stop-tokens, --no-auto-stop-tokens."""
+
+    mode: str = "carry"
+    stop_tokens: tuple[str, ...] = ()
+    auto_stop_tokens: bool = True
+
+    @property
+    def preset(self) -> Path | None:
+        return None if self.mode in GENERATION_MODES else Path(self.mode)
+
+
+@dataclass(frozen=True)
+class CardOptions:
+    """Model card metadata: --base-model-id, --dataset, --training-method, --log-url."""
+
+    base_model_id: str | None = None
+    datasets: tuple[str, ...] = ()
+    training_method: str | None = None
+    log_urls: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class FinalizeConfig:
     """What to finalize, where to, and how. Identical on every rank."""
@@ -63,6 +108,13 @@ class FinalizeConfig:
     log_level: str = "info"
     timeout_s: float = 1800.0
     read_batch_bytes: int = 512 * 2**20
+    base_model: Path | None = None  # a local HF dir: config/tokenizer/generation config when SRC has none
+    tokenizer: TokenizerOptions = TokenizerOptions()
+    generation: GenerationOptions = GenerationOptions()
+    card: CardOptions = CardOptions()
+    keep_checkpoint: bool = False
+    keep_optimizer: bool = False
+    hub: HubOptions | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -77,6 +129,8 @@ class FinalizeConfig:
             raise ValueError(f"timeout must be positive, got {self.timeout_s}")
         if self.read_batch_bytes <= 0:
             raise ValueError(f"read batch must be positive, got {self.read_batch_bytes}")
+        if self.keep_optimizer and not self.keep_checkpoint:
+            raise ValueError("--keep-optimizer needs --keep-checkpoint")
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

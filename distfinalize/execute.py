@@ -86,7 +86,7 @@ def read_batches(tensors: Sequence[TensorPlan], limit: int) -> Iterator[list[Ten
     batch: list[TensorPlan] = []
     size = 0
     for t in tensors:
-        nbytes = torch.Size(t.shape).numel() * t.source_dtype.itemsize
+        nbytes = t.source_nbytes
         if batch and size + nbytes > limit:
             yield batch
             batch, size = [], 0

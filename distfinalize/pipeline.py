@@ -1,36 +1,62 @@
 """run(): the numbered steps of a finalize, each agreed on by every rank.
 
-1. prepare   every rank: find the checkpoint, read its metadata and config.json, map names
-2. tie       rank 0: check whether lm_head holds the same data as embed_tokens (when config.json is silent)
-3. plan      every rank: the same pure plan
-4. stage     rank 0: create the staging dir beside DEST
-5. write     every rank: its own files, into staging
-6. commit    rank 0: index, config.json, then the atomic rename of staging to DEST
+1. prepare    every rank: find the checkpoint, read its metadata and config.json, map names
+2. tie check  rank 0: does lm_head hold exactly embed_tokens' data (when config.json does not say)?
+3. tokenizer  rank 0: load it, add tokens, apply the chat template; every rank gets the outcome as data
+4. plan       every rank: the same pure plan (files, ranks, dtypes, vocabulary resize)
+5. stage      rank 0: create the staging dir beside DEST
+6. write      every rank: its own files (and its share of a kept optimizer state), into staging
+7. commit     rank 0: index, config, generation config, tokenizer, card, code; atomic rename to DEST
+8. push       rank 0: upload DEST to the Hub, when asked
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from distfinalize.architecture import ModelSpec, load_model_spec
-from distfinalize.artifacts.config import write_config
+from distfinalize.artifacts.card import CardInfo, card_preview, write_model_card
+from distfinalize.artifacts.code import copy_model_code, model_code_files
+from distfinalize.artifacts.config import ConfigUpdates, output_config, write_config
+from distfinalize.artifacts.generation import find_generation_config, generation_config, write_generation_config
 from distfinalize.artifacts.index import write_index
+from distfinalize.artifacts.tokenizer import (
+    DEFAULT_PAD,
+    TokenizerOutcome,
+    is_tokenizer_dir,
+    parse_token_requests,
+    prepare_tokenizer,
+    token_requests,
+)
 from distfinalize.config import FinalizeConfig, format_bytes
 from distfinalize.dist import DistContext
-from distfinalize.errors import DestinationError
+from distfinalize.errors import DestinationError, SourceError
 from distfinalize.execute import WrittenFile, write_rank_files
-from distfinalize.plan import Plan, build_plan, describe
+from distfinalize.keep import (
+    OptimizerCopy,
+    checkpoint_dir_name,
+    copy_optimizer_files,
+    link_into_root,
+    optimizer_source,
+    plan_optimizer_copy,
+    write_manifest,
+    write_optimizer_metadata,
+)
+from distfinalize.plan import INDEX_FILE, Plan, build_plan, describe
 from distfinalize.sources import Source, SourceInfo, TensorMeta
-from distfinalize.sources.locate import find_model_config, locate
+from distfinalize.sources.locate import find_model_config, locate, search_dirs
 from distfinalize.staging import commit, create_staging, remove_staging, staging_path
-from distfinalize.transform.keymap import map_names, tie_candidates
+from distfinalize.transform.keymap import TIE_CANDIDATES, map_names, tie_candidates
+from distfinalize.transform.vocab import plan_resizes
 
 log = logging.getLogger(__name__)
+DROPPED_STATE = ("lr scheduler", "dataloader", "RNG", "trainer state")
 
 
 @dataclass(frozen=True)
@@ -43,63 +69,75 @@ class Prepared:
     tensors: tuple[TensorMeta, ...]
     dtype: torch.dtype | None
     dtype_reason: str
-    tied: bool  # an lm_head identical to embed_tokens was dropped
+    search: tuple[Path, ...]  # dirs where tokenizer, generation config, card and code are looked for
+    tied: bool = False  # an lm_head identical to embed_tokens was dropped
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a finalize did (rank 0's view)."""
+    """What a finalize did or, with --dry-run, would do (rank 0's view)."""
 
     dest: Path
     plan: Plan
     info: SourceInfo
     files: tuple[WrittenFile, ...]
     dry_run: bool
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     """Finalize config.src into config.dest with every rank of `ctx`. Runs on: all ranks."""
     prepared = ctx.run_step("prepare", lambda: prepare(config))[ctx.rank]
-    tied_pair = ctx.run_step("tie check", lambda: check_tied(prepared), ranks="rank0")[0]
-    if tied_pair is not None:
-        prepared = replace(prepared, tensors=tuple(t for t in prepared.tensors if t.name != tied_pair), tied=True)
+    tied_head = ctx.run_step("tie check", lambda: check_tied(prepared), ranks="rank0")[0]
+    if tied_head is not None:
+        prepared = replace(prepared, tensors=tuple(t for t in prepared.tensors if t.name != tied_head), tied=True)
+    kept_tokenizer: list[Any] = []  # rank 0 keeps the tokenizer object to save it at commit
+    tokenizer = ctx.run_step("tokenizer", lambda: final_tokenizer(config, prepared, kept_tokenizer), ranks="rank0")[0]
+    resizes = plan_resizes(
+        prepared.tensors, embedding_names(prepared), tokenizer.length, tokenizer.row_inits,
+        config.tokenizer.pad_vocab_multiple,
+    )  # fmt: skip
     plan = build_plan(
-        prepared.tensors, dtype=prepared.dtype, max_shard_size=config.max_shard_size, world_size=ctx.world_size
+        prepared.tensors,
+        dtype=prepared.dtype,
+        max_shard_size=config.max_shard_size,
+        world_size=ctx.world_size,
+        resizes=resizes,
     )
+    vocab_size = next(iter(resizes.values())).rows if resizes else None
+    optimizer = plan_optimizer(config, prepared)
+    report: dict[str, Any] = {}
     if ctx.is_rank0:
-        log_plan(plan, prepared, config)
+        report = dry_run_report(config, prepared, tokenizer, vocab_size, plan) if config.dry_run else {}
+        log_plan(plan, prepared, tokenizer, vocab_size)
     if config.dry_run:
-        return Outcome(config.dest, plan, prepared.source.info, (), True)
+        return Outcome(config.dest, plan, prepared.source.info, (), True, report)
+
     staging = staging_path(config.dest)
-    ctx.run_step("stage", lambda: create_staging(config.dest, config.src), ranks="rank0")
+    weights_dir = staging / "checkpoints" / checkpoint_dir_name(prepared.source.info.step)
+    if not config.keep_checkpoint:
+        weights_dir = staging
+    ctx.run_step("stage", lambda: stage(config, weights_dir, optimizer is not None), ranks="rank0")
     try:
-        written = ctx.run_step(
-            "write",
-            lambda: write_rank_files(
-                plan,
-                ctx.rank,
-                prepared.source,
-                staging,
-                ctx.device,
-                config.read_batch_bytes,
-                progress=ctx.is_rank0 and config.log_level in ("debug", "info"),
-            ),
-        )
+        written = ctx.run_step("write", lambda: write_share(config, ctx, plan, prepared, weights_dir, optimizer))
         files = tuple(f for per_rank in written for f in per_rank)
-        ctx.run_step("commit", lambda: finish(plan, prepared, files, staging, config.dest), ranks="rank0")
+        ctx.run_step(
+            "commit",
+            lambda: finish(config, plan, prepared, tokenizer, kept_tokenizer, vocab_size, files, staging, weights_dir,
+                           optimizer),
+            ranks="rank0",
+        )  # fmt: skip
     except BaseException:
         if ctx.is_rank0:
             remove_staging(staging)
         raise
     if ctx.is_rank0:
-        log.info(
-            "finalized %s -> %s (%d file(s), %s)",
-            prepared.source.info.path,
-            config.dest,
-            len(plan.files),
-            format_bytes(plan.total_size),
-        )
-    return Outcome(config.dest, plan, prepared.source.info, files, False)
+        log.info("finalized %s -> %s (%d file(s), %s)", prepared.source.info.path, config.dest, len(plan.files),
+                 format_bytes(plan.total_size))  # fmt: skip
+    if config.hub is not None:
+        url = ctx.run_step("push", lambda: push(config), ranks="rank0")[0]
+        report["hub"] = url
+    return Outcome(config.dest, plan, prepared.source.info, files, False, report)
 
 
 def prepare(config: FinalizeConfig) -> Prepared:
@@ -107,29 +145,32 @@ def prepare(config: FinalizeConfig) -> Prepared:
     check_destination(config.dest, config.src)
     located = locate(config.src, config.checkpoint, config.tag)
     source = located.format.open(located.path, located.step)
+    search = search_dirs(located.path, config.src)
+    if config.base_model is not None:
+        if not (config.base_model / "config.json").is_file():
+            raise SourceError("--base-model has no config.json", where=config.base_model,
+                              hint="pass a local Hugging Face model dir")  # fmt: skip
+        search.append(config.base_model.resolve())
     config_path = find_model_config(located.path, config.src)
+    if config_path is None and config.base_model is not None:
+        config_path = config.base_model / "config.json"
     spec = load_model_spec(config_path) if config_path is not None else None
     if spec is None:
-        log.warning(
-            "no config.json found in %s or its parents: tensor names are written as stored and the "
-            "output will have no config.json",
-            located.path,
-        )
+        log.warning("no config.json found in %s or its parents: tensor names are written as stored and the "
+                    "output will have no config.json (pass --base-model DIR)", located.path)  # fmt: skip
     mapped = map_names(source.tensors, spec)
     dtype, reason = choose_dtype(config, spec, mapped.tensors, source.info.training_dtype)
-    return Prepared(source, spec, config_path, mapped.tensors, dtype, reason, tied=False)
+    return Prepared(source, spec, config_path, mapped.tensors, dtype, reason, tuple(search))
 
 
 def check_destination(dest: Path, src: Path) -> None:
     """DEST must not exist and must not lie inside SRC (SRC is only read)."""
     if dest.exists() or dest.is_symlink():
-        raise DestinationError(
-            "destination already exists", where=dest, hint="choose a new DEST; distfinalize never overwrites"
-        )
+        raise DestinationError("destination already exists", where=dest,
+                               hint="choose a new DEST; distfinalize never overwrites")  # fmt: skip
     if src.exists() and dest.resolve().is_relative_to(src.resolve()):
-        raise DestinationError(
-            "destination lies inside the source", where=dest, hint="SRC is only ever read; choose a DEST outside it"
-        )
+        raise DestinationError("destination lies inside the source", where=dest,
+                               hint="SRC is only ever read; choose a DEST outside it")  # fmt: skip
 
 
 def choose_dtype(
@@ -163,39 +204,196 @@ def check_tied(prepared: Prepared) -> str | None:
     return None
 
 
-def finish(plan: Plan, prepared: Prepared, files: tuple[WrittenFile, ...], staging: Path, dest: Path) -> None:
-    """Write the index and config.json, check every planned file is there, then commit. Runs on: rank 0."""
-    planned = {f.filename: f for f in plan.files}
-    got = {f.filename for f in files}
-    if got != planned.keys():
-        raise DestinationError(
-            "ranks did not write every planned file", where=staging, hint=f"missing: {sorted(planned.keys() - got)[:4]}"
-        )
-    write_index(plan, staging)
-    if prepared.config_path is not None:
-        write_config(
-            prepared.config_path, staging, prepared.dtype, prepared.tied, prepared.spec and prepared.spec.architecture
-        )
-    commit(staging, dest)
+def final_tokenizer(config: FinalizeConfig, prepared: Prepared, kept: list[Any]) -> TokenizerOutcome:
+    """Find, extend and template the tokenizer; keep the object in `kept`. Runs on: rank 0."""
+    options = config.tokenizer
+    path = options.path
+    if path is not None and not is_tokenizer_dir(path):
+        raise SourceError("--tokenizer is not a tokenizer dir", where=path,
+                          hint="expected tokenizer.json or tokenizer_config.json in it")  # fmt: skip
+    if path is None:
+        path = next((d for d in prepared.search if is_tokenizer_dir(d)), None)
+    requests = token_requests(DEFAULT_PAD, "the default PAD token") if options.default_tokens else ()
+    if options.add_tokens is not None:
+        requests = (*requests, *parse_token_requests(options.add_tokens))
+    tokenizer, outcome = prepare_tokenizer(path, requests, options.chat_template)
+    kept.append(tokenizer)
+    return outcome
 
 
-def log_plan(plan: Plan, prepared: Prepared, config: FinalizeConfig) -> None:
-    """Rank 0: what will be done. With --dry-run the whole plan goes to the log as JSON."""
+def embedding_names(prepared: Prepared) -> list[str]:
+    """The input and output embedding matrices (whichever the output holds)."""
+    if prepared.spec is not None:
+        return [n for n in (prepared.spec.input_embedding, prepared.spec.output_embedding) if n]
+    return [name for pair in TIE_CANDIDATES for name in reversed(pair)]
+
+
+def plan_optimizer(config: FinalizeConfig, prepared: Prepared) -> OptimizerCopy | None:
+    """The optimizer copy for --keep-optimizer (DCP sources). Pure given the metadata. Runs on: all ranks."""
+    if not config.keep_optimizer:
+        return None
+    metadata = getattr(prepared.source, "metadata", None)
+    if prepared.source.info.format != "dcp" or metadata is None:
+        raise SourceError(f"--keep-optimizer supports DCP checkpoints, not {prepared.source.info.format}",
+                          where=prepared.source.info.path, hint="drop --keep-optimizer")  # fmt: skip
+    return plan_optimizer_copy(*optimizer_source(prepared.source.info.path, metadata))
+
+
+def stage(config: FinalizeConfig, weights_dir: Path, with_optimizer: bool) -> None:
+    """Create the staging dir (and the kept checkpoint's dirs). Runs on: rank 0."""
+    create_staging(config.dest, config.src)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    if with_optimizer:
+        (weights_dir / "optimizer").mkdir()
+
+
+def write_share(
+    config: FinalizeConfig, ctx: DistContext, plan: Plan, prepared: Prepared, weights_dir: Path,
+    optimizer: OptimizerCopy | None,
+) -> list[WrittenFile]:  # fmt: skip
+    """This rank's output files, then its share of the optimizer copy. Runs on: every rank."""
+    files = write_rank_files(
+        plan, ctx.rank, prepared.source, weights_dir, ctx.device, config.read_batch_bytes,
+        progress=ctx.is_rank0 and config.log_level in ("debug", "info"),
+    )  # fmt: skip
+    if optimizer is not None:
+        copied = copy_optimizer_files(optimizer, optimizer.files_for(ctx.rank, ctx.world_size),
+                                      weights_dir / "optimizer")  # fmt: skip
+        log.debug("copied %s of optimizer state", format_bytes(copied))
+    return files
+
+
+def config_updates(prepared: Prepared, tokenizer: TokenizerOutcome, vocab_size: int | None) -> ConfigUpdates:
+    return ConfigUpdates(
+        dtype=prepared.dtype,
+        tied=prepared.tied,
+        architecture=prepared.spec.architecture if prepared.spec else None,
+        vocab_size=vocab_size,
+        token_ids=tokenizer.special_ids if tokenizer.path is not None else {},
+    )
+
+
+def card_info(config: FinalizeConfig, prepared: Prepared) -> CardInfo:
     info = prepared.source.info
-    log.info(
-        "source: %s checkpoint %s (step %s, saved by %s rank(s)), %d model tensors, %d other entries skipped",
-        info.format,
-        info.path,
-        info.step,
-        info.saved_world_size,
-        len(prepared.tensors),
-        info.skipped,
+    return CardInfo(
+        source_format=info.format,
+        source_path=str(info.path),
+        step=info.step,
+        saved_world_size=info.saved_world_size,
+        dtype=str(prepared.dtype).removeprefix("torch.") if prepared.dtype else None,
+        quantization=None,
+        base_model_id=config.card.base_model_id,
+        datasets=config.card.datasets,
+        training_method=config.card.training_method,
+        log_urls=config.card.log_urls,
+        extra_libraries=("deepspeed",) if info.format == "deepspeed" else (),
+        model_name=config.hub.repo_id if config.hub is not None else None,
     )
-    log.info(
-        "dtype: %s (%s)",
-        str(prepared.dtype).removeprefix("torch.") if prepared.dtype else "as stored",
-        prepared.dtype_reason,
-    )
+
+
+def existing_card(prepared: Prepared) -> Path | None:
+    if prepared.config_path is None:
+        return None
+    card = prepared.config_path.parent / "README.md"
+    return card if card.is_file() else None
+
+
+def finish(
+    config: FinalizeConfig, plan: Plan, prepared: Prepared, tokenizer: TokenizerOutcome, kept_tokenizer: list[Any],
+    vocab_size: int | None, files: tuple[WrittenFile, ...], staging: Path, weights_dir: Path,
+    optimizer: OptimizerCopy | None,
+) -> None:  # fmt: skip
+    """Everything written once, then the commit. Runs on: rank 0."""
+    planned = {f.filename for f in plan.files}
+    got = {f.filename for f in files}
+    if got != planned:
+        raise DestinationError("ranks did not write every planned file", where=staging,
+                               hint=f"missing: {sorted(planned - got)[:4]}")  # fmt: skip
+    index = write_index(plan, weights_dir)
+    if prepared.config_path is not None:
+        write_config(prepared.config_path, staging, config_updates(prepared, tokenizer, vocab_size))
+        model_config = output_config(prepared.config_path, config_updates(prepared, tokenizer, vocab_size))
+    else:
+        model_config = {}
+    generation = generation_config(find_generation_config(prepared.config_path), tokenizer, model_config,
+                                   config.generation)  # fmt: skip
+    if generation:
+        write_generation_config(staging, generation)
+    if kept_tokenizer and kept_tokenizer[0] is not None:
+        kept_tokenizer[0].save_pretrained(str(staging))
+    write_model_card(staging, card_info(config, prepared), existing_card(prepared))
+    if prepared.config_path is not None:
+        copy_model_code(model_code_files(prepared.config_path.parent), staging)
+    if config.keep_checkpoint:
+        keep_checkpoint(config, plan, prepared, staging, weights_dir, index, optimizer)
+    commit(staging, config.dest)
+
+
+def keep_checkpoint(
+    config: FinalizeConfig, plan: Plan, prepared: Prepared, staging: Path, weights_dir: Path, index: Path | None,
+    optimizer: OptimizerCopy | None,
+) -> None:  # fmt: skip
+    """Manifest, config copy and optimizer metadata in the kept checkpoint; root symlinks. Runs on: rank 0."""
+    names = [f.filename for f in plan.files] + ([INDEX_FILE] if index is not None else [])
+    if (staging / "config.json").is_file():
+        (weights_dir / "config.json").write_bytes((staging / "config.json").read_bytes())
+    if optimizer is not None:
+        write_optimizer_metadata(optimizer, weights_dir / "optimizer")
+    info = prepared.source.info
+    write_manifest(weights_dir, {
+        "source": {"format": info.format, "path": str(info.path), "step": info.step,
+                   "saved_world_size": info.saved_world_size},
+        "weights": names,
+        "config": "config.json" if (weights_dir / "config.json").is_file() else None,
+        "optimizer": "optimizer" if optimizer is not None else None,
+        "dropped": list(DROPPED_STATE) + ([] if optimizer is not None else ["optimizer"]),
+    })  # fmt: skip
+    link_into_root(staging, weights_dir, names)
+
+
+def push(config: FinalizeConfig) -> str:
+    """Upload DEST to the Hub. Runs on: rank 0, after the commit."""
+    from distfinalize.artifacts.hub import push_to_hub
+
+    url = push_to_hub(config.dest, config.hub)
+    log.info("pushed %s to %s", config.dest, url)
+    return url
+
+
+def dry_run_report(
+    config: FinalizeConfig, prepared: Prepared, tokenizer: TokenizerOutcome, vocab_size: int | None, plan: Plan
+) -> dict[str, Any]:
+    """Everything a finalize would write, as data. Runs on: rank 0."""
+    report: dict[str, Any] = {"plan": describe(plan)}
+    if prepared.config_path is not None:
+        updates = config_updates(prepared, tokenizer, vocab_size)
+        report["config.json"] = output_config(prepared.config_path, updates)
+        report["generation_config.json"] = generation_config(
+            find_generation_config(prepared.config_path), tokenizer, report["config.json"], config.generation
+        )
+        report["model_code"] = [p.name for p in model_code_files(prepared.config_path.parent)]
+    report["tokenizer"] = {
+        "from": str(tokenizer.path) if tokenizer.path else None,
+        "added": [list(a) for a in tokenizer.added],
+        "chat_template": tokenizer.has_chat_template,
+    }
+    report["model_card"] = card_preview(card_info(config, prepared), existing_card(prepared))
+    if config.keep_checkpoint:
+        report["kept_checkpoint"] = f"checkpoints/{checkpoint_dir_name(prepared.source.info.step)}"
+    if config.hub is not None:
+        from distfinalize.artifacts.hub import hub_preview
+
+        report["hub"] = hub_preview(config.dest, config.hub)
+    return json.loads(json.dumps(report, default=str))
+
+
+def log_plan(plan: Plan, prepared: Prepared, tokenizer: TokenizerOutcome, vocab_size: int | None) -> None:
+    """Rank 0: what will be done."""
+    info = prepared.source.info
+    log.info("source: %s checkpoint %s (step %s, saved by %s rank(s)), %d model tensors, %d other entries skipped",
+             info.format, info.path, info.step, info.saved_world_size, len(prepared.tensors), info.skipped)  # fmt: skip
+    log.info("dtype: %s (%s)", str(prepared.dtype).removeprefix("torch.") if prepared.dtype else "as stored",
+             prepared.dtype_reason)  # fmt: skip
+    if vocab_size is not None:
+        log.info("vocabulary: embedding rows -> %d (%d token(s) added)", vocab_size, len(tokenizer.added))
     log.info("plan: %d file(s), %s, %d rank(s)", len(plan.files), format_bytes(plan.total_size), plan.world_size)
-    if config.dry_run:
-        log.info("dry run, nothing written. plan:\n%s", json.dumps(describe(plan), indent=2))

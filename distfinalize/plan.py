@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from distfinalize.sources import TensorMeta
+from distfinalize.transform.vocab import RowResize
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -21,17 +22,23 @@ FILENAME_PATTERN = "model{suffix}.safetensors"
 
 @dataclass(frozen=True)
 class TensorPlan:
-    """One output tensor: its name, where it comes from, and its output shape and dtype."""
+    """One output tensor: its name, where it comes from, its output shape and dtype, and any row resize."""
 
     name: str
     source_key: str
     shape: tuple[int, ...]
     source_dtype: torch.dtype
     dtype: torch.dtype
+    source_shape: tuple[int, ...] | None = None  # when it differs from `shape` (vocabulary resize)
+    resize: RowResize | None = None
 
     @property
     def nbytes(self) -> int:
         return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+    @property
+    def source_nbytes(self) -> int:
+        return torch.Size(self.source_shape or self.shape).numel() * self.source_dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -84,9 +91,18 @@ def output_dtype(stored: torch.dtype, target: torch.dtype | None) -> torch.dtype
     return target
 
 
-def plan_tensors(tensors: Sequence[TensorMeta], dtype: torch.dtype | None) -> tuple[TensorPlan, ...]:
+def plan_tensors(
+    tensors: Sequence[TensorMeta], dtype: torch.dtype | None, resizes: Mapping[str, RowResize] | None = None
+) -> tuple[TensorPlan, ...]:
     """One TensorPlan per checkpoint tensor, in the given order, cast to `dtype` where it applies."""
-    return tuple(TensorPlan(t.name, t.key, tuple(t.shape), t.dtype, output_dtype(t.dtype, dtype)) for t in tensors)
+    resizes = resizes or {}
+    out = []
+    for t in tensors:
+        resize = resizes.get(t.name)
+        shape = tuple(t.shape) if resize is None else (resize.rows, *t.shape[1:])
+        source_shape = tuple(t.shape) if resize is not None else None
+        out.append(TensorPlan(t.name, t.key, shape, t.dtype, output_dtype(t.dtype, dtype), source_shape, resize))
+    return tuple(out)
 
 
 def split_into_files(tensors: Sequence[TensorPlan], max_shard_size: int) -> list[list[TensorPlan]]:
@@ -123,10 +139,15 @@ def file_names(count: int) -> list[str]:
 
 
 def build_plan(
-    tensors: Sequence[TensorMeta], *, dtype: torch.dtype | None, max_shard_size: int, world_size: int
+    tensors: Sequence[TensorMeta],
+    *,
+    dtype: torch.dtype | None,
+    max_shard_size: int,
+    world_size: int,
+    resizes: Mapping[str, RowResize] | None = None,
 ) -> Plan:
     """The whole plan from the (already renamed and ordered) checkpoint tensors."""
-    groups = split_into_files(plan_tensors(tensors, dtype), max_shard_size)
+    groups = split_into_files(plan_tensors(tensors, dtype, resizes), max_shard_size)
     names = file_names(len(groups))
     ranks = assign_ranks([sum(t.nbytes for t in g) for g in groups], world_size)
     files = tuple(FilePlan(n, r, tuple(g)) for n, r, g in zip(names, ranks, groups, strict=True))

@@ -1,6 +1,6 @@
 """Load a finalized directory with transformers, check its logits against the trained model's, and generate.
 
-    python examples/load_and_generate.py DEST RUN_DIR
+python examples/load_and_generate.py DEST RUN_DIR
 """
 
 from __future__ import annotations

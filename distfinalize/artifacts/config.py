@@ -1,11 +1,14 @@
-"""config.json for the output: the source's, with dtype and tied embeddings set to what was written.
+"""config.json for the output: the source's (or --base-model's), updated to what was written.
 
-Runs on: rank 0.
+`dtype` (and `torch_dtype` for older readers), `vocab_size`, `tie_word_embeddings`, and bos/eos/pad ids
+synced to the final tokenizer; `architectures` kept (filled in when missing). Runs on: rank 0.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,26 +18,36 @@ from distfinalize.artifacts.jsonfile import write_json
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def output_config(source_config: Path, dtype: torch.dtype | None, tied: bool, architecture: str | None) -> dict:
-    """The source config.json with `dtype` (and `torch_dtype` for older readers) and tying updated.
+@dataclass(frozen=True)
+class ConfigUpdates:
+    """What finalize changed about the model, to be recorded in config.json."""
 
-    `architectures` is kept; when the source has none, the class the names were checked against is recorded.
-    """
+    dtype: torch.dtype | None = None
+    tied: bool = False  # lm_head found identical to embed_tokens and written once
+    architecture: str | None = None
+    vocab_size: int | None = None
+    token_ids: Mapping[str, int | None] = field(default_factory=dict)  # bos/eos/pad_token_id
+
+
+def output_config(source_config: Path, updates: ConfigUpdates) -> dict:
+    """The source config.json with the updates applied."""
     config = json.loads(source_config.read_text())
-    if not config.get("architectures") and architecture:
-        config["architectures"] = [architecture]
-    name = DTYPE_NAMES.get(dtype) if dtype is not None else None
+    if not config.get("architectures") and updates.architecture:
+        config["architectures"] = [updates.architecture]
+    name = DTYPE_NAMES.get(updates.dtype) if updates.dtype is not None else None
     if name is not None:
         config["dtype"] = name
-        if "torch_dtype" in config:
-            config["torch_dtype"] = name
-    if tied:
+        config["torch_dtype"] = name
+    if updates.tied:
         config["tie_word_embeddings"] = True
+    if updates.vocab_size is not None:
+        config["vocab_size"] = updates.vocab_size
+    for key, value in updates.token_ids.items():
+        if value is not None:
+            config[key] = value
     return config
 
 
-def write_config(
-    source_config: Path, directory: Path, dtype: torch.dtype | None, tied: bool, architecture: str | None
-) -> Path:
+def write_config(source_config: Path, directory: Path, updates: ConfigUpdates) -> Path:
     """Write the output config.json into `directory`."""
-    return write_json(directory / "config.json", output_config(source_config, dtype, tied, architecture))
+    return write_json(directory / "config.json", output_config(source_config, updates))

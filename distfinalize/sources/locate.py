@@ -108,14 +108,15 @@ def _step_of(path: Path) -> int | None:
 
 def find_model_config(checkpoint: Path, src: Path) -> Path | None:
     """The nearest Hugging Face config.json: the checkpoint folder, its parents up to SRC, then a little above."""
-    for directory in _config_search_path(checkpoint, src):
+    for directory in search_dirs(checkpoint, src):
         candidate = directory / "config.json"
         if candidate.is_file() and _is_hf_config(candidate):
             return candidate
     return None
 
 
-def _config_search_path(checkpoint: Path, src: Path) -> list[Path]:
+def search_dirs(checkpoint: Path, src: Path) -> list[Path]:
+    """Where files that go with a checkpoint (config, tokenizer) are looked for, nearest first."""
     ckpt, root = checkpoint.resolve(), src.resolve()
     parents = list(ckpt.parents)
     chain = [ckpt, *parents[: parents.index(root) + 1]] if root in parents else [ckpt, ckpt.parent, root]

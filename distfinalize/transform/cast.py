@@ -1,15 +1,21 @@
-"""Assemble a tensor on the rank's device, cast it to its planned dtype, and bring it back for writing."""
+"""Assemble a tensor on the rank's device, resize and cast it as planned, and bring it back for writing."""
 
 from __future__ import annotations
 
 import torch
 
 from distfinalize.plan import TensorPlan
+from distfinalize.transform.vocab import resize_rows
 
 
 def to_output(tensor: torch.Tensor, plan: TensorPlan, device: torch.device) -> torch.Tensor:
-    """The tensor as the output file stores it: planned dtype, contiguous, on the CPU. Runs on: each rank."""
+    """The tensor as the output file stores it: rows resized, planned dtype, contiguous, on the CPU.
+
+    Runs on: the rank that writes the tensor, on its device.
+    """
     if device.type != "cpu":
         tensor = tensor.to(device, non_blocking=True)
+    if plan.resize is not None:
+        tensor = resize_rows(tensor, plan.resize)
     tensor = tensor.to(plan.dtype)
     return tensor.cpu().contiguous()

@@ -2,6 +2,7 @@
 
 Trainers here run under torchrun (gloo, CPU). Each writes, next to the checkpoint:
   config.json          the transformers config of the trained model
+  tokenizer*.json      a real BPE tokenizer (trained here with `tokenizers`), as a training run saves it
   reference.pt         rank 0: the trained model's full state dict (fp32, every key)
   reference_logits.pt  rank 0: logits of the trained model on REFERENCE_INPUT
 """
@@ -67,6 +68,7 @@ def save_reference(out: Path, full_state_dict: dict[str, torch.Tensor], tie: boo
     """Rank 0: write config.json, reference.pt and reference_logits.pt into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     tiny_config(tie).save_pretrained(out)
+    build_tokenizer().save_pretrained(out)
     state = {k: v.detach().clone().cpu() for k, v in full_state_dict.items()}
     torch.save(state, out / "reference.pt")
     model = build_model(tie, seed=12345)
@@ -87,3 +89,31 @@ def init_gloo() -> tuple[int, int]:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def build_tokenizer(pad: bool = True):
+    """A real byte-level BPE trained on a small corpus, wrapped as PreTrainedTokenizerFast, exactly VOCAB long.
+
+    <s>, </s>, <unk>, <pad> are ids 0-3 (<pad> is the pad token only when `pad`); no chat template.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [f"the quick brown fox {i} jumps over the lazy dog number {i * 7}" for i in range(200)]
+    corpus += ["finalize sharded checkpoints into hugging face model directories with every rank"] * 20
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<s>", "</s>", "<unk>", "<pad>"], show_progress=False
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>" if pad else None
+    )
+    filler = [f"<extra_{i}>" for i in range(VOCAB - len(fast))]
+    if filler:
+        fast.add_tokens(filler)
+    if len(fast) != VOCAB:
+        raise RuntimeError(f"tokenizer has {len(fast)} tokens, expected {VOCAB}")
+    return fast

@@ -54,7 +54,8 @@ def check_finalized(run: Path, dest: Path, dtype: torch.dtype) -> None:
     assert config["dtype"] == str(dtype).removeprefix("torch.")
     assert config["tie_word_embeddings"] == tied
     assert config["architectures"] == ["LlamaForCausalLM"]
-    assert sorted(p.name for p in dest.iterdir()) == sorted([*files, "config.json", "model.safetensors.index.json"])
+    extras = ["README.md", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*files, *extras, "model.safetensors.index.json"])
 
     model = AutoModelForCausalLM.from_pretrained(dest, dtype=dtype).eval()
     with torch.no_grad():
@@ -95,7 +96,8 @@ def test_single_file_has_no_index(fsdp2_runs: Path, tmp_path: Path) -> None:
     run = fsdp2_runs / "untied-model"
     dest = tmp_path / "out"
     check_ok(finalize(run, dest))
-    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "model.safetensors"]
+    assert {"config.json", "model.safetensors"} <= {p.name for p in dest.iterdir()}
+    assert not list(dest.glob("model-*")) and not (dest / "model.safetensors.index.json").exists()
     tensors, _ = read_output(dest)
     reference = torch.load(run / "reference.pt")
     assert set(tensors) == set(reference)
@@ -105,7 +107,7 @@ def test_single_file_has_no_index(fsdp2_runs: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("nproc", [1, 3])
 @pytest.mark.parametrize("variant", ["accelerate-tied", "accelerate-untied"])
 def test_accelerate_sharded_state_dict(accelerate_runs: Path, tmp_path: Path, variant: str, nproc: int) -> None:
-    """Accelerate's save_state layout: SRC is the save dir, the model is in pytorch_model_fsdp_0/ beside optimizer_0/."""
+    """Accelerate's save_state layout: SRC is the save dir, the model in pytorch_model_fsdp_0/ beside optimizer_0/."""
     run = accelerate_runs / variant
     assert (run / "checkpoints" / "checkpoint-3" / "pytorch_model_fsdp_0" / ".metadata").is_file()
     dest = tmp_path / "out"

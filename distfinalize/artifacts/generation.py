@@ -1,0 +1,108 @@
+"""generation_config.json: carried from the source, synthesized, or from a preset; ids from the final tokenizer.
+
+End-of-turn tokens (auto-detected ones and --stop-tokens) are merged into `eos_token_id` as a list.
+config.json's own eos_token_id is not changed. Runs on: rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+from distfinalize.artifacts.tokenizer import TokenizerOutcome
+from distfinalize.config import GenerationOptions
+from distfinalize.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+AUTO_STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eot|>", "<|end_of_turn|>")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
+
+
+def read_preset(path: Path) -> dict:
+    """A preset JSON: `max_tokens` becomes `max_new_tokens`; `do_sample` is inferred when absent."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError("cannot read the --generation-config preset", where=path, hint=str(exc)) from exc
+    if not isinstance(data, dict):
+        raise UsageError("the --generation-config preset is not a JSON object", where=path)
+    if "max_tokens" in data:
+        data.setdefault("max_new_tokens", data.pop("max_tokens"))
+    if "do_sample" not in data:
+        greedy = data.get("temperature") == 0
+        data["do_sample"] = not greedy and any(k in data for k in SAMPLING_KEYS)
+        if greedy:
+            data.pop("temperature")
+    return data
+
+
+def eos_ids(tokenizer: TokenizerOutcome, base_eos: object, options: GenerationOptions) -> int | list[int] | None:
+    """The tokenizer's eos plus end-of-turn tokens, deduplicated; a list when there is more than one."""
+    ids: list[int] = []
+    for value in base_eos if isinstance(base_eos, list) else [base_eos]:
+        if isinstance(value, int) and value not in ids:
+            ids.append(value)
+    candidates = [*(AUTO_STOP_TOKENS if options.auto_stop_tokens else ()), *options.stop_tokens]
+    for token in candidates:
+        token_id = tokenizer.token_id(token)
+        if token_id is None:
+            if token in options.stop_tokens:
+                raise UsageError(f"stop token {token!r} is not in the tokenizer's vocabulary", where="--stop-tokens")
+            continue
+        if token_id not in ids:
+            ids.append(token_id)
+    if not ids:
+        return None
+    return ids[0] if len(ids) == 1 else ids
+
+
+def generation_config(
+    carried: Path | None, tokenizer: TokenizerOutcome, model_config: Mapping[str, object], options: GenerationOptions
+) -> dict | None:
+    """The generation config to write, or None for --generation-config none."""
+    if options.mode == "none":
+        return None
+    if options.preset is not None:
+        data = read_preset(options.preset)
+    elif carried is not None:
+        data = json.loads(carried.read_text())
+    else:
+        data = {}
+    ids = dict(tokenizer.special_ids) if tokenizer.path is not None else {}
+    for key in ("bos_token_id", "pad_token_id", "eos_token_id"):
+        value = ids.get(key)
+        if value is None:
+            value = data.get(key, model_config.get(key))
+        if value is not None:
+            data[key] = value
+    merged = eos_ids(tokenizer, data.get("eos_token_id"), options)
+    if merged is not None:
+        data["eos_token_id"] = merged
+    return data
+
+
+def write_generation_config(directory: Path, data: Mapping[str, object]) -> Path:
+    """Validate through transformers' GenerationConfig and save it (normalized) into `directory`."""
+    from transformers import GenerationConfig
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = GenerationConfig.from_dict(dict(data))
+            config.validate(strict=True)
+    except (ValueError, TypeError) as exc:
+        raise UsageError("the generation config is not valid", hint=str(exc).splitlines()[0]) from exc
+    config.save_pretrained(directory)
+    return directory / "generation_config.json"
+
+
+def find_generation_config(config_path: Path | None) -> Path | None:
+    """The source's generation_config.json, next to its config.json."""
+    if config_path is None:
+        return None
+    candidate = config_path.parent / "generation_config.json"
+    return candidate if candidate.is_file() else None
