@@ -6,9 +6,11 @@ only the byte ranges of the chunks each tensor needs.
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 import re
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,6 +44,7 @@ NON_MODEL_CONTAINERS = frozenset(
         "rng_states",
     }
 )
+ZIP_MAGIC = b"PK\x03\x04"
 RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
 
 
@@ -126,13 +129,44 @@ def saved_world_size(metadata: Metadata) -> int | None:
     return max(ranks) + 1 if ranks else None
 
 
+class VerifiedFileSystemReader(FileSystemReader):
+    """DCP's reader, checking each chunk before torch.load sees it: its full length is there, and the CRC-32s
+    that torch.save records in every chunk's zip records match, so flipped bytes are an error, never a
+    silently wrong tensor."""
+
+    def _slice_file(self, file, sinfo):
+        file.seek(sinfo.offset)
+        data = file.read(sinfo.length)
+        where = f"{sinfo.relative_path} bytes {sinfo.offset}-{sinfo.offset + sinfo.length}"
+        if len(data) != sinfo.length:
+            raise ChunkError(f"{where}: the file ends after {len(data)} of {sinfo.length} bytes (truncated)")
+        if data[:4] == ZIP_MAGIC:
+            verify_zip_chunk(data, where)
+        return io.BytesIO(data)
+
+
+class ChunkError(ValueError):
+    """A checkpoint chunk is truncated or fails its checksum."""
+
+
+def verify_zip_chunk(data: bytes, where: str) -> None:
+    """Check every record of a torch.save zip chunk against its CRC-32."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
+        raise ChunkError(f"{where}: not a readable torch.save record ({exc})") from exc
+    if bad is not None:
+        raise ChunkError(f"{where}: checksum mismatch in record {bad!r} (the file is corrupt)")
+
+
 class DcpTensorReader:
     """Reads whole tensors out of a DCP folder through DCP's FileSystemReader. Runs on: each rank."""
 
     def __init__(self, path: Path, metadata: Metadata) -> None:
         self.path = path
         self.metadata = metadata
-        self.storage = FileSystemReader(str(path))
+        self.storage = VerifiedFileSystemReader(str(path))
         self.storage.set_up_storage_reader(metadata, True)
 
     def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -149,6 +183,18 @@ class DcpTensorReader:
             self.storage.read_data(plan, planner).wait()
         except (KeyboardInterrupt, SystemExit):
             raise
+        except ChunkError as exc:
+            raise SourceError(
+                "a checkpoint file is corrupt",
+                where=f"{self.path}/{exc}",
+                hint="finalize another checkpoint with --checkpoint, or restore this one",
+            ) from exc
+        except FileNotFoundError as exc:
+            raise SourceError(
+                "a checkpoint file is missing",
+                where=exc.filename,
+                hint="the checkpoint is incomplete; finalize another one with --checkpoint",
+            ) from exc
         except BaseException as exc:  # DCP raises CheckpointException, a BaseException
             wanted = set(keys)
             files = sorted(
