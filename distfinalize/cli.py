@@ -12,8 +12,9 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distfinalize.config import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -28,6 +29,9 @@ from distfinalize.config import (
 )
 from distfinalize.errors import DistfinalizeError
 
+if TYPE_CHECKING:
+    from distfinalize.dist import DistContext
+
 log = logging.getLogger("distfinalize")
 PROG = "distfinalize"
 
@@ -37,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Turn a sharded training checkpoint (PyTorch DCP from FSDP2, torchtitan or Accelerate) into a "
         "Hugging Face model directory, with every rank of the job writing its own files.",
-        epilog="Run alone, or under torchrun: torchrun --nproc_per_node=N -m distfinalize SRC DEST",
+        epilog="Run alone, or under torchrun: torchrun --nproc_per_node=N -m distfinalize SRC DEST. "
+        "Also: distfinalize inspect SRC; distfinalize verify DEST [--source SRC].",
     )
     parser.add_argument(
         "src",
@@ -73,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="where tensors are cast (auto: this rank's GPU when there is one)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the finished, checksum-verified files of an interrupted run's staging dir",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     parser.add_argument(
         "--timeout",
@@ -165,6 +175,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
                 training_method=args.training_method,
                 log_urls=tuple(args.log_url),
             ),
+            resume=args.resume,
             keep_checkpoint=args.keep_checkpoint,
             keep_optimizer=args.keep_optimizer,
             hub=hub_options(args),
@@ -191,27 +202,51 @@ def hub_options(args: argparse.Namespace):
     )
 
 
+# Subcommands: `distfinalize NAME ...`, each a module with main(argv) -> int. Anything else is a finalize.
+COMMANDS = {
+    "inspect": "distfinalize.commands.inspect",
+    "verify": "distfinalize.commands.verify",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `distfinalize` and `python -m distfinalize`. Returns the exit code."""
-    from distfinalize.logs import setup_logging
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        import importlib
 
+        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
     config = parse_config(build_parser(), argv)
-    rank = int(os.environ.get("RANK", "0"))
-    setup_logging(config.log_level, rank, int(os.environ.get("WORLD_SIZE", "1")))
-    ctx = None
-    try:
-        from distfinalize.dist import DistContext
+
+    def finalize(ctx: DistContext) -> int:
         from distfinalize.pipeline import run
 
-        ctx = DistContext.from_env(config.device, config.timeout_s)
         outcome = run(config, ctx)
         if ctx.is_rank0 and outcome.dry_run:
             print(format_plan(outcome.plan))
             files = {k: v for k, v in outcome.report.items() if k != "plan"}
             print(json.dumps(files, indent=2))
         return 0
+
+    return run_guarded(finalize, log_level=config.log_level, device=config.device, timeout_s=config.timeout_s)
+
+
+def run_guarded(job: Callable[[DistContext], int], *, log_level: str, device: str, timeout_s: float) -> int:
+    """Set up logging and the DistContext, run `job`, and turn every failure into one line and an exit code.
+
+    Runs on: all ranks. Used by finalize and by every subcommand.
+    """
+    from distfinalize.dist import DistContext
+    from distfinalize.logs import setup_logging
+
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(log_level, rank, int(os.environ.get("WORLD_SIZE", "1")))
+    ctx = None
+    try:
+        ctx = DistContext.from_env(device, timeout_s)
+        return job(ctx)
     except DistfinalizeError as exc:
-        report(exc, rank, config.log_level)
+        report(exc, rank, log_level)
         return exc.exit_code
     except KeyboardInterrupt:
         report_line("interrupted; nothing was written to DEST", rank)

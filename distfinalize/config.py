@@ -112,6 +112,7 @@ class FinalizeConfig:
     tokenizer: TokenizerOptions = TokenizerOptions()
     generation: GenerationOptions = GenerationOptions()
     card: CardOptions = CardOptions()
+    resume: bool = False
     keep_checkpoint: bool = False
     keep_optimizer: bool = False
     hub: HubOptions | None = None

@@ -1,25 +1,28 @@
 """The write step of one rank: read its tensors, transform them on its device, write its files.
 
 Reads go in batches of at most `read_batch_bytes` of source data, so memory stays bounded by the
-batch (plus one tensor when a single tensor is larger), never by the file or the model.
+batch (plus one tensor when a single tensor is larger), never by the file or the model. Tensors are
+written in file order, so each file's sha256 is computed as it is written. A finished file leaves a
+record in the staging dir's `.progress/`; `--resume` reuses files whose record and checksum still match.
 Runs on: every rank, each for its own files.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from distfinalize.plan import FilePlan, Plan, TensorPlan
-from distfinalize.sources import Source
+from distfinalize.sources import Source, TensorReader
 from distfinalize.transform.cast import to_output
-from distfinalize.write import SafetensorsWriter, layout
+from distfinalize.write import SafetensorsWriter, file_sha256, layout
 
 log = logging.getLogger(__name__)
 
@@ -32,44 +35,51 @@ class WrittenFile:
     rank: int
     size: int
     tensors: int
+    sha256: str
+    reused: bool = False
 
 
 def write_rank_files(
     plan: Plan,
     rank: int,
     source: Source,
-    staging: Path,
+    directory: Path,
     device: torch.device,
     read_batch_bytes: int,
     progress: bool = False,
+    progress_dir: Path | None = None,
+    resume: bool = False,
 ) -> list[WrittenFile]:
-    """Write every file the plan gives `rank`, with a progress bar when `progress`. Runs on: each rank."""
+    """Write every file the plan gives `rank` into `directory` (bar when `progress`). Runs on: each rank."""
     files = plan.files_for(rank)
     reader = source.reader()
     done = []
-    with tqdm(
-        total=plan.bytes_for(rank),
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=f"rank {rank} writing",
-        disable=not (progress and files),
-        mininterval=1.0,
-    ) as bar:
+    with tqdm(total=plan.bytes_for(rank), unit="B", unit_scale=True, unit_divisor=1024,
+              desc=f"rank {rank} writing", disable=not (progress and files), mininterval=1.0) as bar:  # fmt: skip
         for file in files:
-            done.append(write_file(file, reader, staging, device, read_batch_bytes, bar))
+            finished = reusable(file, directory, progress_dir) if resume else None
+            if finished is None:
+                finished = write_file(file, reader, directory, device, read_batch_bytes, bar)
+                if progress_dir is not None:
+                    record_progress(progress_dir, finished)
+            else:
+                log.info("resume: reusing %s (size and sha256 match)", file.filename)
+                bar.update(file.nbytes)
+            done.append(finished)
     log.debug("wrote %d file(s)", len(done))
     return done
 
 
 def write_file(
-    file: FilePlan, reader, staging: Path, device: torch.device, read_batch_bytes: int, bar: tqdm
+    file: FilePlan, reader: TensorReader, directory: Path, device: torch.device, read_batch_bytes: int, bar: tqdm
 ) -> WrittenFile:
-    """Read, transform and write one output file."""
-    path = staging / file.filename
-    writer = SafetensorsWriter(path, layout([(t.name, t.shape, t.dtype) for t in file.tensors]))
+    """Read, transform and write one output file, in file order."""
+    path = directory / file.filename
+    file_layout = layout([(t.name, t.shape, t.dtype) for t in file.tensors])
+    ordered = sorted(file.tensors, key=lambda t: file_layout.slots[t.name].start)
+    writer = SafetensorsWriter(path, file_layout)
     try:
-        for batch in read_batches(file.tensors, read_batch_bytes):
+        for batch in read_batches(ordered, read_batch_bytes):
             data = reader.read([t.source_key for t in batch])
             for t in batch:
                 writer.write(t.name, to_output(data.pop(t.source_key), t, device))
@@ -77,8 +87,8 @@ def write_file(
     except BaseException:
         writer.abort()
         raise
-    writer.close()
-    return WrittenFile(file.filename, file.rank, os.path.getsize(path), len(file.tensors))
+    digest = writer.close()
+    return WrittenFile(file.filename, file.rank, os.path.getsize(path), len(file.tensors), digest)
 
 
 def read_batches(tensors: Sequence[TensorPlan], limit: int) -> Iterator[list[TensorPlan]]:
@@ -94,3 +104,27 @@ def read_batches(tensors: Sequence[TensorPlan], limit: int) -> Iterator[list[Ten
         size += nbytes
     if batch:
         yield batch
+
+
+def record_progress(progress_dir: Path, written: WrittenFile) -> None:
+    """Atomically record a finished file (written after the file itself was fsynced)."""
+    tmp = progress_dir / f"{written.filename}.json.tmp"
+    tmp.write_text(json.dumps(asdict(written)))
+    os.replace(tmp, progress_dir / f"{written.filename}.json")
+
+
+def reusable(file: FilePlan, directory: Path, progress_dir: Path | None) -> WrittenFile | None:
+    """The record of a file an interrupted run finished, when the file on disk still matches it."""
+    if progress_dir is None:
+        return None
+    record_path, path = progress_dir / f"{file.filename}.json", directory / file.filename
+    try:
+        record = WrittenFile(**json.loads(record_path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    if not path.is_file() or path.stat().st_size != record.size or record.tensors != len(file.tensors):
+        return None
+    if file_sha256(path) != record.sha256:
+        log.warning("resume: %s does not match its record; writing it again", file.filename)
+        return None
+    return WrittenFile(record.filename, file.rank, record.size, record.tensors, record.sha256, reused=True)

@@ -26,6 +26,7 @@ from distfinalize.artifacts.code import copy_model_code, model_code_files
 from distfinalize.artifacts.config import ConfigUpdates, output_config, write_config
 from distfinalize.artifacts.generation import find_generation_config, generation_config, write_generation_config
 from distfinalize.artifacts.index import write_index
+from distfinalize.artifacts.jsonfile import write_json
 from distfinalize.artifacts.tokenizer import (
     DEFAULT_PAD,
     TokenizerOutcome,
@@ -48,15 +49,16 @@ from distfinalize.keep import (
     write_manifest,
     write_optimizer_metadata,
 )
-from distfinalize.plan import INDEX_FILE, Plan, build_plan, describe
+from distfinalize.plan import INDEX_FILE, Plan, build_plan, describe, fingerprint
 from distfinalize.sources import Source, SourceInfo, TensorMeta
 from distfinalize.sources.locate import find_model_config, locate, search_dirs
-from distfinalize.staging import commit, create_staging, remove_staging, staging_path
+from distfinalize.staging import PROGRESS_DIR, commit, create_staging, remove_staging, staging_path
 from distfinalize.transform.keymap import TIE_CANDIDATES, map_names, tie_candidates
 from distfinalize.transform.vocab import plan_resizes
 
 log = logging.getLogger(__name__)
 DROPPED_STATE = ("lr scheduler", "dataloader", "RNG", "trainer state")
+MANIFEST = "distfinalize-manifest.json"
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     weights_dir = staging / "checkpoints" / checkpoint_dir_name(prepared.source.info.step)
     if not config.keep_checkpoint:
         weights_dir = staging
-    ctx.run_step("stage", lambda: stage(config, weights_dir, optimizer is not None), ranks="rank0")
+    ctx.run_step("stage", lambda: stage(config, plan, weights_dir, optimizer is not None), ranks="rank0")
     try:
         written = ctx.run_step("write", lambda: write_share(config, ctx, plan, prepared, weights_dir, optimizer))
         files = tuple(f for per_rank in written for f in per_rank)
@@ -239,12 +241,12 @@ def plan_optimizer(config: FinalizeConfig, prepared: Prepared) -> OptimizerCopy 
     return plan_optimizer_copy(*optimizer_source(prepared.source.info.path, metadata))
 
 
-def stage(config: FinalizeConfig, weights_dir: Path, with_optimizer: bool) -> None:
-    """Create the staging dir (and the kept checkpoint's dirs). Runs on: rank 0."""
-    create_staging(config.dest, config.src)
+def stage(config: FinalizeConfig, plan: Plan, weights_dir: Path, with_optimizer: bool) -> None:
+    """Create (or, with --resume, take over) the staging dir and the kept checkpoint's dirs. Runs on: rank 0."""
+    create_staging(config.dest, config.src, fingerprint(plan), config.resume)
     weights_dir.mkdir(parents=True, exist_ok=True)
     if with_optimizer:
-        (weights_dir / "optimizer").mkdir()
+        (weights_dir / "optimizer").mkdir(exist_ok=True)
 
 
 def write_share(
@@ -255,6 +257,7 @@ def write_share(
     files = write_rank_files(
         plan, ctx.rank, prepared.source, weights_dir, ctx.device, config.read_batch_bytes,
         progress=ctx.is_rank0 and config.log_level in ("debug", "info"),
+        progress_dir=staging_path(config.dest) / PROGRESS_DIR, resume=config.resume,
     )  # fmt: skip
     if optimizer is not None:
         copied = copy_optimizer_files(optimizer, optimizer.files_for(ctx.rank, ctx.world_size),
@@ -310,6 +313,7 @@ def finish(
         raise DestinationError("ranks did not write every planned file", where=staging,
                                hint=f"missing: {sorted(planned - got)[:4]}")  # fmt: skip
     index = write_index(plan, weights_dir)
+    write_checksums(staging, weights_dir, files, prepared)
     if prepared.config_path is not None:
         write_config(prepared.config_path, staging, config_updates(prepared, tokenizer, vocab_size))
         model_config = output_config(prepared.config_path, config_updates(prepared, tokenizer, vocab_size))
@@ -327,6 +331,20 @@ def finish(
     if config.keep_checkpoint:
         keep_checkpoint(config, plan, prepared, staging, weights_dir, index, optimizer)
     commit(staging, config.dest)
+
+
+def write_checksums(staging: Path, weights_dir: Path, files: tuple[WrittenFile, ...], prepared: Prepared) -> None:
+    """distfinalize-manifest.json: every weight file's size and sha256 (for `verify`), and the source."""
+    info = prepared.source.info
+    prefix = weights_dir.relative_to(staging)
+    write_json(staging / MANIFEST, {
+        "format": 1,
+        "source": {"format": info.format, "path": str(info.path), "step": info.step},
+        "dtype": str(prepared.dtype).removeprefix("torch.") if prepared.dtype else None,
+        "files": {str(prefix / f.filename) if str(prefix) != "." else f.filename: {"size": f.size,
+                                                                                 "sha256": f.sha256}
+                  for f in sorted(files, key=lambda f: f.filename)},
+    })  # fmt: skip
 
 
 def keep_checkpoint(

@@ -154,6 +154,19 @@ def build_plan(
     return Plan(files, world_size)
 
 
+def fingerprint(plan: Plan) -> str:
+    """A digest of everything that decides the output bytes (not which rank writes what). For --resume."""
+    import hashlib
+    import json
+
+    files = [
+        [f.filename, [[t.name, t.source_key, list(t.shape), str(t.source_dtype), str(t.dtype), repr(t.resize)]
+                      for t in f.tensors]]
+        for f in plan.files
+    ]  # fmt: skip
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+
+
 def describe(plan: Plan) -> Mapping[str, object]:
     """A JSON-able summary of the plan (for --dry-run and inspect)."""
     return {

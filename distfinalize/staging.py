@@ -15,6 +15,8 @@ from distfinalize.errors import DestinationError
 
 log = logging.getLogger(__name__)
 STAGING_SUFFIX = ".distfinalize-staging"
+PROGRESS_DIR = ".progress"  # per-file records of an unfinished run, removed at the commit
+PLAN_RECORD = "plan.sha256"
 
 
 def staging_path(dest: Path) -> Path:
@@ -22,27 +24,45 @@ def staging_path(dest: Path) -> Path:
     return dest.parent / (dest.name + STAGING_SUFFIX)
 
 
-def create_staging(dest: Path, src: Path) -> Path:
-    """Create the staging dir (and DEST's parents). Refuses when DEST or a stale staging dir exists."""
+def create_staging(dest: Path, src: Path, fingerprint: str, resume: bool = False) -> Path:
+    """Create the staging dir (and DEST's parents), or, with `resume`, take over an interrupted one.
+
+    Refuses when DEST exists, when a stale staging dir is there without `resume`, and when the staging dir
+    was made for a different plan. Runs on: rank 0.
+    """
     staging = staging_path(dest)
+    progress = staging / PROGRESS_DIR
     if dest.exists():
         raise DestinationError("destination already exists", where=dest, hint="choose a new DEST")
     if staging.exists():
-        raise DestinationError(
-            "a staging dir from an interrupted run is in the way",
-            where=staging,
-            hint="remove it (nothing in it is final) and run again",
-        )
+        if not resume:
+            raise DestinationError(
+                "a staging dir from an interrupted run is in the way",
+                where=staging,
+                hint="pass --resume to reuse its finished files, or remove it (nothing in it is final)",
+            )
+        recorded = (progress / PLAN_RECORD).read_text() if (progress / PLAN_RECORD).is_file() else None
+        if recorded != fingerprint:
+            raise DestinationError(
+                "the staging dir was made for a different output plan",
+                where=staging,
+                hint="resume with the same SRC and options, or remove the staging dir",
+            )
+        log.info("resuming into %s", staging)
+        return staging
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
+        progress.mkdir()
+        (progress / PLAN_RECORD).write_text(fingerprint)
     except OSError as exc:
         raise DestinationError("cannot create the staging dir", where=staging, hint=exc.strerror) from exc
     return staging
 
 
 def commit(staging: Path, dest: Path) -> None:
-    """fsync the staging dir, rename it to DEST, fsync DEST's parent."""
+    """Drop the progress records, fsync the staging dir, rename it to DEST, fsync DEST's parent."""
+    shutil.rmtree(staging / PROGRESS_DIR, ignore_errors=True)
     _fsync_dir(staging)
     if dest.exists():
         raise DestinationError("destination appeared while writing", where=dest, hint="choose a new DEST")

@@ -8,6 +8,7 @@ to a multiple of 8, data sorted by alignment then name. Runs on: the rank that o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -88,12 +89,18 @@ def layout(
 
 
 class SafetensorsWriter:
-    """Writes a file laid out by `layout`, one tensor at a time, in any order; fsyncs on close."""
+    """Writes a file laid out by `layout`, one tensor at a time; fsyncs on close and returns its sha256.
+
+    Tensors may come in any order; written in file order (as `write_file` does), the sha256 is computed on
+    the fly, otherwise the file is read back once to hash it.
+    """
 
     def __init__(self, path: Path, file_layout: FileLayout) -> None:
         self.path = path
         self.layout = file_layout
         self.written: set[str] = set()
+        self.digest = hashlib.sha256(file_layout.header)
+        self.hashed_to = len(file_layout.header)  # bytes hashed so far; -1 once writes went out of order
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self.fd, file_layout.size)
         self._pwrite(memoryview(file_layout.header), 0)
@@ -105,8 +112,13 @@ class SafetensorsWriter:
             raise ValueError(
                 f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, planned {slot.dtype} {list(slot.shape)}"
             )
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._pwrite(memoryview(data), slot.start)
+        data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._pwrite(data, slot.start)
+        if self.hashed_to == slot.start:
+            self.digest.update(data)
+            self.hashed_to = slot.end
+        else:
+            self.hashed_to = -1
         self.written.add(name)
 
     def _pwrite(self, data: memoryview, offset: int) -> None:
@@ -114,8 +126,8 @@ class SafetensorsWriter:
             n = os.pwrite(self.fd, data, offset)
             data, offset = data[n:], offset + n
 
-    def close(self) -> None:
-        """Check every tensor was written, fsync and close."""
+    def close(self) -> str:
+        """Check every tensor was written, fsync and close. Returns the file's sha256 (hex)."""
         try:
             missing = self.layout.slots.keys() - self.written
             if missing:
@@ -123,6 +135,18 @@ class SafetensorsWriter:
             os.fsync(self.fd)
         finally:
             os.close(self.fd)
+        if self.hashed_to == self.layout.size:
+            return self.digest.hexdigest()
+        return file_sha256(self.path)
 
     def abort(self) -> None:
         os.close(self.fd)
+
+
+def file_sha256(path: Path, block: int = 16 * 2**20) -> str:
+    """sha256 of a file, read in blocks (the same digest the Hub records for LFS files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -87,4 +87,4 @@ def detect_format(path: Path) -> SourceFormat | None:
 
 
 def _load_builtin_formats() -> None:
-    from distfinalize.sources import dcp  # noqa: F401  (registers itself)
+    from distfinalize.sources import dcp, deepspeed  # noqa: F401  (register themselves)

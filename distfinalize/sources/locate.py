@@ -1,8 +1,10 @@
 """Find the checkpoint folder under SRC, and the config.json that describes its model.
 
 SRC may be the checkpoint folder itself, a training output dir with checkpoints/checkpoint-N,
-a Trainer dir with checkpoint-N, a torchtitan dir with (checkpoint/)step-N, or an Accelerate save dir
-with pytorch_model_fsdp_0. The latest step wins unless --checkpoint names one. Runs on: all ranks.
+a Trainer dir with checkpoint-N, a torchtitan dir with (checkpoint/)step-N, an Accelerate save dir
+with pytorch_model_fsdp_0, or a DeepSpeed save dir (a `latest` file naming a global_stepN tag folder),
+also inside a Trainer's checkpoint-N. The latest step wins unless --checkpoint names one; for DeepSpeed
+the tag in `latest`, unless --tag names another. Runs on: all ranks.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^(?:checkpoint|step|global_step|iter)[-_]?(\d+)$")
 STEP_PARENTS = ("", "checkpoints", "checkpoint")
 NESTED_CHECKPOINTS = ("pytorch_model_fsdp_0",)  # Accelerate's FSDP SHARDED_STATE_DICT save
+LATEST_TAG_FILE = "latest"  # DeepSpeed's save dir: the name of the newest tag folder
 CONFIG_SEARCH_LEVELS_ABOVE_SRC = 2
 
 
@@ -36,24 +39,28 @@ class Located:
 def locate(src: Path, checkpoint: Path | None = None, tag: str | None = None) -> Located:
     """Pick the checkpoint folder to finalize. Raises SourceError with what was looked for.
 
-    `tag` names a DeepSpeed tag folder (global_stepN) under SRC, instead of the one its `latest` file names.
+    `tag` names a DeepSpeed tag folder (global_stepN) instead of the one the `latest` file names: inside
+    --checkpoint when given, else inside SRC or the newest of its checkpoint-N folders that has it.
     """
-    if tag is not None and checkpoint is None:
-        checkpoint = Path(tag)
     if not src.exists():
         raise SourceError("source does not exist", where=src, hint="check the SRC path")
     if not src.is_dir():
         raise SourceError("source is not a directory", where=src, hint="SRC must be a checkpoint folder")
     if checkpoint is not None:
         path = checkpoint if checkpoint.is_absolute() or checkpoint.exists() else src / checkpoint
-        found = _resolve(path)
+        found = _resolve_tag(path, tag) if tag is not None else _resolve(path)
+        if found is None and tag is not None:
+            raise _tag_error(tag, path, [path])
         if found is None:
             raise SourceError(
                 "--checkpoint is not a checkpoint folder",
                 where=path,
-                hint="expected a DCP folder (.metadata + *.distcp) or one holding pytorch_model_fsdp_0/",
+                hint="expected a DCP folder (.metadata + *.distcp), a DeepSpeed tag folder (global_stepN) or one "
+                "holding pytorch_model_fsdp_0/ or a DeepSpeed `latest` file",
             )
         return found
+    if tag is not None:
+        return _locate_tag(src, tag)
     found = _resolve(src)
     if found is not None:
         return found
@@ -65,40 +72,92 @@ def locate(src: Path, checkpoint: Path | None = None, tag: str | None = None) ->
     raise SourceError(
         "no checkpoint found",
         where=src,
-        hint="expected a DCP folder (.metadata + *.distcp), or checkpoint-N/, checkpoints/checkpoint-N/, "
-        "step-N/ or pytorch_model_fsdp_0/ inside it; pass --checkpoint PATH to pick one",
+        hint="expected a DCP folder (.metadata + *.distcp), a DeepSpeed tag folder (global_stepN), or "
+        "checkpoint-N/, checkpoints/checkpoint-N/, step-N/, pytorch_model_fsdp_0/ or a DeepSpeed `latest` file "
+        "inside it; pass --checkpoint PATH to pick one",
     )
 
 
 def _resolve(path: Path) -> Located | None:
-    """`path` itself, or Accelerate's pytorch_model_fsdp_0 inside it, when a format recognises it."""
-    for candidate in (path, *(path / n for n in NESTED_CHECKPOINTS)):
+    """`path` itself, the DeepSpeed tag its `latest` file names, or Accelerate's pytorch_model_fsdp_0 inside it."""
+    latest = _latest_tag(path)
+    nested = (path / latest,) if latest else ()
+    for candidate in (path, *nested, *(path / n for n in NESTED_CHECKPOINTS)):
         if not candidate.is_dir():
             continue
         fmt = detect_format(candidate)
         if fmt is not None:
             return Located(candidate, fmt, _step_of(candidate))
+    if latest:
+        log.warning("%s names tag %r, which is not a checkpoint folder there", path / LATEST_TAG_FILE, latest)
     return None
+
+
+def _latest_tag(path: Path) -> str | None:
+    """The tag DeepSpeed's `latest` file in `path` names, if there is one."""
+    try:
+        tag = (path / LATEST_TAG_FILE).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return tag if tag and "/" not in tag and tag not in (".", "..") else None
+
+
+def _resolve_tag(path: Path, tag: str) -> Located | None:
+    """The tag folder `tag` inside `path` (or `path` itself when it is that tag folder)."""
+    candidates = [path / tag, path] if path.name == tag else [path / tag]
+    for candidate in candidates:
+        if candidate.is_dir():
+            fmt = detect_format(candidate)
+            if fmt is not None:
+                return Located(candidate, fmt, _step_of(candidate))
+    return None
+
+
+def _locate_tag(src: Path, tag: str) -> Located:
+    """--tag without --checkpoint: in SRC, else in the newest checkpoint-N (or step-N) folder under SRC holding it."""
+    dirs = [src, *sorted(_step_dirs(src), key=lambda d: -(_step_of(d) or 0))]
+    for directory in dirs:
+        found = _resolve_tag(directory, tag)
+        if found is not None:
+            return found
+    raise _tag_error(tag, src, dirs)
+
+
+def _tag_error(tag: str, where: Path, dirs: list[Path]) -> SourceError:
+    tags = sorted(
+        {str(c.relative_to(where)) for d in dirs if d.is_dir() for c in d.iterdir() if _is_tag_folder(c)},
+    )
+    shown = ", ".join(tags[:6]) + (", ..." if len(tags) > 6 else "") if tags else "none"
+    return SourceError(f"--tag {tag} names no checkpoint folder", where=where, hint=f"tags found: {shown}")
+
+
+def _is_tag_folder(path: Path) -> bool:
+    return path.is_dir() and detect_format(path) is not None
+
+
+def _step_dirs(src: Path) -> list[Path]:
+    """Folders named like steps (checkpoint-N, step-N, global_stepN, ...) in SRC and its checkpoint(s)/ dirs."""
+    found = []
+    for parent in STEP_PARENTS:
+        base = src / parent if parent else src
+        if base.is_dir():
+            found += [child for child in base.iterdir() if child.is_dir() and STEP_DIR.match(child.name)]
+    return found
 
 
 def _step_candidates(src: Path) -> list[Located]:
     found = []
-    for parent in STEP_PARENTS:
-        base = src / parent if parent else src
-        if not base.is_dir():
-            continue
-        for child in base.iterdir():
-            if STEP_DIR.match(child.name):
-                located = _resolve(child)
-                if located is not None:
-                    found.append(located)
-                else:
-                    log.debug("skipping %s: not a checkpoint folder", child)
+    for child in _step_dirs(src):
+        located = _resolve(child)
+        if located is not None:
+            found.append(located)
+        else:
+            log.debug("skipping %s: not a checkpoint folder", child)
     return found
 
 
 def _step_of(path: Path) -> int | None:
-    """The step number in the checkpoint folder's name, or its parent's (for pytorch_model_fsdp_0)."""
+    """The step number in the checkpoint folder's name, or its parent's (pytorch_model_fsdp_0, a DeepSpeed tag)."""
     for part in (path.name, path.parent.name):
         match = STEP_DIR.match(part)
         if match:

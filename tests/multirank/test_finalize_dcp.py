@@ -54,7 +54,14 @@ def check_finalized(run: Path, dest: Path, dtype: torch.dtype) -> None:
     assert config["dtype"] == str(dtype).removeprefix("torch.")
     assert config["tie_word_embeddings"] == tied
     assert config["architectures"] == ["LlamaForCausalLM"]
-    extras = ["README.md", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    extras = [
+        "README.md",
+        "config.json",
+        "distfinalize-manifest.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert sorted(p.name for p in dest.iterdir()) == sorted([*files, *extras, "model.safetensors.index.json"])
 
     model = AutoModelForCausalLM.from_pretrained(dest, dtype=dtype).eval()
