@@ -261,8 +261,12 @@ def run_guarded(job: Callable[[DistContext], int], *, log_level: str, device: st
 
 
 def report(exc: DistfinalizeError, rank: int, log_level: str) -> None:
-    """One line on stderr: by rank 0, or by the rank whose own error it is. Traceback only with debug."""
-    if rank == 0 or not exc.shown_by_rank0:
+    """One line on stderr, from rank 0: its own error, or which rank failed during which step and why.
+
+    Every rank agrees on failures at each step (DistContext.run_step), so rank 0 always knows. Other ranks
+    print their line, and every rank its traceback, only with --log-level debug.
+    """
+    if rank == 0 or log_level == "debug":
         report_line(str(exc), rank)
     if log_level == "debug":
         traceback.print_exc()

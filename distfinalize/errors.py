@@ -10,7 +10,6 @@ class DistfinalizeError(Exception):
     """A failure the user can act on. Subclasses set the process exit code."""
 
     exit_code = 1
-    shown_by_rank0 = False  # set on other ranks when rank 0 failed with the same message and prints it
 
     def __init__(self, what: str, *, where: object = None, hint: str | None = None) -> None:
         self.what = what

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from distfinalize.errors import DestinationError
 from distfinalize.plan import FilePlan, Plan, TensorPlan
 from distfinalize.sources import Source, TensorReader
 from distfinalize.transform.cast import to_output
@@ -77,17 +78,21 @@ def write_file(
     path = directory / file.filename
     file_layout = layout([(t.name, t.shape, t.dtype) for t in file.tensors])
     ordered = sorted(file.tensors, key=lambda t: file_layout.slots[t.name].start)
-    writer = SafetensorsWriter(path, file_layout)
     try:
-        for batch in read_batches(ordered, read_batch_bytes):
-            data = reader.read([t.source_key for t in batch])
-            for t in batch:
-                writer.write(t.name, to_output(data.pop(t.source_key), t, device))
-                bar.update(t.nbytes)
-    except BaseException:
-        writer.abort()
-        raise
-    digest = writer.close()
+        writer = SafetensorsWriter(path, file_layout)
+        try:
+            for batch in read_batches(ordered, read_batch_bytes):
+                data = reader.read([t.source_key for t in batch])
+                for t in batch:
+                    writer.write(t.name, to_output(data.pop(t.source_key), t, device))
+                    bar.update(t.nbytes)
+        except BaseException:
+            writer.abort()
+            raise
+        digest = writer.close()
+    except OSError as exc:
+        raise DestinationError(f"cannot write {file.filename}", where=path.parent,
+                               hint=f"{exc.strerror or exc}; free space or choose another DEST") from exc  # fmt: skip
     return WrittenFile(file.filename, file.rank, os.path.getsize(path), len(file.tensors), digest)
 
 

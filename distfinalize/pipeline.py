@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,7 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
 def prepare(config: FinalizeConfig) -> Prepared:
     """Locate and open the checkpoint, read config.json, map names, choose the dtype. Runs on: all ranks."""
     check_destination(config.dest, config.src)
+    check_readable(config.src)
     located = locate(config.src, config.checkpoint, config.tag)
     source = located.format.open(located.path, located.step)
     search = search_dirs(located.path, config.src)
@@ -163,6 +165,13 @@ def prepare(config: FinalizeConfig) -> Prepared:
     mapped = map_names(source.tensors, spec)
     dtype, reason = choose_dtype(config, spec, mapped.tensors, source.info.training_dtype)
     return Prepared(source, spec, config_path, mapped.tensors, dtype, reason, tuple(search))
+
+
+def check_readable(src: Path) -> None:
+    """SRC (when it exists) must be readable and listable by this process."""
+    if src.is_dir() and not os.access(src, os.R_OK | os.X_OK):
+        raise SourceError("source is not readable (permission denied)", where=src,
+                          hint="run as a user who can read it, or fix its permissions")  # fmt: skip
 
 
 def check_destination(dest: Path, src: Path) -> None:
@@ -307,6 +316,24 @@ def finish(
     optimizer: OptimizerCopy | None,
 ) -> None:  # fmt: skip
     """Everything written once, then the commit. Runs on: rank 0."""
+    try:
+        write_once(config, plan, prepared, tokenizer, kept_tokenizer, vocab_size, files, staging, weights_dir,
+                   optimizer)  # fmt: skip
+    except OSError as exc:
+        raise DestinationError(
+            "cannot write the output files",
+            where=getattr(exc, "filename", None) or staging,
+            hint=f"{exc.strerror or exc}; free space or choose another DEST",
+        ) from exc
+    commit(staging, config.dest)
+
+
+def write_once(
+    config: FinalizeConfig, plan: Plan, prepared: Prepared, tokenizer: TokenizerOutcome, kept_tokenizer: list[Any],
+    vocab_size: int | None, files: tuple[WrittenFile, ...], staging: Path, weights_dir: Path,
+    optimizer: OptimizerCopy | None,
+) -> None:  # fmt: skip
+    """Index, checksums, config, generation config, tokenizer, card, code, kept checkpoint. Runs on: rank 0."""
     planned = {f.filename for f in plan.files}
     got = {f.filename for f in files}
     if got != planned:
@@ -330,7 +357,6 @@ def finish(
         copy_model_code(model_code_files(prepared.config_path.parent), staging)
     if config.keep_checkpoint:
         keep_checkpoint(config, plan, prepared, staging, weights_dir, index, optimizer)
-    commit(staging, config.dest)
 
 
 def write_checksums(staging: Path, weights_dir: Path, files: tuple[WrittenFile, ...], prepared: Prepared) -> None:
