@@ -50,6 +50,7 @@ from distfinalize.keep import (
     write_manifest,
     write_optimizer_metadata,
 )
+from distfinalize.logs import log_rank0
 from distfinalize.plan import INDEX_FILE, Plan, build_plan, describe, fingerprint
 from distfinalize.sources import Source, SourceInfo, TensorMeta
 from distfinalize.sources.locate import find_model_config, locate, search_dirs
@@ -160,8 +161,8 @@ def prepare(config: FinalizeConfig) -> Prepared:
         config_path = config.base_model / "config.json"
     spec = load_model_spec(config_path) if config_path is not None else None
     if spec is None:
-        log.warning("no config.json found in %s or its parents: tensor names are written as stored and the "
-                    "output will have no config.json (pass --base-model DIR)", located.path)  # fmt: skip
+        message = "no config.json found in %s or its parents: names are written as stored, with no config.json"
+        log_rank0(log, message + " (pass --base-model DIR)", located.path, level=logging.WARNING)
     mapped = map_names(source.tensors, spec)
     dtype, reason = choose_dtype(config, spec, mapped.tensors, source.info.training_dtype)
     return Prepared(source, spec, config_path, mapped.tensors, dtype, reason, tuple(search))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import logging
-import pickle
 import re
 import zipfile
 from collections.abc import Sequence
@@ -59,7 +58,15 @@ class DcpSource:
     def __init__(self, path: Path, step: int | None = None) -> None:
         self.path = path
         self.metadata = read_metadata(path)
-        self.tensors, skipped = model_tensors(self.metadata)
+        try:
+            self.tensors, skipped = model_tensors(self.metadata)
+            world = saved_world_size(self.metadata)
+        except (AttributeError, TypeError, KeyError, ValueError, IndexError) as exc:
+            raise SourceError(
+                "DCP metadata is malformed",
+                where=path / ".metadata",
+                hint="the file is corrupt; pick another checkpoint with --checkpoint",
+            ) from exc
         if not self.tensors:
             raise SourceError(
                 "the checkpoint holds no model tensors",
@@ -67,7 +74,7 @@ class DcpSource:
                 hint=f"found only {skipped} optimizer/trainer entries; point SRC at a checkpoint saved with "
                 "the model's state dict",
             )
-        self.info = SourceInfo("dcp", path, step, saved_world_size(self.metadata), skipped)
+        self.info = SourceInfo("dcp", path, step, world, skipped)
 
     def reader(self) -> DcpTensorReader:
         return DcpTensorReader(self.path, self.metadata)
@@ -80,14 +87,20 @@ def read_metadata(path: Path) -> Metadata:
         metadata = FileSystemReader(str(path)).read_metadata()
     except OSError as exc:
         raise SourceError("cannot read DCP metadata", where=meta_path, hint=str(exc)) from exc
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as exc:
+    except Exception as exc:  # a corrupt pickle can raise almost anything
         raise SourceError(
             "DCP metadata is truncated or not a DCP metadata pickle",
             where=meta_path,
             hint="the checkpoint may be incomplete; pick another one with --checkpoint",
         ) from exc
-    if not isinstance(metadata, Metadata):
-        raise SourceError("not a DCP metadata file", where=meta_path, hint="pick another one with --checkpoint")
+    if not isinstance(metadata, Metadata) or not all(
+        isinstance(getattr(metadata, field, None), dict) for field in ("state_dict_metadata", "storage_data")
+    ):
+        raise SourceError(
+            "not a DCP metadata file, or a corrupt one",
+            where=meta_path,
+            hint="pick another checkpoint with --checkpoint",
+        )
     return metadata
 
 
@@ -130,19 +143,44 @@ def saved_world_size(metadata: Metadata) -> int | None:
 
 
 class VerifiedFileSystemReader(FileSystemReader):
-    """DCP's reader, checking each chunk before torch.load sees it: its full length is there, and the CRC-32s
-    that torch.save records in every chunk's zip records match, so flipped bytes are an error, never a
-    silently wrong tensor."""
+    """DCP's reader, checking each tensor chunk before DCP copies it into place: its full length is there,
+    the CRC-32s torch.save records in the chunk's zip records match, and it holds the dtype and shape
+    `.metadata` says (DCP itself would cast a mismatched dtype silently). Flipped, missing or misplaced
+    bytes are an error, never a silently wrong tensor. Runs on: each rank, for the chunks it reads."""
 
-    def _slice_file(self, file, sinfo):
+    def __init__(self, path: str, metadata: Metadata) -> None:
+        super().__init__(path)
+        self.expected: dict[tuple[str, int], tuple[torch.dtype, tuple[int, ...]]] = {}
+        for index, info in (metadata.storage_data or {}).items():
+            md = metadata.state_dict_metadata.get(index.fqn)
+            if isinstance(md, TensorStorageMetadata) and index.index is not None and index.index < len(md.chunks):
+                sizes = tuple(md.chunks[index.index].sizes)
+                self.expected[(info.relative_path, info.offset)] = (md.properties.dtype, sizes)
+
+    def _slice_file(self, file, sinfo):  # FileSystemReader's own hook
         file.seek(sinfo.offset)
         data = file.read(sinfo.length)
         where = f"{sinfo.relative_path} bytes {sinfo.offset}-{sinfo.offset + sinfo.length}"
         if len(data) != sinfo.length:
             raise ChunkError(f"{where}: the file ends after {len(data)} of {sinfo.length} bytes (truncated)")
-        if data[:4] == ZIP_MAGIC:
-            verify_zip_chunk(data, where)
+        expected = self.expected.get((sinfo.relative_path, sinfo.offset))
+        if expected is not None:
+            check_tensor_chunk(data, where, *expected)
         return io.BytesIO(data)
+
+
+def check_tensor_chunk(data: bytes, where: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """A tensor chunk is a torch.save zip whose records pass their CRC-32 and whose tensor matches .metadata."""
+    if data[:4] != ZIP_MAGIC:
+        raise ChunkError(f"{where}: not a torch.save record")
+    verify_zip_chunk(data, where)
+    try:
+        tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure to load the verified record is corruption of its contents
+        raise ChunkError(f"{where}: the record does not load ({type(exc).__name__})") from exc
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+        found = f"{tensor.dtype} {list(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ChunkError(f"{where}: holds {found} where .metadata says {dtype} {list(shape)}")
 
 
 class ChunkError(ValueError):
@@ -166,7 +204,7 @@ class DcpTensorReader:
     def __init__(self, path: Path, metadata: Metadata) -> None:
         self.path = path
         self.metadata = metadata
-        self.storage = VerifiedFileSystemReader(str(path))
+        self.storage = VerifiedFileSystemReader(str(path), metadata)
         self.storage.set_up_storage_reader(metadata, True)
 
     def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
