@@ -1,4 +1,5 @@
-"""Load a finalized directory with transformers, check its logits against the trained model's, and generate.
+"""Load a finalized directory with transformers, check its logits against the trained model's, and generate
+text with the tokenizer that was finalized with it.
 
 python examples/load_and_generate.py DEST RUN_DIR
 """
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent / "trainers"))
 import common
@@ -24,8 +25,10 @@ def main() -> None:
     same = torch.equal(logits, torch.load(run / "reference_logits.pt"))
     print(f"loaded {type(model).__name__} from {dest}: {sum(p.numel() for p in model.parameters())} parameters")
     print(f"logits identical to the trained model's: {same}")
-    out = model.generate(ids[:1, :6], max_new_tokens=10, do_sample=False, pad_token_id=0)
-    print(f"greedy generation from token ids {ids[0, :6].tolist()}: {out[0, 6:].tolist()}")
+    tokenizer = AutoTokenizer.from_pretrained(dest)
+    prompt = tokenizer("the quick brown fox", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    print(f"greedy generation after 'the quick brown fox': {tokenizer.decode(out[0, prompt.input_ids.shape[1] :])!r}")
     sys.exit(0 if same else 1)
 
 
