@@ -10,7 +10,7 @@ import json
 import logging
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ class ModelSpec:
     tied: Mapping[str, str]  # alias -> the name that is saved
     ignorable: frozenset[str]  # non-persistent buffers: never saved, dropped when a checkpoint has them
     config_dtype: str | None
+    raw_config: Mapping[str, object] = field(default_factory=dict)  # config.json as read
     input_embedding: str | None = None  # e.g. model.embed_tokens.weight
     output_embedding: str | None = None  # e.g. lm_head.weight (may be a tied alias)
 
@@ -74,6 +75,7 @@ def load_model_spec(config_path: Path) -> ModelSpec:
         tied=tied,
         ignorable=frozenset(buffers - set(state)),
         config_dtype=_config_dtype(raw),
+        raw_config=raw,
         input_embedding=embeddings[0],
         output_embedding=embeddings[1],
     )

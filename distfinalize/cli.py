@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--tag", help="DeepSpeed checkpoint tag (e.g. global_step500) instead of the one named in `latest`"
     )
     parser.add_argument(
+        "--key-map", metavar="NAME",
+        help="how checkpoint names map to Hugging Face names: hf, torchtitan-llama (default: detected)",
+    )  # fmt: skip
+    parser.add_argument(
         "--dtype",
         choices=list(DTYPES),
         help="output dtype of floating tensors (default: config.json's dtype, else as stored)",
@@ -151,6 +155,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
             checkpoint=args.checkpoint,
             tag=args.tag,
             dtype=args.dtype,
+            key_map=args.key_map,
             max_shard_size=parse_size(args.max_shard_size),
             device=args.device,
             dry_run=args.dry_run,

@@ -102,6 +102,7 @@ class FinalizeConfig:
     checkpoint: Path | None = None
     tag: str | None = None  # DeepSpeed tag (a global_stepN folder) instead of the one in `latest`
     dtype: str | None = None
+    key_map: str | None = None  # a registered key map; default: the one whose names match config.json
     max_shard_size: int = 5 * 10**9
     device: str = "auto"
     dry_run: bool = False

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ class Prepared:
     dtype: torch.dtype | None
     dtype_reason: str
     search: tuple[Path, ...]  # dirs where tokenizer, generation config, card and code are looked for
+    rope_heads: Mapping[str, int] = field(default_factory=dict)  # from the key map (torchtitan layouts)
     tied: bool = False  # an lm_head identical to embed_tokens was dropped
 
 
@@ -107,6 +109,7 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
         max_shard_size=config.max_shard_size,
         world_size=ctx.world_size,
         resizes=resizes,
+        rope_heads=prepared.rope_heads,
     )
     vocab_size = next(iter(resizes.values())).rows if resizes else None
     optimizer = plan_optimizer(config, prepared)
@@ -163,9 +166,9 @@ def prepare(config: FinalizeConfig) -> Prepared:
     if spec is None:
         message = "no config.json found in %s or its parents: names are written as stored, with no config.json"
         log_rank0(log, message + " (pass --base-model DIR)", located.path, level=logging.WARNING)
-    mapped = map_names(source.tensors, spec)
+    mapped = map_names(source.tensors, spec, config.key_map)
     dtype, reason = choose_dtype(config, spec, mapped.tensors, source.info.training_dtype)
-    return Prepared(source, spec, config_path, mapped.tensors, dtype, reason, tuple(search))
+    return Prepared(source, spec, config_path, mapped.tensors, dtype, reason, tuple(search), mapped.rope_heads)
 
 
 def check_readable(src: Path) -> None:

@@ -31,6 +31,7 @@ class TensorPlan:
     dtype: torch.dtype
     source_shape: tuple[int, ...] | None = None  # when it differs from `shape` (vocabulary resize)
     resize: RowResize | None = None
+    rope_heads: int | None = None  # q/k rows to permute from the interleaved rotary layout
 
     @property
     def nbytes(self) -> int:
@@ -92,16 +93,20 @@ def output_dtype(stored: torch.dtype, target: torch.dtype | None) -> torch.dtype
 
 
 def plan_tensors(
-    tensors: Sequence[TensorMeta], dtype: torch.dtype | None, resizes: Mapping[str, RowResize] | None = None
+    tensors: Sequence[TensorMeta],
+    dtype: torch.dtype | None,
+    resizes: Mapping[str, RowResize] | None = None,
+    rope_heads: Mapping[str, int] | None = None,
 ) -> tuple[TensorPlan, ...]:
     """One TensorPlan per checkpoint tensor, in the given order, cast to `dtype` where it applies."""
-    resizes = resizes or {}
+    resizes, rope_heads = resizes or {}, rope_heads or {}
     out = []
     for t in tensors:
         resize = resizes.get(t.name)
         shape = tuple(t.shape) if resize is None else (resize.rows, *t.shape[1:])
         source_shape = tuple(t.shape) if resize is not None else None
-        out.append(TensorPlan(t.name, t.key, shape, t.dtype, output_dtype(t.dtype, dtype), source_shape, resize))
+        out.append(TensorPlan(t.name, t.key, shape, t.dtype, output_dtype(t.dtype, dtype), source_shape, resize,
+                              rope_heads.get(t.name)))  # fmt: skip
     return tuple(out)
 
 
@@ -145,9 +150,10 @@ def build_plan(
     max_shard_size: int,
     world_size: int,
     resizes: Mapping[str, RowResize] | None = None,
+    rope_heads: Mapping[str, int] | None = None,
 ) -> Plan:
     """The whole plan from the (already renamed and ordered) checkpoint tensors."""
-    groups = split_into_files(plan_tensors(tensors, dtype, resizes), max_shard_size)
+    groups = split_into_files(plan_tensors(tensors, dtype, resizes, rope_heads), max_shard_size)
     names = file_names(len(groups))
     ranks = assign_ranks([sum(t.nbytes for t in g) for g in groups], world_size)
     files = tuple(FilePlan(n, r, tuple(g)) for n, r, g in zip(names, ranks, groups, strict=True))
@@ -160,8 +166,8 @@ def fingerprint(plan: Plan) -> str:
     import json
 
     files = [
-        [f.filename, [[t.name, t.source_key, list(t.shape), str(t.source_dtype), str(t.dtype), repr(t.resize)]
-                      for t in f.tensors]]
+        [f.filename, [[t.name, t.source_key, list(t.shape), str(t.source_dtype), str(t.dtype), repr(t.resize),
+                       t.rope_heads] for t in f.tensors]]
         for f in plan.files
     ]  # fmt: skip
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from distfinalize.plan import TensorPlan
+from distfinalize.transform.rope import rope_to_hf
 from distfinalize.transform.vocab import resize_rows
 
 
@@ -15,6 +16,8 @@ def to_output(tensor: torch.Tensor, plan: TensorPlan, device: torch.device) -> t
     """
     if device.type != "cpu":
         tensor = tensor.to(device, non_blocking=True)
+    if plan.rope_heads is not None:
+        tensor = rope_to_hf(tensor, plan.rope_heads)
     if plan.resize is not None:
         tensor = resize_rows(tensor, plan.resize)
     tensor = tensor.to(plan.dtype)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from distfinalize.architecture import ModelSpec
 from distfinalize.errors import KeyMappingError, SourceError
@@ -30,11 +30,13 @@ MAX_NAMES_IN_ERROR = 4
 
 @dataclass(frozen=True)
 class KeyMap:
-    """A registry entry: a rename from a trainer's names to Hugging Face names (None drops the tensor)."""
+    """A registry entry: a rename from a trainer's names to Hugging Face names (None drops the tensor), and,
+    for layouts that differ, how many heads a Hugging Face tensor's rows must be rotary-permuted by."""
 
     name: str
     rename: Callable[[str], str | None]
     description: str
+    rope_heads: Callable[[str, Mapping[str, object]], int | None] = lambda name, config: None
 
 
 KEY_MAPS: dict[str, KeyMap] = {}
@@ -53,6 +55,51 @@ def strip_wrappers(name: str) -> str:
 
 register_key_map(KeyMap("hf", lambda name: name, "Hugging Face names, as transformers saves them"))
 
+# torchtitan's Llama 3 names (both the older `attention.wq` / `output` and 0.3's `attention.qkv_linear.wq` /
+# `lm_head`), as torchtitan's own Llama3StateDictAdapter maps them.
+TORCHTITAN_LLAMA = tuple(
+    (re.compile(pattern), target)
+    for pattern, target in (
+        (r"tok_embeddings\.weight", "model.embed_tokens.weight"),
+        (r"layers\.(\d+)\.attention\.(?:qkv_linear\.)?wq\.weight", r"model.layers.\1.self_attn.q_proj.weight"),
+        (r"layers\.(\d+)\.attention\.(?:qkv_linear\.)?wk\.weight", r"model.layers.\1.self_attn.k_proj.weight"),
+        (r"layers\.(\d+)\.attention\.(?:qkv_linear\.)?wv\.weight", r"model.layers.\1.self_attn.v_proj.weight"),
+        (r"layers\.(\d+)\.attention\.wo\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
+        (r"layers\.(\d+)\.feed_forward\.w1\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
+        (r"layers\.(\d+)\.feed_forward\.w2\.weight", r"model.layers.\1.mlp.down_proj.weight"),
+        (r"layers\.(\d+)\.feed_forward\.w3\.weight", r"model.layers.\1.mlp.up_proj.weight"),
+        (r"layers\.(\d+)\.attention_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+        (r"layers\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+        (r"norm\.weight", "model.norm.weight"),
+        (r"(?:output|lm_head)\.weight", "lm_head.weight"),
+    )
+)
+TORCHTITAN_DROPPED = re.compile(r"(?:.*\.)?freqs_cis")
+
+
+def torchtitan_llama_name(name: str) -> str | None:
+    """torchtitan Llama 3 name -> Hugging Face Llama name (unknown names pass through to be reported)."""
+    if TORCHTITAN_DROPPED.fullmatch(name):
+        return None
+    for pattern, target in TORCHTITAN_LLAMA:
+        if pattern.fullmatch(name):
+            return pattern.sub(target, name)
+    return name
+
+
+def llama_rope_heads(name: str, config: Mapping[str, object]) -> int | None:
+    """q/k projections are stored in torchtitan's rotary layout; Hugging Face's needs them permuted per head."""
+    heads = config.get("num_attention_heads")
+    if name.endswith("self_attn.q_proj.weight"):
+        return int(heads)
+    if name.endswith("self_attn.k_proj.weight"):
+        return int(config.get("num_key_value_heads") or heads)
+    return None
+
+
+register_key_map(KeyMap("torchtitan-llama", torchtitan_llama_name, "torchtitan's Llama 3 names and q/k layout",
+                        llama_rope_heads))  # fmt: skip
+
 
 @dataclass(frozen=True)
 class MappedTensors:
@@ -62,6 +109,7 @@ class MappedTensors:
     key_map: str
     prefix: str
     dropped: tuple[str, ...]  # tied aliases and non-persistent buffers, by output name
+    rope_heads: Mapping[str, int] = field(default_factory=dict)  # output name -> heads to rotary-permute by
 
 
 def map_names(tensors: Sequence[TensorMeta], spec: ModelSpec | None, key_map: str | None = None) -> MappedTensors:
@@ -142,7 +190,8 @@ def _finish(renamed: list[TensorMeta], spec: ModelSpec, key_map: KeyMap, prefix:
     ordered = tuple(by_name[n] for n in spec.names if n in by_name)
     if prefix or key_map.name != "hf":
         log.info("tensor names: key map %r, container prefix %r removed", key_map.name, prefix)
-    return MappedTensors(ordered, key_map.name, prefix, tuple(sorted(dropped)))
+    heads = {t.name: h for t in ordered if (h := key_map.rope_heads(t.name, spec.raw_config)) is not None}
+    return MappedTensors(ordered, key_map.name, prefix, tuple(sorted(dropped)), heads)
 
 
 def _mismatch_error(renamed: list[TensorMeta], spec: ModelSpec, key_map: KeyMap) -> KeyMappingError:
