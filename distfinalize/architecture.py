@@ -6,7 +6,6 @@ against transformers itself rather than guessed. Runs on: all ranks.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Callable, Mapping
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from distfinalize.artifacts.jsonfile import read_json_object
 from distfinalize.errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def load_model_spec(config_path: Path) -> ModelSpec:
     """Instantiate config.json's architecture on the meta device and describe its state dict."""
     import transformers
 
-    raw = _read_json(config_path)
+    raw = read_json_object(config_path, SourceError, "config.json")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -111,13 +111,3 @@ def _instantiate_on_meta(config: object, architecture: str | None, config_path: 
 def _config_dtype(raw: Mapping[str, object]) -> str | None:
     value = raw.get("dtype") or raw.get("torch_dtype")
     return value if isinstance(value, str) and value != "auto" else None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SourceError("cannot parse config.json", where=path, hint=str(exc)) from exc
-    if not isinstance(data, dict):
-        raise SourceError("config.json is not a JSON object", where=path)
-    return data

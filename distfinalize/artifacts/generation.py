@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+from distfinalize.artifacts.jsonfile import read_json_object
 from distfinalize.artifacts.tokenizer import TokenizerOutcome
 from distfinalize.config import GenerationOptions
 from distfinalize.errors import UsageError
@@ -24,12 +25,7 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 
 def read_preset(path: Path) -> dict:
     """A preset JSON: `max_tokens` becomes `max_new_tokens`; `do_sample` is inferred when absent."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError("cannot read the --generation-config preset", where=path, hint=str(exc)) from exc
-    if not isinstance(data, dict):
-        raise UsageError("the --generation-config preset is not a JSON object", where=path)
+    data = read_json_object(path, UsageError, "the --generation-config preset")
     if "max_tokens" in data:
         data.setdefault("max_new_tokens", data.pop("max_tokens"))
     if "do_sample" not in data:
