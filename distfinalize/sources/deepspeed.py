@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO 1/2/3 input: a tag folder (global_stepN) of *_model_states.pt and *_optim_states.pt files.
 
 Every model tensor is described by where its elements lie in the files, worked out from metadata alone:
-the pickles are loaded with `torch.load(map_location="meta", weights_only=True)`, which reads no tensor data
-but records each storage's byte offset in its file. A reader then rebuilds a parameter from the fp32 master
+the pickles are loaded with `torch.load(map_location="meta", weights_only=True)`, which reads no tensor
+data but records each storage's byte offset in its file. A reader then rebuilds a parameter from the fp32 master
 partitions with positioned reads of just its elements, so a rank touches only the bytes of the tensors it
 writes and never holds a partition, let alone the whole model.
 
@@ -22,6 +22,7 @@ fragment addresses) are replaced by inert stand-ins. Its checkpoint constants ar
 from __future__ import annotations
 
 import importlib.util
+import io
 import logging
 import math
 import pickle
@@ -72,7 +73,8 @@ DS_CONFIG_KEY = "ds_config"
 MP_WORLD_SIZE_KEY = "mp_world_size"
 GLOBAL_STEPS_KEY = "global_steps"
 TP_FILE = re.compile(r"mp_rank_(\d+)")
-EXPERT_FILE = re.compile(r"^(?:expp_rank_|layer_\d+_expert_)")
+PIPELINE_FILE = re.compile(r"^layer_\d+-model_\d+-model_states\.pt$")
+EXPERT_FILE = re.compile(r"^(?:expp_rank_\d+|layer_\d+_expert_\d+)_")
 MAX_NAMES_IN_ERROR = 4
 
 
@@ -92,7 +94,7 @@ def constants() -> SimpleNamespace:
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
             values.update({k: getattr(module, k) for k in FALLBACK_CONSTANTS if hasattr(module, k)})
-    except (ImportError, OSError, SyntaxError, ValueError) as exc:  # a broken install: the fallback is exact
+    except Exception as exc:  # a broken optional install must not stop reading: the fallback values are exact
         log.debug("deepspeed's checkpoint constants are unavailable (%s); using distfinalize's copy", exc)
     return SimpleNamespace(**values)
 
@@ -238,9 +240,7 @@ def is_deepspeed_checkpoint(path: Path) -> bool:
     """A DeepSpeed tag folder holds *_model_states.pt files (names only are read)."""
     suffix = FALLBACK_CONSTANTS["MODEL_FILE_SUFFIX"]
     try:
-        return path.is_dir() and any(
-            p.name.endswith(suffix) or p.name.endswith("-model_states.pt") for p in path.iterdir()
-        )
+        return path.is_dir() and any(p.name.endswith(suffix) or PIPELINE_FILE.match(p.name) for p in path.iterdir())
     except OSError:
         return False
 
@@ -258,14 +258,6 @@ def tag_files(path: Path) -> TagFiles:
             hint="distfinalize reads ZeRO data-parallel checkpoints (mp_rank_00 only); merge the tensor-parallel "
             "shards first, e.g. with DeepSpeed's ds_to_universal.py",
         )
-    layers = [n for n in names if n.startswith(c.LAYER_FILE_PREFIX) and n.endswith("model_states.pt")]
-    if layers:
-        raise SourceError(
-            f"pipeline-parallel DeepSpeed checkpoint ({len(layers)} layer files: {_sample(layers)})",
-            where=path,
-            hint="distfinalize reads ZeRO data-parallel checkpoints; convert pipeline checkpoints with DeepSpeed's "
-            "ds_to_universal.py first",
-        )
     experts = [n for n in names if EXPERT_FILE.match(n)]
     if experts:
         raise SourceError(
@@ -273,16 +265,21 @@ def tag_files(path: Path) -> TagFiles:
             where=path,
             hint="MoE expert checkpoints are not supported yet; convert them with DeepSpeed's ds_to_universal.py",
         )
-    zero3_model = _by_rank(
-        path, names, re.compile(rf"^{c.ZERO_FILE_PREFIX}(\d+)_{c.MODEL_FILE_PREFIX}00{c.MODEL_FILE_SUFFIX}$")
-    )
+    layers = [n for n in names if PIPELINE_FILE.match(n)]
+    if layers:
+        raise SourceError(
+            f"pipeline-parallel DeepSpeed checkpoint ({len(layers)} layer files: {_sample(layers)})",
+            where=path,
+            hint="distfinalize reads ZeRO data-parallel checkpoints; convert pipeline checkpoints with DeepSpeed's "
+            "ds_to_universal.py first",
+        )
+    zero, mp = re.escape(c.ZERO_FILE_PREFIX), re.escape(c.MODEL_FILE_PREFIX)
+    model_pattern = re.compile(rf"^{zero}(\d+)_{mp}00{re.escape(c.MODEL_FILE_SUFFIX)}$")
+    optim_pattern = re.compile(rf"^(?:bf16_|fp16_)?{zero}(\d+)_{mp}00{re.escape(c.OPTIM_FILE_SUFFIX)}$")
+    zero3_model = _by_rank(path, names, model_pattern, "model states")
     single_model = path / f"{c.MODEL_FILE_PREFIX}00{c.MODEL_FILE_SUFFIX}"
     model_states = zero3_model or ((single_model,) if single_model.is_file() else ())
-    optim = _by_rank(
-        path,
-        names,
-        re.compile(rf"^(?:bf16_|fp16_)?{c.ZERO_FILE_PREFIX}(\d+)_{c.MODEL_FILE_PREFIX}00{c.OPTIM_FILE_SUFFIX}$"),
-    )
+    optim = _by_rank(path, names, optim_pattern, "optimizer states")
     if not model_states:
         raise SourceError(
             "no mp_rank_00_model_states.pt or zero_pp_rank_*_mp_rank_00_model_states.pt",
@@ -298,7 +295,7 @@ def tag_files(path: Path) -> TagFiles:
     return TagFiles(model_states, optim)
 
 
-def _by_rank(path: Path, names: Iterable[str], pattern: re.Pattern) -> tuple[Path, ...]:
+def _by_rank(path: Path, names: Iterable[str], pattern: re.Pattern, what: str) -> tuple[Path, ...]:
     """Files matching `pattern` (group 1 = rank), in rank order; every rank from 0 up must be there."""
     found = {int(m.group(1)): path / n for n in names if (m := pattern.match(n))}
     if not found:
@@ -306,8 +303,8 @@ def _by_rank(path: Path, names: Iterable[str], pattern: re.Pattern) -> tuple[Pat
     missing = sorted(set(range(max(found) + 1)) - found.keys())
     if missing:
         raise SourceError(
-            f"DeepSpeed checkpoint is missing the files of rank(s) {missing[:MAX_NAMES_IN_ERROR]} "
-            f"(found {len(found)} of {pattern.pattern})",
+            f"DeepSpeed checkpoint is missing the {what} files of rank(s) {missing[:MAX_NAMES_IN_ERROR]} "
+            f"(found {len(found)} of ranks 0-{max(found)})",
             where=path,
             hint="a rank did not finish saving; pick another tag with --tag",
         )
@@ -331,14 +328,30 @@ class _Opaque:
         self.state = state
 
 
+@cache
+def meta_load_records_offsets() -> bool:
+    """Whether torch.load(map_location="meta") skips the data and records offsets (newer torch); else the
+    same is done under a FakeTensorMode (slower to set up, but there for longer)."""
+    buffer = io.BytesIO()
+    torch.save(torch.zeros(1), buffer)
+    buffer.seek(0)
+    tensor = torch.load(buffer, map_location="meta", weights_only=True)
+    return getattr(tensor.untyped_storage(), "_checkpoint_offset", None) is not None
+
+
 def load_meta(path: Path) -> dict:
-    """Unpickle a checkpoint file onto the meta device (no tensor data is read), safely.
+    """Unpickle a checkpoint file into tensors without data that know their offset in the file, safely.
 
     `weights_only=True`, with every non-torch class the pickle names replaced by `_Opaque`.
     """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        with torch.serialization.safe_globals([(_Opaque, name) for name in unsafe]):
+        with ExitStack() as stack:
+            stack.enter_context(torch.serialization.safe_globals([(_Opaque, name) for name in unsafe]))
+            if not meta_load_records_offsets():
+                stack.enter_context(FakeTensorMode())
             data = torch.load(str(path), map_location="meta", weights_only=True)
     except OSError as exc:
         raise SourceError("cannot read DeepSpeed checkpoint file", where=path, hint=str(exc)) from exc
@@ -355,7 +368,7 @@ def load_meta(path: Path) -> dict:
 
 
 def stored_offset(tensor: torch.Tensor, path: Path) -> int:
-    """Byte offset in its file of a meta-loaded tensor's first element."""
+    """Byte offset in its file of a tensor from `load_meta`'s first element."""
     base = getattr(tensor.untyped_storage(), "_checkpoint_offset", None)
     if base is None:
         raise SourceError(
@@ -389,86 +402,43 @@ class DeepSpeedSource:
     """A DeepSpeed ZeRO tag folder, described from its pickles' metadata. Runs on: all ranks."""
 
     def __init__(self, path: Path, step: int | None = None) -> None:
-        c = constants()
         self.path = path
-        found = tag_files(path)
         self.files: dict[Path, int] = {}  # every file a tensor is read from -> its number in the pieces
+        found = tag_files(path)
         model = load_meta(found.model_states[0])
-        optim = [self._optimizer_state(p) for p in found.optim_states]
-        stage = _stage(optim[0], found.optim_states[0])
-        world = len(found.optim_states)
-        self._check_model_states(model, found.model_states[0])
-        self._check_world(optim[0], world, found.optim_states[0], found.model_states, stage)
-
-        layouts: dict[str, TensorLayout] = {}
-        model_file = self._file(found.model_states[0])
-        for name in model.get(c.BUFFER_NAMES) or []:
-            tensor = model[MODULE_KEY].get(name)
-            if isinstance(tensor, torch.Tensor):
-                layouts[name] = stored_layout(tensor, model_file, found.model_states[0])
-        frozen_shapes = model.get(c.FROZEN_PARAM_SHAPES) or {}
+        _check_model_states(model, found.model_states[0])
+        optim = [_optimizer_state(p) for p in found.optim_states]
+        self.stage = _stage(optim[0], found.optim_states[0])
+        _check_world(optim[0], found, self.stage)
         try:
-            if stage <= 2:
-                fragments = model.get(c.FROZEN_PARAM_FRAGMENTS) or {}
-                for name, shape in frozen_shapes.items():
-                    layouts[name] = self._frozen12(name, shape, fragments, model_file, found.model_states[0])
-                partitions = [
-                    [
-                        as_flat(t, self._file(p), p, f"{c.SINGLE_PARTITION_OF_FP32_GROUPS}[{g}]")
-                        for g, t in enumerate(_list(o, c.SINGLE_PARTITION_OF_FP32_GROUPS, p))
-                    ]
-                    for o, p in zip(optim, found.optim_states, strict=True)
-                ]
-                paddings = optim[0].get(c.PARAM_ALIGNMENT_PADDINGS)
-                layouts.update(zero12_layouts(model[c.PARAM_SHAPES], partitions, paddings))
-            else:
-                if frozen_shapes:
-                    layouts.update(self._frozen3(frozen_shapes, found.model_states))
-                partitions = [
-                    [
-                        as_flat(t, self._file(p), p, f"{c.FP32_FLAT_GROUPS}[{g}]")
-                        for g, t in enumerate(_list(o, c.FP32_FLAT_GROUPS, p))
-                    ]
-                    for o, p in zip(optim, found.optim_states, strict=True)
-                ]
-                shapes = {n: s for group in model[c.PARAM_SHAPES] for n, s in group.items()}
-                layouts.update(zero3_layouts(shapes, partitions))
+            layouts = self._layouts(model, optim, found)
         except ValueError as exc:
             raise SourceError(
-                f"the ZeRO-{stage} partitions do not match the parameter shapes ({exc})",
+                f"the ZeRO-{self.stage} partitions do not match the parameter shapes ({exc})",
                 where=path,
                 hint="the tag folder mixes files of different saves, or was written by an unsupported DeepSpeed",
             ) from exc
-        for alias, target in (model.get(SHARED_PARAMS_KEY) or {}).items():
-            if target in layouts and alias not in layouts:
-                layouts[alias] = layouts[target]
-        if stage <= 2:
-            layouts.update(self._untracked12(model, layouts, model_file, found.model_states[0]))
         if not layouts:
             raise SourceError("the DeepSpeed checkpoint holds no model tensors", where=path)
-
-        self.layouts = layouts
-        self.stage = stage
-        self.tensors = tuple(
-            TensorMeta(name, name, lay.shape, lay.dtype) for name, lay in _model_order(layouts, model).items()
-        )
-        training_dtype = _training_dtype(model)
-        skipped = sum(_count_tensors(o) for o in optim) - sum(len(p) for p in partitions)
+        self.layouts = _model_order(layouts, model)
+        self.tensors = tuple(TensorMeta(n, n, lay.shape, lay.dtype) for n, lay in self.layouts.items())
+        world = len(found.optim_states)
+        masters = sum(len(_partitions_of(o, self.stage)) for o in optim)
         self.info = SourceInfo(
-            "deepspeed",
-            path,
-            step if step is not None else model.get(GLOBAL_STEPS_KEY),
-            world,
-            skipped,
-            training_dtype,
+            format="deepspeed",
+            path=path,
+            step=step if step is not None else model.get(GLOBAL_STEPS_KEY),
+            saved_world_size=world,
+            skipped=sum(_count_tensors(o) for o in optim) - masters,  # optimizer moments, step counters, ...
+            training_dtype=_training_dtype(model),
         )
         log.debug(
             "DeepSpeed ZeRO-%d checkpoint (deepspeed %s) saved by %d rank(s): %d tensors, training dtype %s",
-            stage,
-            model.get(c.DS_VERSION),
+            self.stage,
+            model.get(constants().DS_VERSION),
             world,
             len(self.tensors),
-            training_dtype,
+            self.info.training_dtype,
         )
 
     def reader(self) -> DeepSpeedTensorReader:
@@ -477,63 +447,60 @@ class DeepSpeedSource:
     def _file(self, path: Path) -> int:
         return self.files.setdefault(path, len(self.files))
 
-    def _optimizer_state(self, path: Path) -> dict:
+    def _layouts(self, model: dict, optim: list[dict], found: TagFiles) -> dict[str, TensorLayout]:
+        """Buffers, frozen parameters, trainable parameters (fp32 masters), then shared aliases."""
         c = constants()
-        state = load_meta(path).get(c.OPTIMIZER_STATE_DICT)
-        if not isinstance(state, dict):
-            raise SourceError(f"no {c.OPTIMIZER_STATE_DICT!r} in the optimizer states file", where=path)
-        return state
-
-    def _check_model_states(self, model: dict, path: Path) -> None:
-        """Refuse tensor/pipeline-parallel and AutoEP layouts the file names did not reveal."""
-        c = constants()
-        dims = model.get(c.CHECKPOINT_PARALLEL_DIMS) or {}
-        tp, pp = dims.get(c.CHECKPOINT_TP_DEGREE, 1), dims.get(c.CHECKPOINT_PP_DEGREE, 1)
-        mp = model.get(MP_WORLD_SIZE_KEY, 1)
-        if (tp or 1) > 1 or (mp or 1) > 1:
-            raise SourceError(
-                f"tensor-parallel DeepSpeed checkpoint (tp_degree {tp}, mp_world_size {mp})",
-                where=path,
-                hint="distfinalize reads ZeRO data-parallel checkpoints; merge the tensor-parallel shards first",
-            )
-        if (pp or 1) > 1:
-            raise SourceError(
-                f"pipeline-parallel DeepSpeed checkpoint (pp_degree {pp})",
-                where=path,
-                hint="distfinalize reads ZeRO data-parallel checkpoints; convert with DeepSpeed's ds_to_universal.py",
-            )
-        if model.get(c.AUTOEP_LAYERS_KEY) or model.get(c.AUTOEP_LAYERS_KEY_LEGACY):
-            raise SourceError(
-                "AutoEP (expert-parallel) DeepSpeed checkpoint",
-                where=path,
-                hint="expert-parallel checkpoints are not supported; convert with DeepSpeed's ds_to_universal.py",
-            )
-        for key in (MODULE_KEY, c.PARAM_SHAPES, c.BUFFER_NAMES):
-            if key not in model:
-                raise SourceError(f"no {key!r} in the model states file", where=path, hint="not a ZeRO checkpoint")
-
-    def _check_world(self, optim: dict, world: int, path: Path, model_states: Sequence[Path], stage: int) -> None:
-        c = constants()
-        counts = optim.get(c.PARTITION_COUNT)
-        saved = max(counts) if isinstance(counts, list) and counts else counts
-        if isinstance(saved, int) and saved != world:
-            raise SourceError(
-                f"the checkpoint was saved by {saved} ranks but holds {world} *_optim_states.pt files",
-                where=path.parent,
-                hint="a save was overwritten or incomplete; pick another tag with --tag",
-            )
-        if stage == 3 and len(model_states) != world:
-            raise SourceError(
-                f"ZeRO-3 checkpoint with {world} optimizer states files but {len(model_states)} model states files",
-                where=path.parent,
-                hint="a save was overwritten or incomplete; pick another tag with --tag",
-            )
+        model_path = found.model_states[0]
+        model_file = self._file(model_path)
+        layouts = {
+            name: stored_layout(model[MODULE_KEY][name], model_file, model_path)
+            for name in model.get(c.BUFFER_NAMES) or []
+            if isinstance(model[MODULE_KEY].get(name), torch.Tensor)
+        }
+        frozen = model.get(c.FROZEN_PARAM_SHAPES) or {}
+        partitions = [
+            [
+                as_flat(t, self._file(p), p, f"flat partition {g}")
+                for g, t in enumerate(_partitions_of(o, self.stage, p))
+            ]
+            for o, p in zip(optim, found.optim_states, strict=True)
+        ]
+        if self.stage <= 2:
+            fragments = model.get(c.FROZEN_PARAM_FRAGMENTS) or {}
+            layouts.update({n: self._frozen12(n, s, fragments, model_file, model_path) for n, s in frozen.items()})
+            paddings = optim[0].get(c.PARAM_ALIGNMENT_PADDINGS)
+            layouts.update(zero12_layouts(model[c.PARAM_SHAPES], partitions, paddings))
+        else:
+            if frozen:
+                layouts.update(self._frozen3(frozen, found.model_states))
+            shapes = {n: s for group in model[c.PARAM_SHAPES] for n, s in group.items()}
+            layouts.update(zero3_layouts(shapes, partitions))
+        for alias, target in (model.get(SHARED_PARAMS_KEY) or {}).items():
+            if target in layouts and alias not in layouts:
+                layouts[alias] = layouts[target]
+        if self.stage <= 2:
+            layouts.update(self._untracked12(model, layouts, model_file, model_path))
+        return layouts
 
     def _frozen12(self, name: str, shape: Sequence[int], fragments: Mapping, file: int, path: Path) -> TensorLayout:
+        """A ZeRO 1/2 frozen parameter: saved whole in the model states file."""
         tensor = fragments.get(name)
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(shape):
             raise SourceError(f"frozen parameter {name!r} has no fragment of shape {list(shape)}", where=path)
         return stored_layout(tensor, file, path)
+
+    def _frozen3(self, shapes: Mapping[str, Sequence[int]], paths: Sequence[Path]) -> dict[str, TensorLayout]:
+        """ZeRO-3 frozen parameters: every rank's model states file holds its padded part."""
+        c = constants()
+        per_rank = [load_meta(p).get(c.FROZEN_PARAM_FRAGMENTS) or {} for p in paths]
+        layouts = {}
+        for name, shape in shapes.items():
+            fragments = [
+                as_flat(frags.get(name), self._file(p), p, f"frozen fragment {name!r}")
+                for frags, p in zip(per_rank, paths, strict=True)
+            ]
+            layouts[name] = zero3_fragment_layout(shape, fragments)
+        return layouts
 
     def _untracked12(self, model: dict, layouts: Mapping, file: int, path: Path) -> dict[str, TensorLayout]:
         """ZeRO 1/2 parameters the optimizer does not own and no frozen record lists: the module's own copy.
@@ -556,18 +523,71 @@ class DeepSpeedSource:
             )
         return found
 
-    def _frozen3(self, shapes: Mapping[str, Sequence[int]], paths: Sequence[Path]) -> dict[str, TensorLayout]:
-        """ZeRO-3 frozen parameters: every rank's model states file holds its fragment."""
-        c = constants()
-        per_rank = [load_meta(p).get(c.FROZEN_PARAM_FRAGMENTS) or {} for p in paths]
-        layouts = {}
-        for name, shape in shapes.items():
-            fragments = [
-                as_flat(frags.get(name), self._file(p), p, f"frozen fragment {name!r}")
-                for frags, p in zip(per_rank, paths, strict=True)
-            ]
-            layouts[name] = zero3_fragment_layout(shape, fragments)
-        return layouts
+
+def _optimizer_state(path: Path) -> dict:
+    c = constants()
+    state = load_meta(path).get(c.OPTIMIZER_STATE_DICT)
+    if not isinstance(state, dict):
+        raise SourceError(f"no {c.OPTIMIZER_STATE_DICT!r} in the optimizer states file", where=path)
+    return state
+
+
+def _partitions_of(optim: dict, stage: int, path: Path | None = None) -> list:
+    """The rank's fp32 master partitions, one per param group."""
+    c = constants()
+    key = c.SINGLE_PARTITION_OF_FP32_GROUPS if stage <= 2 else c.FP32_FLAT_GROUPS
+    value = optim.get(key)
+    if not isinstance(value, list) or not value:
+        raise SourceError(f"no {key!r} in the optimizer states file", where=path, hint="not a ZeRO checkpoint")
+    return value
+
+
+def _check_model_states(model: dict, path: Path) -> None:
+    """Refuse tensor/pipeline-parallel and AutoEP layouts the file names did not reveal."""
+    c = constants()
+    dims = model.get(c.CHECKPOINT_PARALLEL_DIMS) or {}
+    tp, pp = dims.get(c.CHECKPOINT_TP_DEGREE) or 1, dims.get(c.CHECKPOINT_PP_DEGREE) or 1
+    mp = model.get(MP_WORLD_SIZE_KEY) or 1
+    if tp > 1 or mp > 1:
+        raise SourceError(
+            f"tensor-parallel DeepSpeed checkpoint (tp_degree {tp}, mp_world_size {mp})",
+            where=path,
+            hint="distfinalize reads ZeRO data-parallel checkpoints; merge the tensor-parallel shards first",
+        )
+    if pp > 1:
+        raise SourceError(
+            f"pipeline-parallel DeepSpeed checkpoint (pp_degree {pp})",
+            where=path,
+            hint="distfinalize reads ZeRO data-parallel checkpoints; convert with DeepSpeed's ds_to_universal.py",
+        )
+    if model.get(c.AUTOEP_LAYERS_KEY) or model.get(c.AUTOEP_LAYERS_KEY_LEGACY):
+        raise SourceError(
+            "AutoEP (expert-parallel) DeepSpeed checkpoint",
+            where=path,
+            hint="expert-parallel checkpoints are not supported; convert with DeepSpeed's ds_to_universal.py",
+        )
+    for key in (MODULE_KEY, c.PARAM_SHAPES, c.BUFFER_NAMES):
+        if model.get(key) is None:
+            raise SourceError(f"no {key!r} in the model states file", where=path, hint="not a ZeRO checkpoint")
+
+
+def _check_world(optim: dict, found: TagFiles, stage: int) -> None:
+    """As many optimizer states files as ranks saved (and model states files, for ZeRO 3)."""
+    counts = optim.get(constants().PARTITION_COUNT)
+    saved = max(counts) if isinstance(counts, list) and counts else counts
+    world, folder = len(found.optim_states), found.optim_states[0].parent
+    if isinstance(saved, int) and saved != world:
+        raise SourceError(
+            f"the checkpoint was saved by {saved} ranks but holds {world} *_optim_states.pt files",
+            where=folder,
+            hint="a save was overwritten or incomplete; pick another tag with --tag",
+        )
+    if stage == 3 and len(found.model_states) != world:
+        raise SourceError(
+            f"ZeRO-3 checkpoint with {world} optimizer states files but {len(found.model_states)} model states files",
+            where=folder,
+            hint="a save was overwritten or incomplete; pick another tag with --tag",
+        )
 
 
 def _stage(optim: dict, path: Path) -> int:
@@ -588,18 +608,10 @@ def _stage(optim: dict, path: Path) -> int:
     return stage
 
 
-def _list(optim: dict, key: str, path: Path) -> list:
-    value = optim.get(key)
-    if not isinstance(value, list) or not value:
-        raise SourceError(f"no {key!r} in the optimizer states file", where=path, hint="not a ZeRO checkpoint")
-    return value
-
-
 def _model_order(layouts: Mapping[str, TensorLayout], model: dict) -> dict[str, TensorLayout]:
     """The module's own state-dict order, then anything it does not list."""
-    order = [n for n in model.get(MODULE_KEY, {}) if n in layouts]
-    order += [n for n in layouts if n not in set(order)]
-    return {n: layouts[n] for n in order}
+    ordered = {n: layouts[n] for n in model.get(MODULE_KEY, {}) if n in layouts}
+    return {**ordered, **{n: lay for n, lay in layouts.items() if n not in ordered}}
 
 
 def _training_dtype(model: dict) -> torch.dtype | None:

@@ -87,3 +87,72 @@ def test_config_found_in_nearest_parent(tmp_path: Path) -> None:
 def test_no_config(tmp_path: Path) -> None:
     src = dcp_dir(tmp_path / "a" / "b" / "c" / "run")
     assert find_model_config(src, src) is None
+
+
+def ds_tag(path: Path, stage: int = 2) -> Path:
+    """A folder the DeepSpeed format recognises (detection reads only the names)."""
+    path.mkdir(parents=True)
+    model = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
+    for name in (model, "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        (path / name).write_bytes(b"")
+    return path
+
+
+def ds_save_dir(path: Path, tags: list[str], latest: str | None) -> Path:
+    """What engine.save_checkpoint(path) leaves: tag folders and a `latest` file naming one."""
+    for tag in tags:
+        ds_tag(path / tag)
+    if latest is not None:
+        (path / "latest").write_text(latest)
+    return path
+
+
+def test_deepspeed_latest_names_the_tag(tmp_path: Path) -> None:
+    src = ds_save_dir(tmp_path / "run", ["global_step5", "global_step7"], latest="global_step5")
+    found = locate(src)
+    assert found.path == src / "global_step5" and found.format.name == "deepspeed" and found.step == 5
+
+
+def test_deepspeed_without_latest_takes_the_highest_step(tmp_path: Path) -> None:
+    src = ds_save_dir(tmp_path / "run", ["global_step5", "global_step12"], latest=None)
+    assert locate(src).path == src / "global_step12"
+
+
+def test_deepspeed_latest_naming_a_missing_tag_falls_back(tmp_path: Path) -> None:
+    src = ds_save_dir(tmp_path / "run", ["global_step5"], latest="global_step9")
+    assert locate(src).path == src / "global_step5"
+
+
+def test_deepspeed_tag_folder_itself(tmp_path: Path) -> None:
+    tag = ds_tag(tmp_path / "run" / "global_step3", stage=3)
+    found = locate(tag)
+    assert found.path == tag and found.step == 3
+
+
+def test_deepspeed_inside_trainer_checkpoints(tmp_path: Path) -> None:
+    src = tmp_path / "output"
+    ds_save_dir(src / "checkpoint-3", ["global_step3"], latest="global_step3")
+    ds_save_dir(src / "checkpoint-10", ["global_step10"], latest="global_step10")
+    found = locate(src)
+    assert found.path == src / "checkpoint-10" / "global_step10" and found.step == 10
+    assert locate(src / "checkpoint-3").path == src / "checkpoint-3" / "global_step3"
+
+
+def test_tag_overrides_latest(tmp_path: Path) -> None:
+    src = ds_save_dir(tmp_path / "run", ["global_step5", "global_step7"], latest="global_step7")
+    assert locate(src, tag="global_step5").path == src / "global_step5"
+    trainer = tmp_path / "output"
+    ds_save_dir(trainer / "checkpoint-3", ["global_step3"], latest="global_step3")
+    ds_save_dir(trainer / "checkpoint-10", ["global_step9", "global_step10"], latest="global_step10")
+    assert locate(trainer, tag="global_step9").path == trainer / "checkpoint-10" / "global_step9"
+    assert locate(trainer, tag="global_step3").path == trainer / "checkpoint-3" / "global_step3"
+    assert locate(trainer, Path("checkpoint-10"), tag="global_step9").path == trainer / "checkpoint-10" / "global_step9"
+
+
+def test_unknown_tag_lists_the_tags_found(tmp_path: Path) -> None:
+    src = ds_save_dir(tmp_path / "run", ["global_step5", "global_step7"], latest="global_step7")
+    with pytest.raises(SourceError, match="--tag global_step6 names no checkpoint folder") as info:
+        locate(src, tag="global_step6")
+    assert "global_step5, global_step7" in str(info.value) and str(src) in str(info.value)
+    with pytest.raises(SourceError, match="--tag global_step6 names no checkpoint folder"):
+        locate(src, Path("global_step5"), tag="global_step6")
