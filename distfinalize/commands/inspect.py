@@ -1,0 +1,454 @@
+"""`distfinalize inspect SRC`: what a checkpoint holds and what a finalize of it would do. Writes nothing.
+
+    python -m distfinalize inspect SRC [--checkpoint PATH] [--tag TAG] [--json] [--world-size N]
+    torchrun --nproc_per_node=N -m distfinalize inspect SRC          (rank 0 prints)
+
+It reports:
+- the format: DCP, DeepSpeed ZeRO stage N, or a Hugging Face model dir. SRC is a model dir when it holds
+  safetensors weights at its top and no checkpoint is found in it: a training dir with checkpoints is
+  inspected as the checkpoint a finalize would use, even when it also holds a saved model;
+- the checkpoint chosen (as finalize chooses it), its step and the world size that saved it;
+- the stored tensors by kind, with bytes (numel x itemsize, from metadata alone) per dtype:
+  model (what finalize reads), optimizer (DCP: entries under optim/optimizer containers, and Accelerate's
+  optimizer_0/ beside the model; DeepSpeed: the optimizer states files less the fp32 master partitions, which
+  hold the model) and other (scheduler, RNG, trainer state; DeepSpeed: the module's own copy in the model
+  states files). Non-tensor entries (e.g. optimizer hyperparameters) are counted, not sized;
+- the plan finalize would use: pipeline.run with --dry-run, so the same dtype choice, tie check, tokenizer and
+  vocabulary resize, for --world-size ranks (default: this job's world size). Like finalize, rank 0 then reads
+  lm_head and embed_tokens when config.json does not say they are tied (the only tensor data read);
+- what is missing: config.json, tokenizer, chat template, generation_config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from distfinalize.config import DEFAULT_MAX_SHARD_SIZE, DTYPES, LOG_LEVELS, FinalizeConfig, format_bytes, parse_size
+from distfinalize.errors import SourceError
+from distfinalize.plan import INDEX_FILE, Plan, assign_ranks, describe
+from distfinalize.write import SAFETENSORS_DTYPES
+
+if TYPE_CHECKING:
+    from distfinalize.dist import DistContext
+    from distfinalize.pipeline import Outcome
+
+log = logging.getLogger(__name__)
+
+KINDS = ("model", "optimizer", "other")
+FORMAT_NAMES = {"dcp": "DCP (torch.distributed.checkpoint)", "deepspeed": "DeepSpeed", "hf": "Hugging Face model dir"}
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+@dataclass
+class Tally:
+    """Stored entries of one kind: tensor count and bytes (per dtype), and non-tensor entries."""
+
+    tensors: int = 0
+    bytes: int = 0
+    objects: int = 0
+    by_dtype: dict[str, int] = field(default_factory=dict)
+
+    def add(self, dtype: torch.dtype | str, nbytes: int) -> None:
+        name = str(dtype).removeprefix("torch.")
+        self.tensors += 1
+        self.bytes += nbytes
+        self.by_dtype[name] = self.by_dtype.get(name, 0) + nbytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tensors": self.tensors, "bytes": self.bytes, "objects": self.objects,
+                "by_dtype": dict(sorted(self.by_dtype.items()))}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """What a checkpoint stores, by kind, and the format's own detail (e.g. the ZeRO stage)."""
+
+    tallies: Mapping[str, Tally]
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class Options:
+    src: Path
+    checkpoint: Path | None = None
+    tag: str | None = None
+    as_json: bool = False
+    world_size: int | None = None
+    max_shard_size: int = 5 * 10**9
+    dtype: str | None = None
+    log_level: str = "info"
+    timeout_s: float = 1800.0
+
+
+# ------------------------------------------------------------------------------------------------ breakdowns
+
+
+def _tallies() -> dict[str, Tally]:
+    return {kind: Tally() for kind in KINDS}
+
+
+def dcp_breakdown(path: Path) -> Breakdown:
+    """Model / optimizer / other bytes of a DCP checkpoint from its `.metadata` (and optimizer_0/ beside it)."""
+    from distfinalize.keep import OPTIMIZER_CONTAINERS, optimizer_source
+    from distfinalize.sources.dcp import MODEL_CONTAINERS, model_tensors, read_metadata
+
+    metadata = read_metadata(path)
+    tallies = _tallies()
+    model_keys = {t.key for t in model_tensors(metadata)[0]}
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+
+    def kind_of(key: str) -> str:
+        nested = paths.get(key)
+        head = nested[0] if isinstance(nested, tuple) and nested else key.split(".", 1)[0]
+        if key in model_keys:
+            return "model"
+        if head in OPTIMIZER_CONTAINERS:
+            return "optimizer"
+        return "model" if head in MODEL_CONTAINERS else "other"
+
+    tally_dcp(metadata, kind_of, tallies)
+    _, optimizer_md, separate = optimizer_source(path, metadata)
+    if separate:
+        tally_dcp(optimizer_md, lambda key: "optimizer", tallies)
+    return Breakdown(tallies)
+
+
+def tally_dcp(metadata: Any, kind_of: Callable[[str], str], tallies: Mapping[str, Tally]) -> None:
+    """Add every entry of DCP metadata to the tally of its kind; tensors are sized from their metadata."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    for key, entry in metadata.state_dict_metadata.items():
+        kind = kind_of(key)
+        if isinstance(entry, TensorStorageMetadata):
+            dtype = entry.properties.dtype
+            tallies[kind].add(dtype, torch.Size(entry.size).numel() * dtype.itemsize)
+        else:
+            tallies[kind].objects += 1
+
+
+def deepspeed_breakdown(path: Path) -> Breakdown:
+    """Model / optimizer / other bytes of a DeepSpeed tag folder, from its pickles loaded on the meta device."""
+    from distfinalize.sources.deepspeed import DeepSpeedSource, constants, load_meta, tag_files
+
+    source = DeepSpeedSource(path)
+    files = tag_files(path)
+    c = constants()
+    tallies = _tallies()
+    for t in source.tensors:
+        tallies["model"].add(t.dtype, t.nbytes)
+    for file in files.optim_states:
+        state = load_meta(file)
+        optim = state.get(c.OPTIMIZER_STATE_DICT) or {}
+        masters = {
+            id(t) for key in (c.SINGLE_PARTITION_OF_FP32_GROUPS, c.FP32_FLAT_GROUPS) for t in optim.get(key) or []
+        }
+        for tensor in _tensors_in(state):
+            if id(tensor) not in masters:
+                tallies["optimizer"].add(tensor.dtype, tensor.numel() * tensor.dtype.itemsize)
+    for file in files.model_states:
+        for tensor in _tensors_in(load_meta(file)):
+            tallies["other"].add(tensor.dtype, tensor.numel() * tensor.dtype.itemsize)
+    return Breakdown(tallies, f"ZeRO stage {source.stage}")
+
+
+def _tensors_in(obj: object) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors_in(v)]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in _tensors_in(v)]
+    return []
+
+
+BREAKDOWNS: dict[str, Callable[[Path], Breakdown]] = {"dcp": dcp_breakdown, "deepspeed": deepspeed_breakdown}
+
+
+def plan_breakdown(plan: Plan) -> Breakdown:
+    """For formats without a breakdown: the model tensors the plan reads, as stored."""
+    tallies = _tallies()
+    for t in plan.tensors:
+        tallies["model"].add(t.source_dtype, t.source_nbytes)
+    return Breakdown(tallies)
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+
+def source_kind(options: Options) -> str:
+    """Whether SRC holds a checkpoint finalize would use ("checkpoint") or is a model dir ("hf").
+
+    Raises locate's SourceError when it is neither. Runs on: every rank.
+    """
+    from distfinalize.sources.locate import locate
+
+    try:
+        locate(options.src, options.checkpoint, options.tag)
+    except SourceError:
+        if options.checkpoint is None and options.tag is None and has_weights(options.src):
+            return "hf"
+        raise
+    return "checkpoint"
+
+
+def has_weights(directory: Path) -> bool:
+    return directory.is_dir() and ((directory / INDEX_FILE).is_file() or any(directory.glob("*.safetensors")))
+
+
+def replan(plan: Plan, world_size: int) -> Plan:
+    """The same files for another world size: ranks assigned the way build_plan assigns them. Pure."""
+    if world_size == plan.world_size:
+        return plan
+    ranks = assign_ranks([f.nbytes for f in plan.files], world_size)
+    return Plan(tuple(replace(f, rank=r) for f, r in zip(plan.files, ranks, strict=True)), world_size)
+
+
+def finalize_config(options: Options) -> FinalizeConfig:
+    """The finalize a plain `distfinalize SRC DEST` would run, as a dry run into a DEST that is never created."""
+    phantom = Path(tempfile.gettempdir()) / f"distfinalize-inspect-{uuid.uuid4().hex}"
+    return FinalizeConfig(src=options.src, dest=phantom, checkpoint=options.checkpoint, tag=options.tag,
+                          dtype=options.dtype, max_shard_size=options.max_shard_size, dry_run=True,
+                          log_level=options.log_level, timeout_s=options.timeout_s)  # fmt: skip
+
+
+def inspect_checkpoint(options: Options, outcome: Outcome, world_size: int) -> dict[str, Any]:
+    """The report for a training checkpoint, from a dry run's outcome. Runs on: rank 0."""
+    from distfinalize.artifacts.generation import find_generation_config
+    from distfinalize.sources.locate import find_model_config
+
+    info = outcome.info
+    plan = replan(outcome.plan, world_size)
+    breakdown = BREAKDOWNS[info.format](info.path) if info.format in BREAKDOWNS else plan_breakdown(plan)
+    log.debug("stored tensors of %s: %s", info.path, {k: t.bytes for k, t in breakdown.tallies.items()})
+    config_path = find_model_config(info.path, options.src)
+    generation = find_generation_config(config_path)
+    tokenizer = outcome.report.get("tokenizer", {})
+    found = {
+        "config.json": str(config_path) if config_path else None,
+        "tokenizer": tokenizer.get("from"),
+        "chat_template": bool(tokenizer.get("chat_template")),
+        "generation_config.json": str(generation) if generation else None,
+    }
+    floating = sorted({str(t.dtype).removeprefix("torch.") for t in plan.tensors if t.dtype.is_floating_point})
+    resized = {t.name: {"from": t.source_shape[0], "to": t.shape[0]} for t in plan.tensors if t.resize is not None}
+    return make_report(options, info.format, breakdown, info.path, info.step, info.saved_world_size, found,
+                  plan=dict(describe(plan), output_dtype=", ".join(floating) or None, resized=resized,
+                            tokens_added=[token for token, _ in tokenizer.get("added", [])]))  # fmt: skip
+
+
+def inspect_model_dir(options: Options) -> dict[str, Any]:
+    """The report for a Hugging Face model dir (e.g. a finalized DEST). Runs on: rank 0."""
+    from distfinalize.artifacts.tokenizer import is_tokenizer_dir
+    from distfinalize.commands.hfdir import HeaderError, read_header, survey
+    from distfinalize.sources.dcp import read_metadata
+
+    found_dir = survey(options.src)
+    tallies = _tallies()
+    for weight in found_dir.files:
+        try:
+            header = read_header(weight.path)
+        except HeaderError as exc:
+            raise SourceError("a weight file is not readable safetensors", where=weight.path,
+                              hint=f"{exc}; `distfinalize verify` checks the whole dir") from exc  # fmt: skip
+        for entry in header.tensors.values():
+            tallies["model"].add(_SAFETENSORS_NAMES.get(entry.dtype, entry.dtype), entry.nbytes)
+    src = options.src
+    for kept in sorted(src.glob("checkpoints/*/optimizer/.metadata")):  # --keep-optimizer: a DCP dir
+        tally_dcp(read_metadata(kept.parent), lambda key: "optimizer", tallies)
+    tokenizer = is_tokenizer_dir(src)
+    found = {
+        "config.json": _file(src / "config.json"),
+        "tokenizer": str(src) if tokenizer else None,
+        "chat_template": tokenizer and _has_chat_template(src),
+        "generation_config.json": _file(src / "generation_config.json"),
+    }
+    source = (found_dir.manifest or {}).get("source") or {}
+    out = make_report(options, "hf", Breakdown(tallies), src, source.get("step"), None, found, plan=None)
+    out["manifest"] = source or None
+    return out
+
+
+_SAFETENSORS_NAMES = {code: str(dtype).removeprefix("torch.") for dtype, code in SAFETENSORS_DTYPES.items()}
+
+
+def _file(path: Path) -> str | None:
+    return str(path) if path.is_file() else None
+
+
+def _has_chat_template(directory: Path) -> bool:
+    if any((directory / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return True
+    try:
+        return bool(json.loads((directory / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def make_report(
+    options: Options, fmt: str, breakdown: Breakdown, checkpoint: Path, step: int | None,
+    saved_world_size: int | None, found: Mapping[str, Any], plan: Mapping[str, Any] | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The report as JSON-able data (what --json prints; the text is rendered from it)."""
+    total = Tally()
+    for tally in breakdown.tallies.values():
+        total.tensors += tally.tensors
+        total.bytes += tally.bytes
+        total.objects += tally.objects
+        for dtype, nbytes in tally.by_dtype.items():
+            total.by_dtype[dtype] = total.by_dtype.get(dtype, 0) + nbytes
+    missing = [name for name in ("config.json", "tokenizer") if not found.get(name)]
+    if not found.get("chat_template"):
+        missing.append("chat template")
+    if not found.get("generation_config.json"):
+        missing.append("generation_config.json")
+    name = FORMAT_NAMES.get(fmt, fmt)
+    return {
+        "src": str(options.src),
+        "format": fmt,
+        "format_name": f"{name} {breakdown.detail}" if breakdown.detail else name,
+        "checkpoint": str(checkpoint),
+        "step": step,
+        "saved_world_size": saved_world_size,
+        "tensors": {kind: breakdown.tallies[kind].as_dict() for kind in KINDS} | {"total": total.as_dict()},
+        "plan": plan,
+        "found": dict(found),
+        "missing": missing,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+MISSING_HINTS = {
+    "config.json": "names are written as stored and DEST gets no config.json; pass --base-model DIR",
+    "tokenizer": "DEST gets none; pass --tokenizer PATH or --base-model DIR",
+    "chat template": "pass --chat-template FILE for chat models",
+    "generation_config.json": "a minimal one (bos/eos/pad ids) is written",
+}
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes} B" if nbytes < 1024 else f"{nbytes} B ({format_bytes(nbytes)})"
+
+
+def format_report(data: Mapping[str, Any]) -> str:
+    """The report as text: one `label  value` line per item, tables for tensors and the plan."""
+    lines = [f"distfinalize inspect {data['src']}"]
+
+    def item(label: str, value: object) -> None:
+        lines.append(f"{label:<17} {value}")
+
+    item("format", data["format_name"])
+    item("checkpoint", data["checkpoint"])
+    item("step", data["step"] if data["step"] is not None else "unknown")
+    item("saved by", f"{data['saved_world_size']} rank(s)" if data["saved_world_size"] else "unknown")
+    lines.append(f"{'stored tensors':<17} {'kind':<10} {'tensors':>7}  {'bytes':>24}  by dtype")
+    for kind in (*KINDS, "total"):
+        t = data["tensors"][kind]
+        dtypes = ", ".join(f"{d} {n}" for d, n in t["by_dtype"].items())
+        lines.append(f"{'':<17} {kind:<10} {t['tensors']:>7}  {_size(t['bytes']):>24}  {dtypes}")
+    objects = {k: data["tensors"][k]["objects"] for k in KINDS if data["tensors"][k]["objects"]}
+    if objects:
+        lines.append(f"{'':<17} and {sum(objects.values())} non-tensor entries ("
+                     + ", ".join(f"{k} {n}" for k, n in objects.items()) + ")")  # fmt: skip
+    plan = data["plan"]
+    if plan is None:
+        item("plan", "none: SRC is already a Hugging Face model dir; `distfinalize verify SRC` checks it")
+    else:
+        item("plan", f"{len(plan['files'])} file(s), {_size(plan['total_size'])}, {plan['tensors']} tensors, "
+                     f"output dtype {plan['output_dtype'] or 'as stored'}, {plan['world_size']} rank(s)")  # fmt: skip
+        width = max(len(f["file"]) for f in plan["files"])
+        lines.append(f"{'':<17}   {'file':<{width}}  rank  tensors  bytes")
+        lines += [
+            f"{'':<17}   {f['file']:<{width}}  {f['rank']:>4}  {f['tensors']:>7}  {f['bytes']}" for f in plan["files"]
+        ]
+        lines.append(f"{'':<17}   bytes per rank: " + ", ".join(f"rank {r}: {b}" for r, b in
+                                                                 enumerate(plan["bytes_per_rank"])))  # fmt: skip
+        for name, rows in plan["resized"].items():
+            item("vocabulary", f"{name}: {rows['from']} -> {rows['to']} rows")
+        if plan["tokens_added"]:
+            item("tokens added", ", ".join(plan["tokens_added"]))
+    found = data["found"]
+    item("config.json", found["config.json"] or "missing")
+    item("tokenizer", found["tokenizer"] or "missing")
+    item("chat template", "yes" if found["chat_template"] else "missing")
+    item("generation config", found["generation_config.json"] or "missing")
+    if data.get("manifest"):
+        m = data["manifest"]
+        item("made from", f"{m.get('format')} checkpoint {m.get('path')} (step {m.get('step')}), per its manifest")
+    for name in data["missing"]:
+        hint = MISSING_HINTS[name] if data["plan"] is not None else "transformers users may need it"
+        item("missing", f"{name}: {hint}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distfinalize inspect",
+        description="Show what a checkpoint holds (format, step, saved world size, model/optimizer bytes by dtype), "
+        "the plan a finalize would use, and what is missing. Reads metadata (and the tokenizer); writes nothing.",
+    )
+    parser.add_argument("src", type=Path, metavar="SRC", help="checkpoint folder, training output dir or model dir")
+    parser.add_argument("--checkpoint", type=Path, metavar="PATH", help="the checkpoint to inspect (default: latest)")
+    parser.add_argument("--tag", help="DeepSpeed checkpoint tag (e.g. global_step500)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--world-size", type=int, metavar="N", help="plan for N ranks (default: this job's)")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
+                        help="largest output file of the plan (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--dtype", choices=list(DTYPES), help="output dtype of the plan")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning",
+                        help="default: %(default)s (info adds the dry run's own log lines)")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
+                        help="how long a rank waits for the others (default: %(default)s)")  # fmt: skip
+    return parser
+
+
+def parse_options(argv: Sequence[str]) -> Options:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.world_size is not None and args.world_size < 1:
+        parser.error(f"--world-size must be at least 1, got {args.world_size}")
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be positive, got {args.timeout}")
+    try:
+        max_shard_size = parse_size(args.max_shard_size)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return Options(args.src, args.checkpoint, args.tag, args.json, args.world_size, max_shard_size, args.dtype,
+                   args.log_level, args.timeout)  # fmt: skip
+
+
+def main(argv: Sequence[str]) -> int:
+    """`distfinalize inspect ...`: print the report (rank 0) and return 0. Runs on: all ranks."""
+    from distfinalize.cli import run_guarded
+
+    options = parse_options(argv)
+
+    def job(ctx: DistContext) -> int:
+        from distfinalize.pipeline import run
+
+        kind = ctx.run_step("locate", lambda: source_kind(options))[ctx.rank]
+        if kind == "hf":
+            data = ctx.run_step("inspect", lambda: inspect_model_dir(options), ranks="rank0")[0]
+        else:
+            outcome = run(finalize_config(options), ctx)
+            world = options.world_size or ctx.world_size
+            data = ctx.run_step("inspect", lambda: inspect_checkpoint(options, outcome, world), ranks="rank0")[0]
+        if ctx.is_rank0:
+            print(json.dumps(data, indent=2) if options.as_json else format_report(data), flush=True)
+        return 0
+
+    return run_guarded(job, log_level=options.log_level, device="cpu", timeout_s=options.timeout_s)
