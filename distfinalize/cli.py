@@ -7,6 +7,7 @@ torchrun --nproc_per_node=N -m distfinalize SRC DEST [options]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -241,11 +242,14 @@ def run_guarded(job: Callable[[DistContext], int], *, log_level: str, device: st
 
     Runs on: all ranks. Used by finalize and by every subcommand.
     """
-    from distfinalize.dist import DistContext
+    from distfinalize.dist import DistContext, detect_launch
     from distfinalize.logs import setup_logging
 
-    rank = int(os.environ.get("RANK", "0"))
-    setup_logging(log_level, rank, int(os.environ.get("WORLD_SIZE", "1")))
+    rank, world_size = 0, 1
+    with contextlib.suppress(DistfinalizeError):  # a bad environment is reported by DistContext.from_env below
+        launch = detect_launch()  # torchrun, accelerate launch, plain srun, or a single process
+        rank, world_size = launch.rank, launch.world_size
+    setup_logging(log_level, rank, world_size)
     ctx = None
     try:
         ctx = DistContext.from_env(device, timeout_s)
@@ -266,12 +270,11 @@ def run_guarded(job: Callable[[DistContext], int], *, log_level: str, device: st
 
 
 def report(exc: DistfinalizeError, rank: int, log_level: str) -> None:
-    """One line on stderr, from rank 0: its own error, or which rank failed during which step and why.
-
-    Every rank agrees on failures at each step (DistContext.run_step), so rank 0 always knows. Other ranks
-    print their line, and every rank its traceback, only with --log-level debug.
+    """One line on stderr, from one rank: rank 0 (or, when rank 0 is gone, the lowest surviving rank): its own
+    error, or which rank failed during which step and why. Every rank agrees on failures at each step
+    (DistContext.run_step). Other ranks print their line, and every rank its traceback, only with debug.
     """
-    if rank == 0 or log_level == "debug":
+    if rank == exc.report_rank or log_level == "debug":
         report_line(str(exc), rank)
     if log_level == "debug":
         traceback.print_exc()

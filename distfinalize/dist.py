@@ -1,7 +1,24 @@
 """DistContext: all process-group work in one place.
 
-torchrun (RANK/WORLD_SIZE/LOCAL_RANK), or a single process with no process group at all.
-Metadata collectives go over gloo; they raise on every rank when any rank failed.
+Which launcher started this process is decided by `detect_launch`, a pure function of the environment over a
+small registry (first match wins):
+
+- torchrun, or `accelerate launch` (which runs torchrun's launcher): RANK, WORLD_SIZE, LOCAL_RANK;
+- a plain `srun python -m distfinalize` (one SLURM task per rank): SLURM_PROCID, SLURM_STEP_NUM_TASKS (or
+  SLURM_NTASKS), SLURM_LOCALID; the master is the first host of the step's node list (or MASTER_ADDR), the
+  port MASTER_PORT or one derived from the job id;
+- anything else: a single process, world size 1, no process group at all.
+
+Backends: gloo only when ranks work on the CPU; with CUDA, one group with NCCL for CUDA tensors and gloo for
+the CPU objects the pipeline exchanges (metadata, results). Each rank takes cuda:LOCAL_RANK.
+
+Metadata collectives raise on every rank when any rank failed; a rank that dies or hangs is named by the
+others from the check-ins every rank leaves in the store before each step's collective.
+
+Testing hook: DISTFINALIZE_FAIL_AT="RANK:STEP[:MODE]" makes rank RANK fail at the start of step STEP
+(prepare, tie check, stage, write, commit, ...). MODE is `raise` (default: an error, exit code 1, like a real one),
+`exit` (the process exits with status 3), `kill` (SIGKILL, a rank that dies) or `hang` (sleeps forever).
+It exists for the failure tests; a warning is logged whenever it is set.
 """
 
 from __future__ import annotations
@@ -9,8 +26,15 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from itertools import product
 from typing import Any, TypeVar
 
 import torch
@@ -21,6 +45,207 @@ from distfinalize.errors import DistfinalizeError, RankFailure
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CPU = torch.device("cpu")
+FAULT_ENV = "DISTFINALIZE_FAIL_AT"
+FAULT_MODES = ("raise", "exit", "kill", "hang")
+SLURM_PORT_BASE = 20000  # srun without MASTER_PORT: 20000 + job id % 10000, below the ephemeral port range
+
+
+class LaunchError(DistfinalizeError):
+    """The launch environment is inconsistent, or the process group cannot be formed."""
+
+
+class InjectedFailure(DistfinalizeError):
+    """The failure the DISTFINALIZE_FAIL_AT testing hook raises (an ordinary error: one line, exit code 1)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (scancel, a time limit, torchrun stopping the survivors of a failed rank), raised like Ctrl-C
+    so that the staging dir is cleaned up on the way out."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launch environment: pure functions of the environment
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Who started this process and where its peers are. `init_method` None means torchrun's env://."""
+
+    launcher: str = "single"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    @property
+    def init_method(self) -> str | None:
+        if self.master_addr is None or self.master_port is None:
+            return None
+        host = f"[{self.master_addr}]" if ":" in self.master_addr else self.master_addr
+        return f"tcp://{host}:{self.master_port}"
+
+    def exported(self) -> dict[str, str]:
+        """The torchrun-style variables this launch implies (exported under srun, so other code sees them)."""
+        out = {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank)}
+        if self.master_addr is not None and self.master_port is not None:
+            out.update(MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
+        return out
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        if default is None:
+            raise LaunchError(f"{name} is not set", hint="the launcher sets it; run under torchrun or srun")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise LaunchError(f"{name}={raw!r} is not an integer", hint="check the launcher's environment") from None
+
+
+def _torchrun(env: Mapping[str, str]) -> LaunchEnv | None:
+    """torchrun / torch.distributed.run, and `accelerate launch` (which exports the same variables)."""
+    if "RANK" not in env and "WORLD_SIZE" not in env:
+        return None
+    launcher = "accelerate" if any(k.startswith("ACCELERATE_") for k in env) else "torchrun"
+    return LaunchEnv(launcher, _int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK", 0))
+
+
+def _slurm(env: Mapping[str, str]) -> LaunchEnv | None:
+    """One srun task per rank. Only inside a job step: a batch script also has SLURM_PROCID=0, but no step."""
+    if "SLURM_PROCID" not in env or not (env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")):
+        return None
+    world = _int(env, "SLURM_STEP_NUM_TASKS") if env.get("SLURM_STEP_NUM_TASKS") else _int(env, "SLURM_NTASKS", 1)
+    launch = LaunchEnv("slurm", _int(env, "SLURM_PROCID"), world, _int(env, "SLURM_LOCALID", 0))
+    if world == 1:
+        return launch
+    addr = env.get("MASTER_ADDR") or slurm_head_node(env)
+    port = SLURM_PORT_BASE + _int(env, "SLURM_JOB_ID", 0) % 10000
+    if env.get("MASTER_PORT"):
+        port = _int(env, "MASTER_PORT")
+    return LaunchEnv("slurm", launch.rank, world, launch.local_rank, addr, port)
+
+
+LAUNCHERS: dict[str, Callable[[Mapping[str, str]], LaunchEnv | None]] = {"torchrun": _torchrun, "slurm": _slurm}
+
+
+def detect_launch(env: Mapping[str, str] | None = None) -> LaunchEnv:
+    """The first launcher of LAUNCHERS that recognizes `env` (default: os.environ), else a single process."""
+    env = os.environ if env is None else env
+    for detect in LAUNCHERS.values():
+        launch = detect(env)
+        if launch is not None:
+            break
+    else:
+        return LaunchEnv()
+    if launch.world_size < 1 or not 0 <= launch.rank < launch.world_size:
+        raise LaunchError(
+            f"rank {launch.rank} is not in a world of size {launch.world_size} ({launch.launcher})",
+            hint="check RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS",
+        )
+    if launch.local_rank < 0:
+        raise LaunchError(f"local rank {launch.local_rank} is negative ({launch.launcher})")
+    return launch
+
+
+def slurm_head_node(env: Mapping[str, str]) -> str:
+    """The first host of the step's (else the job's) node list, like `scontrol show hostnames | head -1`."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise LaunchError("srun set no SLURM_JOB_NODELIST", hint="set MASTER_ADDR to the host of rank 0")
+    try:
+        return expand_nodelist(nodelist)[0]
+    except ValueError:
+        hosts = _scontrol_hostnames(nodelist)
+        if not hosts:
+            raise LaunchError(
+                "cannot read the SLURM node list", where=nodelist, hint="set MASTER_ADDR to the host of rank 0"
+            ) from None
+        return hosts[0]
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand SLURM's hostlist syntax: "gpu[01-03,7],login-1,r[1-2]-n[1-2]" -> every host name, in order.
+
+    Ranges keep their zero padding ("01-03" -> 01 02 03). Raises ValueError on malformed input.
+    """
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist.strip()):
+        parts = re.split(r"(\[[^\[\]]*\])", item)
+        choices: list[list[str]] = []
+        for part in parts:
+            if part.startswith("["):
+                choices.append(_expand_ranges(part[1:-1]))
+            elif "[" in part or "]" in part:
+                raise ValueError(f"unbalanced brackets in {item!r}")
+            elif part:
+                choices.append([part])
+        if not choices:
+            raise ValueError(f"empty host in {nodelist!r}")
+        hosts += ["".join(p) for p in product(*choices)]
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth not in (0, 1):
+            raise ValueError(f"nested or unbalanced brackets in {text!r}")
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"unbalanced brackets in {text!r}")
+    items.append(text[start:])
+    if any(not item for item in items):
+        raise ValueError(f"empty host in {text!r}")
+    return items
+
+
+def _expand_ranges(spec: str) -> list[str]:
+    out: list[str] = []
+    for piece in spec.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", piece.strip())
+        if match is None:
+            raise ValueError(f"bad range {piece!r}")
+        lo, hi = match.group(1), match.group(2) or match.group(1)
+        if int(hi) < int(lo):
+            raise ValueError(f"descending range {piece!r}")
+        out += [str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1)]
+    return out
+
+
+def _scontrol_hostnames(nodelist: str) -> list[str]:
+    if shutil.which("scontrol") is None:
+        return []
+    try:
+        done = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return done.stdout.split()
+
+
+def parse_fault(spec: str | None) -> tuple[int, str, str] | None:
+    """DISTFINALIZE_FAIL_AT="RANK:STEP[:MODE]" -> (rank, step, mode). Testing hook; see the module docstring."""
+    if not spec:
+        return None
+    rank, _, rest = spec.partition(":")
+    step, _, mode = rest.partition(":")
+    mode = mode or "raise"
+    if not rank.strip().isdigit() or not step or mode not in FAULT_MODES:
+        raise LaunchError(
+            f"{FAULT_ENV}={spec!r} is not RANK:STEP[:MODE]", hint=f"MODE is one of {', '.join(FAULT_MODES)}"
+        )
+    return int(rank), step, mode
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DistContext
 
 
 @dataclass(frozen=True)
@@ -41,28 +266,43 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = CPU
     owns_group: bool = False
+    launcher: str = "single"
+    fault: tuple[int, str, str] | None = None
+    _steps: int = field(default=0, repr=False)
+    _broken: bool = field(default=False, repr=False)
+    _failing: bool = field(default=False, repr=False)
+    _in_collective: bool = field(default=False, repr=False)
+    _terminated: bool = field(default=False, repr=False)
+    _old_sigterm: Any = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, device: str = "auto", timeout_s: float = 1800.0) -> DistContext:
-        """Join the job torchrun started, or stand alone. Runs on: all ranks."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch_device = _pick_device(device, local_rank)
-        owns_group = False
-        if world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(
-                backend="gloo", timeout=datetime.timedelta(seconds=timeout_s), rank=rank, world_size=world_size
-            )
-            owns_group = True
-        return cls(rank, world_size, local_rank, torch_device, owns_group)
+        """Join the job torchrun, accelerate or srun started, or stand alone. Runs on: all ranks."""
+        launch = detect_launch()
+        fault = parse_fault(os.environ.get(FAULT_ENV))
+        if launch.launcher == "slurm":
+            os.environ.update(launch.exported())
+            _relabel_logging(launch)
+        if fault is not None:
+            log.warning("testing hook %s is set: rank %d will fail at %r (%s)", FAULT_ENV, *fault)
+        torch_device = _pick_device(device, launch.local_rank)
+        ctx = cls(launch.rank, launch.world_size, launch.local_rank, torch_device, launcher=launch.launcher)
+        ctx.fault = fault
+        if launch.world_size > 1 and not dist.is_initialized():
+            _init_group(launch, torch_device, timeout_s)
+            ctx.owns_group = True
+        elif torch_device.type == "cuda":
+            torch.cuda.set_device(torch_device)
+        ctx._catch_sigterm()
+        log.debug("launched by %s: rank %d of %d, device %s", launch.launcher, ctx.rank, ctx.world_size, torch_device)
+        return ctx
 
     @property
     def is_rank0(self) -> bool:
         return self.rank == 0
 
     def all_gather_object(self, obj: T) -> list[T]:
-        """Every rank's object, in rank order. No-op at world size 1."""
+        """Every rank's object, in rank order. No-op at world size 1. Runs on: all ranks."""
         if self.world_size == 1:
             return [obj]
         out: list[Any] = [None] * self.world_size
@@ -70,7 +310,7 @@ class DistContext:
         return out
 
     def broadcast_object(self, obj: T, src: int = 0) -> T:
-        """`obj` from rank `src` on every rank. No-op at world size 1."""
+        """`obj` from rank `src` on every rank. No-op at world size 1. Runs on: all ranks."""
         if self.world_size == 1:
             return obj
         box = [obj]
@@ -81,23 +321,38 @@ class DistContext:
         """Run `fn` (on every rank, or only rank 0 with ranks="rank0") and agree on the outcome.
 
         Returns every rank's result in rank order. When any rank raised, every rank raises: the failing
-        rank its own error, the others a RankFailure naming the failed rank and step. Runs on: all ranks.
+        rank its own error, the others a RankFailure naming the failed rank and step. When a rank died or
+        hung (the collective failed or timed out), the others raise a RankFailure naming the ranks that never
+        checked in. Runs on: all ranks.
         """
+        self._steps += 1
         outcome = RankOutcome(self.rank)
         own_error: BaseException | None = None
-        if ranks == "all" or self.is_rank0:
-            try:
+        try:
+            self._maybe_fail(step)
+            if ranks == "all" or self.is_rank0:
                 outcome = RankOutcome(self.rank, value=fn())
-            except SystemExit:
-                raise
-            except BaseException as exc:  # DCP's CheckpointException derives from BaseException
-                own_error = exc
-                outcome = RankOutcome(self.rank, error=str(exc) or type(exc).__name__)
-        outcomes = self.all_gather_object(outcome)
+        except SystemExit:
+            raise
+        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+            own_error = exc
+            outcome = RankOutcome(self.rank, error=str(exc) or type(exc).__name__)
+        self._in_collective = True
+        try:
+            self._check_in()
+            outcomes = self.all_gather_object(outcome)
+        except RuntimeError as exc:  # gloo/NCCL: a peer closed its connection, or the timeout passed
+            self._broken = self._failing = True
+            if own_error is not None:
+                raise own_error from None
+            raise self._lost_peer(step, exc) from None
+        finally:
+            self._in_collective = False
         failed = [o for o in outcomes if o.error is not None]
+        self._failing = bool(failed)
+        if self._terminated and own_error is None and not failed:
+            raise Terminated("terminated by SIGTERM")
         if own_error is not None:
-            if isinstance(own_error, DistfinalizeError) and self.rank != 0 and outcomes[0].error == outcome.error:
-                own_error.shown_by_rank0 = True
             raise own_error
         if failed:
             first = failed[0]
@@ -106,17 +361,149 @@ class DistContext:
         return [o.value for o in outcomes]
 
     def close(self) -> None:
-        """Tear down the process group this context created."""
+        """Tear down the process group this context created. Runs on: all ranks."""
+        if self._old_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
         if self.owns_group and dist.is_initialized():
-            try:
-                dist.barrier()  # tearing down gloo while a peer is still in a collective aborts the peer
-            except (RuntimeError, dist.DistBackendError) as exc:
-                log.debug("barrier before teardown failed: %s", exc)
+            if not self._broken:
+                try:
+                    dist.barrier()  # tearing down gloo while a peer is still in a collective aborts the peer
+                except RuntimeError as exc:
+                    log.debug("barrier before teardown failed: %s", exc)
             dist.destroy_process_group()
+            self.owns_group = False
+
+    # -- failure handling --------------------------------------------------------------------------------------
+
+    def _maybe_fail(self, step: str) -> None:
+        """The DISTFINALIZE_FAIL_AT testing hook."""
+        if self.fault is None or self.fault[:2] != (self.rank, step):
+            return
+        mode = self.fault[2]
+        log.warning("%s: rank %d fails at %r (%s)", FAULT_ENV, self.rank, step, mode)
+        if mode == "exit":
+            os._exit(3)
+        if mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        while mode == "hang":
+            time.sleep(3600)
+        raise InjectedFailure(f"injected failure ({FAULT_ENV}={self.rank}:{step})", hint="a testing hook; unset it")
+
+    def _check_key(self, rank: int) -> str:
+        return f"distfinalize/step{self._steps}/rank{rank}"
+
+    def _check_in(self) -> None:
+        """Leave a mark in the store before the step's collective, so the others can tell who never came."""
+        store = _default_store() if self.world_size > 1 else None
+        if store is not None:
+            store.set(self._check_key(self.rank), "1")
+
+    def _lost_peer(self, step: str, exc: RuntimeError) -> RankFailure:
+        """The error for a collective that failed because a peer died, hung, or the group broke.
+
+        Its `report_rank` says which rank should print it: the lowest rank still alive (rank 0 usually, but
+        not when rank 0 is the one that is gone); every rank when nobody can tell. Runs on: every survivor.
+        """
+        cause = _short(exc)
+        missing: list[int] | None = None
+        store = _default_store()
+        if store is not None:
+            try:
+                missing = [r for r in range(self.world_size) if not store.check([self._check_key(r)])]
+            except (RuntimeError, OSError) as store_exc:
+                log.debug("cannot reach the store after a failed collective: %s", _short(store_exc))
+                if self.launcher == "slurm":  # under srun, rank 0 hosts the store: it is rank 0 that is gone
+                    missing, cause = [0], f"{cause}; its store is gone too"
+        if missing:
+            others = f" (and {len(missing) - 1} more rank(s))" if len(missing) > 1 else ""
+            failure = RankFailure(
+                f"rank {missing[0]} failed during {step}{others}",
+                where=f"it died or stopped responding ({cause})",
+                hint="see that rank's own output for why",
+            )
+            failure.report_rank = min(set(range(self.world_size)) - set(missing))
+            return failure
+        failure = RankFailure(
+            f"a rank failed during {step}",
+            where=f"the process group broke ({cause})",
+            hint="see the other ranks' output; rank 0, which holds the store, may be gone",
+        )
+        failure.report_rank = self.rank
+        return failure
+
+    def _catch_sigterm(self) -> None:
+        """Turn SIGTERM into Terminated (a KeyboardInterrupt) so the pipeline cleans up its staging dir."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return  # someone (a launcher, a test harness) handles it already
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills, as usual
+            if self._failing or self._in_collective:
+                # on the way out with an error already, or inside a collective that is about to tell why the
+                # job is being stopped: let that error (and the cleanup) win over "terminated"
+                self._terminated = True
+                return
+            raise Terminated("terminated by SIGTERM")
+
+        self._old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _init_group(launch: LaunchEnv, device: torch.device, timeout_s: float) -> None:
+    """gloo on CPU; NCCL for CUDA tensors plus gloo for CPU objects on GPUs. Runs on: all ranks."""
+    backend = "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"
+    kwargs: dict[str, Any] = {}
+    if launch.init_method is not None:
+        kwargs["init_method"] = launch.init_method
+    try:
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            rank=launch.rank,
+            world_size=launch.world_size,
+            **kwargs,
+        )
+    except (RuntimeError, ValueError) as exc:
+        where = launch.init_method or f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise LaunchError(
+            f"rank {launch.rank} of {launch.world_size} cannot join the process group ({launch.launcher})",
+            where=f"{where}: {_short(exc)}",
+            hint="check that every rank runs and reaches MASTER_ADDR:MASTER_PORT (set MASTER_PORT to a free port)",
+        ) from exc
+
+
+def _short(exc: BaseException) -> str:
+    """The gist of a backend error: first line, without gloo's source location and advice."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". This is typically")[0][:300]
+
+
+def _default_store() -> Any:
+    """The store of the default process group (torchrun's agent store, or rank 0's TCPStore), if reachable."""
+    if not dist.is_initialized():
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def _relabel_logging(launch: LaunchEnv) -> None:
+    """The CLI set up logging from RANK/WORLD_SIZE before srun's variables were read: redo it with the rank."""
+    from distfinalize.logs import setup_logging
+
+    level = logging.getLevelName(logging.getLogger("distfinalize").getEffectiveLevel()).lower()
+    setup_logging(level if level in ("debug", "info", "warning", "error") else "info", launch.rank, launch.world_size)
 
 
 def _pick_device(device: str, local_rank: int) -> torch.device:
-    """auto: this rank's GPU when there is one, else the CPU."""
+    """auto: this rank's GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

@@ -10,6 +10,7 @@ class DistfinalizeError(Exception):
     """A failure the user can act on. Subclasses set the process exit code."""
 
     exit_code = 1
+    report_rank = 0  # the rank that prints it: rank 0, or the lowest surviving rank when rank 0 is gone
 
     def __init__(self, what: str, *, where: object = None, hint: str | None = None) -> None:
         self.what = what

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test suite: unit tests, then real multi-rank runs (torchrun on CPU/gloo) on checkpoints the tests train.
-# Tests that need hardware or services this machine lacks (GPU, SLURM) are reported as skipped, with the reason.
+# Tests that need hardware or services this machine lacks (GPU, SLURM) are reported as skipped, with the reason;
+# tests/slurm starts its own SLURM where slurm is installed and we are root (.ci/run installs it).
 set -euo pipefail
+# shellcheck disable=SC1091  # setup-env.sh is checked on its own
 source "$(dirname "$0")/setup-env.sh"
 cd "$ROOT"
 exec python -m pytest -ra "$@"
