@@ -2,6 +2,7 @@
 # The main job on an embedded default: install, train a tiny Llama for 3 FSDP2 steps on 2 CPU ranks (a real
 # DCP checkpoint with optimizer state), finalize it with 2 ranks, then load and generate with transformers.
 set -euo pipefail
+# shellcheck source=scripts/setup-env.sh
 source "$(dirname "$0")/setup-env.sh"
 WORK="${WORK:-$ROOT/demo-work}"
 rm -rf "$WORK"

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by demo.sh and test.sh: create .venv (once) with torch first, then distfinalize and its extras.
 # Override the interpreter with PYTHON=..., the torch pin with TORCH_SPEC=... (e.g. "torch==2.11.0").
 set -euo pipefail
@@ -9,11 +10,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   "${PYTHON:-python3}" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-stamp="$VENV/.distfinalize-installed-$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-$TORCH_SPEC-$EXTRAS"
+stamp="$VENV/.distfinalize-installed-$(sha256sum < "$ROOT/pyproject.toml" | cut -c1-16)-$TORCH_SPEC-$EXTRAS"
 if [ ! -f "$stamp" ]; then
   "$PY" -m pip install --quiet --upgrade pip
   "$PY" -m pip install --quiet "$TORCH_SPEC"
-  "$PY" -m pip install --quiet -e "$ROOT[$EXTRAS]"
+  "$PY" -m pip install --quiet -e "${ROOT}[${EXTRAS}]"
   touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
