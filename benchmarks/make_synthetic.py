@@ -10,6 +10,8 @@ own rows from a seeded generator (the full model never exists on one rank), then
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import zlib
 from pathlib import Path
 
@@ -123,6 +125,8 @@ def main() -> None:
         )
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown, where gloo's threads can abort a finished rank
 
 
 if __name__ == "__main__":

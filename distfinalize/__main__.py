@@ -1,7 +1,5 @@
 """`python -m distfinalize` (also under torchrun / srun)."""
 
-import sys
+from distfinalize.cli import console_main
 
-from distfinalize.cli import main
-
-sys.exit(main())
+console_main()

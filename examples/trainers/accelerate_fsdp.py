@@ -21,7 +21,6 @@ from pathlib import Path
 
 import common
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -84,7 +83,7 @@ def main() -> None:
     common.init_gloo()
     for variant in args.variant or ["untied"]:
         train_and_save(args.out, variant, args.steps)
-    dist.destroy_process_group()
+    common.finish()
 
 
 if __name__ == "__main__":

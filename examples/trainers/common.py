@@ -87,6 +87,18 @@ def init_gloo() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def finish() -> None:
+    """Destroy the process group and exit hard: gloo's threads can abort a finished rank at interpreter
+    teardown ("terminate called without an active exception"), failing a run that succeeded."""
+    import sys
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 

@@ -143,7 +143,7 @@ def main() -> None:
     deepspeed.ops.__compatible_ops__ = {}
     for variant in args.variant or ["zero3-untied"]:
         train_and_save(args.out, variant, args.steps, world)
-    dist.destroy_process_group()
+    common.finish()
 
 
 if __name__ == "__main__":

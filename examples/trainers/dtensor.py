@@ -48,7 +48,7 @@ def main() -> None:
     if rank == 0:
         common.save_reference(out, full, args.tie)
     dist.barrier()
-    dist.destroy_process_group()
+    common.finish()
 
 
 if __name__ == "__main__":

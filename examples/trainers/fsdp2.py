@@ -61,7 +61,7 @@ def main() -> None:
     _, world = common.init_gloo()
     for variant in args.variant or ["untied-optim"]:
         train_and_save(args.out, variant, args.steps, world)
-    dist.destroy_process_group()
+    common.finish()
 
 
 if __name__ == "__main__":
