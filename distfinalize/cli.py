@@ -66,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="how checkpoint names map to Hugging Face names: hf, torchtitan-llama (default: detected)",
     )  # fmt: skip
     parser.add_argument(
+        "--quantize", nargs="?", const="fp8", metavar="RECIPE",
+        help="quantize Linear weights on the device while writing: fp8 (the default recipe; compressed-tensors "
+        "float-quantized, per channel), fp8-block (transformers fp8, 128x128), int8 (W8A16), int4 (W4A16, group 128)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quantize-ignore", action="append", default=[], metavar="REGEX",
+        help="module names (regex) to leave unquantized, besides embeddings, lm_head, norms and routers (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
         "--dtype",
         choices=list(DTYPES),
         help="output dtype of floating tensors (default: config.json's dtype, else as stored)",
@@ -157,6 +166,8 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
             tag=args.tag,
             dtype=args.dtype,
             key_map=args.key_map,
+            quantize=args.quantize,
+            quantize_ignore=tuple(args.quantize_ignore),
             max_shard_size=parse_size(args.max_shard_size),
             device=args.device,
             dry_run=args.dry_run,

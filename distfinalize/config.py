@@ -103,6 +103,8 @@ class FinalizeConfig:
     tag: str | None = None  # DeepSpeed tag (a global_stepN folder) instead of the one in `latest`
     dtype: str | None = None
     key_map: str | None = None  # a registered key map; default: the one whose names match config.json
+    quantize: str | None = None  # a recipe of distfinalize.transform.quantize.RECIPES
+    quantize_ignore: tuple[str, ...] = ()  # regexes of module names left unquantized
     max_shard_size: int = 5 * 10**9
     device: str = "auto"
     dry_run: bool = False
@@ -131,6 +133,11 @@ class FinalizeConfig:
             raise ValueError(f"timeout must be positive, got {self.timeout_s}")
         if self.read_batch_bytes <= 0:
             raise ValueError(f"read batch must be positive, got {self.read_batch_bytes}")
+        if self.quantize is not None:
+            from distfinalize.transform.quantize import RECIPES
+
+            if self.quantize not in RECIPES:
+                raise ValueError(f"--quantize {self.quantize!r} is not a recipe; choose one of {', '.join(RECIPES)}")
         if self.keep_optimizer and not self.keep_checkpoint:
             raise ValueError("--keep-optimizer needs --keep-checkpoint")
 

@@ -76,15 +76,16 @@ def write_file(
 ) -> WrittenFile:
     """Read, transform and write one output file, in file order."""
     path = directory / file.filename
-    file_layout = layout([(t.name, t.shape, t.dtype) for t in file.tensors])
-    ordered = sorted(file.tensors, key=lambda t: file_layout.slots[t.name].start)
+    file_layout = layout([(name, shape, dtype) for t in file.tensors for name, (shape, dtype) in t.outputs.items()])
+    ordered = sorted(file.tensors, key=lambda t: min(file_layout.slots[name].start for name in t.outputs))
     try:
         writer = SafetensorsWriter(path, file_layout)
         try:
             for batch in read_batches(ordered, read_batch_bytes):
                 data = reader.read([t.source_key for t in batch])
                 for t in batch:
-                    writer.write(t.name, to_output(data.pop(t.source_key), t, device))
+                    for name, tensor in to_output(data.pop(t.source_key), t, device).items():
+                        writer.write(name, tensor)
                     bar.update(t.nbytes)
         except BaseException:
             writer.abort()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 
 _state = {"rank": 0}
+# Loggers that print on every rank when transformers imports torchao (missing CUDA-only extensions,
+# pytree deprecations): kept for --log-level debug only.
+THIRD_PARTY_NOISE = ("torchao", "torch.utils._pytree")
 
 
 def setup_logging(level: str, rank: int, world_size: int) -> None:
@@ -17,6 +20,9 @@ def setup_logging(level: str, rank: int, world_size: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    quiet = logging.DEBUG if level == "debug" else logging.ERROR
+    for name in THIRD_PARTY_NOISE:
+        logging.getLogger(name).setLevel(quiet)
 
 
 def is_rank0() -> bool:

@@ -110,6 +110,7 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
         world_size=ctx.world_size,
         resizes=resizes,
         rope_heads=prepared.rope_heads,
+        quant=quantized_tensors(config, prepared),
     )
     vocab_size = next(iter(resizes.values())).rows if resizes else None
     optimizer = plan_optimizer(config, prepared)
@@ -243,6 +244,51 @@ def embedding_names(prepared: Prepared) -> list[str]:
     return [name for pair in TIE_CANDIDATES for name in reversed(pair)]
 
 
+def quantization_rules(config: FinalizeConfig, prepared: Prepared) -> dict[str, Any]:
+    """The keyword arguments of quantize.quantizable / ignored_modules for this model."""
+    from distfinalize.transform.quantize import get_recipe
+
+    spec = prepared.spec
+    tied = set(spec.tied) | set(spec.tied.values()) if spec is not None else set()
+    if prepared.tied:
+        tied |= set(embedding_names(prepared))
+    return {
+        "spec_output_embedding": spec.output_embedding if spec is not None else TIE_CANDIDATES[0][0],
+        "recipe": get_recipe(config.quantize),
+        "spec_input_embedding": spec.input_embedding if spec is not None else TIE_CANDIDATES[0][1],
+        "tied": tied,
+        "ignore": config.quantize_ignore,
+    }
+
+
+def quantized_tensors(config: FinalizeConfig, prepared: Prepared) -> dict[str, str]:
+    """Which tensors --quantize quantizes (name -> recipe). Pure. Runs on: all ranks."""
+    if config.quantize is None:
+        return {}
+    from distfinalize.transform.quantize import quantizable
+
+    rules = quantization_rules(config, prepared)
+    output_embedding = rules.pop("spec_output_embedding")
+    return {t.name: config.quantize for t in prepared.tensors
+            if quantizable(t.name, tuple(t.shape), output_embedding, **rules)}  # fmt: skip
+
+
+def quantization_config(config: FinalizeConfig, prepared: Prepared) -> dict | None:
+    """The recipe's config.json block, listing the 2-D weights left unquantized."""
+    if config.quantize is None:
+        return None
+    from distfinalize.transform.quantize import ignored_modules
+
+    rules = quantization_rules(config, prepared)
+    output_embedding = rules.pop("spec_output_embedding")
+    tensors = [(t.name, tuple(t.shape)) for t in prepared.tensors]
+    if prepared.tied and output_embedding not in {name for name, _ in tensors}:
+        tensors.append((output_embedding, ()))  # written once as the input embedding; listed as ignored too
+    input_embedding = rules["spec_input_embedding"]
+    linears = [(n, s) for n, s in tensors if s and n != input_embedding]  # an embedding is not a Linear
+    return rules["recipe"].config_block(ignored_modules(linears, output_embedding, **rules))
+
+
 def plan_optimizer(config: FinalizeConfig, prepared: Prepared) -> OptimizerCopy | None:
     """The optimizer copy for --keep-optimizer (DCP sources). Pure given the metadata. Runs on: all ranks."""
     if not config.keep_optimizer:
@@ -279,13 +325,16 @@ def write_share(
     return files
 
 
-def config_updates(prepared: Prepared, tokenizer: TokenizerOutcome, vocab_size: int | None) -> ConfigUpdates:
+def config_updates(
+    config: FinalizeConfig, prepared: Prepared, tokenizer: TokenizerOutcome, vocab_size: int | None
+) -> ConfigUpdates:
     return ConfigUpdates(
         dtype=prepared.dtype,
         tied=prepared.tied,
         architecture=prepared.spec.architecture if prepared.spec else None,
         vocab_size=vocab_size,
         token_ids=tokenizer.special_ids if tokenizer.path is not None else {},
+        quantization_config=quantization_config(config, prepared),
     )
 
 
@@ -297,7 +346,7 @@ def card_info(config: FinalizeConfig, prepared: Prepared) -> CardInfo:
         step=info.step,
         saved_world_size=info.saved_world_size,
         dtype=str(prepared.dtype).removeprefix("torch.") if prepared.dtype else None,
-        quantization=None,
+        quantization=config.quantize,
         base_model_id=config.card.base_model_id,
         datasets=config.card.datasets,
         training_method=config.card.training_method,
@@ -344,10 +393,10 @@ def write_once(
         raise DestinationError("ranks did not write every planned file", where=staging,
                                hint=f"missing: {sorted(planned - got)[:4]}")  # fmt: skip
     index = write_index(plan, weights_dir)
-    write_checksums(staging, weights_dir, files, prepared)
+    write_checksums(staging, weights_dir, files, prepared, config.quantize)
     if prepared.config_path is not None:
-        write_config(prepared.config_path, staging, config_updates(prepared, tokenizer, vocab_size))
-        model_config = output_config(prepared.config_path, config_updates(prepared, tokenizer, vocab_size))
+        write_config(prepared.config_path, staging, config_updates(config, prepared, tokenizer, vocab_size))
+        model_config = output_config(prepared.config_path, config_updates(config, prepared, tokenizer, vocab_size))
     else:
         model_config = {}
     generation = generation_config(find_generation_config(prepared.config_path), tokenizer, model_config,
@@ -363,7 +412,9 @@ def write_once(
         keep_checkpoint(config, plan, prepared, staging, weights_dir, index, optimizer)
 
 
-def write_checksums(staging: Path, weights_dir: Path, files: tuple[WrittenFile, ...], prepared: Prepared) -> None:
+def write_checksums(
+    staging: Path, weights_dir: Path, files: tuple[WrittenFile, ...], prepared: Prepared, quantize: str | None
+) -> None:
     """distfinalize-manifest.json: every weight file's size and sha256 (for `verify`), and the source."""
     info = prepared.source.info
     prefix = weights_dir.relative_to(staging)
@@ -371,6 +422,7 @@ def write_checksums(staging: Path, weights_dir: Path, files: tuple[WrittenFile, 
         "format": 1,
         "source": {"format": info.format, "path": str(info.path), "step": info.step},
         "dtype": str(prepared.dtype).removeprefix("torch.") if prepared.dtype else None,
+        "quantization": quantize,
         "files": {str(prefix / f.filename) if str(prefix) != "." else f.filename: {"size": f.size,
                                                                                  "sha256": f.sha256}
                   for f in sorted(files, key=lambda f: f.filename)},
@@ -414,7 +466,7 @@ def dry_run_report(
     """Everything a finalize would write, as data. Runs on: rank 0."""
     report: dict[str, Any] = {"plan": describe(plan)}
     if prepared.config_path is not None:
-        updates = config_updates(prepared, tokenizer, vocab_size)
+        updates = config_updates(config, prepared, tokenizer, vocab_size)
         report["config.json"] = output_config(prepared.config_path, updates)
         report["generation_config.json"] = generation_config(
             find_generation_config(prepared.config_path), tokenizer, report["config.json"], config.generation

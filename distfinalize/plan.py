@@ -32,10 +32,20 @@ class TensorPlan:
     source_shape: tuple[int, ...] | None = None  # when it differs from `shape` (vocabulary resize)
     resize: RowResize | None = None
     rope_heads: int | None = None  # q/k rows to permute from the interleaved rotary layout
+    quant: str | None = None  # the --quantize recipe, when this weight is quantized
+
+    @property
+    def outputs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The tensors written for it: itself, or the recipe's (e.g. weight + weight_scale)."""
+        if self.quant is None:
+            return {self.name: (self.shape, self.dtype)}
+        from distfinalize.transform.quantize import get_recipe
+
+        return get_recipe(self.quant).outputs(self.name, self.shape)
 
     @property
     def nbytes(self) -> int:
-        return torch.Size(self.shape).numel() * self.dtype.itemsize
+        return sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in self.outputs.values())
 
     @property
     def source_nbytes(self) -> int:
@@ -76,7 +86,7 @@ class Plan:
 
     @property
     def weight_map(self) -> dict[str, str]:
-        return {t.name: f.filename for f in self.files for t in f.tensors}
+        return {name: f.filename for f in self.files for t in f.tensors for name in t.outputs}
 
     def files_for(self, rank: int) -> tuple[FilePlan, ...]:
         return tuple(f for f in self.files if f.rank == rank)
@@ -97,16 +107,17 @@ def plan_tensors(
     dtype: torch.dtype | None,
     resizes: Mapping[str, RowResize] | None = None,
     rope_heads: Mapping[str, int] | None = None,
+    quant: Mapping[str, str] | None = None,
 ) -> tuple[TensorPlan, ...]:
     """One TensorPlan per checkpoint tensor, in the given order, cast to `dtype` where it applies."""
-    resizes, rope_heads = resizes or {}, rope_heads or {}
+    resizes, rope_heads, quant = resizes or {}, rope_heads or {}, quant or {}
     out = []
     for t in tensors:
         resize = resizes.get(t.name)
         shape = tuple(t.shape) if resize is None else (resize.rows, *t.shape[1:])
         source_shape = tuple(t.shape) if resize is not None else None
         out.append(TensorPlan(t.name, t.key, shape, t.dtype, output_dtype(t.dtype, dtype), source_shape, resize,
-                              rope_heads.get(t.name)))  # fmt: skip
+                              rope_heads.get(t.name), quant.get(t.name)))  # fmt: skip
     return tuple(out)
 
 
@@ -119,7 +130,7 @@ def split_into_files(tensors: Sequence[TensorPlan], max_shard_size: int) -> list
     from huggingface_hub import split_torch_state_dict_into_shards
 
     by_name = {t.name: t for t in tensors}
-    meta = {t.name: torch.empty(t.shape, dtype=t.dtype, device="meta") for t in tensors}
+    meta = {t.name: torch.empty((t.nbytes,), dtype=torch.uint8, device="meta") for t in tensors}  # sized by bytes
     split = split_torch_state_dict_into_shards(meta, filename_pattern=FILENAME_PATTERN, max_shard_size=max_shard_size)
     return [[by_name[n] for n in names] for names in split.filename_to_tensors.values()]
 
@@ -151,9 +162,10 @@ def build_plan(
     world_size: int,
     resizes: Mapping[str, RowResize] | None = None,
     rope_heads: Mapping[str, int] | None = None,
+    quant: Mapping[str, str] | None = None,
 ) -> Plan:
     """The whole plan from the (already renamed and ordered) checkpoint tensors."""
-    groups = split_into_files(plan_tensors(tensors, dtype, resizes, rope_heads), max_shard_size)
+    groups = split_into_files(plan_tensors(tensors, dtype, resizes, rope_heads, quant), max_shard_size)
     names = file_names(len(groups))
     ranks = assign_ranks([sum(t.nbytes for t in g) for g in groups], world_size)
     files = tuple(FilePlan(n, r, tuple(g)) for n, r, g in zip(names, ranks, groups, strict=True))
@@ -167,7 +179,7 @@ def fingerprint(plan: Plan) -> str:
 
     files = [
         [f.filename, [[t.name, t.source_key, list(t.shape), str(t.source_dtype), str(t.dtype), repr(t.resize),
-                       t.rope_heads] for t in f.tensors]]
+                       t.rope_heads, t.quant] for t in f.tensors]]
         for f in plan.files
     ]  # fmt: skip
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()

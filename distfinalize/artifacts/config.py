@@ -1,7 +1,8 @@
 """config.json for the output: the source's (or --base-model's), updated to what was written.
 
-`dtype` (and `torch_dtype` for older readers), `vocab_size`, `tie_word_embeddings`, and bos/eos/pad ids
-synced to the final tokenizer; `architectures` kept (filled in when missing). Runs on: rank 0.
+`dtype` (and `torch_dtype` for older readers), `vocab_size`, `tie_word_embeddings`, bos/eos/pad ids synced to
+the final tokenizer, and the `quantization_config` of a --quantize recipe; `architectures` kept (filled in
+when missing). Runs on: rank 0.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class ConfigUpdates:
     architecture: str | None = None
     vocab_size: int | None = None
     token_ids: Mapping[str, int | None] = field(default_factory=dict)  # bos/eos/pad_token_id
+    quantization_config: Mapping[str, object] | None = None  # the --quantize recipe's block
 
 
 def output_config(source_config: Path, updates: ConfigUpdates) -> dict:
@@ -45,6 +47,8 @@ def output_config(source_config: Path, updates: ConfigUpdates) -> dict:
     for key, value in updates.token_ids.items():
         if value is not None:
             config[key] = value
+    if updates.quantization_config is not None:
+        config["quantization_config"] = dict(updates.quantization_config)
     return config
 
 

@@ -175,7 +175,7 @@ def check_tensor_chunk(data: bytes, where: str, dtype: torch.dtype, shape: tuple
         raise ChunkError(f"{where}: not a torch.save record")
     verify_zip_chunk(data, where)
     try:
-        tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        tensor = torch.load(io.BytesIO(data), map_location="meta", weights_only=True)  # header only, no bytes
     except Exception as exc:  # any failure to load the verified record is corruption of its contents
         raise ChunkError(f"{where}: the record does not load ({type(exc).__name__})") from exc
     if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != shape:

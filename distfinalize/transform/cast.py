@@ -9,16 +9,19 @@ from distfinalize.transform.rope import rope_to_hf
 from distfinalize.transform.vocab import resize_rows
 
 
-def to_output(tensor: torch.Tensor, plan: TensorPlan, device: torch.device) -> torch.Tensor:
-    """The tensor as the output file stores it: rows resized, planned dtype, contiguous, on the CPU.
-
-    Runs on: the rank that writes the tensor, on its device.
-    """
+def to_output(tensor: torch.Tensor, plan: TensorPlan, device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors the output file stores for it: rows permuted and resized, then cast (or quantized on the
+    device), contiguous, on the CPU. Runs on: the rank that writes the tensor, on its device."""
     if device.type != "cpu":
         tensor = tensor.to(device, non_blocking=True)
     if plan.rope_heads is not None:
         tensor = rope_to_hf(tensor, plan.rope_heads)
     if plan.resize is not None:
         tensor = resize_rows(tensor, plan.resize)
-    tensor = tensor.to(plan.dtype)
-    return tensor.cpu().contiguous()
+    if plan.quant is not None:
+        from distfinalize.transform.quantize import get_recipe
+
+        outputs = get_recipe(plan.quant).quantize(plan.name, tensor)
+    else:
+        outputs = {plan.name: tensor.to(plan.dtype)}
+    return {name: t.cpu().contiguous() for name, t in outputs.items()}

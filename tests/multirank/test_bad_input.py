@@ -168,7 +168,7 @@ def test_unreadable_source(fsdp2_runs: Path) -> None:
     [
         (["--dtype", "int3"], "invalid choice: 'int3'"),
         (["--max-shard-size", "5 parsecs"], "is not a size"),
-        (["--quantize", "fp3"], "unrecognized arguments: --quantize fp3"),
+        (["--quantize", "fp3"], "--quantize 'fp3' is not a recipe"),
     ],
 )
 def test_bad_options_are_usage_errors(run: Path, tmp_path: Path, args: list[str], message: str) -> None:

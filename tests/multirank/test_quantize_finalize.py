@@ -1,0 +1,60 @@
+"""--quantize while finalizing: each rank quantizes the weights of its own files (torchao math), the files are
+plain safetensors in the recipe's format, and transformers loads them. Real FSDP2 checkpoints; marked `dist`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import common
+import pytest
+import torch
+from support import check_ok, finalize, read_json, read_output
+from transformers import AutoModelForCausalLM
+
+pytestmark = pytest.mark.dist
+
+pytest.importorskip("torchao", reason="torchao is the `quant` extra: pip install 'distfinalize[quant]'")
+pytest.importorskip("compressed_tensors", reason="compressed-tensors is the `quant` extra")
+
+from distfinalize.transform.quantize import get_recipe  # noqa: E402
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+
+
+@pytest.mark.parametrize(("recipe", "nproc"), [("fp8", 2), ("int8", 3)])
+def test_quantized_output_loads_and_matches(fsdp2_runs: Path, tmp_path: Path, recipe: str, nproc: int) -> None:
+    run = fsdp2_runs / "untied-optim"
+    dest = tmp_path / "out"
+    check_ok(finalize(run, dest, "--quantize", recipe, "--max-shard-size", "60KB", nproc=nproc))
+    reference = torch.load(run / "reference.pt")
+    tensors, where = read_output(dest)
+    quant = get_recipe(recipe)
+    for layer in range(2):
+        for linear in LINEARS:
+            name = f"model.layers.{layer}.{linear}.weight"
+            outputs = quant.outputs(name, tuple(reference[name].shape))
+            got = {k: tensors[k] for k in outputs}
+            assert {k: (tuple(v.shape), v.dtype) for k, v in got.items()} == outputs
+            assert len({where[k] for k in outputs}) == 1  # a weight and its scales share a file
+            error = (quant.dequantize(got) - reference[name].float()).abs()
+            assert bool((error <= quant.error_bound(reference[name].float(), got)).all()), name
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                 "model.layers.0.input_layernorm.weight"):  # fmt: skip
+        assert torch.equal(tensors[name], reference[name]), name  # left unquantized, bit for bit
+    block = read_json(dest / "config.json")["quantization_config"]
+    assert block == quant.config_block(["lm_head"])
+    assert read_json(dest / "distfinalize-manifest.json")["quantization"] == recipe
+
+    model = AutoModelForCausalLM.from_pretrained(dest).eval()
+    with torch.no_grad():
+        logits = model(input_ids=common.reference_input()).logits
+    expected = torch.load(run / "reference_logits.pt")
+    assert logits.shape == expected.shape
+    assert torch.nn.functional.cosine_similarity(logits.flatten(), expected.flatten(), dim=0) > 0.99
+
+
+def test_unknown_recipe_is_a_usage_error(fsdp2_runs: Path, tmp_path: Path) -> None:
+    result = finalize(fsdp2_runs / "untied-model", tmp_path / "out", "--quantize", "fp3")
+    assert result.returncode == 2 and "--quantize 'fp3' is not a recipe" in result.stderr
+    assert not (tmp_path / "out").exists()
