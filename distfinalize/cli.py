@@ -254,9 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         outcome = run(config, ctx)
         if ctx.is_rank0 and outcome.dry_run:
-            print(format_plan(outcome.plan))
-            files = {k: v for k, v in outcome.report.items() if k != "plan"}
-            print(json.dumps(files, indent=2))
+            emit(format_plan(outcome.plan))
+            emit(json.dumps({k: v for k, v in outcome.report.items() if k != "plan"}, indent=2))
         return 0
 
     return run_guarded(finalize, log_level=config.log_level, device=config.device, timeout_s=config.timeout_s)
@@ -303,6 +302,11 @@ def report(exc: DistfinalizeError, rank: int, log_level: str) -> None:
         report_line(str(exc), rank)
     if log_level == "debug":
         traceback.print_exc()
+
+
+def emit(text: str) -> None:
+    """A command's result on stdout (plans, tables, JSON): the one place the package prints results."""
+    print(text, flush=True)
 
 
 def report_line(message: str, rank: int) -> None:

@@ -433,7 +433,7 @@ def parse_options(argv: Sequence[str]) -> Options:
 
 def main(argv: Sequence[str]) -> int:
     """`distfinalize inspect ...`: print the report (rank 0) and return 0. Runs on: all ranks."""
-    from distfinalize.cli import run_guarded
+    from distfinalize.cli import emit, run_guarded
 
     options = parse_options(argv)
 
@@ -448,7 +448,7 @@ def main(argv: Sequence[str]) -> int:
             world = options.world_size or ctx.world_size
             data = ctx.run_step("inspect", lambda: inspect_checkpoint(options, outcome, world), ranks="rank0")[0]
         if ctx.is_rank0:
-            print(json.dumps(data, indent=2) if options.as_json else format_report(data), flush=True)
+            emit(json.dumps(data, indent=2) if options.as_json else format_report(data))
         return 0
 
     return run_guarded(job, log_level=options.log_level, device="cpu", timeout_s=options.timeout_s)

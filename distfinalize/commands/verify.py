@@ -519,7 +519,7 @@ def main(argv: Sequence[str]) -> int:
 
     Runs on: all ranks; rank 0 prints.
     """
-    from distfinalize.cli import run_guarded
+    from distfinalize.cli import emit, run_guarded
 
     options = parse_options(argv)
 
@@ -535,11 +535,11 @@ def main(argv: Sequence[str]) -> int:
         checks = evaluate(found, shares, options)
         if ctx.is_rank0:
             if options.as_json:
-                print(json.dumps(as_json(found, checks, shares, options), indent=2), flush=True)
+                emit(json.dumps(as_json(found, checks, shares, options), indent=2))
             else:
                 source = f" against {options.source}" if options.source is not None else ""
                 title = f"distfinalize verify {options.dest}{source} ({ctx.world_size} rank(s))"
-                print(format_table(checks, title), flush=True)
+                emit(format_table(checks, title))
         return 1 if any(c.status == FAIL for c in checks) else 0
 
     return run_guarded(job, log_level=options.log_level, device="cpu", timeout_s=options.timeout_s)
