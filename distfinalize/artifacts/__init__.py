@@ -1,1 +1,1 @@
-"""Files rank 0 writes once: the index, config.json, and (later) tokenizer, generation config, card."""
+"""Files rank 0 writes once: index, config.json, generation config, tokenizer, model card, model code, Hub push."""

@@ -1,1 +1,2 @@
-"""Per-tensor transforms between the checkpoint and the output: names, casts, ties."""
+"""Per-tensor transforms between the checkpoint and the output: names, rotary layout, vocabulary rows, casts,
+quantization."""
