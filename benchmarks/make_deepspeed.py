@@ -27,27 +27,16 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import deepspeed
 import torch
 import torch.distributed as dist
-from make_synthetic import HEAD_DIM, VOCAB, _intermediate, choose_dims
+from make_synthetic import VOCAB, choose_dims
+from make_synthetic import llama_config as synthetic_llama_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
 def llama_config(size_gib: float) -> LlamaConfig:
     """The LlamaConfig of make_synthetic's shapes for `size_gib` GiB of bf16 weights."""
-    hidden, layers = choose_dims(size_gib, torch.bfloat16.itemsize)
-    heads = hidden // HEAD_DIM
-    return LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=_intermediate(hidden),
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads // 4 if heads % 4 == 0 else heads,
-        head_dim=HEAD_DIM,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        dtype="bfloat16",
-        architectures=["LlamaForCausalLM"],
-    )
+    config = synthetic_llama_config(*choose_dims(size_gib, torch.bfloat16.itemsize), "bfloat16")
+    config.max_position_embeddings = 256
+    return config
 
 
 def ds_config(world: int) -> dict:

@@ -69,6 +69,25 @@ def choose_dims(size_gib: float, itemsize: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
+def llama_config(hidden: int, layers: int, dtype: str):
+    """The transformers LlamaConfig of `llama_shapes(hidden, layers)`."""
+    from transformers import LlamaConfig
+
+    heads = hidden // HEAD_DIM
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=_intermediate(hidden),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 4 if heads % 4 == 0 else heads,
+        head_dim=HEAD_DIM,
+        tie_word_embeddings=False,
+        dtype=dtype,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
 def local_shard(name: str, shape: tuple[int, ...], rank: int, world: int, dtype: torch.dtype) -> torch.Tensor:
     """This rank's Shard(0) rows (torch.chunk split, like FSDP2), drawn from a (name, rank)-seeded generator."""
     chunk = -(-shape[0] // world)
@@ -104,20 +123,7 @@ def main() -> None:
     dcp.save(state, checkpoint_id=str(args.out / "ckpt"))
 
     if rank == 0:
-        from transformers import LlamaConfig
-
-        heads = hidden // HEAD_DIM
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=hidden,
-            intermediate_size=_intermediate(hidden),
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads // 4 if heads % 4 == 0 else heads,
-            head_dim=HEAD_DIM,
-            tie_word_embeddings=False,
-            dtype=args.dtype,
-        ).save_pretrained(args.out)
+        llama_config(hidden, layers, args.dtype).save_pretrained(args.out)
         nbytes = _numel(shapes) * dtype.itemsize
         print(
             f"wrote {args.out}/ckpt: {len(shapes)} tensors, {nbytes / 2**30:.3f} GiB {args.dtype}, "

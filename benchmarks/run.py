@@ -97,6 +97,28 @@ def same_tensors(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+def append_section(report: Path, title: str, facts: list[str], table: list[str], figures: dict, rows: list) -> None:
+    """Print the table and append a dated section (machine, facts, table, every run as JSON) to `report`."""
+    runs = [{"cache": c, "tool": n, "wall_s": round(m.wall_s, 3), "peak_rss_bytes": m.peak_rss_bytes}
+            for c, n, m in rows]  # fmt: skip
+    section = [
+        f"## {datetime.date.today().isoformat()}: {title}",
+        "",
+        f"- machine: {machine()}",
+        *(f"- {fact}" for fact in facts),
+        "",
+        *table,
+        "",
+        "```json",
+        json.dumps({**figures, "runs": runs}, indent=1),
+        "```",
+        "",
+    ]
+    print("\n".join(table))
+    with open(report, "a") as f:
+        f.write("\n".join(section) + "\n")
+
+
 def machine() -> str:
     cpu = next(
         (
@@ -194,35 +216,13 @@ def main() -> None:
                     f"{m.peak_rss_bytes / 2**30:.2f} | {m.wall_s / best:.2f} |"
                 )
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    section = "\n".join(
-        [
-            f"## {datetime.date.today().isoformat()}: {gib:.2f} GiB bf16 checkpoint saved by {args.save_ranks} ranks",
-            "",
-            f"- machine: {machine()}",
-            f"- disk (same run): write + fsync {write_bw:.2f} GiB/s, cold read {read_bw:.2f} GiB/s",
-            f"- command: `{command}`",
-            f"- output: `--max-shard-size {args.max_shard_size}`; all outputs checked bit-identical",
-            "",
-            *table,
-            "",
-            "```json",
-            json.dumps(
-                {
-                    "checkpoint_bytes": ckpt_bytes,
-                    "runs": [
-                        {"cache": c, "tool": n, "wall_s": round(m.wall_s, 3), "peak_rss_bytes": m.peak_rss_bytes}
-                        for c, n, m in rows
-                    ],
-                },
-                indent=1,
-            ),
-            "```",
-            "",
-        ]
-    )
-    print("\n".join(table))
-    with open(args.report, "a") as f:
-        f.write(section + "\n")
+    title = f"{gib:.2f} GiB bf16 checkpoint saved by {args.save_ranks} ranks"
+    facts = [
+        f"disk (same run): write + fsync {write_bw:.2f} GiB/s, cold read {read_bw:.2f} GiB/s",
+        f"command: `{command}`",
+        f"output: `--max-shard-size {args.max_shard_size}`; all outputs checked bit-identical",
+    ]
+    append_section(args.report, title, facts, table, {"checkpoint_bytes": ckpt_bytes}, rows)
     shutil.rmtree(work, ignore_errors=True)
 
 

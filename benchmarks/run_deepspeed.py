@@ -19,8 +19,6 @@ Both tools write float32 (the ZeRO master weights) in shards of at most --max-sh
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import shlex
 import shutil
@@ -28,7 +26,7 @@ import sys
 from pathlib import Path
 
 from measure import Measurement, disk_write_read, evict, run_measured
-from run import HERE, Tool, machine, same_tensors
+from run import HERE, Tool, append_section, same_tensors
 
 ZERO_TO_FP32 = "zero_to_fp32"
 
@@ -167,42 +165,18 @@ def main() -> None:
                     f"{m.peak_rss_bytes / 2**30:.2f} | {m.wall_s / base:.2f} |"
                 )
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    section = "\n".join(
-        [
-            f"## {datetime.date.today().isoformat()}: DeepSpeed ZeRO-3 checkpoint, {gib:.2f} GiB, "
-            f"saved by {args.save_ranks} ranks",
-            "",
-            f"- machine: {machine()}",
-            f"- disk (same run): write + fsync {write_bw:.2f} GiB/s, cold read {read_bw:.2f} GiB/s",
-            f"- command: `{command}`",
-            f"- checkpoint: {built}; tag folder {gib:.2f} GiB "
-            f"({'no Adam moments' if args.steps == 0 else 'with Adam moments'}); {build}",
-            f"- output: float32, `--max-shard-size {args.max_shard_size}`, {out_bytes / 2**30:.2f} GiB, "
-            f"largest file {largest_file / 2**30:.3f} GiB; all outputs checked bit-identical to {ZERO_TO_FP32}'s",
-            "- GiB/s: checkpoint (tag folder) bytes / wall seconds; peak RSS: the biggest process of the run",
-            "",
-            *table,
-            "",
-            "```json",
-            json.dumps(
-                {
-                    "checkpoint_bytes": ckpt_bytes,
-                    "output_bytes": out_bytes,
-                    "largest_output_file_bytes": largest_file,
-                    "runs": [
-                        {"cache": c, "tool": n, "wall_s": round(m.wall_s, 3), "peak_rss_bytes": m.peak_rss_bytes}
-                        for c, n, m in rows
-                    ],
-                },
-                indent=1,
-            ),
-            "```",
-            "",
-        ]
-    )
-    print("\n".join(table))
-    with open(args.report, "a") as f:
-        f.write(section + "\n")
+    title = f"DeepSpeed ZeRO-3 checkpoint, {gib:.2f} GiB, saved by {args.save_ranks} ranks"
+    facts = [
+        f"disk (same run): write + fsync {write_bw:.2f} GiB/s, cold read {read_bw:.2f} GiB/s",
+        f"command: `{command}`",
+        f"checkpoint: {built}; tag folder {gib:.2f} GiB "
+        f"({'no Adam moments' if args.steps == 0 else 'with Adam moments'}); {build}",
+        f"output: float32, `--max-shard-size {args.max_shard_size}`, {out_bytes / 2**30:.2f} GiB, "
+        f"largest file {largest_file / 2**30:.3f} GiB; all outputs checked bit-identical to {ZERO_TO_FP32}'s",
+        "GiB/s: checkpoint (tag folder) bytes / wall seconds; peak RSS: the biggest process of the run",
+    ]
+    figures = {"checkpoint_bytes": ckpt_bytes, "output_bytes": out_bytes, "largest_output_file_bytes": largest_file}
+    append_section(args.report, title, facts, table, figures, rows)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
