@@ -393,7 +393,7 @@ def write_once(
         raise DestinationError("ranks did not write every planned file", where=staging,
                                hint=f"missing: {sorted(planned - got)[:4]}")  # fmt: skip
     index = write_index(plan, weights_dir)
-    write_checksums(staging, weights_dir, files, prepared, config.quantize)
+    write_checksums(staging, weights_dir, files, prepared, config)
     if prepared.config_path is not None:
         write_config(prepared.config_path, staging, config_updates(config, prepared, tokenizer, vocab_size))
         model_config = output_config(prepared.config_path, config_updates(config, prepared, tokenizer, vocab_size))
@@ -413,16 +413,18 @@ def write_once(
 
 
 def write_checksums(
-    staging: Path, weights_dir: Path, files: tuple[WrittenFile, ...], prepared: Prepared, quantize: str | None
+    staging: Path, weights_dir: Path, files: tuple[WrittenFile, ...], prepared: Prepared, config: FinalizeConfig
 ) -> None:
-    """distfinalize-manifest.json: every weight file's size and sha256 (for `verify`), and the source."""
+    """distfinalize-manifest.json: every weight file's size and sha256, the source, and what --quantize did (for
+    `verify`: the recipe and the user's ignore patterns decide which weights it compares within a bound)."""
     info = prepared.source.info
     prefix = weights_dir.relative_to(staging)
     write_json(staging / MANIFEST, {
         "format": 1,
         "source": {"format": info.format, "path": str(info.path), "step": info.step},
         "dtype": str(prepared.dtype).removeprefix("torch.") if prepared.dtype else None,
-        "quantization": quantize,
+        "quantization": {"recipe": config.quantize, "ignore": list(config.quantize_ignore)} if config.quantize
+                        else None,
         "files": {str(prefix / f.filename) if str(prefix) != "." else f.filename: {"size": f.size,
                                                                                  "sha256": f.sha256}
                   for f in sorted(files, key=lambda f: f.filename)},

@@ -5,6 +5,10 @@ TensorPlan finalize would give it (plan.plan_tensors: dtype, key-map transforms 
 The expected tensor is the source tensor through finalize's own `to_output`, without the vocabulary resize: new
 token rows cannot be rebuilt from DEST, so an embedding that grew is compared on its first rows. Each rank reads
 only the source bytes of the tensors in its own output files. Runs on: every rank, for its own files.
+
+Quantized output (the manifest records the recipe and the --quantize-ignore patterns, so verify quantizes the
+same weights finalize did): each quantized weight's tensors must have the recipe's names, shapes and dtypes, and
+their dequantized value must lie within the recipe's round-to-nearest bound of the source weight, elementwise.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import torch
 
 from distfinalize.commands.hfdir import Header, Survey, WeightFile
 from distfinalize.config import FinalizeConfig
-from distfinalize.pipeline import Prepared, embedding_names, prepare
+from distfinalize.errors import DestinationError
+from distfinalize.pipeline import MANIFEST, Prepared, embedding_names, prepare, quantized_tensors
 from distfinalize.plan import TensorPlan, plan_tensors
 from distfinalize.transform.cast import to_output
 from distfinalize.transform.keymap import TIE_CANDIDATES
@@ -43,13 +48,36 @@ class Expectation:
         return self.plan.source_key
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """What --quantize did, as DEST's manifest records it."""
+
+    recipe: str
+    ignore: tuple[str, ...] = ()
+
+
+def recorded_quantization(manifest: Mapping[str, Any] | None) -> Quantization | None:
+    """The manifest's "quantization" entry; DestinationError when it is there but not one finalize writes."""
+    entry = (manifest or {}).get("quantization")
+    if entry is None:
+        return None
+    from distfinalize.transform.quantize import RECIPES
+
+    ignore = entry.get("ignore", []) if isinstance(entry, dict) else None
+    if (not isinstance(entry, dict) or entry.get("recipe") not in RECIPES or not isinstance(ignore, list)
+            or not all(isinstance(p, str) for p in ignore)):  # fmt: skip
+        raise DestinationError(f"{MANIFEST} records a quantization this version does not know: {entry!r}",
+                               hint=f"known recipes: {', '.join(RECIPES)}")  # fmt: skip
+    return Quantization(entry["recipe"], tuple(ignore))
+
+
 def open_source(
     src: Path, found: Survey, checkpoint: Path | None = None, tag: str | None = None, log_level: str = "info"
-) -> Prepared:
-    """Open SRC the way finalize does (metadata only). Runs on: every rank.
+) -> tuple[Prepared, dict[str, str]]:
+    """Open SRC the way finalize does (metadata only); also which weights finalize quantized (name -> recipe).
 
-    The checkpoint: `checkpoint` / `tag`, else the one DEST's manifest records when it lies inside SRC, else the
-    latest. Names are mapped through the source's config.json, else DEST's.
+    Runs on: every rank. The checkpoint: `checkpoint` / `tag`, else the one DEST's manifest records when it lies
+    inside SRC, else the latest. Names are mapped through the source's config.json, else DEST's.
     """
     source = found.manifest.get("source") if found.manifest else None
     recorded = source.get("path") if isinstance(source, dict) else None
@@ -57,18 +85,24 @@ def open_source(
         recorded_path = Path(recorded)
         if recorded_path.is_dir() and recorded_path.resolve().is_relative_to(src.resolve()):
             checkpoint = recorded_path
+    quant = recorded_quantization(found.manifest)
     # prepare() refuses an existing DEST; nothing is written, so it gets a name that is never created.
     phantom = Path(tempfile.gettempdir()) / f"distfinalize-verify-{uuid.uuid4().hex}"
     base_model = found.dest if (found.dest / "config.json").is_file() else None
     config = FinalizeConfig(src=src, dest=phantom, checkpoint=checkpoint, tag=tag, base_model=base_model,
-                            log_level=log_level)  # fmt: skip
-    return prepare(config)
+                            log_level=log_level, quantize=quant.recipe if quant else None,
+                            quantize_ignore=quant.ignore if quant else ())  # fmt: skip
+    prepared = prepare(config)
+    return prepared, quantized_tensors(config, prepared)
 
 
-def expectations(prepared: Prepared, dtype: torch.dtype | None, tied: bool) -> tuple[dict[str, Expectation], tuple]:
-    """What each output tensor must equal, and the source tensors DEST may lack (heads dropped as tied). Pure."""
+def expectations(
+    prepared: Prepared, dtype: torch.dtype | None, tied: bool, quant: Mapping[str, str] | None = None
+) -> tuple[dict[str, Expectation], tuple]:
+    """What each output tensor must equal (keyed by the plan's name), and the source tensors DEST may lack (heads
+    dropped as tied). Pure."""
     embeddings = set(embedding_names(prepared))
-    plans = plan_tensors(prepared.tensors, dtype, rope_heads=prepared.rope_heads)
+    plans = plan_tensors(prepared.tensors, dtype, rope_heads=prepared.rope_heads, quant=quant)
     out = {p.name: Expectation(p, p.name in embeddings) for p in plans}
     absent = []
     if tied:
@@ -79,14 +113,18 @@ def expectations(prepared: Prepared, dtype: torch.dtype | None, tied: bool) -> t
     return out, tuple(absent)
 
 
-def compare(output: torch.Tensor, source: torch.Tensor, want: Expectation) -> tuple[str | None, bool]:
-    """Compare one output tensor with its source tensor, bit for bit after finalize's transforms. Pure.
+def compare(outputs: Mapping[str, torch.Tensor], source: torch.Tensor, want: Expectation) -> tuple[str | None, bool]:
+    """Compare the output tensors of one plan entry with its source tensor. Pure.
 
+    Bit for bit after finalize's transforms; a quantized weight dequantized, within its recipe's bound.
     Returns (the problem, or None; whether only the first rows were compared).
     """
+    if want.plan.quant is not None:
+        return compare_quantized(outputs, source, want.plan), False
+    output = outputs[want.plan.name]
     if output.dtype != want.plan.dtype:
         return f"is {_dt(output.dtype)}, expected {_dt(want.plan.dtype)}", False
-    expected = to_output(source, want.plan, CPU)[want.plan.name]  # never resized or quantized here
+    expected = to_output(source, want.plan, CPU)[want.plan.name]  # never resized here
     grown = False
     if tuple(output.shape) != tuple(expected.shape):
         rows = expected.shape[0] if expected.dim() else 0
@@ -102,6 +140,28 @@ def compare(output: torch.Tensor, source: torch.Tensor, want: Expectation) -> tu
     return None, grown
 
 
+def compare_quantized(outputs: Mapping[str, torch.Tensor], source: torch.Tensor, plan: TensorPlan) -> str | None:
+    """A quantized weight: the recipe's tensors (names, shapes, dtypes), dequantized within the recipe's
+    round-to-nearest bound of the source weight (after the key map's permutations), elementwise. Pure."""
+    from distfinalize.transform.quantize import get_recipe
+
+    recipe = get_recipe(plan.quant)
+    for name, (shape, dtype) in plan.outputs.items():
+        got = outputs[name]
+        if (tuple(got.shape), got.dtype) != (tuple(shape), dtype):
+            return (f"is stored with {name!r} as {_dt(got.dtype)} {list(got.shape)}; the {recipe.name} recipe "
+                    f"stores it as {_dt(dtype)} {list(shape)}")  # fmt: skip
+    weight = to_output(source, replace(plan, quant=None, dtype=torch.float32), CPU)[plan.name]
+    dequantized = recipe.dequantize(dict(outputs))
+    outside = ~((dequantized - weight).abs() <= recipe.error_bound(weight, dict(outputs)))  # NaN is outside too
+    count = int(outside.sum())
+    if count:
+        first = int(outside.reshape(-1).nonzero()[0, 0])
+        return (f"dequantized, lies outside the {recipe.name} rounding bound of the source in {count} of "
+                f"{weight.numel()} element(s) (first at flat index {first})")  # fmt: skip
+    return None
+
+
 def differing_elements(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int | None]:
     """How many elements of two same-dtype tensors differ in their bits (NaNs compared as bits), and the first."""
     view = BIT_VIEWS[a.element_size()]
@@ -112,34 +172,50 @@ def differing_elements(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int | Non
     return count, (int(unequal.nonzero()[0, 0]) if count else None)
 
 
+@dataclass(frozen=True)
+class FileComparison:
+    """What comparing one output file with the source found."""
+
+    compared: int = 0  # plan entries compared with their source tensor
+    grown: int = 0  # of those, embeddings with rows beyond the source's (first rows compared)
+    quantized: int = 0  # of those, quantized weights (compared within the recipe's bound)
+    problems: tuple[str, ...] = ()
+
+
 def compare_file(
     weight: WeightFile, header: Header, wanted: Mapping[str, Expectation], reader: Any, batch_bytes: int
-) -> tuple[int, int, list[str]]:
-    """Compare every tensor of one output file with the source. Returns (compared, grown, problems).
+) -> FileComparison:
+    """Compare every tensor of one output file with the source.
 
     Runs on: the rank that owns the file; reads only the source bytes of the file's tensors.
     """
     from safetensors import safe_open
 
-    problems, compared, grown = [], 0, 0
+    owner = {output: name for name, want in wanted.items() for output in want.plan.outputs}
+    problems, compared, grown, quantized = [], 0, 0, 0
     names = sorted(header.tensors)
-    for name in names:
-        if name not in wanted:
-            problems.append(f"{weight.name}: {name!r} is not in the source checkpoint")
-    present = [n for n in names if n in wanted]
+    problems += [f"{weight.name}: {n!r} is not in the source checkpoint" for n in names if n not in owner]
+    present = list(dict.fromkeys(owner[n] for n in names if n in owner))
+    for name in present:
+        lacking = [o for o in wanted[name].plan.outputs if o not in header.tensors]
+        if lacking:
+            problems.append(f"{weight.name}: {lacking[0]!r}, stored with {name!r}, is not in this file")
+    present = [n for n in present if all(o in header.tensors for o in wanted[n].plan.outputs)]
     with safe_open(str(weight.path), framework="pt") as f:
         for batch in _batches(present, wanted, batch_bytes):
             data = reader.read(list(dict.fromkeys(k for n in batch for k, _ in _sources(n, wanted[n]))))
             for name in batch:
-                want, output = wanted[name], f.get_tensor(name)
+                want = wanted[name]
+                outputs = {o: f.get_tensor(o) for o in want.plan.outputs}
                 for key, label in _sources(name, want):
-                    problem, was_grown = compare(output, data[key], want)
+                    problem, was_grown = compare(outputs, data[key], want)
                     if key == want.key:
                         compared, grown = compared + 1, grown + was_grown
+                        quantized += want.plan.quant is not None
                     if problem is not None:
                         problems.append(f"{weight.name}: {label} {problem}")
             del data
-    return compared, grown, problems
+    return FileComparison(compared, grown, quantized, tuple(problems))
 
 
 def _sources(name: str, want: Expectation) -> list[tuple[str, str]]:

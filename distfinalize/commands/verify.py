@@ -15,11 +15,14 @@ One row per check, each pass, fail or skip; the exit code is 1 when any check fa
   checksums                every weight file's size and sha256 match the manifest, and the manifest lists no
                            file that is not there (with --keep-checkpoint the root's symlinks are followed)
   dtype                    every floating tensor has the dtype DEST declares: --dtype, else the manifest's, else
-                           config.json's (which must agree with the manifest's)
+                           config.json's (which must agree with the manifest's); the tensors of quantized weights
+                           have the dtypes of the recipe the manifest records
   source tensors           with --source: every output tensor equals, bit for bit, the source tensor put through
                            finalize's own transforms (cast to that dtype, key-map permutations); an embedding grown
-                           for new tokens on its first rows. Every source tensor is in DEST (an lm_head dropped as
-                           tied to the embedding must equal it)
+                           for new tokens on its first rows; a quantized weight (the recipe and --quantize-ignore
+                           patterns come from the manifest) has the recipe's tensors, which dequantize to within
+                           the recipe's round-to-nearest bound of the source, element by element. Every source
+                           tensor is in DEST (an lm_head dropped as tied to the embedding must equal it)
   config.json              loads with transformers.AutoConfig (a failure when absent)
   tokenizer                loads with AutoTokenizer, with no more tokens than vocab_size (skip: no tokenizer files)
   generation_config.json   loads with GenerationConfig (skip when absent)
@@ -37,7 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,12 +49,21 @@ import torch
 from tqdm.auto import tqdm
 
 from distfinalize.artifacts.tokenizer import is_tokenizer_dir
-from distfinalize.commands.compare import READ_BATCH_BYTES, Expectation, compare_file, expectations, open_source
+from distfinalize.commands.compare import (
+    READ_BATCH_BYTES,
+    Expectation,
+    FileComparison,
+    compare_file,
+    expectations,
+    open_source,
+    recorded_quantization,
+)
 from distfinalize.commands.hfdir import Header, HeaderError, Survey, WeightFile, config_dtype, read_header, survey
 from distfinalize.config import DTYPES, LOG_LEVELS
 from distfinalize.errors import DistfinalizeError
 from distfinalize.pipeline import MANIFEST
 from distfinalize.plan import INDEX_FILE, SINGLE_FILE, assign_ranks
+from distfinalize.transform.quantize import get_recipe
 from distfinalize.write import SAFETENSORS_DTYPES, file_sha256
 
 if TYPE_CHECKING:
@@ -81,7 +93,7 @@ class SourceSummary:
     """The source as a rank opened it (or why it could not)."""
 
     description: str = ""
-    names: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()  # every output tensor finalize makes from it (a quantized weight: several)
     may_be_absent: tuple[str, ...] = ()  # heads finalize may have dropped as tied
     error: str | None = None
 
@@ -96,9 +108,7 @@ class FileFindings:
     sha256: str | None = None
     header: Header | None = None
     header_error: str | None = None
-    compared: int = 0  # tensors compared with the source
-    grown: int = 0  # of those, embeddings with rows beyond the source's (first rows compared)
-    source_problems: tuple[str, ...] = ()
+    comparison: FileComparison = field(default_factory=FileComparison)  # with --source; else nothing compared
 
 
 @dataclass(frozen=True)
@@ -175,10 +185,10 @@ def _source_for(options: Options, found: Survey) -> tuple[SourceSummary, dict | 
     """Open the source and work out what each output tensor must be. Runs on: every rank."""
     dtype, _ = declared_dtype(found, options.dtype)
     try:
-        prepared = open_source(options.source, found, options.checkpoint, options.tag, options.log_level)
+        prepared, quant = open_source(options.source, found, options.checkpoint, options.tag, options.log_level)
         if dtype is None:
             dtype = prepared.dtype
-        wanted, absent = expectations(prepared, dtype, tied_in_output(found))
+        wanted, absent = expectations(prepared, dtype, tied_in_output(found), quant)
         reader = prepared.source.reader()
     except DistfinalizeError as exc:
         return SourceSummary(error=str(exc)), None, None
@@ -188,7 +198,8 @@ def _source_for(options: Options, found: Survey) -> tuple[SourceSummary, dict | 
     recorded = (found.manifest or {}).get("source")
     if isinstance(recorded, dict) and recorded.get("path") and Path(recorded["path"]).resolve() != info.path.resolve():
         description += f" (DEST's manifest says it was made from {recorded['path']})"
-    return SourceSummary(description, tuple(t.name for t in prepared.tensors), absent), wanted, reader
+    outputs = tuple(o for want in wanted.values() for o in want.plan.outputs)
+    return SourceSummary(description, outputs, absent), wanted, reader
 
 
 def check_file(weight: WeightFile, rank: int, wanted: Mapping[str, Expectation] | None, reader: Any) -> FileFindings:
@@ -204,15 +215,15 @@ def check_file(weight: WeightFile, rank: int, wanted: Mapping[str, Expectation] 
     except OSError as exc:
         digest = None
         header_error = header_error or f"cannot read: {exc.strerror or exc}"
-    compared, grown, problems = 0, 0, []
+    comparison = FileComparison()
     if header is not None and wanted is not None:
         try:
-            compared, grown, problems = compare_file(weight, header, wanted, reader, READ_BATCH_BYTES)
+            comparison = compare_file(weight, header, wanted, reader, READ_BATCH_BYTES)
         except DistfinalizeError as exc:
-            problems = [f"{weight.name}: cannot read the source ({exc})"]
-    log.debug("%s: header %s, %d tensor(s) compared, %d problem(s)", weight.name, header_error or "ok", compared,
-              len(problems))  # fmt: skip
-    return FileFindings(weight.name, rank, weight.size, digest, header, header_error, compared, grown, tuple(problems))
+            comparison = FileComparison(problems=(f"{weight.name}: cannot read the source ({exc})",))
+    log.debug("%s: header %s, %d tensor(s) compared, %d problem(s)", weight.name, header_error or "ok",
+              comparison.compared, len(comparison.problems))  # fmt: skip
+    return FileFindings(weight.name, rank, weight.size, digest, header, header_error, comparison)
 
 
 def check_artifacts(found: Survey) -> tuple[Check, ...]:
@@ -386,7 +397,8 @@ def checksums_check(found: Survey, files: Sequence[FileFindings]) -> Check:
 
 
 def dtype_check(found: Survey, files: Sequence[FileFindings], dtype: torch.dtype | None, said_by: str) -> Check:
-    """Every floating tensor has the declared dtype; the manifest and config.json agree. Pure."""
+    """Every floating tensor has the declared dtype, and every quantized weight's tensors the dtypes its recipe
+    stores (as the manifest records the recipe); the manifest and config.json agree. Pure."""
     name = "dtype"
     if dtype is None:
         return Check(name, SKIP, "DEST declares no dtype (no manifest dtype, no dtype in config.json)")
@@ -395,16 +407,45 @@ def dtype_check(found: Survey, files: Sequence[FileFindings], dtype: torch.dtype
     from_config = config_dtype(found.config)
     if manifest_dtype in DTYPES and from_config is not None and manifest_dtype != from_config:
         problems.append(f"{MANIFEST} says {manifest_dtype} but config.json says {from_config}")
-    want = SAFETENSORS_DTYPES[dtype]
+    try:
+        quant = recorded_quantization(found.manifest)
+    except DistfinalizeError as exc:
+        quant, problems = None, [*problems, exc.what]
+    stored = get_recipe(quant.recipe).stored_dtypes() if quant else {}
+    quantized = 0
     for f in files:
         if f.header is None:
             continue
-        wrong = sorted(n for n, e in f.header.tensors.items() if _is_float(e.dtype) and e.dtype != want)
-        if wrong:
-            got = f.header.tensors[wrong[0]].dtype
-            problems.append(f"{f.name}: {len(wrong)} floating tensor(s) are not {_dt(dtype)}, e.g. {wrong[0]!r} "
+        special = quantized_outputs(f.header.tensors, stored)
+        quantized += len(special) // max(len(stored), 1)
+        plain = SAFETENSORS_DTYPES[dtype]
+        floats = sorted(
+            n for n, e in f.header.tensors.items() if n not in special and _is_float(e.dtype) and e.dtype != plain
+        )
+        if floats:
+            got = f.header.tensors[floats[0]].dtype
+            problems.append(f"{f.name}: {len(floats)} floating tensor(s) are not {_dt(dtype)}, e.g. {floats[0]!r} "
                             f"({_dt(TORCH_DTYPES.get(got, got))})")  # fmt: skip
-    return _row(name, problems, f"every floating tensor is {_dt(dtype)} (as {said_by} says)")
+        stored_wrong = sorted(n for n, d in special.items() if f.header.tensors[n].dtype != SAFETENSORS_DTYPES[d])
+        if stored_wrong:
+            n = stored_wrong[0]
+            got = f.header.tensors[n].dtype
+            problems.append(f"{f.name}: {len(stored_wrong)} tensor(s) of quantized weights are not as the "
+                            f"{quant.recipe} recipe stores them, e.g. {n!r} is {_dt(TORCH_DTYPES.get(got, got))}, "
+                            f"not {_dt(special[n])}")  # fmt: skip
+    stored_note = f"; {quantized} weight(s) stored as the {quant.recipe} recipe stores them" if quant else ""
+    return _row(name, problems, f"every floating tensor is {_dt(dtype)} (as {said_by} says){stored_note}")
+
+
+def quantized_outputs(names: Iterable[str], stored: Mapping[str, torch.dtype]) -> dict[str, torch.dtype]:
+    """Name -> dtype of the tensors of quantized weights: modules holding every suffix the recipe stores. Pure."""
+    if not stored:
+        return {}
+    names = set(names)
+    first = next(iter(stored))
+    modules = [n.removesuffix(f".{first}") for n in names if n.endswith(f".{first}")]
+    return {f"{m}.{suffix}": d for m in modules if all(f"{m}.{s}" in names for s in stored)
+            for suffix, d in stored.items()}  # fmt: skip
 
 
 def source_check(shares: Sequence[RankFindings], files: Sequence[FileFindings], options: Options) -> Check:
@@ -416,16 +457,20 @@ def source_check(shares: Sequence[RankFindings], files: Sequence[FileFindings], 
     if errors:
         return Check(name, FAIL, f"cannot open the source: {errors[0]}")
     summary = shares[0].source
-    problems = [p for f in files for p in f.source_problems]
+    problems = [p for f in files for p in f.comparison.problems]
     unreadable = [f.name for f in files if f.header is None]
     present = {t for f in files if f.header for t in f.header.tensors}
     if not unreadable:
         absent = [n for n in summary.names if n not in present and n not in summary.may_be_absent]
-        problems += [f"{n!r} of the source is not in DEST" for n in absent]
-    compared = sum(f.compared for f in files)
-    grown = sum(f.grown for f in files)
+        problems += [f"{n!r}, made from the source, is not in DEST" for n in absent]
+    compared = sum(f.comparison.compared for f in files)
+    grown = sum(f.comparison.grown for f in files)
+    quantized = sum(f.comparison.quantized for f in files)
     note = f" ({grown} embedding(s) with new token rows: their first rows compared)" if grown else ""
-    return _row(name, problems, f"{compared} tensors bit-exact against {summary.description}{note}")
+    exact = f"{compared - quantized} tensors bit-exact"
+    if quantized:
+        exact += f" and {quantized} quantized weight(s) within the recipe's rounding bound"
+    return _row(name, problems, f"{exact} against {summary.description}{note}")
 
 
 def _is_float(code: str) -> bool:

@@ -87,6 +87,10 @@ class Recipe:
         """The ``quantization_config`` for config.json; `ignored` are module names left unquantized."""
         raise NotImplementedError
 
+    def stored_dtypes(self) -> dict[str, torch.dtype]:
+        """Suffix -> dtype of the tensors written for each quantized weight (the same for every shape). Pure."""
+        return {s.suffix: s.dtype for s in self.specs((BLOCK, BLOCK))}
+
     def outputs(self, weight_name: str, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Output name -> (shape, dtype) for one weight, from metadata alone. Runs on: all ranks (the plan)."""
         module = module_of(weight_name)

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import common
@@ -295,3 +296,62 @@ def test_verify_bad_dest_is_one_line(tmp_path: Path) -> None:
     assert result.returncode != 0 and not our_traceback(result.stderr)
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and "DEST is not a directory" in lines[0] and result.stdout == ""
+
+
+# ------------------------------------------------------------------------------------------------ verify quantized
+
+
+@pytest.fixture(scope="module")
+def quantized(fsdp2_runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """int8 output of 2 ranks, with one user --quantize-ignore pattern the manifest must carry to verify."""
+    pytest.importorskip("torchao", reason="torchao is the `quant` extra: pip install 'distfinalize[quant]'")
+    dest = tmp_path_factory.mktemp("quantized") / "out"
+    check_ok(finalize(fsdp2_runs / "untied-optim", dest, "--quantize", "int8", "--quantize-ignore", r"\.1\.mlp",
+                      "--max-shard-size", SHARD, nproc=2))  # fmt: skip
+    return dest
+
+
+def test_verify_quantized_output_within_the_recipe_bound(fsdp2_runs: Path, quantized: Path) -> None:
+    result = check_ok(cli("verify", quantized, "--source", fsdp2_runs / "untied-optim", "--json", nproc=2))
+    found = rows(result)
+    assert all(row["status"] == "pass" for row in found.values()), result.stdout
+    # 2 layers x 7 Linears, less the 3 of layer 1's mlp left out by the user pattern
+    assert found["source tensors"]["detail"].startswith(
+        "10 tensors bit-exact and 11 quantized weight(s) within the recipe's rounding bound"
+    )
+    assert "11 weight(s) stored as the int8 recipe stores them" in found["dtype"]["detail"]
+
+
+def rewrite_tensor(dest: Path, name: str, change: Callable[[torch.Tensor], torch.Tensor]) -> str:
+    """Replace one tensor of DEST by change(tensor) in the file that holds it; returns the file's name."""
+    from safetensors.torch import load_file, save_file
+
+    file = read_json(dest / "model.safetensors.index.json")["weight_map"][name]
+    tensors = load_file(dest / file)
+    tensors[name] = change(tensors[name])
+    save_file(tensors, dest / file, metadata={"format": "pt"})
+    return file
+
+
+@pytest.mark.parametrize(
+    ("change", "failing", "message"),
+    [
+        (lambda t: t * 1.5, {"checksums", "source tensors"}, "lies outside the int8 rounding bound of the source"),
+        (
+            lambda t: t.half(),
+            {"index", "checksums", "dtype", "source tensors"},
+            "as float16 [64, 1]; the int8 recipe stores it as float32 [64, 1]",
+        ),
+    ],
+    ids=["scale", "dtype"],
+)
+def test_verify_finds_a_damaged_quantized_weight(
+    fsdp2_runs: Path, quantized: Path, tmp_path: Path, change: Callable, failing: set[str], message: str
+) -> None:
+    dest = tmp_path / "out"
+    shutil.copytree(quantized, dest)
+    name = "model.layers.0.self_attn.q_proj.weight_scale"
+    file = rewrite_tensor(dest, name, change)
+    found = check_failure(cli("verify", dest, "--source", fsdp2_runs / "untied-optim", "--json"), failing)
+    assert f"{file}: 'model.layers.0.self_attn.q_proj.weight'" in found["source tensors"]["detail"]
+    assert message in found["source tensors"]["detail"]

@@ -44,7 +44,7 @@ def test_quantized_output_loads_and_matches(fsdp2_runs: Path, tmp_path: Path, re
         assert torch.equal(tensors[name], reference[name]), name  # left unquantized, bit for bit
     block = read_json(dest / "config.json")["quantization_config"]
     assert block == quant.config_block(["lm_head"])
-    assert read_json(dest / "distfinalize-manifest.json")["quantization"] == recipe
+    assert read_json(dest / "distfinalize-manifest.json")["quantization"] == {"recipe": recipe, "ignore": []}
 
     model = AutoModelForCausalLM.from_pretrained(dest).eval()
     with torch.no_grad():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from distfinalize.commands.compare import Expectation, compare, differing_elements
+from distfinalize.commands.compare import Expectation, compare, differing_elements, recorded_quantization
 from distfinalize.commands.hfdir import (
     Header,
     HeaderError,
@@ -34,6 +34,7 @@ from distfinalize.commands.verify import (
     format_table,
     index_check,
 )
+from distfinalize.errors import DistfinalizeError
 from distfinalize.plan import TensorPlan, build_plan
 from distfinalize.sources import TensorMeta
 
@@ -101,18 +102,44 @@ def test_compare_casts_and_first_rows() -> None:
     source = torch.randn(4, 3)
     plan = TensorPlan("w", "k", (4, 3), torch.float32, torch.bfloat16)
     want = Expectation(plan, rows_may_grow=True)
-    assert compare(source.to(torch.bfloat16), source, want) == (None, False)
+    assert compare({"w": source.to(torch.bfloat16)}, source, want) == (None, False)
     grown = torch.cat([source, torch.zeros(2, 3)]).to(torch.bfloat16)
-    assert compare(grown, source, want) == (None, True)
-    problem, _ = compare(source, source, want)
+    assert compare({"w": grown}, source, want) == (None, True)
+    problem, _ = compare({"w": source}, source, want)
     assert problem == "is float32, expected bfloat16"
     fixed = Expectation(plan)
-    problem, _ = compare(grown, source, fixed)
+    problem, _ = compare({"w": grown}, source, fixed)
     assert problem == "has shape [6, 3], the source's is [4, 3]"
     off = source.to(torch.bfloat16).clone()
     off[2, 1] += 1
-    problem, _ = compare(off, source, want)
+    problem, _ = compare({"w": off}, source, want)
     assert problem == "differs from the source in 1 of 12 element(s) (first at flat index 7)"
+
+
+def test_compare_quantized_weight_within_its_bound() -> None:
+    pytest.importorskip("torchao", reason="torchao is the `quant` extra: pip install 'distfinalize[quant]'")
+    from distfinalize.transform.quantize import get_recipe
+
+    source = torch.randn(32, 16, dtype=torch.bfloat16)
+    plan = TensorPlan("m.weight", "k", (32, 16), torch.bfloat16, torch.bfloat16, quant="fp8")
+    outputs = get_recipe("fp8").quantize("m.weight", source)
+    assert compare(outputs, source, Expectation(plan)) == (None, False)
+    data = outputs["m.weight"].view(torch.uint8).clone()
+    data[3, 5] ^= 0x08  # the lowest e4m3 exponent bit: the value doubles or halves, far beyond the bound
+    problem, _ = compare({**outputs, "m.weight": data.view(torch.float8_e4m3fn)}, source, Expectation(plan))
+    assert problem == (
+        "dequantized, lies outside the fp8 rounding bound of the source in 1 of 512 element(s) (first at flat index 53)"
+    )
+    problem, _ = compare({**outputs, "m.weight_scale": outputs["m.weight_scale"].half()}, source, Expectation(plan))
+    assert problem == "is stored with 'm.weight_scale' as float16 [32, 1]; the fp8 recipe stores it as float32 [32, 1]"
+
+
+def test_recorded_quantization() -> None:
+    assert recorded_quantization({"quantization": None}) is None
+    recorded = recorded_quantization({"quantization": {"recipe": "int4", "ignore": ["a"]}})
+    assert (recorded.recipe, recorded.ignore) == ("int4", ("a",))
+    with pytest.raises(DistfinalizeError, match="records a quantization this version does not know"):
+        recorded_quantization({"quantization": {"recipe": "fp3", "ignore": []}})
 
 
 def finding(name: str, tensors: dict[str, tuple[str, int]], sha: str = "0" * 64, size: int = 100) -> FileFindings:
