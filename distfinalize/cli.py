@@ -28,7 +28,8 @@ from distfinalize.config import (
     TokenizerOptions,
     parse_size,
 )
-from distfinalize.errors import DistfinalizeError
+from distfinalize.errors import DistfinalizeError, UsageError
+from distfinalize.transform.keymap import resolve_key_map
 
 if TYPE_CHECKING:
     from distfinalize.dist import DistContext
@@ -62,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tag", help="DeepSpeed checkpoint tag (e.g. global_step500) instead of the one named in `latest`"
     )
     parser.add_argument(
-        "--key-map", metavar="NAME",
-        help="how checkpoint names map to Hugging Face names: hf, torchtitan-llama (default: detected)",
+        "--key-map", metavar="NAME|FILE",
+        help="how checkpoint names map to Hugging Face names: hf, torchtitan-llama (default: detected), or a YAML "
+        "file of ordered regex renames and a drop list",
     )  # fmt: skip
     parser.add_argument(
         "--quantize", nargs="?", const="fp8", metavar="RECIPE",
@@ -165,7 +167,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
             checkpoint=args.checkpoint,
             tag=args.tag,
             dtype=args.dtype,
-            key_map=args.key_map,
+            key_map=resolve_key_map(args.key_map),
             quantize=args.quantize,
             quantize_ignore=tuple(args.quantize_ignore),
             max_shard_size=parse_size(args.max_shard_size),
@@ -197,7 +199,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
             keep_optimizer=args.keep_optimizer,
             hub=hub_options(args),
         )
-    except ValueError as exc:
+    except (ValueError, UsageError) as exc:
         parser.error(str(exc))
 
 

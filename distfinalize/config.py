@@ -10,6 +10,7 @@ import torch
 
 if TYPE_CHECKING:
     from distfinalize.artifacts.hub import HubOptions
+    from distfinalize.transform.keymap import KeyMapRules
 
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -102,7 +103,7 @@ class FinalizeConfig:
     checkpoint: Path | None = None
     tag: str | None = None  # DeepSpeed tag (a global_stepN folder) instead of the one in `latest`
     dtype: str | None = None
-    key_map: str | None = None  # a registered key map; default: the one whose names match config.json
+    key_map: str | KeyMapRules | None = None  # a registered key map or a file's rules; default: the matching one
     quantize: str | None = None  # a recipe of distfinalize.transform.quantize.RECIPES
     quantize_ignore: tuple[str, ...] = ()  # regexes of module names left unquantized
     max_shard_size: int = 5 * 10**9

@@ -56,7 +56,7 @@ from distfinalize.plan import INDEX_FILE, Plan, build_plan, describe, fingerprin
 from distfinalize.sources import Source, SourceInfo, TensorMeta
 from distfinalize.sources.locate import find_model_config, locate, search_dirs
 from distfinalize.staging import PROGRESS_DIR, commit, create_staging, remove_staging, staging_path
-from distfinalize.transform.keymap import TIE_CANDIDATES, map_names, tie_candidates
+from distfinalize.transform.keymap import TIE_CANDIDATES, KeyMapRules, map_names, tie_candidates
 from distfinalize.transform.vocab import plan_resizes
 
 log = logging.getLogger(__name__)
@@ -425,6 +425,7 @@ def write_checksums(
         "dtype": str(prepared.dtype).removeprefix("torch.") if prepared.dtype else None,
         "quantization": {"recipe": config.quantize, "ignore": list(config.quantize_ignore)} if config.quantize
                         else None,
+        "key_map": config.key_map.to_mapping() if isinstance(config.key_map, KeyMapRules) else config.key_map,
         "files": {str(prefix / f.filename) if str(prefix) != "." else f.filename: {"size": f.size,
                                                                                  "sha256": f.sha256}
                   for f in sorted(files, key=lambda f: f.filename)},

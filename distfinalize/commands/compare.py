@@ -28,7 +28,7 @@ from distfinalize.errors import DestinationError
 from distfinalize.pipeline import MANIFEST, Prepared, embedding_names, prepare, quantized_tensors
 from distfinalize.plan import TensorPlan, plan_tensors
 from distfinalize.transform.cast import to_output
-from distfinalize.transform.keymap import TIE_CANDIDATES
+from distfinalize.transform.keymap import TIE_CANDIDATES, KeyMapRules
 
 READ_BATCH_BYTES = 512 * 2**20  # source bytes read at once, like finalize's default
 BIT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -71,13 +71,25 @@ def recorded_quantization(manifest: Mapping[str, Any] | None) -> Quantization | 
     return Quantization(entry["recipe"], tuple(ignore))
 
 
+def recorded_key_map(manifest: Mapping[str, Any] | None) -> str | KeyMapRules | None:
+    """The key map finalize used when the user chose one (a name, or a file's rules recorded in the manifest)."""
+    entry = (manifest or {}).get("key_map")
+    if entry is None or isinstance(entry, str):
+        return entry
+    try:
+        return KeyMapRules.from_mapping(entry, f"{MANIFEST} key_map")
+    except ValueError as exc:
+        raise DestinationError(str(exc), hint="DEST's manifest was changed after finalize") from exc
+
+
 def open_source(
     src: Path, found: Survey, checkpoint: Path | None = None, tag: str | None = None, log_level: str = "info"
 ) -> tuple[Prepared, dict[str, str]]:
     """Open SRC the way finalize does (metadata only); also which weights finalize quantized (name -> recipe).
 
     Runs on: every rank. The checkpoint: `checkpoint` / `tag`, else the one DEST's manifest records when it lies
-    inside SRC, else the latest. Names are mapped through the source's config.json, else DEST's.
+    inside SRC, else the latest. Names are mapped through the source's config.json, else DEST's, with the key map
+    the manifest records.
     """
     source = found.manifest.get("source") if found.manifest else None
     recorded = source.get("path") if isinstance(source, dict) else None
@@ -90,7 +102,8 @@ def open_source(
     phantom = Path(tempfile.gettempdir()) / f"distfinalize-verify-{uuid.uuid4().hex}"
     base_model = found.dest if (found.dest / "config.json").is_file() else None
     config = FinalizeConfig(src=src, dest=phantom, checkpoint=checkpoint, tag=tag, base_model=base_model,
-                            log_level=log_level, quantize=quant.recipe if quant else None,
+                            log_level=log_level, key_map=recorded_key_map(found.manifest),
+                            quantize=quant.recipe if quant else None,
                             quantize_ignore=quant.ignore if quant else ())  # fmt: skip
     prepared = prepare(config)
     return prepared, quantized_tensors(config, prepared)

@@ -1,6 +1,7 @@
 """Checkpoint tensor names -> Hugging Face names, checked against the model config.json describes.
 
-Key maps live in a registry (by model family / trainer). Wrapper segments that training adds
+Key maps live in a registry (by model family / trainer); anything else is described by a YAML file of ordered
+regex renames and a drop list (--key-map FILE, KeyMapRules). Wrapper segments that training adds
 (`_orig_mod.` from torch.compile, `_fsdp_wrapped_module.`, `_checkpoint_wrapped_module.`, DDP's
 leading `module.`) are always removed. With a ModelSpec, the map and the container prefix are chosen
 so the names match the architecture exactly; otherwise the names are taken as they are. Pure: runs on
@@ -13,9 +14,11 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 from distfinalize.architecture import ModelSpec
-from distfinalize.errors import KeyMappingError, SourceError
+from distfinalize.errors import KeyMappingError, SourceError, UsageError
 from distfinalize.sources import TensorMeta
 
 log = logging.getLogger(__name__)
@@ -102,6 +105,89 @@ register_key_map(KeyMap("torchtitan-llama", torchtitan_llama_name, "torchtitan's
 
 
 @dataclass(frozen=True)
+class KeyMapRules:
+    """A user's key map (--key-map FILE): names matching a `drop` pattern are left out; the others get the first
+    `rename` rule whose pattern matches (re.search), substituted with re.sub, as transformers' `key_mapping`
+    does; names no rule matches are kept. Pure: the file is read by load_key_map_file."""
+
+    rename: tuple[tuple[str, str], ...] = ()
+    drop: tuple[str, ...] = ()
+    path: str = "key map"  # where the rules came from, for messages
+
+    def __post_init__(self) -> None:
+        for pattern in (*(p for p, _ in self.rename), *self.drop):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{self.path}: {pattern!r} is not a regular expression ({exc})") from None
+
+    @classmethod
+    def from_mapping(cls, data: object, path: str) -> KeyMapRules:
+        """From the YAML/JSON form: {rename: [[PATTERN, REPLACEMENT], ...], drop: [PATTERN, ...]}. ValueError
+        names what is wrong."""
+        shape = "a mapping with 'rename' (a list of [PATTERN, REPLACEMENT] pairs) and/or 'drop' (a list of PATTERNs)"
+        if not isinstance(data, dict) or not data or set(data) - {"rename", "drop"}:
+            raise ValueError(f"{path}: a key map file holds {shape}")
+        rename, drop = data.get("rename") or [], data.get("drop") or []
+        pairs = [
+            tuple(r)
+            for r in rename
+            if isinstance(r, list | tuple) and len(r) == 2 and all(isinstance(x, str) for x in r)
+        ]
+        if not isinstance(rename, list) or len(pairs) != len(rename):
+            raise ValueError(f"{path}: 'rename' must be a list of [PATTERN, REPLACEMENT] string pairs")
+        if not isinstance(drop, list) or not all(isinstance(p, str) for p in drop):
+            raise ValueError(f"{path}: 'drop' must be a list of PATTERN strings")
+        return cls(tuple(pairs), tuple(drop), path)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The YAML/JSON form (recorded in the manifest, so that `verify` maps names the same way)."""
+        return {"rename": [list(pair) for pair in self.rename], "drop": list(self.drop)}
+
+    def apply(self, name: str) -> str | None:
+        """One name through the rules: None when dropped."""
+        if any(re.search(p, name) for p in self.drop):
+            return None
+        for pattern, replacement in self.rename:
+            renamed, count = re.subn(pattern, replacement, name)
+            if count:
+                return renamed
+        return name
+
+    def key_map(self) -> KeyMap:
+        return KeyMap(f"file {self.path}", self.apply, f"{len(self.rename)} rename(s), {len(self.drop)} drop(s)")
+
+
+def load_key_map_file(path: Path) -> KeyMapRules:
+    """Read --key-map FILE (YAML, of which JSON is a subset). Raises UsageError naming the file. Runs on: all
+    ranks (a few lines)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+        return KeyMapRules.from_mapping(data, str(path))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise UsageError("cannot read the --key-map file", where=path, hint=str(exc).splitlines()[0]) from exc
+    except ValueError as exc:
+        raise UsageError(str(exc).removeprefix(f"{path}: "), where=path, hint=KEY_MAP_FILE_HINT) from exc
+
+
+KEY_MAP_FILE_HINT = "see README, 'Key map files': rename: [[PATTERN, REPLACEMENT], ...], drop: [PATTERN, ...]"
+
+
+def resolve_key_map(value: str | None) -> str | KeyMapRules | None:
+    """--key-map's value: a registered name stays a name; an existing file is read as KeyMapRules."""
+    if value is None or value in KEY_MAPS:
+        return value
+    path = Path(value)
+    if path.is_file() or path.suffix in (".yaml", ".yml", ".json") or "/" in value:
+        return load_key_map_file(path)
+    raise UsageError(f"unknown key map {value!r}",
+                     hint=f"choose one of {', '.join(sorted(KEY_MAPS))}, or pass a YAML file of renames "
+                          f"({KEY_MAP_FILE_HINT})")  # fmt: skip
+
+
+@dataclass(frozen=True)
 class MappedTensors:
     """The outcome of mapping: output tensors (Hugging Face names, model order) and what was dropped."""
 
@@ -112,19 +198,25 @@ class MappedTensors:
     rope_heads: Mapping[str, int] = field(default_factory=dict)  # output name -> heads to rotary-permute by
 
 
-def map_names(tensors: Sequence[TensorMeta], spec: ModelSpec | None, key_map: str | None = None) -> MappedTensors:
+def map_names(
+    tensors: Sequence[TensorMeta], spec: ModelSpec | None, key_map: str | KeyMapRules | None = None
+) -> MappedTensors:
     """Rename the checkpoint's tensors; with a spec, choose the map and prefix that match it exactly.
 
     Raises KeyMappingError when no candidate matches, naming unmatched and missing tensors.
     """
-    if key_map is not None and key_map not in KEY_MAPS:
+    if isinstance(key_map, KeyMapRules):
+        maps = [key_map.key_map()]
+    elif key_map is not None and key_map not in KEY_MAPS:
         raise KeyMappingError(f"unknown key map {key_map!r}", hint=f"choose one of {', '.join(sorted(KEY_MAPS))}")
-    maps = [KEY_MAPS[key_map]] if key_map else list(KEY_MAPS.values())
+    else:
+        maps = [KEY_MAPS[key_map]] if key_map else list(KEY_MAPS.values())
     if spec is None:
         chosen = maps[0]
         renamed = _rename(tensors, chosen, "")
         if renamed is None:
-            raise KeyMappingError(f"key map {chosen.name!r} maps two tensors to the same name")
+            raise KeyMappingError(f"key map {chosen.name!r} gives two checkpoint tensors the same name",
+                                  hint="make the renames of --key-map FILE distinct")  # fmt: skip
         return MappedTensors(tuple(renamed), chosen.name, "", ())
     best: tuple[int, list[TensorMeta], KeyMap, str] | None = None
     for candidate in maps:
@@ -137,7 +229,10 @@ def map_names(tensors: Sequence[TensorMeta], spec: ModelSpec | None, key_map: st
                 best = (score, renamed, candidate, prefix)
             if score == len(renamed) and _missing(renamed, spec) == []:
                 return _finish(renamed, spec, candidate, prefix)
-    _, renamed, candidate, _ = best  # type: ignore[misc]  (maps is never empty)
+    if best is None:
+        raise KeyMappingError(f"key map {maps[0].name!r} gives two checkpoint tensors the same name",
+                              hint="make the renames of --key-map FILE distinct")  # fmt: skip
+    _, renamed, candidate, _ = best
     raise _mismatch_error(renamed, spec, candidate)
 
 
@@ -205,8 +300,8 @@ def _mismatch_error(renamed: list[TensorMeta], spec: ModelSpec, key_map: KeyMap)
     return KeyMappingError(
         "checkpoint tensor names do not match config.json's model (" + "; ".join(parts) + ")",
         where=spec.config_path,
-        hint=f"known key maps: {', '.join(sorted(KEY_MAPS))}; pass --key-map NAME, or check that config.json "
-        "belongs to this checkpoint",
+        hint=f"pass --key-map NAME (known: {', '.join(sorted(KEY_MAPS))}) or --key-map FILE, a YAML of ordered regex "
+        "renames and a drop list (README, 'Key map files'); or check that config.json belongs to this checkpoint",
     )
 
 

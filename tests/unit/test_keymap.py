@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+from pathlib import Path
+
 import common
 import pytest
 import torch
 
 from distfinalize.architecture import ModelSpec, load_model_spec
-from distfinalize.errors import KeyMappingError, SourceError
+from distfinalize.errors import KeyMappingError, SourceError, UsageError
 from distfinalize.sources import TensorMeta
-from distfinalize.transform.keymap import map_names, strip_wrappers
+from distfinalize.transform.keymap import KeyMapRules, map_names, resolve_key_map, strip_wrappers
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
@@ -79,3 +83,52 @@ def test_strip_wrappers_only_whole_segments() -> None:
 def test_unknown_key_map(spec: ModelSpec) -> None:
     with pytest.raises(KeyMappingError, match="unknown key map 'nope'"):
         map_names(checkpoint_tensors(spec), spec, key_map="nope")
+
+
+def test_key_map_rules_first_match_wins_and_drops_first() -> None:
+    rules = KeyMapRules.from_mapping(
+        {"rename": [[r"^a\.(\d+)\.", r"b.\1."], [r"^a\.", "c."]], "drop": [r"\.tmp$"]}, "rules.yaml"
+    )
+    assert rules.apply("a.3.w") == "b.3.w"  # the first matching rule only
+    assert rules.apply("a.x.w") == "c.x.w"
+    assert rules.apply("a.3.tmp") is None  # drops are checked before renames
+    assert rules.apply("other.w") == "other.w"  # no rule: kept as it is
+    assert KeyMapRules.from_mapping(rules.to_mapping(), "again") == KeyMapRules(rules.rename, rules.drop, "again")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"rename": [["(", "x"]]}, "'(' is not a regular expression"),
+        ({"rename": [["a", "b", "c"]]}, "'rename' must be a list of [PATTERN, REPLACEMENT] string pairs"),
+        ({"drop": "x"}, "'drop' must be a list of PATTERN strings"),
+        ({"rename": [], "other": 1}, "a key map file holds a mapping"),
+        ([], "a key map file holds a mapping"),
+    ],
+)
+def test_key_map_rules_validation(data: object, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        KeyMapRules.from_mapping(data, "rules.yaml")
+
+
+def test_resolve_key_map(tmp_path: Path) -> None:
+    assert resolve_key_map(None) is None and resolve_key_map("torchtitan-llama") == "torchtitan-llama"
+    path = tmp_path / "m.yaml"
+    path.write_text("drop: ['^x']\n")
+    assert resolve_key_map(str(path)) == KeyMapRules((), ("^x",), str(path))
+    with pytest.raises(UsageError, match="cannot read the --key-map file"):
+        resolve_key_map(str(tmp_path / "missing.yaml"))
+    with pytest.raises(UsageError, match=r"unknown key map 'llama9'.*or pass a YAML file"):
+        resolve_key_map("llama9")
+
+
+def test_map_names_with_rules(spec: ModelSpec) -> None:
+    tensors = checkpoint_tensors(spec, lambda n: n.replace("model.layers.", "blocks."))
+    tensors.append(TensorMeta("k:rot", "blocks.0.rot.inv_freq", (4,), torch.float32))
+    rules = KeyMapRules(((r"^blocks\.", "model.layers."),), (), "f.yaml")
+    with pytest.raises(
+        KeyMappingError, match=re.escape("unknown to LlamaForCausalLM, e.g. 'model.layers.0.rot.inv_freq'")
+    ):
+        map_names(tensors, spec, rules)
+    mapped = map_names(tensors, spec, replace(rules, drop=("inv_freq$",)))
+    assert mapped.key_map == "file f.yaml" and [t.name for t in mapped.tensors] == list(spec.names)
