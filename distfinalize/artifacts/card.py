@@ -135,11 +135,13 @@ def quantization_lines(recipe: str | None, unquantized: tuple[str, ...]) -> list
     """The card's quantization bullets: the recipe, what it is, and the Linear modules left unquantized."""
     if recipe is None:
         return ["- Quantization: none"]
-    from distfinalize.transform.quantize import get_recipe
+    from distfinalize.transform.quantize import RECIPES
 
+    known = RECIPES.get(recipe)
+    what = f", {known.description} (round-to-nearest, no calibration)" if known is not None else ""
     left = ", ".join(f"`{p}`" if n == 1 else f"`{p}` ({n} modules)" for p, n in group_modules(unquantized))
     return [
-        f"- Quantization: `{recipe}`, {get_recipe(recipe).description} (round-to-nearest, no calibration)",
+        f"- Quantization: {recipe}{what}",
         f"- Left unquantized: embeddings, norms, biases{', and the Linear layers ' + left if left else ''}",
     ]
 

@@ -56,7 +56,7 @@ def test_quantized_output_loads_and_matches(fsdp2_runs: Path, tmp_path: Path, re
     if recipe.startswith("torchao-"):  # torchao's metadata for the whole model, in every file
         assert len(json.loads(next(iter(headers.values()))["tensor_names"])) == len(reference)
     card = (dest / "README.md").read_text()
-    assert f"- Quantization: `{recipe}`, {quant.description}" in card
+    assert f"- Quantization: {recipe}, {quant.description}" in card
     assert "- Left unquantized: embeddings, norms, biases, and the Linear layers `lm_head`" in card
 
     model = AutoModelForCausalLM.from_pretrained(dest).eval()

@@ -232,7 +232,7 @@ def test_card_groups_unquantized_modules() -> None:
         ("model.layers.*.mlp.down_proj", 3), ("model.layers.3.self_attn.o_proj", 1), ("lm_head", 1),
     ]  # fmt: skip
     lines = quantization_lines("torchao-int4", tuple(names))
-    assert lines[0].startswith("- Quantization: `torchao-int4`, W4A16: torchao IntxWeightOnlyConfig")
+    assert lines[0].startswith("- Quantization: torchao-int4, W4A16: torchao IntxWeightOnlyConfig")
     assert lines[1] == (
         "- Left unquantized: embeddings, norms, biases, and the Linear layers `model.layers.*.mlp.down_proj` "
         "(3 modules), `model.layers.3.self_attn.o_proj`, `lm_head`"
