@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quantize", nargs="?", const="fp8", metavar="RECIPE",
         help="quantize Linear weights on the device while writing: fp8 (the default recipe; compressed-tensors "
-        "float-quantized, per channel), fp8-block (transformers fp8, 128x128), int8 (W8A16), int4 (W4A16, group 128)",
+        "float-quantized, per channel), fp8-block (transformers fp8, 128x128), int8 (W8A16), int4 (W4A16, group 128); "
+        "torchao-int8, torchao-fp8, torchao-int4 (torchao's own safetensors format)",
     )  # fmt: skip
     parser.add_argument(
         "--quantize-ignore", action="append", default=[], metavar="REGEX",

@@ -49,5 +49,9 @@ class MissingDependencyError(DistfinalizeError):
     """An optional dependency is not installed; the hint gives the install command."""
 
 
+class DeviceError(DistfinalizeError):
+    """The rank's device (or the model dtype) cannot run what was asked, e.g. a recipe that needs a newer GPU."""
+
+
 class RankFailure(DistfinalizeError):
     """Raised on every rank whose peer failed, naming the failed rank and step."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from distfinalize.errors import DestinationError
 from distfinalize.plan import FilePlan, Plan, TensorPlan
 from distfinalize.sources import Source, TensorReader
 from distfinalize.transform.cast import to_output
-from distfinalize.write import SafetensorsWriter, file_sha256, layout
+from distfinalize.write import DEFAULT_METADATA, SafetensorsWriter, file_sha256, layout
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def write_rank_files(
         for file in files:
             finished = reusable(file, directory, progress_dir) if resume else None
             if finished is None:
-                finished = write_file(file, reader, directory, device, read_batch_bytes, bar)
+                finished = write_file(file, reader, directory, device, read_batch_bytes, bar, plan.metadata)
                 if progress_dir is not None:
                     record_progress(progress_dir, finished)
             else:
@@ -72,11 +72,13 @@ def write_rank_files(
 
 
 def write_file(
-    file: FilePlan, reader: TensorReader, directory: Path, device: torch.device, read_batch_bytes: int, bar: tqdm
-) -> WrittenFile:
-    """Read, transform and write one output file, in file order."""
+    file: FilePlan, reader: TensorReader, directory: Path, device: torch.device, read_batch_bytes: int, bar: tqdm,
+    metadata: Mapping[str, str] | None = None,
+) -> WrittenFile:  # fmt: skip
+    """Read, transform and write one output file, in file order; `metadata` joins the header's {"format": "pt"}."""
     path = directory / file.filename
-    file_layout = layout([(name, shape, dtype) for t in file.tensors for name, (shape, dtype) in t.outputs.items()])
+    tensors = [(name, shape, dtype) for t in file.tensors for name, (shape, dtype) in t.outputs.items()]
+    file_layout = layout(tensors, {**DEFAULT_METADATA, **(metadata or {})})
     ordered = sorted(file.tensors, key=lambda t: min(file_layout.slots[name].start for name in t.outputs))
     try:
         writer = SafetensorsWriter(path, file_layout)

@@ -93,7 +93,7 @@ class Outcome:
 
 def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     """Finalize config.src into config.dest with every rank of `ctx`. Runs on: all ranks."""
-    prepared = ctx.run_step("prepare", lambda: prepare(config))[ctx.rank]
+    prepared = ctx.run_step("prepare", lambda: prepare(config, ctx.device))[ctx.rank]
     tied_head = ctx.run_step("tie check", lambda: check_tied(prepared), ranks="rank0")[0]
     if tied_head is not None:
         prepared = replace(prepared, tensors=tuple(t for t in prepared.tensors if t.name != tied_head), tied=True)
@@ -148,8 +148,9 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     return Outcome(config.dest, plan, prepared.source.info, files, False, report)
 
 
-def prepare(config: FinalizeConfig) -> Prepared:
-    """Locate and open the checkpoint, read config.json, map names, choose the dtype. Runs on: all ranks."""
+def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepared:
+    """Locate and open the checkpoint, read config.json, map names, choose the dtype; refuse a --quantize recipe
+    this rank's `device` cannot run. Runs on: all ranks."""
     check_destination(config.dest, config.src)
     check_readable(config.src)
     located = locate(config.src, config.checkpoint, config.tag)
@@ -169,6 +170,10 @@ def prepare(config: FinalizeConfig) -> Prepared:
         log_rank0(log, message + " (pass --base-model DIR)", located.path, level=logging.WARNING)
     mapped = map_names(source.tensors, spec, config.key_map)
     dtype, reason = choose_dtype(config, spec, mapped.tensors, source.info.training_dtype)
+    if config.quantize is not None and device is not None:
+        from distfinalize.transform.quantize import check_requirement, get_recipe
+
+        check_requirement(get_recipe(config.quantize), device, dtype, where=f"device {device}")
     return Prepared(source, spec, config_path, mapped.tensors, dtype, reason, tuple(search), mapped.rope_heads)
 
 
@@ -277,6 +282,15 @@ def quantization_config(config: FinalizeConfig, prepared: Prepared) -> dict | No
     """The recipe's config.json block, listing the 2-D weights left unquantized."""
     if config.quantize is None:
         return None
+    from distfinalize.transform.quantize import get_recipe
+
+    return get_recipe(config.quantize).config_block(unquantized_modules(config, prepared))
+
+
+def unquantized_modules(config: FinalizeConfig, prepared: Prepared) -> list[str]:
+    """Module names of the Linear weights --quantize leaves as they are (config block and card). Pure."""
+    if config.quantize is None:
+        return []
     from distfinalize.transform.quantize import ignored_modules
 
     rules = quantization_rules(config, prepared)
@@ -286,7 +300,7 @@ def quantization_config(config: FinalizeConfig, prepared: Prepared) -> dict | No
         tensors.append((output_embedding, ()))  # written once as the input embedding; listed as ignored too
     input_embedding = rules["spec_input_embedding"]
     linears = [(n, s) for n, s in tensors if s and n != input_embedding]  # an embedding is not a Linear
-    return rules["recipe"].config_block(ignored_modules(linears, output_embedding, **rules))
+    return ignored_modules(linears, output_embedding, **rules)
 
 
 def plan_optimizer(config: FinalizeConfig, prepared: Prepared) -> OptimizerCopy | None:
@@ -347,6 +361,7 @@ def card_info(config: FinalizeConfig, prepared: Prepared) -> CardInfo:
         saved_world_size=info.saved_world_size,
         dtype=str(prepared.dtype).removeprefix("torch.") if prepared.dtype else None,
         quantization=config.quantize,
+        unquantized=tuple(unquantized_modules(config, prepared)),
         base_model_id=config.card.base_model_id,
         datasets=config.card.datasets,
         training_method=config.card.training_method,

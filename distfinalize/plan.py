@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,7 +41,7 @@ class TensorPlan:
             return {self.name: (self.shape, self.dtype)}
         from distfinalize.transform.quantize import get_recipe
 
-        return get_recipe(self.quant).outputs(self.name, self.shape)
+        return get_recipe(self.quant).outputs(self.name, self.shape, self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -67,10 +67,11 @@ class FilePlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """Every output file, in order, for a job of `world_size` ranks."""
+    """Every output file, in order, for a job of `world_size` ranks, and the header metadata each file carries."""
 
     files: tuple[FilePlan, ...]
     world_size: int
+    metadata: Mapping[str, str] = field(default_factory=dict)  # besides {"format": "pt"}; from the recipe
 
     @property
     def sharded(self) -> bool:
@@ -169,7 +170,18 @@ def build_plan(
     names = file_names(len(groups))
     ranks = assign_ranks([sum(t.nbytes for t in g) for g in groups], world_size)
     files = tuple(FilePlan(n, r, tuple(g)) for n, r, g in zip(names, ranks, groups, strict=True))
-    return Plan(files, world_size)
+    return Plan(files, world_size, file_metadata([t for g in groups for t in g]))
+
+
+def file_metadata(tensors: Sequence[TensorPlan]) -> dict[str, str]:
+    """The header metadata the quantization recipe asks every file to carry (Recipe.file_metadata). Pure."""
+    recipes = sorted({t.quant for t in tensors if t.quant is not None})
+    if not recipes:
+        return {}
+    from distfinalize.transform.quantize import get_recipe
+
+    described = [(t.name, t.shape, t.dtype, t.quant is not None) for t in tensors]
+    return {k: v for name in recipes for k, v in get_recipe(name).file_metadata(described).items()}
 
 
 def fingerprint(plan: Plan) -> str:
@@ -182,7 +194,7 @@ def fingerprint(plan: Plan) -> str:
                        t.rope_heads, t.quant] for t in f.tensors]]
         for f in plan.files
     ]  # fmt: skip
-    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([files, dict(plan.metadata)]).encode()).hexdigest()
 
 
 def describe(plan: Plan) -> Mapping[str, object]:

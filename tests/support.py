@@ -46,12 +46,15 @@ def check_ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess
     return result
 
 
-def read_output(dest: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a finalized dir, and which file each came from (read from the files themselves)."""
+def read_output(dest: Path, header_extra: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a finalized dir, and which file each came from (read from the files themselves).
+
+    Each header's metadata is {"format": "pt"}, plus other keys only when `header_extra` (torchao-* recipes)."""
     tensors, where = {}, {}
     for path in sorted(dest.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
-            assert f.metadata() == {"format": "pt"}, path
+            metadata = f.metadata()
+            assert (metadata["format"] == "pt") if header_extra else (metadata == {"format": "pt"}), path
             for name in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
                 assert name not in tensors, f"{name} is in two files"
                 tensors[name] = f.get_tensor(name)

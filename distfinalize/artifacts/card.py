@@ -46,6 +46,7 @@ class CardInfo:
     dtype: str | None
     quantization: str | None
     base_model_id: str | None
+    unquantized: tuple[str, ...] = ()  # Linear modules --quantize left as they are
     datasets: tuple[str, ...] = ()
     training_method: str | None = None
     log_urls: tuple[str, ...] = ()
@@ -105,7 +106,7 @@ def card_body(info: CardInfo, name: str) -> str:
         "## Weights",
         "",
         f"- dtype: {info.dtype or 'as stored'}",
-        f"- Quantization: {info.quantization or 'none'}",
+        *quantization_lines(info.quantization, info.unquantized),
         "",
         "## Library versions",
         "",
@@ -128,6 +129,30 @@ def card_body(info: CardInfo, name: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def quantization_lines(recipe: str | None, unquantized: tuple[str, ...]) -> list[str]:
+    """The card's quantization bullets: the recipe, what it is, and the Linear modules left unquantized."""
+    if recipe is None:
+        return ["- Quantization: none"]
+    from distfinalize.transform.quantize import RECIPES
+
+    known = RECIPES.get(recipe)
+    what = f", {known.description} (round-to-nearest, no calibration)" if known is not None else ""
+    left = ", ".join(f"`{p}`" if n == 1 else f"`{p}` ({n} modules)" for p, n in group_modules(unquantized))
+    return [
+        f"- Quantization: {recipe}{what}",
+        f"- Left unquantized: embeddings, norms, biases{', and the Linear layers ' + left if left else ''}",
+    ]
+
+
+def group_modules(names: tuple[str, ...] | list[str]) -> list[tuple[str, int]]:
+    """Module names grouped by pattern, layer numbers as `*`: [("model.layers.*.mlp.down_proj", 32), ...];
+    a pattern only one module matches stays that module's name. Pure."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name), []).append(name)
+    return [(members[0], 1) if len(members) == 1 else (p, len(members)) for p, members in groups.items()]
 
 
 def library_versions(extras: tuple[str, ...] = ()) -> list[tuple[str, str]]:

@@ -411,7 +411,7 @@ def dtype_check(found: Survey, files: Sequence[FileFindings], dtype: torch.dtype
         quant = recorded_quantization(found.manifest)
     except DistfinalizeError as exc:
         quant, problems = None, [*problems, exc.what]
-    stored = get_recipe(quant.recipe).stored_dtypes() if quant else {}
+    stored = get_recipe(quant.recipe).stored_dtypes(dtype) if quant else {}
     quantized = 0
     for f in files:
         if f.header is None:

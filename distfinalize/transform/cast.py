@@ -21,7 +21,7 @@ def to_output(tensor: torch.Tensor, plan: TensorPlan, device: torch.device) -> d
     if plan.quant is not None:
         from distfinalize.transform.quantize import get_recipe
 
-        outputs = get_recipe(plan.quant).quantize(plan.name, tensor)
+        outputs = get_recipe(plan.quant).quantize(plan.name, tensor, plan.dtype)
     else:
         outputs = {plan.name: tensor.to(plan.dtype)}
     return {name: t.cpu().contiguous() for name, t in outputs.items()}

@@ -15,11 +15,11 @@ import math
 import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from distfinalize.errors import MissingDependencyError
+from distfinalize.errors import DeviceError, MissingDependencyError
 
 INSTALL_HINT = "pip install 'distfinalize[quant]'  (torchao and compressed-tensors)"
 BLOCK = 128  # fp8-block tile and int4 group size
@@ -50,6 +50,35 @@ class OutputSpec:
     dtype: torch.dtype
 
 
+@dataclass(frozen=True)
+class Requirement:
+    """What a recipe's math needs from the rank's device and the model dtype; checked once, up front."""
+
+    cpu: bool = True  # the math runs on CPU
+    min_cuda_capability: tuple[int, int] | None = None  # on CUDA: the oldest compute capability it runs on
+    dtypes: tuple[torch.dtype, ...] = ()  # model dtypes it accepts; () for any
+    needed_by: str = ""  # what needs it, for the error message
+
+    def problem(self, device_type: str, capability: tuple[int, int] | None, dtype: torch.dtype | None) -> str | None:
+        """Why a device of this type (and CUDA compute capability) or this model dtype cannot run the recipe;
+        None when it can. Pure."""
+        if device_type == "cpu" and not self.cpu:
+            need = f" of compute capability {_capability(self.min_cuda_capability)} or newer"
+            return f"needs a CUDA GPU{need if self.min_cuda_capability else ''}, and this rank runs on the CPU"
+        minimum = self.min_cuda_capability
+        if device_type == "cuda" and minimum is not None and (capability is None or tuple(capability) < minimum):
+            have = _capability(capability) if capability is not None else "unknown"
+            return f"needs a CUDA GPU of compute capability {_capability(minimum)} or newer; this rank's GPU has {have}"
+        if self.dtypes and dtype is not None and dtype not in self.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            return f"needs {names} weights, and the output dtype is {str(dtype).removeprefix('torch.')}"
+        return None
+
+
+def _capability(capability: tuple[int, int] | None) -> str:
+    return ".".join(map(str, capability)) if capability else "none"
+
+
 def module_of(weight_name: str) -> str:
     """``a.b.weight`` -> ``a.b``; the names the config blocks' ignore lists use."""
     if not weight_name.endswith(".weight"):
@@ -65,9 +94,12 @@ class Recipe:
     description: str
     format: str  # on-disk format, as the loader calls it
     torchao_config: str  # the torchao quantize_ config whose math this recipe runs, by name
+    requires: Requirement = Requirement()
 
-    def specs(self, shape: tuple[int, ...]) -> tuple[OutputSpec, ...]:
-        """The tensors written for a weight of this shape. Pure."""
+    casts_first: ClassVar[bool] = False  # quantize the weight cast to the model dtype (else from float32)
+
+    def specs(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> tuple[OutputSpec, ...]:
+        """The tensors written for a weight of this shape, written for a model of `dtype`. Pure."""
         raise NotImplementedError
 
     def supports(self, shape: tuple[int, ...]) -> bool:
@@ -87,28 +119,40 @@ class Recipe:
         """The ``quantization_config`` for config.json; `ignored` are module names left unquantized."""
         raise NotImplementedError
 
-    def stored_dtypes(self) -> dict[str, torch.dtype]:
-        """Suffix -> dtype of the tensors written for each quantized weight (the same for every shape). Pure."""
-        return {s.suffix: s.dtype for s in self.specs((BLOCK, BLOCK))}
+    def stored_dtypes(self, dtype: torch.dtype | None = None) -> dict[str, torch.dtype]:
+        """Suffix -> dtype of the tensors written for each quantized weight of a `dtype` model (the same for every
+        shape). Pure."""
+        return {s.suffix: s.dtype for s in self.specs((BLOCK, BLOCK), dtype)}
 
-    def outputs(self, weight_name: str, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def file_metadata(self, tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype, bool]]) -> dict[str, str]:
+        """Header ``__metadata__`` every output file carries, given (name, shape, dtype, quantized) of every
+        tensor the model writes. None by default. Pure. Runs on: all ranks (the plan)."""
+        return {}
+
+    def outputs(
+        self, weight_name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Output name -> (shape, dtype) for one weight, from metadata alone. Runs on: all ranks (the plan)."""
         module = module_of(weight_name)
         _check_2d(weight_name, shape)
-        return {f"{module}.{s.suffix}": (s.shape, s.dtype) for s in self.specs(tuple(shape))}
+        return {f"{module}.{s.suffix}": (s.shape, s.dtype) for s in self.specs(tuple(shape), dtype)}
 
-    def output_bytes(self, shape: tuple[int, ...]) -> int:
+    def output_bytes(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> int:
         """Bytes written for a weight of this shape (for the plan's file split). Pure."""
-        return sum(math.prod(s.shape) * s.dtype.itemsize for s in self.specs(tuple(shape)))
+        return sum(math.prod(s.shape) * s.dtype.itemsize for s in self.specs(tuple(shape), dtype))
 
     @torch.no_grad()
-    def quantize(self, weight_name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Quantize on the weight's device; keys and shapes exactly those of outputs().
+    def quantize(
+        self, weight_name: str, weight: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Quantize on the weight's device for a model of `dtype`; keys and shapes exactly those of outputs().
 
         Runs on: the rank that owns the tensor.
         """
         module = module_of(weight_name)
         _check_2d(weight_name, tuple(weight.shape))
+        if self.casts_first and dtype is not None:
+            weight = weight.to(dtype)
         return {f"{module}.{k}": v for k, v in self._quantize(weight).items()}
 
     def dequantize(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -156,7 +200,7 @@ def _float8(weight: torch.Tensor, block: list[int]) -> tuple[torch.Tensor, torch
 class Fp8Channel(Recipe):
     """compressed-tensors float-quantized: e4m3 weight [N,K], float32 weight_scale [N,1], dynamic per-token acts."""
 
-    def specs(self, shape: tuple[int, ...]) -> tuple[OutputSpec, ...]:
+    def specs(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> tuple[OutputSpec, ...]:
         n, k = shape
         return (OutputSpec("weight", (n, k), FP8), OutputSpec("weight_scale", (n, 1), torch.float32))
 
@@ -182,7 +226,7 @@ class Fp8Channel(Recipe):
 class Fp8Block(Recipe):
     """transformers fp8: e4m3 weight [N,K], float32 weight_scale_inv [ceil(N/128), ceil(K/128)], 128x128 tiles."""
 
-    def specs(self, shape: tuple[int, ...]) -> tuple[OutputSpec, ...]:
+    def specs(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> tuple[OutputSpec, ...]:
         n, k = shape
         grid = (math.ceil(n / BLOCK), math.ceil(k / BLOCK))
         return (OutputSpec("weight", (n, k), FP8), OutputSpec("weight_scale_inv", grid, torch.float32))
@@ -237,7 +281,7 @@ class PackedInt(Recipe):
     def _group(self, k: int) -> int:
         return k if self.group_size is None else self.group_size
 
-    def specs(self, shape: tuple[int, ...]) -> tuple[OutputSpec, ...]:
+    def specs(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> tuple[OutputSpec, ...]:
         n, k = shape
         return (
             OutputSpec("weight_packed", (n, math.ceil(k * self.num_bits / 32)), torch.int32),
@@ -355,7 +399,34 @@ RECIPES: dict[str, Recipe] = {
         ),
     )
 }
+
+
+def _register_torchao_recipes() -> None:
+    from distfinalize.transform.torchao_format import TORCHAO_RECIPES  # imports Recipe from here
+
+    RECIPES.update({r.name: r for r in TORCHAO_RECIPES})
+
+
+_register_torchao_recipes()
 DEFAULT_RECIPE = "fp8"
+
+
+def check_requirement(recipe: Recipe, device: torch.device, dtype: torch.dtype | None, where: str) -> None:
+    """Refuse up front a recipe the rank's device or the model dtype cannot run (DeviceError).
+
+    Runs on: every rank, in the prepare step, before anything is written.
+    """
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    problem = recipe.requires.problem(device.type, capability, dtype)
+    if problem is None:
+        return
+    others = [r.name for r in RECIPES.values() if r.requires.problem(device.type, capability, dtype) is None]
+    raise DeviceError(
+        f"--quantize {recipe.name} {problem}",
+        where=where,
+        hint=f"{recipe.requires.needed_by + '; ' if recipe.requires.needed_by else ''}run it where that holds, "
+        f"or choose a recipe this machine runs: {', '.join(others)}",
+    )
 
 
 def get_recipe(name: str) -> Recipe:

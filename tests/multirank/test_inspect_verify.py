@@ -322,6 +322,19 @@ def test_verify_quantized_output_within_the_recipe_bound(fsdp2_runs: Path, quant
     assert "11 weight(s) stored as the int8 recipe stores them" in found["dtype"]["detail"]
 
 
+def test_verify_torchao_output(fsdp2_runs: Path, tmp_path: Path) -> None:
+    """torchao's serialization (tensor-subclass fields, header metadata), finalized in bfloat16 by 2 ranks."""
+    pytest.importorskip("torchao", reason="torchao is the `quant` extra: pip install 'distfinalize[quant]'")
+    run, dest = fsdp2_runs / "untied-optim", tmp_path / "out"
+    check_ok(finalize(run, dest, "--quantize", "torchao-int8", "--dtype", "bfloat16", "--max-shard-size", SHARD,
+                      nproc=2))  # fmt: skip
+    found = rows(check_ok(cli("verify", dest, "--source", run, "--json", nproc=2)))
+    assert all(row["status"] == "pass" for row in found.values()), found
+    assert found["source tensors"]["detail"].startswith(
+        "7 tensors bit-exact and 14 quantized weight(s) within the recipe's rounding bound"
+    )
+
+
 def rewrite_tensor(dest: Path, name: str, change: Callable[[torch.Tensor], torch.Tensor]) -> str:
     """Replace one tensor of DEST by change(tensor) in the file that holds it; returns the file's name."""
     from safetensors.torch import load_file, save_file

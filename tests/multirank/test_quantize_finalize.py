@@ -3,6 +3,7 @@ plain safetensors in the recipe's format, and transformers loads them. Real FSDP
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import common
@@ -16,24 +17,26 @@ pytestmark = pytest.mark.dist
 pytest.importorskip("torchao", reason="torchao is the `quant` extra: pip install 'distfinalize[quant]'")
 pytest.importorskip("compressed_tensors", reason="compressed-tensors is the `quant` extra")
 
+from safetensors import safe_open  # noqa: E402
+
 from distfinalize.transform.quantize import get_recipe  # noqa: E402
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")  # fmt: skip
 
 
-@pytest.mark.parametrize(("recipe", "nproc"), [("fp8", 2), ("int8", 3)])
+@pytest.mark.parametrize(("recipe", "nproc"), [("fp8", 2), ("int8", 3), ("torchao-fp8", 2)])
 def test_quantized_output_loads_and_matches(fsdp2_runs: Path, tmp_path: Path, recipe: str, nproc: int) -> None:
     run = fsdp2_runs / "untied-optim"
     dest = tmp_path / "out"
     check_ok(finalize(run, dest, "--quantize", recipe, "--max-shard-size", "60KB", nproc=nproc))
     reference = torch.load(run / "reference.pt")
-    tensors, where = read_output(dest)
+    tensors, where = read_output(dest, header_extra=recipe.startswith("torchao-"))
     quant = get_recipe(recipe)
     for layer in range(2):
         for linear in LINEARS:
             name = f"model.layers.{layer}.{linear}.weight"
-            outputs = quant.outputs(name, tuple(reference[name].shape))
+            outputs = quant.outputs(name, tuple(reference[name].shape), reference[name].dtype)
             got = {k: tensors[k] for k in outputs}
             assert {k: (tuple(v.shape), v.dtype) for k, v in got.items()} == outputs
             assert len({where[k] for k in outputs}) == 1  # a weight and its scales share a file
@@ -45,6 +48,16 @@ def test_quantized_output_loads_and_matches(fsdp2_runs: Path, tmp_path: Path, re
     block = read_json(dest / "config.json")["quantization_config"]
     assert block == quant.config_block(["lm_head"])
     assert read_json(dest / "distfinalize-manifest.json")["quantization"] == {"recipe": recipe, "ignore": []}
+    headers = {}
+    for path in dest.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            headers[path.name] = f.metadata()
+    assert len(headers) > 2 and len({json.dumps(h, sort_keys=True) for h in headers.values()}) == 1  # one header
+    if recipe.startswith("torchao-"):  # torchao's metadata for the whole model, in every file
+        assert len(json.loads(next(iter(headers.values()))["tensor_names"])) == len(reference)
+    card = (dest / "README.md").read_text()
+    assert f"- Quantization: {recipe}, {quant.description}" in card
+    assert "- Left unquantized: embeddings, norms, biases, and the Linear layers `lm_head`" in card
 
     model = AutoModelForCausalLM.from_pretrained(dest).eval()
     with torch.no_grad():

@@ -4,8 +4,10 @@ Logit bounds, agreed from float64 references (tiny random Llama, weights N(0, 0.
 - TIGHT, every recipe: the loaded model vs a float64 model holding dequantize()'s weights (and, for fp8, per-token
   FP8 activations): max |diff| / max |logits| <= 1e-4 (measured ~1e-6). The loader reads our tensors as we mean them.
 - LOOSE, relative RMS of the logits vs the unquantized float64 model, i.e. round-to-nearest error through a random
-  2-layer net (measured fp8 0.18 incl. FP8 activations, fp8-block 0.13, int8 0.033, int4 0.47): fp8 0.3,
-  fp8-block 0.2, int8 0.06, int4 0.75.
+  2-layer net (measured fp8 0.18 incl. FP8 activations, fp8-block 0.13, int8 0.033, int4 0.47, torchao-int8 0.033,
+  torchao-fp8 0.13, torchao-int4 0.47): fp8 0.3, fp8-block 0.2, int8 0.06, int4 0.75, torchao-int8 0.06,
+  torchao-fp8 0.2, torchao-int4 0.75.
+The torchao-* recipes are written in torchao's format, header metadata included (see test_quantize_torchao.py).
 """
 
 from __future__ import annotations
@@ -41,10 +43,14 @@ SHAPES = {
     "fp8-block": [(256, 384), (128, 128), (200, 136), (130, 257), (1, 5)],
     "int8": [(256, 384), (48, 80), (200, 136), (3, 7)],
     "int4": [(256, 384), (128, 128), (8, 256)],
+    "torchao-int8": [(256, 384), (48, 80), (3, 7)],
+    "torchao-fp8": [(256, 384), (48, 80)],
+    "torchao-int4": [(256, 384), (8, 256)],
 }
 # TIGHT: max |loaded - float64 dequantized model| / max |logits|; LOOSE: relative RMS vs the unquantized model
 TIGHT = 1e-4
-LOOSE = {"fp8": 0.3, "fp8-block": 0.2, "int8": 0.06, "int4": 0.75}
+LOOSE = {"fp8": 0.3, "fp8-block": 0.2, "int8": 0.06, "int4": 0.75, "torchao-int8": 0.06, "torchao-fp8": 0.2,
+         "torchao-int4": 0.75}  # fmt: skip
 
 
 def weight(shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -57,11 +63,13 @@ def weight(shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.bfl
 @pytest.mark.parametrize("name,shape", [(n, s) for n, shapes in SHAPES.items() for s in shapes])
 def test_outputs_match_quantize(name: str, shape: tuple[int, int]) -> None:
     recipe = RECIPES[name]
-    planned = recipe.outputs("model.layers.0.mlp.up_proj.weight", shape)
-    got = recipe.quantize("model.layers.0.mlp.up_proj.weight", weight(shape))
+    planned = recipe.outputs("model.layers.0.mlp.up_proj.weight", shape, torch.bfloat16)
+    got = recipe.quantize("model.layers.0.mlp.up_proj.weight", weight(shape), torch.bfloat16)
     assert {k: (tuple(v.shape), v.dtype) for k, v in got.items()} == planned
-    assert all(k.startswith("model.layers.0.mlp.up_proj.weight") for k in planned)
-    assert recipe.output_bytes(shape) == sum(v.numel() * v.element_size() for v in got.values())
+    assert all(
+        k.startswith(("model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj._weight_")) for k in planned
+    )
+    assert recipe.output_bytes(shape, torch.bfloat16) == sum(v.numel() * v.element_size() for v in got.values())
     assert all(v.is_contiguous() and torch.isfinite(v.float()).all() for v in got.values())
 
 
@@ -70,7 +78,7 @@ def test_outputs_match_quantize(name: str, shape: tuple[int, int]) -> None:
 def test_dequantize_within_bound(name: str, shape: tuple[int, int], dtype: torch.dtype) -> None:
     recipe = RECIPES[name]
     w = weight(shape, seed=1, dtype=dtype)
-    out = recipe.quantize("x.weight", w)
+    out = recipe.quantize("x.weight", w, torch.bfloat16)  # torchao-*: cast to the model dtype first
     err = (recipe.dequantize(out) - w.float()).abs()
     assert (err <= recipe.error_bound(w, out)).all()
     assert err[0].max() == 0  # the zero row stays zero
@@ -253,7 +261,7 @@ def test_transformers_loads_on_cpu(name: str, tiny_llama: torch.nn.Module, tmp_p
         if quantizable(
             n, tuple(t.shape), "lm_head.weight", recipe=recipe, spec_input_embedding="model.embed_tokens.weight"
         ):
-            tensors = recipe.quantize(n, t)
+            tensors = recipe.quantize(n, t, t.dtype)
             out |= tensors
             reference.get_parameter(n).data.copy_(recipe.dequantize(tensors))
             if name == "fp8":  # W8A8: activations are quantized per token at run time, as vLLM does
@@ -264,7 +272,8 @@ def test_transformers_loads_on_cpu(name: str, tiny_llama: torch.nn.Module, tmp_p
     assert len(quantized) == 14  # 7 Linear per layer
     ignored = ignored_modules(shapes, "lm_head.weight", recipe=recipe, spec_input_embedding="model.embed_tokens.weight")
     assert ignored == ["model.embed_tokens", "lm_head"]
-    save_file(out, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    described = [(n, tuple(t.shape), t.dtype, n in quantized) for n, t in state.items()]
+    save_file(out, tmp_path / "model.safetensors", metadata={"format": "pt", **recipe.file_metadata(described)})
     config = tiny_config().to_dict() | {"quantization_config": recipe.config_block(ignored)}
     (tmp_path / "config.json").write_text(json.dumps(config))
 
@@ -293,8 +302,8 @@ def test_cuda_matches_cpu(name: str) -> None:
     """Quantizing on the rank's GPU gives the CPU result: identical scales, values at most one rounding apart."""
     recipe = RECIPES[name]
     w = weight((512, 384), seed=6)
-    on_cpu = recipe.quantize("x.weight", w)
-    on_gpu = recipe.quantize("x.weight", w.cuda())
+    on_cpu = recipe.quantize("x.weight", w, torch.bfloat16)
+    on_gpu = recipe.quantize("x.weight", w.cuda(), torch.bfloat16)
     assert all(t.is_cuda for t in on_gpu.values())
     assert {k: (v.shape, v.dtype) for k, v in on_gpu.items()} == {k: (v.shape, v.dtype) for k, v in on_cpu.items()}
     for key, t in on_cpu.items():
