@@ -12,6 +12,7 @@ feed reports it to the other ranks at the next round. Runs on: every rank (the e
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -20,16 +21,21 @@ from distfinalize.exchange import ExchangeSchedule, Round, Transfer
 from distfinalize.plan import TensorPlan
 from distfinalize.sources import TensorReader
 
+T = TypeVar("T")
 Failed = Callable[[], BaseException | None]
 Feed = Iterator[tuple[TensorPlan, torch.Tensor]]
 
 
-def read_batches(tensors: Sequence[TensorPlan], limit: int) -> Iterator[list[TensorPlan]]:
-    """Consecutive groups of tensors whose source bytes stay within `limit` (a bigger tensor goes alone)."""
-    batch: list[TensorPlan] = []
+def source_nbytes(t: TensorPlan) -> int:
+    return t.source_nbytes
+
+
+def read_batches(items: Sequence[T], limit: int, size_of: Callable[[T], int] = source_nbytes) -> Iterator[list[T]]:
+    """Consecutive groups of items whose bytes (source bytes of tensors) stay within `limit` (a bigger one alone)."""
+    batch: list[T] = []
     size = 0
-    for t in tensors:
-        nbytes = t.source_nbytes
+    for t in items:
+        nbytes = size_of(t)
         if batch and size + nbytes > limit:
             yield batch
             batch, size = [], 0
