@@ -62,25 +62,60 @@ def evict(paths: Sequence[Path]) -> None:
                 os.close(fd)
 
 
-def disk_write_read(directory: Path, size_bytes: int, block: int = 64 * 2**20) -> tuple[float, float]:
-    """(write GiB/s with fsync, cold read GiB/s) of one file in `directory`: the disk's own limits."""
-    path = directory / "disk-probe.bin"
+def disk_write_read(directory: Path, size_bytes: int, streams: int = 1, block: int = 64 * 2**20) -> tuple[float, float]:
+    """(write GiB/s with fsync, cold read GiB/s) of `streams` files written and read at once in `directory`.
+
+    The disk's own limits, `size_bytes` in all: each stream writes (then reads) its share in its own thread.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    share = max(block, size_bytes // streams // block * block)
+    paths = [directory / f"disk-probe-{i}.bin" for i in range(streams)]
     data = os.urandom(block)
-    start = time.perf_counter()
-    with open(path, "wb") as f:
-        for _ in range(size_bytes // block):
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    write = size_bytes / (time.perf_counter() - start) / 2**30
-    evict([path])
-    start = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while f.read(block):
-            pass
-    read = size_bytes / (time.perf_counter() - start) / 2**30
-    path.unlink()
-    return write, read
+
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:
+            for _ in range(share // block):
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(path: Path) -> None:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(block):
+                pass
+
+    with ThreadPoolExecutor(streams) as pool:
+        start = time.perf_counter()
+        list(pool.map(write, paths))
+        write_bw = share * streams / (time.perf_counter() - start) / 2**30
+        evict(paths)
+        start = time.perf_counter()
+        list(pool.map(read, paths))
+        read_bw = share * streams / (time.perf_counter() - start) / 2**30
+    for path in paths:
+        path.unlink()
+    return write_bw, read_bw
+
+
+def pinned_copy() -> tuple[float, float] | None:
+    """(host-to-device, device-to-host) GiB/s of a pinned 1 GiB buffer, or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    host = torch.empty(2**30, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty_like(host, device="cuda")
+    rates = []
+    for dst, src in ((device, host), (host, device)):
+        dst.copy_(src, non_blocking=True)  # warm up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(3):
+            dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        rates.append(3 / (time.perf_counter() - start))
+    return rates[0], rates[1]
 
 
 if __name__ == "__main__":

@@ -1,17 +1,22 @@
 """Benchmark distfinalize against the tools users run today, in one run, on one synthetic checkpoint.
 
-    python benchmarks/run.py --size-gib 2 --save-ranks 4 --ranks 1,2 [--work bench-work] [--report BENCHMARKS.md]
+    python benchmarks/run.py --size-gib 8 --save-ranks 8 [--ranks 1,2,4,8] [--strategies read,exchange] [--no-fp8]
+        [--streams 8] [--work bench-work] [--report BENCHMARKS.md]
 
 1. builds a synthetic Llama-shaped bf16 DCP checkpoint (DTensor Shard(0), like FSDP2) with --save-ranks ranks;
-2. measures the disk: write with fsync, and cold read, of a file as big as the checkpoint (capped at 4 GiB);
+2. measures the machine's limits: write with fsync and cold read over 1 and --streams parallel streams (as
+   many bytes as the checkpoint, capped at 4 GiB), and pinned host<->device copies when there is a GPU;
 3. times, with a cold page cache (the checkpoint's pages evicted) and then warm:
-   distfinalize with each of --ranks, `dcp_to_torch_save` + sharding + save_file, `dcp.load` into
-   preallocated tensors + save_file, and `accelerate merge-weights`;
-4. checks that every output holds the same tensors, bit for bit;
+   distfinalize with each of --ranks (capped by the cores) and --strategies, unquantized and `--quantize fp8`,
+   `dcp_to_torch_save` + sharding + save_file, `dcp.load` into preallocated tensors + save_file, and
+   `accelerate merge-weights`;
+4. checks that every output holds the same tensors, bit for bit (fp8 outputs against each other);
 5. prints a table and appends it, with the command, the machine and the date, to --report.
 
 Reported: wall seconds, GiB/s (checkpoint bytes / wall), peak RSS of the biggest process of the run
-(torchrun's ranks included), and the time ratio to the best peer (< 1 means faster).
+(torchrun's ranks included), the time ratio to the best peer (< 1 means faster), and the ratio to the disk
+floor: the larger of reading the checkpoint at the best cold-read bandwidth and writing the output at the best
+write bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from measure import Measurement, disk_write_read, evict, run_measured
+from measure import Measurement, disk_write_read, evict, pinned_copy, run_measured
 from safetensors import safe_open
 
 HERE = Path(__file__).resolve().parent
@@ -41,28 +46,22 @@ class Tool:
     peer: bool
 
 
-def tools(ckpt: Path, out: Path, ranks: list[int], shard: str) -> list[Tool]:
+def tools(ckpt: Path, out: Path, ranks: list[int], shard: str, strategies: list[str] = ("read",),
+          quantize: tuple[bool, ...] = (False,)) -> list[Tool]:  # fmt: skip
+    """distfinalize with every world size, strategy and (un)quantized, then the peers."""
     py = sys.executable
     torchrun = [py, "-m", "torch.distributed.run", "--standalone"]
     found = [
         Tool(
-            f"distfinalize, {n} rank(s)",
-            [
-                *torchrun,
-                f"--nproc_per_node={n}",
-                "-m",
-                "distfinalize",
-                str(ckpt),
-                str(out),
-                "--max-shard-size",
-                shard,
-                "--log-level",
-                "warning",
-            ],
+            f"distfinalize, {n} rank(s), {strategy}" + (", fp8" if fp8 else ""),
+            [*torchrun, f"--nproc_per_node={n}", "-m", "distfinalize", str(ckpt), str(out), "--max-shard-size", shard,
+             "--log-level", "warning", "--strategy", strategy, *(["--quantize", "fp8"] if fp8 else [])],
             False,
         )
+        for fp8 in quantize
+        for strategy in strategies
         for n in ranks
-    ]
+    ]  # fmt: skip
     found += [
         Tool(
             "dcp_to_torch_save + save_file",
@@ -146,13 +145,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gib", type=float, default=2.0)
     parser.add_argument("--save-ranks", type=int, default=4)
-    parser.add_argument("--ranks", default="1,2", help="comma-separated distfinalize world sizes")
+    parser.add_argument("--ranks", default="1,2,4,8", help="distfinalize world sizes (capped by the cores)")
+    parser.add_argument("--strategies", default="read,exchange", help="comma-separated --strategy values")
+    parser.add_argument("--no-fp8", action="store_true", help="skip the --quantize fp8 runs")
+    parser.add_argument("--streams", type=int, default=8, help="parallel streams of the disk probe")
     parser.add_argument("--max-shard-size", default="256MB")
     parser.add_argument("--work", type=Path, default=Path("bench-work"))
     parser.add_argument("--report", type=Path, default=HERE.parent / "BENCHMARKS.md")
     parser.add_argument("--warm-only", action="store_true")
     args = parser.parse_args()
-    ranks = [int(r) for r in args.ranks.split(",")]
+    ranks = sorted({min(int(r), os.cpu_count() or 1) for r in args.ranks.split(",")})
+    strategies = args.strategies.split(",")
+    quantize = (False,) if args.no_fp8 else (False, True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     work = args.work.resolve()
     shutil.rmtree(work, ignore_errors=True)
@@ -177,13 +181,21 @@ def main() -> None:
     ckpt = work / "src" / "ckpt"
     ckpt_bytes = sum(p.stat().st_size for p in ckpt.glob("*.distcp"))
     gib = ckpt_bytes / 2**30
-    write_bw, read_bw = disk_write_read(work, min(ckpt_bytes, 4 * 2**30))
-    print(f"checkpoint: {gib:.2f} GiB; disk: write+fsync {write_bw:.2f} GiB/s, cold read {read_bw:.2f} GiB/s")
+    probe = min(ckpt_bytes, 4 * 2**30)
+    disk = {n: disk_write_read(work, probe, n) for n in sorted({1, args.streams})}
+    write_bw, read_bw = max(w for w, _ in disk.values()), max(r for _, r in disk.values())
+    limits = [f"disk, {n} stream(s): write+fsync {w:.2f} GiB/s, cold read {r:.2f} GiB/s" for n, (w, r) in disk.items()]
+    copy = pinned_copy()
+    if copy is not None:
+        limits.append(f"pinned copy: host-to-device {copy[0]:.1f} GiB/s, device-to-host {copy[1]:.1f} GiB/s")
+    print(f"checkpoint: {gib:.2f} GiB; " + "; ".join(limits))
 
     rows: list[tuple[str, str, Measurement]] = []
-    reference: Path | None = None
+    floors: dict[str, float] = {}  # tool -> the disk's floor: max(read the input, write the output)
+    references: dict[bool, Path] = {}  # quantized or not -> the first output, that every later one must match
+    all_tools = tools(ckpt, work / "out", ranks, args.max_shard_size, strategies, quantize)
     for cache in ["warm"] if args.warm_only else ["cold", "warm"]:
-        for tool in tools(ckpt, work / "out", ranks, args.max_shard_size):
+        for tool in all_tools:
             shutil.rmtree(work / "out", ignore_errors=True)
             if cache == "cold":
                 evict([ckpt])
@@ -192,20 +204,23 @@ def main() -> None:
             result = run_measured(tool.cmd, env)
             if result.returncode:
                 sys.exit(f"{tool.name} failed:\n{result.output[-4000:]}")
-            if reference is None:
-                reference = work / "reference-out"
-                shutil.copytree(work / "out", reference)
-            elif not same_tensors(reference, work / "out"):
-                sys.exit(f"{tool.name} wrote different tensors from {rows[0][1]}")
+            fp8 = tool.name.endswith("fp8")
+            if fp8 not in references:
+                references[fp8] = work / f"reference-out-{fp8}"
+                shutil.copytree(work / "out", references[fp8])
+            elif not same_tensors(references[fp8], work / "out"):
+                sys.exit(f"{tool.name} wrote different tensors from the first {'fp8 ' if fp8 else ''}run")
+            out_bytes = sum(p.stat().st_size for p in (work / "out").glob("*.safetensors"))
+            floors[tool.name] = max(ckpt_bytes / 2**30 / read_bw, out_bytes / 2**30 / write_bw)
             rows.append((cache, tool.name, result))
             print(
-                f"{cache:4} {tool.name:34} {result.wall_s:7.2f} s {gib / result.wall_s:6.2f} GiB/s "
-                f"peak RSS {result.peak_rss_bytes / 2**30:6.2f} GiB"
+                f"{cache:4} {tool.name:40} {result.wall_s:7.2f} s {gib / result.wall_s:6.2f} GiB/s "
+                f"peak RSS {result.peak_rss_bytes / 2**30:6.2f} GiB, {result.wall_s / floors[tool.name]:.2f}x floor"
             )
-    peers = {t.name for t in tools(ckpt, work / "out", ranks, args.max_shard_size) if t.peer}
+    peers = {t.name for t in all_tools if t.peer}
     table = [
-        "| cache | tool | seconds | GiB/s | peak RSS / process (GiB) | time vs best peer |",
-        "|---|---|---:|---:|---:|---:|",
+        "| cache | tool | seconds | GiB/s | peak RSS / process (GiB) | time vs best peer | time vs disk floor |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for cache in dict.fromkeys(r[0] for r in rows):
         best = min(m.wall_s for c, n, m in rows if c == cache and n in peers)
@@ -213,12 +228,13 @@ def main() -> None:
             if c == cache:
                 table.append(
                     f"| {c} | {name} | {m.wall_s:.2f} | {gib / m.wall_s:.2f} | "
-                    f"{m.peak_rss_bytes / 2**30:.2f} | {m.wall_s / best:.2f} |"
+                    f"{m.peak_rss_bytes / 2**30:.2f} | {m.wall_s / best:.2f} | {m.wall_s / floors[name]:.2f} |"
                 )
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     title = f"{gib:.2f} GiB bf16 checkpoint saved by {args.save_ranks} ranks"
     facts = [
-        f"disk (same run): write + fsync {write_bw:.2f} GiB/s, cold read {read_bw:.2f} GiB/s",
+        *(f"{limit} (same run)" for limit in limits),
+        "disk floor: max(checkpoint bytes / best cold read, output bytes / best write+fsync)",
         f"command: `{command}`",
         f"output: `--max-shard-size {args.max_shard_size}`; all outputs checked bit-identical",
     ]

@@ -19,9 +19,12 @@ from typing import TYPE_CHECKING
 
 from distfinalize.config import (
     DEFAULT_MAX_SHARD_SIZE,
+    DEFAULT_READ_BATCH,
+    DEFAULT_WRITE_THREADS,
     DEVICES,
     DTYPES,
     LOG_LEVELS,
+    STRATEGIES,
     CardOptions,
     FinalizeConfig,
     GenerationOptions,
@@ -108,8 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long a rank waits for the others at each step (default: %(default)s)",
     )
+    add_data_path_options(parser)
     add_contract_options(parser)
     return parser
+
+
+def add_data_path_options(parser: argparse.ArgumentParser) -> None:
+    """How bytes reach the writing rank, and how much is in flight."""
+    path = parser.add_argument_group("data path")
+    path.add_argument(
+        "--strategy", choices=STRATEGIES, default="read",
+        help="read: each rank reads the byte ranges it writes (shared file systems; default); exchange: each rank "
+        "reads only its share of the source files and the chunks travel to their writer over the process group "
+        "(checkpoints on node-local disks; DCP only)",
+    )  # fmt: skip
+    path.add_argument(
+        "--read-batch", default=DEFAULT_READ_BATCH, metavar="SIZE",
+        help="source bytes read at once, and bytes a rank sends or receives per exchange round; a rank holds at most "
+        "twice this in flight (default: %(default)s)",
+    )  # fmt: skip
+    path.add_argument(
+        "--write-threads", type=int, default=DEFAULT_WRITE_THREADS, metavar="N",
+        help="output files each rank writes at once (default: %(default)s)",
+    )  # fmt: skip
 
 
 def add_contract_options(parser: argparse.ArgumentParser) -> None:
@@ -176,6 +200,9 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
             dry_run=args.dry_run,
             log_level=args.log_level,
             timeout_s=args.timeout,
+            read_batch_bytes=parse_size(args.read_batch, "--read-batch"),
+            strategy=args.strategy,
+            write_threads=args.write_threads,
             base_model=args.base_model,
             tokenizer=TokenizerOptions(
                 path=args.tokenizer,

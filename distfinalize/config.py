@@ -20,9 +20,12 @@ DTYPES: dict[str, torch.dtype] = {
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+STRATEGIES = ("read", "exchange")  # how bytes reach the rank that writes them (distfinalize.feed)
+DEFAULT_READ_BATCH = "256MiB"
+DEFAULT_WRITE_THREADS = 2
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, what: str = "max shard size") -> int:
     """Parse a shard size the way transformers does ("5GB" = 5e9 bytes, "1GiB" = 2**30, "200MB", ints).
 
     Raises ValueError naming the bad value and the accepted forms.
@@ -37,7 +40,7 @@ def parse_size(text: str | int) -> int:
         size = None
     if not isinstance(size, int) or size <= 0:
         raise ValueError(
-            f"max shard size {text!r} is not a size; use a positive integer of bytes or a number with a unit: "
+            f"{what} {text!r} is not a size; use a positive integer of bytes or a number with a unit: "
             "KB, MB, GB (powers of 10) or KiB, MiB, GiB (powers of 2), e.g. 5GB"
         )
     return size
@@ -111,7 +114,9 @@ class FinalizeConfig:
     dry_run: bool = False
     log_level: str = "info"
     timeout_s: float = 1800.0
-    read_batch_bytes: int = 512 * 2**20
+    read_batch_bytes: int = 256 * 2**20  # one read, or one exchange round's bytes per rank; 2x this in flight
+    strategy: str = "read"
+    write_threads: int = DEFAULT_WRITE_THREADS  # output files a rank writes at once
     base_model: Path | None = None  # a local HF dir: config/tokenizer/generation config when SRC has none
     tokenizer: TokenizerOptions = TokenizerOptions()
     generation: GenerationOptions = GenerationOptions()
@@ -134,6 +139,10 @@ class FinalizeConfig:
             raise ValueError(f"timeout must be positive, got {self.timeout_s}")
         if self.read_batch_bytes <= 0:
             raise ValueError(f"read batch must be positive, got {self.read_batch_bytes}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.write_threads <= 0:
+            raise ValueError(f"--write-threads must be positive, got {self.write_threads}")
         if self.quantize is not None:
             from distfinalize.transform.quantize import RECIPES
 

@@ -317,6 +317,23 @@ class DistContext:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def all_to_all_bytes(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int], *,
+                         step: str) -> torch.Tensor:  # fmt: skip
+        """Swap flat uint8 buffers: `send_splits[r]` bytes go to rank r, `recv_splits[r]` bytes come from it.
+
+        NCCL carries CUDA buffers, gloo CPU ones (both implement all_to_all_single with split sizes). A peer that
+        died or hung makes this a RankFailure naming it. Runs on: all ranks together.
+        """
+        if self.world_size == 1:
+            return send
+        recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=send.device)
+        try:
+            dist.all_to_all_single(recv, send, recv_splits, send_splits)
+        except RuntimeError as exc:
+            self._broken = self._failing = True
+            raise self._lost_peer(step, exc) from None
+        return recv
+
     def run_step(self, step: str, fn: Callable[[], T], *, ranks: str = "all") -> list[T]:
         """Run `fn` (on every rank, or only rank 0 with ranks="rank0") and agree on the outcome.
 

@@ -1,9 +1,11 @@
-"""The write step of one rank: read its tensors, transform them on its device, write its files.
+"""The write step of one rank: get its tensors, transform them on its device, write its files.
 
-Reads go in batches of at most `read_batch_bytes` of source data, so memory stays bounded by the
-batch (plus one tensor when a single tensor is larger), never by the file or the model. Tensors are
-written in file order, so each file's sha256 is computed as it is written. A finished file leaves a
-record in the staging dir's `.progress/`; `--resume` reuses files whose record and checksum still match.
+The tensors come from a feed (`--strategy read`: this rank reads them; `exchange`: the ranks read their
+share of the source files and swap chunks), go through the overlapped pipeline of `overlap.py`, and are
+written `write_threads` files at a time, each in file order so its sha256 is computed as it is written.
+Memory stays bounded by the bytes in flight (twice `read_batch_bytes`, or one tensor when a single tensor
+is larger), never by the file or the model. A finished file leaves a record in the staging dir's
+`.progress/`; `--resume` reuses files whose record and checksum still match.
 Runs on: every rank, each for its own files.
 """
 
@@ -14,16 +16,20 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
+from distfinalize.dist import DistContext
 from distfinalize.errors import DestinationError
+from distfinalize.exchange import plan_exchange
+from distfinalize.feed import exchange_feed, read_feed
+from distfinalize.overlap import Item, Stages, lane_order
 from distfinalize.plan import FilePlan, Plan, TensorPlan
-from distfinalize.sources import Source, TensorReader
-from distfinalize.transform.cast import to_output
-from distfinalize.write import DEFAULT_METADATA, SafetensorsWriter, file_sha256, layout
+from distfinalize.sources import Source
+from distfinalize.transform.cast import transform
+from distfinalize.write import DEFAULT_METADATA, FileLayout, SafetensorsWriter, file_sha256, layout
 
 log = logging.getLogger(__name__)
 
@@ -40,78 +46,128 @@ class WrittenFile:
     reused: bool = False
 
 
+@dataclass(frozen=True)
+class DataPath:
+    """How a rank's bytes travel: the strategy, bytes per read (or exchange round), files written at once."""
+
+    strategy: str = "read"
+    read_batch_bytes: int = 256 * 2**20
+    write_threads: int = 2
+
+
 def write_rank_files(
     plan: Plan,
-    rank: int,
+    ctx: DistContext,
     source: Source,
     directory: Path,
-    device: torch.device,
-    read_batch_bytes: int,
+    path: DataPath,
     progress: bool = False,
     progress_dir: Path | None = None,
     resume: bool = False,
 ) -> list[WrittenFile]:
-    """Write every file the plan gives `rank` into `directory` (bar when `progress`). Runs on: each rank."""
-    files = plan.files_for(rank)
-    reader = source.reader()
-    done = []
-    with tqdm(total=plan.bytes_for(rank), unit="B", unit_scale=True, unit_divisor=1024,
-              desc=f"rank {rank} writing", disable=not (progress and files), mininterval=1.0) as bar:  # fmt: skip
-        for file in files:
-            finished = reusable(file, directory, progress_dir) if resume else None
-            if finished is None:
-                finished = write_file(file, reader, directory, device, read_batch_bytes, bar, plan.metadata)
-                if progress_dir is not None:
-                    record_progress(progress_dir, finished)
-            else:
-                log.info("resume: reusing %s (size and sha256 match)", file.filename)
-                bar.update(file.nbytes)
-            done.append(finished)
+    """Write every file the plan gives this rank into `directory` (bar when `progress`). Runs on: every rank
+    (with `exchange`, all ranks together)."""
+    files = plan.files_for(ctx.rank)
+    reused = {f.filename: w for f in files if resume and (w := reusable(f, directory, progress_dir)) is not None}
+    for name in reused:
+        log.info("resume: reusing %s (size and sha256 match)", name)
+    todo = [f for f in files if f.filename not in reused]
+    order = partial(write_order, metadata=plan.metadata)
+    steps = lane_order(todo, path.write_threads, order)
+    if path.strategy == "exchange":
+        feed = exchange_plan_feed(plan, ctx, source, path, sorted(reused))
+    else:
+        reader, tensors = source.reader(), [s.tensor for s in steps]
+        feed = lambda failed: read_feed(tensors, reader, path.read_batch_bytes, failed)  # noqa: E731
+    written: dict[str, WrittenFile] = {}
+    with tqdm(total=plan.bytes_for(ctx.rank), unit="B", unit_scale=True, unit_divisor=1024,
+              desc=f"rank {ctx.rank} writing", disable=not (progress and files), mininterval=1.0) as bar:  # fmt: skip
+        bar.update(sum(f.nbytes for f in files if f.filename in reused))
+        writers = LaneWriters(todo, directory, bar, written, progress_dir, plan.metadata)
+        Stages(steps, 2 * path.read_batch_bytes, ctx.device).run(
+            feed, lambda tensor, t: transform(tensor, t, ctx.device), writers.write_lane
+        )
+    done = [reused.get(f.filename) or written[f.filename] for f in files]
     log.debug("wrote %d file(s)", len(done))
     return done
 
 
-def write_file(
-    file: FilePlan, reader: TensorReader, directory: Path, device: torch.device, read_batch_bytes: int, bar: tqdm,
-    metadata: Mapping[str, str] | None = None,
-) -> WrittenFile:  # fmt: skip
-    """Read, transform and write one output file, in file order; `metadata` joins the header's {"format": "pt"}."""
-    path = directory / file.filename
+def exchange_plan_feed(plan: Plan, ctx: DistContext, source: Source, path: DataPath, reused: list[str]):
+    """The exchange feed: every rank's needs (skipping every rank's reused files), scheduled alike everywhere."""
+    skipped = ctx.run_step("exchange plan", lambda: reused)
+    schedule = exchange_schedule(plan, source, path, skipped)
+    log.debug("exchange: %d round(s), %d file(s) read here", len(schedule.rounds),
+              sum(1 for r in schedule.readers.values() if r == ctx.rank))  # fmt: skip
+    reader = source.reader()
+    return lambda failed: exchange_feed(schedule, ctx, reader, ctx.device, failed)
+
+
+def exchange_schedule(plan: Plan, source: Source, path: DataPath, skipped: Sequence[Sequence[str]] | None = None):
+    """The exchange schedule for every rank's files in feed order, less the files each rank reuses. Pure."""
+    needs, order = {}, partial(write_order, metadata=plan.metadata)
+    for rank in range(plan.world_size):
+        todo = [f for f in plan.files_for(rank) if skipped is None or f.filename not in skipped[rank]]
+        needs[rank] = [s.tensor for s in lane_order(todo, path.write_threads, order)]
+    return plan_exchange(needs, source.chunks(), plan.world_size, path.read_batch_bytes)
+
+
+def write_order(file: FilePlan, metadata: Mapping[str, str] | None = None) -> list[TensorPlan]:
+    """A file's tensors in the order their bytes sit in it (so its sha256 is computed while writing)."""
+    slots = file_layout(file, metadata).slots
+    return sorted(file.tensors, key=lambda t: min(slots[name].start for name in t.outputs))
+
+
+def file_layout(file: FilePlan, metadata: Mapping[str, str] | None = None) -> FileLayout:
+    """The file's safetensors layout; `metadata` (a recipe's, e.g. torchao's) joins the header's {"format": "pt"}."""
     tensors = [(name, shape, dtype) for t in file.tensors for name, (shape, dtype) in t.outputs.items()]
-    file_layout = layout(tensors, {**DEFAULT_METADATA, **(metadata or {})})
-    ordered = sorted(file.tensors, key=lambda t: min(file_layout.slots[name].start for name in t.outputs))
-    try:
-        writer = SafetensorsWriter(path, file_layout)
+    return layout(tensors, {**DEFAULT_METADATA, **(metadata or {})})
+
+
+class LaneWriters:
+    """Writes the items of each lane into their files, one file at a time per lane. Runs on: writer threads."""
+
+    def __init__(self, files: Sequence[FilePlan], directory: Path, bar: tqdm, written: dict[str, WrittenFile],
+                 progress_dir: Path | None, metadata: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        self.files, self.directory, self.bar, self.written = files, directory, bar, written
+        self.progress_dir, self.metadata = progress_dir, metadata
+
+    def write_lane(self, lane: int, items: Iterator[Item]) -> None:
+        writer, left, current = None, 0, -1
         try:
-            for batch in read_batches(ordered, read_batch_bytes):
-                data = reader.read([t.source_key for t in batch])
-                for t in batch:
-                    for name, tensor in to_output(data.pop(t.source_key), t, device).items():
-                        writer.write(name, tensor)
-                    bar.update(t.nbytes)
-        except BaseException:
-            writer.abort()
-            raise
+            for item in items:
+                if item.step.file != current:
+                    current, file = item.step.file, self.files[item.step.file]
+                    writer, left = self._open(file), len(file.tensors)
+                for name, tensor in item.outputs.items():
+                    writer.write(name, tensor)
+                self.bar.update(item.step.tensor.nbytes)
+                left -= 1
+                if left == 0:
+                    done, writer = writer, None
+                    self._close(self.files[current], done)
+        except OSError as exc:
+            raise self._error(self.files[current], exc) from exc
+        finally:
+            if writer is not None:
+                writer.abort()
+
+    def _open(self, file: FilePlan) -> SafetensorsWriter:
+        try:
+            return SafetensorsWriter(self.directory / file.filename, file_layout(file, self.metadata))
+        except OSError as exc:
+            raise self._error(file, exc) from exc
+
+    def _close(self, file: FilePlan, writer: SafetensorsWriter) -> None:
+        path = self.directory / file.filename
         digest = writer.close()
-    except OSError as exc:
-        raise DestinationError(f"cannot write {file.filename}", where=path.parent,
-                               hint=f"{exc.strerror or exc}; free space or choose another DEST") from exc  # fmt: skip
-    return WrittenFile(file.filename, file.rank, os.path.getsize(path), len(file.tensors), digest)
+        finished = WrittenFile(file.filename, file.rank, os.path.getsize(path), len(file.tensors), digest)
+        if self.progress_dir is not None:
+            record_progress(self.progress_dir, finished)
+        self.written[file.filename] = finished
 
-
-def read_batches(tensors: Sequence[TensorPlan], limit: int) -> Iterator[list[TensorPlan]]:
-    """Consecutive groups of tensors whose source bytes stay within `limit` (a bigger tensor goes alone)."""
-    batch: list[TensorPlan] = []
-    size = 0
-    for t in tensors:
-        nbytes = t.source_nbytes
-        if batch and size + nbytes > limit:
-            yield batch
-            batch, size = [], 0
-        batch.append(t)
-        size += nbytes
-    if batch:
-        yield batch
+    def _error(self, file: FilePlan, exc: OSError) -> DestinationError:
+        return DestinationError(f"cannot write {file.filename}", where=self.directory,
+                                hint=f"{exc.strerror or exc}; free space or choose another DEST")  # fmt: skip
 
 
 def record_progress(progress_dir: Path, written: WrittenFile) -> None:

@@ -40,7 +40,8 @@ from distfinalize.artifacts.tokenizer import (
 from distfinalize.config import FinalizeConfig, format_bytes
 from distfinalize.dist import DistContext
 from distfinalize.errors import DestinationError, SourceError
-from distfinalize.execute import WrittenFile, write_rank_files
+from distfinalize.exchange import describe as describe_exchange
+from distfinalize.execute import DataPath, WrittenFile, exchange_schedule, write_rank_files
 from distfinalize.keep import (
     OptimizerCopy,
     checkpoint_dir_name,
@@ -155,6 +156,9 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
     check_readable(config.src)
     located = locate(config.src, config.checkpoint, config.tag)
     source = located.format.open(located.path, located.step)
+    if config.strategy == "exchange" and not hasattr(source, "chunks"):
+        raise SourceError(f"--strategy exchange supports DCP checkpoints, not {source.info.format}",
+                          where=located.path, hint="use --strategy read (the default)")  # fmt: skip
     search = search_dirs(located.path, config.src)
     if config.base_model is not None:
         if not (config.base_model / "config.json").is_file():
@@ -328,7 +332,7 @@ def write_share(
 ) -> list[WrittenFile]:  # fmt: skip
     """This rank's output files, then its share of the optimizer copy. Runs on: every rank."""
     files = write_rank_files(
-        plan, ctx.rank, prepared.source, weights_dir, ctx.device, config.read_batch_bytes,
+        plan, ctx, prepared.source, weights_dir, data_path(config),
         progress=ctx.is_rank0 and config.log_level in ("debug", "info"),
         progress_dir=staging_path(config.dest) / PROGRESS_DIR, resume=config.resume,
     )  # fmt: skip
@@ -482,7 +486,7 @@ def dry_run_report(
     config: FinalizeConfig, prepared: Prepared, tokenizer: TokenizerOutcome, vocab_size: int | None, plan: Plan
 ) -> dict[str, Any]:
     """Everything a finalize would write, as data. Runs on: rank 0."""
-    report: dict[str, Any] = {"plan": describe(plan)}
+    report: dict[str, Any] = {"plan": describe(plan), "data_path": describe_data_path(config, prepared, plan)}
     if prepared.config_path is not None:
         updates = config_updates(config, prepared, tokenizer, vocab_size)
         report["config.json"] = output_config(prepared.config_path, updates)
@@ -503,6 +507,19 @@ def dry_run_report(
 
         report["hub"] = hub_preview(config.dest, config.hub)
     return json.loads(json.dumps(report, default=str))
+
+
+def data_path(config: FinalizeConfig) -> DataPath:
+    return DataPath(config.strategy, config.read_batch_bytes, config.write_threads)
+
+
+def describe_data_path(config: FinalizeConfig, prepared: Prepared, plan: Plan) -> dict[str, Any]:
+    """--strategy, --read-batch, --write-threads, and for exchange the rounds it would take. Pure."""
+    out: dict[str, Any] = {"strategy": config.strategy, "read_batch": config.read_batch_bytes,
+                           "write_threads": config.write_threads}  # fmt: skip
+    if config.strategy == "exchange":
+        out["exchange"] = describe_exchange(exchange_schedule(plan, prepared.source, data_path(config)))
+    return out
 
 
 def log_plan(plan: Plan, prepared: Prepared, tokenizer: TokenizerOutcome, vocab_size: int | None) -> None:

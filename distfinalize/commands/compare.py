@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import torch
 from distfinalize.commands.hfdir import Header, Survey, WeightFile
 from distfinalize.config import FinalizeConfig
 from distfinalize.errors import DestinationError
+from distfinalize.feed import read_batches
 from distfinalize.pipeline import MANIFEST, Prepared, embedding_names, prepare, quantized_tensors
 from distfinalize.plan import TensorPlan, plan_tensors
 from distfinalize.transform.cast import to_output
@@ -215,7 +216,8 @@ def compare_file(
             problems.append(f"{weight.name}: {lacking[0]!r}, stored with {name!r}, is not in this file")
     present = [n for n in present if all(o in header.tensors for o in wanted[n].plan.outputs)]
     with safe_open(str(weight.path), framework="pt") as f:
-        for batch in _batches(present, wanted, batch_bytes):
+        sizes = {n: wanted[n].plan.source_nbytes * (1 + len(wanted[n].tied)) for n in present}
+        for batch in read_batches(present, batch_bytes, sizes.__getitem__):
             data = reader.read(list(dict.fromkeys(k for n in batch for k, _ in _sources(n, wanted[n]))))
             for name in batch:
                 want = wanted[name]
@@ -234,20 +236,6 @@ def compare_file(
 def _sources(name: str, want: Expectation) -> list[tuple[str, str]]:
     """(source key, label) of every source tensor an output tensor must equal: its own, and tied heads."""
     return [(want.key, repr(name)), *((key, f"{head!r} (dropped as tied to {name!r})") for key, head in want.tied)]
-
-
-def _batches(names: Sequence[str], wanted: Mapping[str, Expectation], limit: int) -> Iterator[list[str]]:
-    batch, size = [], 0
-    for name in names:
-        want = wanted[name]
-        nbytes = want.plan.source_nbytes * (1 + len(want.tied))
-        if batch and size + nbytes > limit:
-            yield batch
-            batch, size = [], 0
-        batch.append(name)
-        size += nbytes
-    if batch:
-        yield batch
 
 
 def _dt(dtype: torch.dtype) -> str:

@@ -36,6 +36,19 @@ class TensorMeta:
 
 
 @dataclass(frozen=True)
+class SourceChunk:
+    """One stored chunk of a tensor: which file holds it, where it sits in the tensor, its decoded size."""
+
+    key: str  # the tensor's storage key
+    index: int  # the chunk's index among the tensor's chunks
+    file: str  # the file (relative to the checkpoint) that holds it
+    writer: int | None  # the training rank that saved the file, when its name says
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    nbytes: int  # bytes of the decoded chunk (numel * itemsize)
+
+
+@dataclass(frozen=True)
 class SourceInfo:
     """What was found: format, checkpoint folder, training step and the world size that saved it."""
 

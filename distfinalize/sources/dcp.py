@@ -6,20 +6,22 @@ only the byte ranges of the chunks each tensor needs.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 from distfinalize.errors import SourceError
-from distfinalize.sources import SourceFormat, SourceInfo, TensorMeta, register_source
+from distfinalize.sources import SourceChunk, SourceFormat, SourceInfo, TensorMeta, register_source
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,10 @@ class DcpSource:
     def reader(self) -> DcpTensorReader:
         return DcpTensorReader(self.path, self.metadata)
 
+    def chunks(self) -> dict[str, tuple[SourceChunk, ...]]:
+        """Every model tensor's stored chunks: file, writer rank, place in the tensor (for --strategy exchange)."""
+        return stored_chunks(self.metadata, {t.key for t in self.tensors})
+
 
 def read_metadata(path: Path) -> Metadata:
     """Load `.metadata`, turning every way it can be broken into one SourceError."""
@@ -130,6 +136,22 @@ def _model_name(key: str, path: object) -> str | None:
             return path[1]
         return key
     return None if key.split(".", 1)[0] in NON_MODEL_CONTAINERS else key
+
+
+def stored_chunks(metadata: Metadata, keys: set[str]) -> dict[str, tuple[SourceChunk, ...]]:
+    """The chunks of `keys`, from `.metadata`'s chunk list and storage index. Pure."""
+    out: dict[str, list[SourceChunk]] = {key: [] for key in keys}
+    for index, info in (metadata.storage_data or {}).items():
+        md = metadata.state_dict_metadata.get(index.fqn)
+        if index.fqn not in out or not isinstance(md, TensorStorageMetadata):
+            continue
+        position = next(i for i, c in enumerate(md.chunks) if tuple(c.offsets) == tuple(index.offset))
+        sizes = tuple(md.chunks[position].sizes)
+        match = RANK_FILE.search(info.relative_path)
+        out[index.fqn].append(SourceChunk(index.fqn, position, info.relative_path,
+                                          int(match.group(1)) if match else None, tuple(index.offset), sizes,
+                                          torch.Size(sizes).numel() * md.properties.dtype.itemsize))  # fmt: skip
+    return {key: tuple(sorted(chunks, key=lambda c: c.index)) for key, chunks in out.items()}
 
 
 def saved_world_size(metadata: Metadata) -> int | None:
@@ -215,10 +237,30 @@ class DcpTensorReader:
             out[key] = torch.empty(md.size, dtype=md.properties.dtype)
         planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
         planner.set_up_planner(out, self.metadata, True)
-        try:
+        with self._read_errors(keys):
             plan = self.storage.prepare_local_plan(planner.create_local_plan())
             plan = planner.finish_plan(self.storage.prepare_global_plan([plan])[0])
             self.storage.read_data(plan, planner).wait()
+        return out
+
+    def read_chunks(self, chunks: Sequence[SourceChunk]) -> list[torch.Tensor]:
+        """The stored chunks themselves (stored dtype, CPU, contiguous), in order, verified like `read`."""
+        out, items = [], []
+        for c in chunks:
+            dtype = self.metadata.state_dict_metadata[c.key].properties.dtype
+            out.append(torch.empty(c.sizes, dtype=dtype))
+            index = MetadataIndex(c.key, c.offsets, c.index)
+            zeros = torch.Size([0] * len(c.sizes))
+            items.append(ReadItem(LoadItemType.TENSOR, index, zeros, index, zeros, torch.Size(c.sizes)))
+        with self._read_errors([c.key for c in chunks]):
+            self.storage.read_data(LoadPlan(items), ChunkPlanner(dict(zip(items, out, strict=True)))).wait()
+        return out
+
+    @contextlib.contextmanager
+    def _read_errors(self, keys: Sequence[str]) -> Iterator[None]:
+        """Every way a read can fail, as one SourceError naming the files."""
+        try:
+            yield
         except (KeyboardInterrupt, SystemExit):
             raise
         except ChunkError as exc:
@@ -243,7 +285,22 @@ class DcpTensorReader:
                 where=f"{self.path} ({', '.join(files[:4])}{' ...' if len(files) > 4 else ''})",
                 hint=f"the .distcp files may be truncated or corrupt ({type(exc).__name__}: {exc})",
             ) from exc
-        return out
+
+
+class ChunkPlanner:
+    """The three planner calls FileSystemReader.read_data makes, landing each chunk in its own tensor."""
+
+    def __init__(self, targets: dict[ReadItem, torch.Tensor]) -> None:
+        self.targets = targets
+
+    def resolve_tensor(self, item: ReadItem) -> torch.Tensor:
+        return self.targets[item]
+
+    def commit_tensor(self, item: ReadItem, tensor: torch.Tensor) -> None:
+        pass
+
+    def load_bytes(self, item: ReadItem, value: io.BytesIO) -> None:
+        raise ChunkError(f"{item.storage_index.fqn}: a bytes entry where a tensor chunk was expected")
 
 
 register_source(SourceFormat("dcp", is_dcp_checkpoint, DcpSource))

@@ -10,8 +10,13 @@ from distfinalize.transform.vocab import resize_rows
 
 
 def to_output(tensor: torch.Tensor, plan: TensorPlan, device: torch.device) -> dict[str, torch.Tensor]:
-    """The tensors the output file stores for it: rows permuted and resized, then cast (or quantized on the
-    device), contiguous, on the CPU. Runs on: the rank that writes the tensor, on its device."""
+    """The tensors the output file stores for it, contiguous, on the CPU (see `transform`)."""
+    return {name: t.cpu().contiguous() for name, t in transform(tensor, plan, device).items()}
+
+
+def transform(tensor: torch.Tensor, plan: TensorPlan, device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors the output file stores for it: rows permuted and resized, then cast (or quantized), left on
+    `device`. Runs on: the rank that writes the tensor, on its device."""
     if device.type != "cpu":
         tensor = tensor.to(device, non_blocking=True)
     if plan.rope_heads is not None:
@@ -24,4 +29,4 @@ def to_output(tensor: torch.Tensor, plan: TensorPlan, device: torch.device) -> d
         outputs = get_recipe(plan.quant).quantize(plan.name, tensor, plan.dtype)
     else:
         outputs = {plan.name: tensor.to(plan.dtype)}
-    return {name: t.cpu().contiguous() for name, t in outputs.items()}
+    return outputs

@@ -1,0 +1,112 @@
+"""Feeds: where a rank's source tensors come from, in its write order, one (TensorPlan, tensor) at a time.
+
+- `read_feed` (`--strategy read`): the rank reads the byte ranges of its own tensors, a batch at a time.
+- `exchange_feed` (`--strategy exchange`): the rank reads the chunks the schedule gives it, and every rank
+  swaps chunks in one all-to-all per round (NCCL on CUDA tensors, gloo on CPU ones). Each round starts by
+  agreeing that every rank read (and verified) its chunks, so a failure anywhere stops every rank at once.
+
+A feed stops early when `failed()` returns an error raised elsewhere in this rank's pipeline; the exchange
+feed reports it to the other ranks at the next round. Runs on: every rank (the exchange feed on all at once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+import torch
+
+from distfinalize.dist import DistContext
+from distfinalize.exchange import ExchangeSchedule, Round, Transfer
+from distfinalize.plan import TensorPlan
+from distfinalize.sources import TensorReader
+
+T = TypeVar("T")
+Failed = Callable[[], BaseException | None]
+Feed = Iterator[tuple[TensorPlan, torch.Tensor]]
+
+
+def source_nbytes(t: TensorPlan) -> int:
+    return t.source_nbytes
+
+
+def read_batches(items: Sequence[T], limit: int, size_of: Callable[[T], int] = source_nbytes) -> Iterator[list[T]]:
+    """Consecutive groups of items whose bytes (source bytes of tensors) stay within `limit` (a bigger one alone)."""
+    batch: list[T] = []
+    size = 0
+    for t in items:
+        nbytes = size_of(t)
+        if batch and size + nbytes > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(t)
+        size += nbytes
+    if batch:
+        yield batch
+
+
+def read_feed(tensors: Sequence[TensorPlan], reader: TensorReader, batch_bytes: int, failed: Failed) -> Feed:
+    """This rank's tensors read by itself, in order, `batch_bytes` of source data at a time. Runs on: each rank."""
+    for batch in read_batches(tensors, batch_bytes):
+        if failed() is not None:
+            return
+        data = reader.read([t.source_key for t in batch])
+        for t in batch:
+            yield t, data.pop(t.source_key)
+
+
+def exchange_feed(schedule: ExchangeSchedule, ctx: DistContext, reader, device: torch.device, failed: Failed) -> Feed:
+    """This rank's tensors, delivered round by round over the process group. Runs on: all ranks together.
+
+    `reader` must have `read_chunks` (DcpTensorReader). The chunks are verified where they are read.
+    """
+    wire = device if device.type == "cuda" else torch.device("cpu")
+    for number, rnd in enumerate(schedule.rounds, start=1):
+        sends = rnd.sent_by(ctx.rank)
+        packed: list[torch.Tensor] = []
+
+        def read_mine(sends: tuple[Transfer, ...] = sends, packed: list[torch.Tensor] = packed) -> None:
+            error = failed()
+            if error is not None:
+                raise error
+            packed.append(pack(reader.read_chunks([t.chunk for t in sends]) if sends else [], wire))
+
+        ctx.run_step(f"exchange round {number} of {len(schedule.rounds)}", read_mine)
+        receives = rnd.received_by(ctx.rank)
+        received = ctx.all_to_all_bytes(
+            packed[0],
+            rnd.split(sends, ctx.world_size, "dst"),
+            rnd.split(receives, ctx.world_size, "src"),
+            step=f"exchange round {number}",
+        )
+        del packed[:]
+        yield from assemble(rnd, ctx.rank, receives, received, wire)
+
+
+def pack(parts: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Chunks as one flat byte buffer (pinned and on the GPU when the wire is NCCL)."""
+    flat = [p.reshape(-1).view(torch.uint8) for p in parts]
+    buffer = torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8)
+    if device.type == "cuda":
+        return buffer.pin_memory().to(device, non_blocking=True)
+    return buffer
+
+
+def assemble(rnd: Round, rank: int, receives: Sequence[Transfer], buffer: torch.Tensor, device: torch.device) -> Feed:
+    """The whole tensors this rank holds after a round, put together from the received chunks, in write order."""
+    pieces: dict[str, list[tuple[Transfer, torch.Tensor]]] = {}
+    start = 0
+    for move in receives:
+        pieces.setdefault(move.chunk.key, []).append((move, buffer[start : start + move.chunk.nbytes]))
+        start += move.chunk.nbytes
+    for t in rnd.tensors_for(rank):
+        tensor = torch.empty(t.source_shape or t.shape, dtype=t.source_dtype, device=device)
+        for move, data in pieces.get(t.source_key, []):
+            chunk = move.chunk
+            if data.storage_offset() % t.source_dtype.itemsize:
+                data = data.clone()  # a view as a wider dtype needs an aligned start
+            target = tensor
+            for dim, (offset, size) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
+                target = target.narrow(dim, offset, size)
+            target.copy_(data.view(t.source_dtype).reshape(chunk.sizes))
+        yield t, tensor

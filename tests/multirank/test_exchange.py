@@ -1,0 +1,65 @@
+"""--strategy exchange: real FSDP2 / DTensor checkpoints, 2 and 3 gloo ranks, output identical to --strategy read.
+
+Marked `dist`: real torchrun jobs on CPU/gloo. A small --read-batch makes the exchange take many rounds.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from support import check_ok, error_lines, finalize, our_traceback, read_output, tree_digest
+
+pytestmark = pytest.mark.dist
+
+SHARD = "60KB"
+
+
+def finalize_both(src: Path, tmp_path: Path, nproc: int, *args: str) -> tuple[Path, Path]:
+    """The same finalize with each strategy; the dirs share a name (the model card names its dir)."""
+    read, exchange = tmp_path / "read" / "model", tmp_path / "exchange" / "model"
+    check_ok(finalize(src, read, "--max-shard-size", SHARD, *args, nproc=nproc))
+    result = check_ok(finalize(src, exchange, "--max-shard-size", SHARD, "--strategy", "exchange",
+                               "--read-batch", "20KB", "--log-level", "debug", *args, nproc=nproc))  # fmt: skip
+    assert "exchange: " in result.stderr and "round(s)" in result.stderr
+    return read, exchange
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_exchange_matches_read_fsdp2(fsdp2_runs: Path, tmp_path: Path, nproc: int) -> None:
+    run = fsdp2_runs / "untied-optim"
+    read, exchange = finalize_both(run, tmp_path, nproc)
+    assert tree_digest(exchange) == tree_digest(read)
+    tensors, _ = read_output(exchange)
+    reference = torch.load(run / "reference.pt")
+    assert set(tensors) == set(reference)
+    assert all(torch.equal(tensors[k], reference[k]) for k in tensors)
+
+
+def test_exchange_matches_read_uneven_dtensor_bf16(dtensor_run: Path, tmp_path: Path) -> None:
+    """Saved by 3 ranks with uneven row/column shards, exchanged by 2 (two files read by rank 0), cast."""
+    read, exchange = finalize_both(dtensor_run, tmp_path, 2, "--dtype", "bfloat16", "--write-threads", "3")
+    assert tree_digest(exchange) == tree_digest(read)
+
+
+def test_exchange_corrupt_chunk_is_one_error(fsdp2_runs: Path, tmp_path: Path) -> None:
+    """A flipped byte is caught by the rank that reads the file; every rank stops; nothing at DEST."""
+    from test_bad_input import CKPT, flip_tensor_bytes
+
+    run = tmp_path / "run"
+    shutil.copytree(fsdp2_runs / "untied-optim", run)
+    flip_tensor_bytes(run)
+    before = tree_digest(run)
+    dest = tmp_path / "out"
+    result = finalize(run, dest, "--max-shard-size", SHARD, "--strategy", "exchange", "--read-batch", "20KB",
+                      nproc=2)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert "a checkpoint file is corrupt" in lines[0] and "checksum" in lines[0], lines[0]
+    assert not our_traceback(result.stderr)
+    assert not dest.exists() and not dest.with_name("out.distfinalize-staging").exists()
+    assert tree_digest(run) == before
+    assert (run / CKPT).is_dir()
