@@ -202,6 +202,16 @@ def test_tensor_parallel_is_refused(deepspeed_runs: Path, tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tp"]
 
 
+def test_exchange_strategy_is_refused(deepspeed_runs: Path, tmp_path: Path) -> None:
+    """--strategy exchange moves DCP chunks; on a DeepSpeed checkpoint it is one clear error, nothing at DEST."""
+    dest = tmp_path / "out"
+    result = finalize(deepspeed_runs / "zero2-untied", dest, "--strategy", "exchange", nproc=2)
+    assert result.returncode == 1 and not our_traceback(result.stderr)
+    [line] = error_lines(result.stderr)
+    assert "--strategy exchange supports DCP checkpoints, not deepspeed" in line and "--strategy read" in line
+    assert not dest.exists()
+
+
 @pytest.mark.parametrize("variant", ["zero1-frozen", "zero2-extras", "zero3-extras", "zero3-tied"])
 def test_reader_reads_only_the_bytes_of_its_tensors(
     deepspeed_runs: Path, variant: str, monkeypatch: pytest.MonkeyPatch
