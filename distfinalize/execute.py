@@ -82,9 +82,10 @@ def write_file(
         writer = SafetensorsWriter(path, file_layout)
         try:
             for batch in read_batches(ordered, read_batch_bytes):
-                data = reader.read([t.source_key for t in batch])
+                data = reader.read([key for t in batch for key in t.source_keys])
                 for t in batch:
-                    for name, tensor in to_output(data.pop(t.source_key), t, device).items():
+                    inputs = [data.pop(key) for key in t.source_keys]
+                    for name, tensor in to_output(inputs[0], t, device, inputs[1:]).items():
                         writer.write(name, tensor)
                     bar.update(t.nbytes)
         except BaseException:
