@@ -93,10 +93,21 @@ def prepare_lora(
     model = peft_model_on_meta(spec, lora_config, adapter)
     mapped, expected = match_names(source.tensors, model, spec)
     config_from = str(found) if found is not None else "flags and checkpoint names"
+    from distfinalize.sources.hf import BASE_KEY_PREFIX, HFModelDir, WithBaseModel
+
     if not config.lora.merge:
-        tensors = adapter_tensors(model, mapped, expected, adapter, source)
+        tensors, frozen = adapter_tensors(model, mapped, expected, adapter, source)
+        base = HFModelDir(config.base_model) if frozen and config.base_model is not None else None
+        lacking = [name for name, hf in frozen if base is None or hf not in base.tensors]
+        if base is not None and len(lacking) < len(frozen):
+            tensors += tuple(replace(base.tensors[hf], name=name) for name, hf in frozen if name not in lacking)
+            source = WithBaseModel(source, base, tensors)
+        if lacking:
+            log_rank0(log, "peft's save_pretrained also stores the base weights of adapted embeddings (%s); the "
+                      "checkpoint lacks them, so the adapter is written without them (it loads on the same base "
+                      "model). Pass --base-model DIR to include them", ", ".join(lacking),
+                      level=logging.WARNING)  # fmt: skip
         return LoraLayout(False, adapter, lora_config, config_from, source, tensors)
-    from distfinalize.sources.hf import BASE_KEY_PREFIX, WithBaseModel
 
     tensors, from_base = merged_tensors(mapped, expected, adapter, spec, config.base_model, source)
     merges = layer_merges(model, mapped, adapter, {t.name: t for t in tensors})
@@ -213,25 +224,32 @@ def match_names(
 def adapter_tensors(
     model: torch.nn.Module, mapped: dict[str, TensorMeta], expected: dict[str, torch.Tensor], adapter: str,
     source: Source,
-) -> tuple[TensorMeta, ...]:  # fmt: skip
-    """The adapter's tensors, named as peft's get_peft_model_state_dict names them for save_pretrained."""
+) -> tuple[tuple[TensorMeta, ...], list[tuple[str, str]]]:  # fmt: skip
+    """The adapter's tensors, named as peft's get_peft_model_state_dict names them for save_pretrained (its "auto"
+    embedding rule included), and the frozen base tensors it names that the checkpoint lacks: (save name,
+    Hugging Face name) pairs."""
     peft = _peft()
+    model.peft_config[adapter].base_model_name_or_path = None  # "auto" then decides without a Hub lookup
     placeholders = {name: torch.empty(0, device="meta") for name in expected}
-    saved = peft.get_peft_model_state_dict(model, state_dict=placeholders, adapter_name=adapter,
-                                           save_embedding_layers=False)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = peft.get_peft_model_state_dict(model, state_dict=placeholders, adapter_name=adapter)
     by_id = {id(tensor): name for name, tensor in placeholders.items()}
-    out, missing = [], []
+    out, missing, frozen = [], [], []
     for save_name, tensor in saved.items():
-        t = mapped.get(by_id[id(tensor)])
-        if t is None:
-            missing.append(by_id[id(tensor)])
-        else:
+        name = by_id[id(tensor)]
+        t = mapped.get(name)
+        if t is not None:
             out.append(replace(t, name=save_name))
+        elif is_lora_weight(name) or ".modules_to_save." in name:
+            missing.append(name)
+        else:
+            frozen.append((save_name, merged_name(name, adapter)))
     if missing:
         raise SourceError(f"the LoRA checkpoint lacks {len(missing)} adapter tensor(s), e.g. {_sample(missing)}",
                           where=source.info.path, hint="the checkpoint is incomplete, or the LoRA settings do not "
                           "belong to it")  # fmt: skip
-    return tuple(out)
+    return tuple(out), frozen
 
 
 def merged_tensors(
