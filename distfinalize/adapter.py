@@ -58,6 +58,7 @@ class LoraLayout:
     source: Source
     tensors: tuple[TensorMeta, ...]
     merges: Mapping[str, LoraMerge] = field(default_factory=dict)
+    alpha_known: bool = True
 
     def summary(self) -> dict[str, Any]:
         """What inspect, --dry-run and the log say about the adapter."""
@@ -65,7 +66,7 @@ class LoraLayout:
         return {
             "mode": "merge" if self.merge else "adapter",
             "r": cfg.r,
-            "lora_alpha": cfg.lora_alpha,
+            "lora_alpha": cfg.lora_alpha if self.alpha_known else None,
             "use_rslora": cfg.use_rslora,
             "target_modules": sorted(cfg.target_modules) if cfg.target_modules else None,
             "modules_to_save": sorted(cfg.modules_to_save) if cfg.modules_to_save else None,
@@ -93,6 +94,7 @@ def prepare_lora(
     model = peft_model_on_meta(spec, lora_config, adapter)
     mapped, expected = match_names(source.tensors, model, spec)
     config_from = str(found) if found is not None else "flags and checkpoint names"
+    alpha_known = found is not None or config.lora.alpha is not None
     from distfinalize.sources.hf import BASE_KEY_PREFIX, HFModelDir, WithBaseModel
 
     if not config.lora.merge:
@@ -107,7 +109,7 @@ def prepare_lora(
                       "checkpoint lacks them, so the adapter is written without them (it loads on the same base "
                       "model). Pass --base-model DIR to include them", ", ".join(lacking),
                       level=logging.WARNING)  # fmt: skip
-        return LoraLayout(False, adapter, lora_config, config_from, source, tensors)
+        return LoraLayout(False, adapter, lora_config, config_from, source, tensors, alpha_known=alpha_known)
 
     tensors, from_base = merged_tensors(mapped, expected, adapter, spec, config.base_model, source)
     merges = layer_merges(model, mapped, adapter, {t.name: t for t in tensors})
@@ -115,7 +117,7 @@ def prepare_lora(
         source = WithBaseModel(source, from_base, tensors)
         count = sum(t.key.startswith(BASE_KEY_PREFIX) for t in tensors)
         log_rank0(log, "LoRA merge: %d base tensor(s) from %s", count, from_base.path)
-    return LoraLayout(True, adapter, lora_config, config_from, source, tensors, merges)
+    return LoraLayout(True, adapter, lora_config, config_from, source, tensors, merges, alpha_known)
 
 
 def check_adapter_options(config: FinalizeConfig) -> None:
@@ -166,7 +168,7 @@ def load_lora_config(config: FinalizeConfig, found: Path | None, inferred: dict[
         loaded = LoraConfig.from_pretrained(str(found.parent))
         settings = {f.name: getattr(loaded, f.name) for f in dataclasses.fields(loaded) if f.init}
     else:
-        if config.lora.alpha is None:
+        if config.lora.alpha is None and config.lora.require_alpha:
             raise SourceError("the LoRA checkpoint has no adapter_config.json, so lora_alpha is unknown",
                               hint="pass --lora-alpha (and --lora-rslora if it was trained so), or put the "
                               "adapter_config.json of the run beside the checkpoint")  # fmt: skip

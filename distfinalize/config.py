@@ -102,6 +102,7 @@ class LoraOptions:
     alpha: float | None = None
     target_modules: tuple[str, ...] = ()
     use_rslora: bool | None = None
+    require_alpha: bool = True  # inspect reports an unknown lora_alpha instead of failing
 
     def __post_init__(self) -> None:
         if self.r is not None and self.r <= 0:

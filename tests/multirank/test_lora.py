@@ -8,7 +8,10 @@ rounding of a different matmul kernel (a GPU): each weight within 4 float32 ulps
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import common
@@ -16,7 +19,7 @@ import fsdp2_lora
 import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
-from support import check_ok, error_lines, finalize, our_traceback, read_json, read_output
+from support import TIMEOUT_S, check_ok, env, error_lines, finalize, our_traceback, read_json, read_output
 from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.dist
@@ -124,3 +127,13 @@ def test_bad_lora_inputs(lora_runs: Path, tmp_path: Path) -> None:
         assert len(lines) == 1 and message in lines[0], result.stderr
         assert not our_traceback(result.stderr)
         assert not dest.exists() and not list(tmp_path.glob("out*"))
+
+
+def test_inspect_says_lora(lora_runs: Path) -> None:
+    """inspect names the adapter (r, alpha, targets) and plans the single adapter file."""
+    cmd = [sys.executable, "-m", "distfinalize", "inspect", str(lora_runs / "lora-full"), "--json"]
+    result = check_ok(subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=TIMEOUT_S, check=False))
+    report = json.loads(result.stdout)
+    assert report["lora"]["r"] == 4 and report["lora"]["lora_alpha"] == 8
+    assert report["lora"]["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    assert [f["file"] for f in report["plan"]["files"]] == ["adapter_model.safetensors"]
