@@ -19,7 +19,6 @@ Rank 0 also writes, into OUT/NAME/:
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import common
@@ -94,11 +93,7 @@ def save_references(run: Path, variant: str, full: dict[str, torch.Tensor]) -> N
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--variant", action="append", choices=VARIANTS)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
+    args = common.trainer_args(__doc__, VARIANTS)
     _, world = common.init_gloo()
     for variant in args.variant or list(VARIANTS):
         train_and_save(args.out, variant, args.steps, world)
