@@ -19,7 +19,7 @@ import fsdp2_lora
 import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
-from support import TIMEOUT_S, check_ok, env, error_lines, finalize, our_traceback, read_json, read_output
+from support import TIMEOUT_S, check_ok, env, error_lines, finalize, our_traceback, read_json, read_output, tree_digest
 from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.dist
@@ -109,12 +109,22 @@ def test_merge_lora_bfloat16(lora_runs: Path, tmp_path: Path) -> None:
     assert all(torch.equal(tensors[k], merged[k].to(torch.bfloat16)) for k in merged)
 
 
-def test_bad_lora_inputs(lora_runs: Path, tmp_path: Path) -> None:
-    """Adapter-only checkpoint: no lora_alpha anywhere, then --merge-lora without base weights: one clear line
+def test_adapter_only_without_base_model(lora_runs: Path, tmp_path: Path) -> None:
+    """An adapter-only checkpoint with config.json beside it and no --base-model: the adapter is written without
+    the adapted embedding's base weight (peft would store it; a warning says so) and still loads to the same
+    logits. Then the bad inputs: no lora_alpha anywhere, and --merge-lora without base weights: one clear line
     each, exit 1, nothing at DEST, SRC untouched."""
     src = tmp_path / "src"
     shutil.copytree(lora_runs / "lora-adapter-only", src, ignore=shutil.ignore_patterns("base-model"))
     common.tiny_config(tie=False).save_pretrained(src)
+    before = tree_digest(src)
+    dest = tmp_path / "adapter"
+    result = check_ok(finalize(src, dest, "--lora-alpha", "16", "--lora-rslora", nproc=2))
+    assert "embed_tokens.base_layer.weight" in result.stderr and "Pass --base-model DIR" in result.stderr
+    tensors, _ = read_output(dest)
+    assert not [n for n in tensors if "base_layer" in n] and len(tensors) == 18
+    loaded = PeftModel.from_pretrained(base_model(lora_runs / "lora-adapter-only"), dest)
+    assert torch.equal(logits(loaded), torch.load(src / "reference_logits.pt"))
     cases = [
         ([], "lora_alpha is unknown"),
         (["--merge-lora", "--lora-alpha", "16"], "--merge-lora needs the base weights"),
@@ -127,6 +137,7 @@ def test_bad_lora_inputs(lora_runs: Path, tmp_path: Path) -> None:
         assert len(lines) == 1 and message in lines[0], result.stderr
         assert not our_traceback(result.stderr)
         assert not dest.exists() and not list(tmp_path.glob("out*"))
+    assert tree_digest(src) == before
 
 
 def test_inspect_says_lora(lora_runs: Path) -> None:

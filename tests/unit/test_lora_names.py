@@ -77,3 +77,21 @@ def test_lora_options() -> None:
     assert LoraOptions(alpha=0.5, use_rslora=True).overrides == {"lora_alpha": 0.5, "use_rslora": True}
     with pytest.raises(ValueError, match="--lora-r"):
         LoraOptions(r=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device: the GPU merge is compared to the CPU one"
+)
+def test_cuda_merge_matches_cpu() -> None:
+    """Merging on the rank's GPU (bf16 base weight, float32 adapter) stays on the GPU, in float32, and agrees with the
+    CPU merge up to the matmul's float32 rounding (TF32 off, as torch's default for matmul)."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(256, 192, generator=gen).to(torch.bfloat16)
+    a, b = torch.randn(16, 192, generator=gen), torch.randn(256, 16, generator=gen)
+    merge = LoraMerge("a", "b", 0.5)
+    on_cpu = merge_lora(w, a, b, merge)
+    on_gpu = merge_lora(w.cuda(), a, b, merge)
+    assert on_gpu.is_cuda and on_gpu.dtype == torch.float32
+    bound = 8 * torch.finfo(torch.float32).eps * on_cpu.abs().max().item()
+    assert (on_gpu.cpu() - on_cpu).abs().max().item() <= bound
