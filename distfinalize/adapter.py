@@ -29,6 +29,7 @@ from distfinalize.config import FinalizeConfig
 from distfinalize.errors import KeyMappingError, MissingDependencyError, SourceError, UsageError
 from distfinalize.logs import log_rank0
 from distfinalize.sources import Source, TensorMeta
+from distfinalize.sources.hf import BASE_KEY_PREFIX, HFModelDir, WithBaseModel
 from distfinalize.transform.keymap import CONTAINER_PREFIXES, strip_wrappers
 from distfinalize.transform.lora import (
     PEFT_PREFIX,
@@ -95,29 +96,36 @@ def prepare_lora(
     mapped, expected = match_names(source.tensors, model, spec)
     config_from = str(found) if found is not None else "flags and checkpoint names"
     alpha_known = found is not None or config.lora.alpha is not None
-    from distfinalize.sources.hf import BASE_KEY_PREFIX, HFModelDir, WithBaseModel
-
     if not config.lora.merge:
-        tensors, frozen = adapter_tensors(model, mapped, expected, adapter, source)
-        base = HFModelDir(config.base_model) if frozen and config.base_model is not None else None
-        lacking = [name for name, hf in frozen if base is None or hf not in base.tensors]
-        if base is not None and len(lacking) < len(frozen):
-            tensors += tuple(replace(base.tensors[hf], name=name) for name, hf in frozen if name not in lacking)
-            source = WithBaseModel(source, base, tensors)
-        if lacking:
-            log_rank0(log, "peft's save_pretrained also stores the base weights of adapted embeddings (%s); the "
-                      "checkpoint lacks them, so the adapter is written without them (it loads on the same base "
-                      "model). Pass --base-model DIR to include them", ", ".join(lacking),
-                      level=logging.WARNING)  # fmt: skip
+        tensors, source = adapter_output(model, mapped, expected, adapter, source, config.base_model)
         return LoraLayout(False, adapter, lora_config, config_from, source, tensors, alpha_known=alpha_known)
-
     tensors, from_base = merged_tensors(mapped, expected, adapter, spec, config.base_model, source)
-    merges = layer_merges(model, mapped, adapter, {t.name: t for t in tensors})
+    merges = layer_merges(model, mapped, adapter, {t.name: t for t in tensors}, spec)
     if from_base is not None:
         source = WithBaseModel(source, from_base, tensors)
         count = sum(t.key.startswith(BASE_KEY_PREFIX) for t in tensors)
         log_rank0(log, "LoRA merge: %d base tensor(s) from %s", count, from_base.path)
     return LoraLayout(True, adapter, lora_config, config_from, source, tensors, merges, alpha_known)
+
+
+def adapter_output(
+    model: torch.nn.Module, mapped: dict[str, TensorMeta], expected: dict[str, torch.Tensor], adapter: str,
+    source: Source, base_model: Path | None,
+) -> tuple[tuple[TensorMeta, ...], Source]:  # fmt: skip
+    """The adapter file's tensors, with the frozen base tensors peft would add taken from --base-model (when the
+    checkpoint lacks them), and the source to read them all from."""
+    tensors, frozen = adapter_tensors(model, mapped, expected, adapter, source)
+    base = HFModelDir(base_model) if frozen and base_model is not None else None
+    lacking = [name for name, hf in frozen if base is None or hf not in base.tensors]
+    if base is not None and len(lacking) < len(frozen):
+        tensors += tuple(replace(base.tensors[hf], name=name) for name, hf in frozen if name not in lacking)
+        source = WithBaseModel(source, base, tensors)
+    if lacking:
+        log_rank0(log, "peft's save_pretrained also stores the base weights of adapted embeddings (%s); the "
+                  "checkpoint lacks them, so the adapter is written without them (it loads on the same base "
+                  "model). Pass --base-model DIR to include them", ", ".join(lacking),
+                  level=logging.WARNING)  # fmt: skip
+    return tensors, source
 
 
 def check_adapter_options(config: FinalizeConfig) -> None:
@@ -260,8 +268,6 @@ def merged_tensors(
 ):  # fmt: skip
     """The merged model's tensors under Hugging Face names: each from the checkpoint when it is there (the trained
     copy of a modules_to_save module), else from --base-model. Returns (tensors, the base dir or None)."""
-    from distfinalize.sources.hf import HFModelDir
-
     tensors: list[TensorMeta] = []
     wanted: list[str] = []
     for name in expected:
@@ -289,8 +295,9 @@ def merged_tensors(
 
 
 def layer_merges(
-    model: torch.nn.Module, mapped: dict[str, TensorMeta], adapter: str, by_name: dict[str, TensorMeta]
-) -> dict[str, LoraMerge]:
+    model: torch.nn.Module, mapped: dict[str, TensorMeta], adapter: str, by_name: dict[str, TensorMeta],
+    spec: ModelSpec,
+) -> dict[str, LoraMerge]:  # fmt: skip
     """For each adapted layer: its base weight's source key -> A, B and the scale peft computed for the layer."""
     from peft.tuners.lora import Embedding, Linear, LoraLayer
 
@@ -309,7 +316,11 @@ def layer_merges(
         else:
             raise UsageError(f"--merge-lora supports LoRA on Linear and Embedding layers, not {type(layer).__name__}",
                              where=name, hint="drop --merge-lora to write the adapter")  # fmt: skip
-        base = by_name[merged_name(f"{name}.base_layer.weight", adapter)]
+        weight = merged_name(f"{name}.base_layer.weight", adapter)
+        if weight in spec.tied or weight not in by_name:
+            raise UsageError(f"--merge-lora cannot merge into {weight}: it is tied to {spec.tied.get(weight)}",
+                             hint="drop --merge-lora to write the adapter")  # fmt: skip
+        base = by_name[weight]
         transpose = isinstance(layer, Embedding) or bool(getattr(layer, "fan_in_fan_out", False))
         merges[base.key] = LoraMerge(mapped[a].key, mapped[b].key, float(layer.scaling[adapter]), transpose,
                                      mapped[a].nbytes + mapped[b].nbytes)  # fmt: skip
