@@ -22,7 +22,13 @@ from typing import Any
 
 import torch
 
-from distfinalize.adapter import ADAPTER_FILE, LoraLayout, prepare_lora, write_adapter_config
+from distfinalize.adapter import (
+    ADAPTER_FILE,
+    LoraLayout,
+    adapter_config_preview,
+    prepare_lora,
+    write_adapter_config,
+)
 from distfinalize.architecture import ModelSpec, load_model_spec
 from distfinalize.artifacts.card import LIBRARY_NAME, CardInfo, card_preview, write_model_card
 from distfinalize.artifacts.code import copy_model_code, model_code_files
@@ -498,7 +504,7 @@ def dry_run_report(
     if prepared.lora is not None:
         report["lora"] = prepared.lora.summary()
     if prepared.adapter:
-        report["adapter_config.json"] = prepared.lora.config.to_dict()
+        report["adapter_config.json"] = adapter_config_preview(prepared.lora)
     elif prepared.config_path is not None:
         updates = config_updates(config, prepared, tokenizer, vocab_size)
         report["config.json"] = output_config(prepared.config_path, updates)
