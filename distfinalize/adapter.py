@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 from distfinalize.architecture import ModelSpec, instantiate_on_meta
-from distfinalize.config import FinalizeConfig
+from distfinalize.config import FinalizeConfig, LoraOptions
 from distfinalize.errors import KeyMappingError, MissingDependencyError, SourceError, UsageError
 from distfinalize.logs import log_rank0
+from distfinalize.plan import ADAPTER_CONFIG
 from distfinalize.sources import Source, TensorMeta
 from distfinalize.sources.hf import BASE_KEY_PREFIX, HFModelDir, WithBaseModel
 from distfinalize.transform.keymap import CONTAINER_PREFIXES, strip_wrappers
@@ -42,8 +43,6 @@ from distfinalize.transform.lora import (
 
 log = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_FILE = "adapter_model.safetensors"
 MAX_NAMES = 4
 
 
@@ -325,6 +324,24 @@ def layer_merges(
         merges[base.key] = LoraMerge(mapped[a].key, mapped[b].key, float(layer.scaling[adapter]), transpose,
                                      mapped[a].nbytes + mapped[b].nbytes)  # fmt: skip
     return merges
+
+
+def manifest_record(layout: LoraLayout, base_model: Path | None) -> dict[str, Any]:
+    """What distfinalize-manifest.json records of a LoRA finalize: enough for `verify --source` to redo it."""
+    cfg = layout.config
+    targets = sorted(cfg.target_modules) if isinstance(cfg.target_modules, set) else cfg.target_modules
+    return {"merge": layout.merge, "r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora,
+            "target_modules": targets, "base_model": str(base_model.resolve()) if base_model else None}  # fmt: skip
+
+
+def recorded_options(record: Mapping[str, Any]) -> tuple[LoraOptions, Path | None]:
+    """The LoRA options and base model dir a manifest's record stands for (see manifest_record)."""
+    targets = record.get("target_modules")
+    options = LoraOptions(merge=bool(record.get("merge")), r=record.get("r"), alpha=record.get("lora_alpha"),
+                          target_modules=tuple(targets) if isinstance(targets, list) else (),
+                          use_rslora=record.get("use_rslora"))  # fmt: skip
+    base = record.get("base_model")
+    return options, Path(base) if isinstance(base, str) else None
 
 
 def adapter_config_preview(layout: LoraLayout) -> dict[str, Any]:

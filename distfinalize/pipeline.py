@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from distfinalize.adapter import (
-    ADAPTER_FILE,
     LoraLayout,
     adapter_config_preview,
+    manifest_record,
     prepare_lora,
     write_adapter_config,
 )
@@ -59,7 +59,7 @@ from distfinalize.keep import (
     write_optimizer_metadata,
 )
 from distfinalize.logs import log_rank0
-from distfinalize.plan import INDEX_FILE, Plan, build_plan, describe, fingerprint
+from distfinalize.plan import ADAPTER_FILE, INDEX_FILE, Plan, build_plan, describe, fingerprint
 from distfinalize.sources import Source, SourceInfo, TensorMeta
 from distfinalize.sources.locate import find_model_config, locate, search_dirs
 from distfinalize.staging import PROGRESS_DIR, commit, create_staging, remove_staging, staging_path
@@ -424,7 +424,7 @@ def write_once(
         raise DestinationError("ranks did not write every planned file", where=staging,
                                hint=f"missing: {sorted(planned - got)[:4]}")  # fmt: skip
     index = write_index(plan, weights_dir)
-    write_checksums(staging, weights_dir, files, prepared, config.quantize)
+    write_checksums(staging, weights_dir, files, prepared, config.quantize, config.base_model)
     if prepared.adapter:
         write_adapter_config(prepared.lora, staging)  # no config.json, generation config or model code
         model_config = None
@@ -449,11 +449,14 @@ def write_once(
 
 
 def write_checksums(
-    staging: Path, weights_dir: Path, files: tuple[WrittenFile, ...], prepared: Prepared, quantize: str | None
-) -> None:
-    """distfinalize-manifest.json: every weight file's size and sha256 (for `verify`), and the source."""
+    staging: Path, weights_dir: Path, files: tuple[WrittenFile, ...], prepared: Prepared, quantize: str | None,
+    base_model: Path | None = None,
+) -> None:  # fmt: skip
+    """distfinalize-manifest.json: every weight file's size and sha256 (for `verify`), the source, and for a LoRA
+    checkpoint what was done with the adapter."""
     info = prepared.source.info
     prefix = weights_dir.relative_to(staging)
+    lora = {"lora": manifest_record(prepared.lora, base_model)} if prepared.lora is not None else {}
     write_json(staging / MANIFEST, {
         "format": 1,
         "source": {"format": info.format, "path": str(info.path), "step": info.step},
@@ -462,6 +465,7 @@ def write_checksums(
         "files": {str(prefix / f.filename) if str(prefix) != "." else f.filename: {"size": f.size,
                                                                                  "sha256": f.sha256}
                   for f in sorted(files, key=lambda f: f.filename)},
+        **lora,
     })  # fmt: skip
 
 

@@ -18,6 +18,8 @@ from distfinalize.transform.vocab import RowResize
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+ADAPTER_FILE = "adapter_model.safetensors"  # a PEFT adapter dir's one weight file
+ADAPTER_CONFIG = "adapter_config.json"
 FILENAME_PATTERN = "model{suffix}.safetensors"
 
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from distfinalize.adapter import recorded_options
 from distfinalize.commands.hfdir import Header, Survey, WeightFile
-from distfinalize.config import FinalizeConfig
+from distfinalize.config import FinalizeConfig, LoraOptions
 from distfinalize.pipeline import Prepared, embedding_names, prepare
 from distfinalize.plan import TensorPlan, plan_tensors
 from distfinalize.transform.cast import to_output
@@ -60,15 +61,19 @@ def open_source(
     # prepare() refuses an existing DEST; nothing is written, so it gets a name that is never created.
     phantom = Path(tempfile.gettempdir()) / f"distfinalize-verify-{uuid.uuid4().hex}"
     base_model = found.dest if (found.dest / "config.json").is_file() else None
+    lora = LoraOptions()
+    record = found.manifest.get("lora") if found.manifest else None
+    if isinstance(record, dict):  # a LoRA finalize: redo it as recorded; DEST's weights are not the base model's
+        lora, base_model = recorded_options(record)
     config = FinalizeConfig(src=src, dest=phantom, checkpoint=checkpoint, tag=tag, base_model=base_model,
-                            log_level=log_level)  # fmt: skip
+                            log_level=log_level, lora=lora)  # fmt: skip
     return prepare(config)
 
 
 def expectations(prepared: Prepared, dtype: torch.dtype | None, tied: bool) -> tuple[dict[str, Expectation], tuple]:
     """What each output tensor must equal, and the source tensors DEST may lack (heads dropped as tied). Pure."""
     embeddings = set(embedding_names(prepared))
-    plans = plan_tensors(prepared.tensors, dtype, rope_heads=prepared.rope_heads)
+    plans = plan_tensors(prepared.tensors, dtype, rope_heads=prepared.rope_heads, merges=prepared.merges)
     out = {p.name: Expectation(p, p.name in embeddings) for p in plans}
     absent = []
     if tied:
@@ -79,14 +84,19 @@ def expectations(prepared: Prepared, dtype: torch.dtype | None, tied: bool) -> t
     return out, tuple(absent)
 
 
-def compare(output: torch.Tensor, source: torch.Tensor, want: Expectation) -> tuple[str | None, bool]:
-    """Compare one output tensor with its source tensor, bit for bit after finalize's transforms. Pure.
+def compare(
+    output: torch.Tensor, source: torch.Tensor, want: Expectation, lora: Sequence[torch.Tensor] = ()
+) -> tuple[str | None, bool]:
+    """Compare one output tensor with its source tensor, bit for bit after finalize's transforms (a merged LoRA
+    weight: within the rounding of another device's matmul and one rounding to the output dtype). Pure.
 
     Returns (the problem, or None; whether only the first rows were compared).
     """
     if output.dtype != want.plan.dtype:
         return f"is {_dt(output.dtype)}, expected {_dt(want.plan.dtype)}", False
-    expected = to_output(source, want.plan, CPU)[want.plan.name]  # never resized or quantized here
+    expected = to_output(source, want.plan, CPU, lora)[want.plan.name]  # never resized or quantized here
+    if want.plan.lora is not None and output.shape == expected.shape:
+        return merge_problem(output, expected), False
     grown = False
     if tuple(output.shape) != tuple(expected.shape):
         rows = expected.shape[0] if expected.dim() else 0
@@ -100,6 +110,16 @@ def compare(output: torch.Tensor, source: torch.Tensor, want: Expectation) -> tu
         return (f"differs from the source in {count} of {expected.numel()} element(s) {part}(first at flat index "
                 f"{first})"), grown  # fmt: skip
     return None, grown
+
+
+def merge_problem(output: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """A merged weight against the merge redone on the CPU: 8 float32 ulps (matmul order) plus one ulp of the output
+    dtype, relative to the largest element."""
+    diff = (output.float() - expected.float()).abs().max().item()
+    bound = (8 * torch.finfo(torch.float32).eps + torch.finfo(output.dtype).eps) * expected.float().abs().max().item()
+    if diff > bound:
+        return f"differs from the LoRA merge redone on the CPU by {diff:.3g} (more than {bound:.3g})"
+    return None
 
 
 def differing_elements(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int | None]:
@@ -129,11 +149,13 @@ def compare_file(
     present = [n for n in names if n in wanted]
     with safe_open(str(weight.path), framework="pt") as f:
         for batch in _batches(present, wanted, batch_bytes):
-            data = reader.read(list(dict.fromkeys(k for n in batch for k, _ in _sources(n, wanted[n]))))
+            keys = [k for n in batch for k in (*(k for k, _ in _sources(n, wanted[n])), *wanted[n].plan.source_keys)]
+            data = reader.read(list(dict.fromkeys(keys)))
             for name in batch:
                 want, output = wanted[name], f.get_tensor(name)
+                lora = [data[k] for k in want.plan.source_keys[1:]]
                 for key, label in _sources(name, want):
-                    problem, was_grown = compare(output, data[key], want)
+                    problem, was_grown = compare(output, data[key], want, lora)
                     if key == want.key:
                         compared, grown = compared + 1, grown + was_grown
                     if problem is not None:

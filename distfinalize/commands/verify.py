@@ -51,7 +51,7 @@ from distfinalize.commands.hfdir import Header, HeaderError, Survey, WeightFile,
 from distfinalize.config import DTYPES, LOG_LEVELS
 from distfinalize.errors import DistfinalizeError
 from distfinalize.pipeline import MANIFEST
-from distfinalize.plan import INDEX_FILE, SINGLE_FILE, assign_ranks
+from distfinalize.plan import ADAPTER_CONFIG, INDEX_FILE, assign_ranks
 from distfinalize.write import SAFETENSORS_DTYPES, file_sha256
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ class SourceSummary:
     names: tuple[str, ...] = ()
     may_be_absent: tuple[str, ...] = ()  # heads finalize may have dropped as tied
     error: str | None = None
+    merged: int = 0  # weights with a LoRA adapter merged in: compared within rounding, not bit for bit
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,8 @@ def _source_for(options: Options, found: Survey) -> tuple[SourceSummary, dict | 
     recorded = (found.manifest or {}).get("source")
     if isinstance(recorded, dict) and recorded.get("path") and Path(recorded["path"]).resolve() != info.path.resolve():
         description += f" (DEST's manifest says it was made from {recorded['path']})"
-    return SourceSummary(description, tuple(t.name for t in prepared.tensors), absent), wanted, reader
+    summary = SourceSummary(description, tuple(t.name for t in prepared.tensors), absent, merged=len(prepared.merges))
+    return summary, wanted, reader
 
 
 def check_file(weight: WeightFile, rank: int, wanted: Mapping[str, Expectation] | None, reader: Any) -> FileFindings:
@@ -232,6 +234,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _check_config(dest: Path) -> tuple[Check, int | None]:
     name = "config.json"
+    if not (dest / name).is_file() and (dest / ADAPTER_CONFIG).is_file():
+        return _check_adapter_config(dest), None
     if not (dest / name).is_file():
         return Check(name, FAIL, "absent: transformers cannot load the model without it (finalize with "
                                  "--base-model DIR)"), None  # fmt: skip
@@ -246,6 +250,19 @@ def _check_config(dest: Path) -> tuple[Check, int | None]:
         vocab = getattr(config.get_text_config(), "vocab_size", None)
     detail = f"{type(config).__name__} ({config.model_type})" + (f", vocab_size {vocab}" if vocab else "")
     return Check(name, PASS, detail), vocab
+
+
+def _check_adapter_config(dest: Path) -> Check:
+    """A PEFT adapter dir has adapter_config.json instead: it must load with peft's own LoraConfig."""
+    name = "config.json"
+    try:
+        from peft import LoraConfig
+
+        config = LoraConfig.from_pretrained(str(dest))
+    except Exception as exc:  # peft missing, or any way the file is broken: a failed check, not a crash
+        return Check(name, FAIL, f"{ADAPTER_CONFIG} does not load with peft's LoraConfig ({_first_line(exc)})")
+    return Check(name, PASS, f"none (a PEFT adapter dir); {ADAPTER_CONFIG}: LoRA r={config.r}, "
+                             f"lora_alpha={config.lora_alpha}, base {config.base_model_name_or_path}")  # fmt: skip
 
 
 def _check_tokenizer(dest: Path, vocab_size: int | None) -> Check:
@@ -334,10 +351,10 @@ def index_check(found: Survey, files: Sequence[FileFindings]) -> Check:
     problems = [f"{t!r} is in {len(h)} files ({', '.join(h)})" for t, h in sorted(holders.items()) if len(h) > 1]
     if found.index is None and found.index_error is None:
         problems += [f"{m} is missing" for m in found.missing]
-        extra = [f.name for f in files if f.name != SINGLE_FILE]
+        extra = [f.name for f in files if f.name != found.single_file]
         if extra:
             problems.append(f"no {INDEX_FILE}, but {len(files)} weight files ({', '.join(extra[:MAX_DETAILS])})")
-        return _row(name, problems, f"no index needed: one file, {SINGLE_FILE}")
+        return _row(name, problems, f"no index needed: one file, {found.single_file}")
     if found.index_error is not None:
         return Check(name, FAIL, found.index_error)
     weight_map: Mapping[str, str] = found.index["weight_map"]
@@ -425,6 +442,8 @@ def source_check(shares: Sequence[RankFindings], files: Sequence[FileFindings], 
     compared = sum(f.compared for f in files)
     grown = sum(f.grown for f in files)
     note = f" ({grown} embedding(s) with new token rows: their first rows compared)" if grown else ""
+    if summary.merged:
+        note += f" ({summary.merged} of them merged LoRA weights: within rounding of the merge redone here)"
     return _row(name, problems, f"{compared} tensors bit-exact against {summary.description}{note}")
 
 

@@ -29,6 +29,12 @@ ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors"
 EPS = torch.finfo(torch.float32).eps
 
 
+def cli(*args: str | Path) -> subprocess.CompletedProcess:
+    """`python -m distfinalize ARGS` (a subcommand), checked."""
+    cmd = [sys.executable, "-m", "distfinalize", *map(str, args)]
+    return check_ok(subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=TIMEOUT_S, check=False))
+
+
 def logits(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(input_ids=common.reference_input()).logits
@@ -77,6 +83,8 @@ def test_adapter_dir(lora_runs: Path, tmp_path: Path, variant: str, nproc: int) 
 
     loaded = PeftModel.from_pretrained(base_model(run), dest)
     assert torch.equal(logits(loaded), torch.load(run / "reference_logits.pt"))
+    report = json.loads(cli("verify", dest, "--source", run, "--json").stdout)
+    assert "bit-exact" in json.dumps(report) and "merged LoRA" not in json.dumps(report)
 
 
 @pytest.mark.parametrize(("variant", "nproc"), [("lora-full", 2), ("lora-adapter-only", 1)])
@@ -97,6 +105,8 @@ def test_merge_lora(lora_runs: Path, tmp_path: Path, variant: str, nproc: int) -
     lora_weights = [k for k in merged if "q_proj" in k]
     assert not torch.equal(state[lora_weights[0]], base_model(run).state_dict()[lora_weights[0]])  # merged in
     torch.testing.assert_close(logits(model), torch.load(run / "merged_logits.pt"), rtol=1e-5, atol=1e-5)
+    layers = sum(".lora_A." in k or ".lora_embedding_A." in k for k in torch.load(run / "reference.pt"))
+    assert f"{layers} of them merged LoRA weights" in cli("verify", dest, "--source", run).stdout  # redone as recorded
 
 
 def test_merge_lora_bfloat16(lora_runs: Path, tmp_path: Path) -> None:
@@ -142,9 +152,7 @@ def test_adapter_only_without_base_model(lora_runs: Path, tmp_path: Path) -> Non
 
 def test_inspect_says_lora(lora_runs: Path) -> None:
     """inspect names the adapter (r, alpha, targets) and plans the single adapter file."""
-    cmd = [sys.executable, "-m", "distfinalize", "inspect", str(lora_runs / "lora-full"), "--json"]
-    result = check_ok(subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=TIMEOUT_S, check=False))
-    report = json.loads(result.stdout)
+    report = json.loads(cli("inspect", lora_runs / "lora-full", "--json").stdout)
     assert report["lora"]["r"] == 4 and report["lora"]["lora_alpha"] == 8
     assert report["lora"]["target_modules"] == ["down_proj", "q_proj", "v_proj"]
     assert [f["file"] for f in report["plan"]["files"]] == ["adapter_model.safetensors"]
