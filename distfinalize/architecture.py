@@ -56,7 +56,7 @@ def load_model_spec(config_path: Path) -> ModelSpec:
             hint=f"{exc}".splitlines()[0] if str(exc) else "check the file",
         ) from exc
     architecture = (raw.get("architectures") or [None])[0]
-    model = _instantiate_on_meta(config, architecture, config_path)
+    model = instantiate_on_meta(config, architecture, config_path)
     state = model.state_dict()
     tied: dict[str, str] = {}
     canonical: dict[int, str] = {}
@@ -90,7 +90,7 @@ def _weight_name(model: torch.nn.Module, getter: Callable[[], torch.nn.Module | 
     return next((f"{name}.weight" for name, m in model.named_modules() if m is module and module is not None), None)
 
 
-def _instantiate_on_meta(config: object, architecture: str | None, config_path: Path) -> torch.nn.Module:
+def instantiate_on_meta(config: object, architecture: str | None, config_path: Path) -> torch.nn.Module:
     import transformers
 
     cls = getattr(transformers, architecture, None) if architecture else None

@@ -28,6 +28,7 @@ from distfinalize.config import (
     CardOptions,
     FinalizeConfig,
     GenerationOptions,
+    LoraOptions,
     TokenizerOptions,
     parse_size,
 )
@@ -168,6 +169,19 @@ def add_contract_options(parser: argparse.ArgumentParser) -> None:
     card.add_argument("--dataset", action="append", default=[], metavar="ID", help="a training dataset (repeatable)")
     card.add_argument("--training-method", metavar="NAME", help="e.g. sft, dpo, pretraining")
     card.add_argument("--log-url", action="append", default=[], metavar="URL", help="training logs (repeatable)")
+    lora = parser.add_argument_group("LoRA / PEFT checkpoints (detected from the names)")
+    lora.add_argument(
+        "--merge-lora", action="store_true",
+        help="write the full model with the adapter merged (W + scale*B@A in float32) instead of a PEFT adapter dir; "
+        "base weights from the checkpoint, else from --base-model DIR",
+    )  # fmt: skip
+    lora.add_argument("--lora-r", type=int, metavar="N", help="LoRA rank (default: adapter_config.json, else the "
+                      "shapes)")  # fmt: skip
+    lora.add_argument("--lora-alpha", type=float, metavar="ALPHA", help="LoRA alpha (default: adapter_config.json)")
+    lora.add_argument("--lora-target-modules", metavar="A,B", help="adapted modules (default: adapter_config.json, "
+                      "else the names)")  # fmt: skip
+    lora.add_argument("--lora-rslora", action="store_true", default=None,
+                      help="the adapter was trained with use_rslora (scale alpha/sqrt(r))")  # fmt: skip
     keep = parser.add_argument_group("checkpoint layout")
     keep.add_argument(
         "--keep-checkpoint",
@@ -213,7 +227,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
             ),
             generation=GenerationOptions(
                 mode=args.generation_config,
-                stop_tokens=stop_token_list(args.stop_tokens),
+                stop_tokens=comma_list(args.stop_tokens),
                 auto_stop_tokens=not args.no_auto_stop_tokens,
             ),
             card=CardOptions(
@@ -221,6 +235,13 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
                 datasets=tuple(args.dataset),
                 training_method=args.training_method,
                 log_urls=tuple(args.log_url),
+            ),
+            lora=LoraOptions(
+                merge=args.merge_lora,
+                r=args.lora_r,
+                alpha=args.lora_alpha,
+                target_modules=comma_list(args.lora_target_modules),
+                use_rslora=args.lora_rslora,
             ),
             resume=args.resume,
             keep_checkpoint=args.keep_checkpoint,
@@ -231,8 +252,8 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
         parser.error(str(exc))
 
 
-def stop_token_list(text: str | None) -> tuple[str, ...]:
-    """--stop-tokens "A,B" -> ("A", "B")."""
+def comma_list(text: str | None) -> tuple[str, ...]:
+    """--stop-tokens / --lora-target-modules "A,B" -> ("A", "B")."""
     return tuple(t.strip() for t in (text or "").split(",") if t.strip())
 
 

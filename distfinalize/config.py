@@ -98,6 +98,32 @@ class CardOptions:
 
 
 @dataclass(frozen=True)
+class LoraOptions:
+    """--merge-lora and the adapter settings that override (or stand in for) the source's adapter_config.json."""
+
+    merge: bool = False
+    r: int | None = None
+    alpha: float | None = None
+    target_modules: tuple[str, ...] = ()
+    use_rslora: bool | None = None
+    require_alpha: bool = True  # inspect reports an unknown lora_alpha instead of failing
+
+    def __post_init__(self) -> None:
+        if self.r is not None and self.r <= 0:
+            raise ValueError(f"--lora-r must be positive, got {self.r}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"--lora-alpha must be positive, got {self.alpha}")
+
+    @property
+    def overrides(self) -> dict[str, object]:
+        """The LoraConfig fields the flags set."""
+        alpha = int(self.alpha) if self.alpha is not None and float(self.alpha).is_integer() else self.alpha
+        out: dict[str, object] = {"r": self.r, "lora_alpha": alpha, "use_rslora": self.use_rslora}
+        out["target_modules"] = list(self.target_modules) or None
+        return {k: v for k, v in out.items() if v is not None}
+
+
+@dataclass(frozen=True)
 class FinalizeConfig:
     """What to finalize, where to, and how. Identical on every rank."""
 
@@ -121,6 +147,7 @@ class FinalizeConfig:
     tokenizer: TokenizerOptions = TokenizerOptions()
     generation: GenerationOptions = GenerationOptions()
     card: CardOptions = CardOptions()
+    lora: LoraOptions = LoraOptions()
     resume: bool = False
     keep_checkpoint: bool = False
     keep_optimizer: bool = False

@@ -85,7 +85,7 @@ def write_rank_files(
         bar.update(sum(f.nbytes for f in files if f.filename in reused))
         writers = LaneWriters(todo, directory, bar, written, progress_dir, plan.metadata)
         Stages(steps, 2 * path.read_batch_bytes, ctx.device).run(
-            feed, lambda tensor, t: transform(tensor, t, ctx.device), writers.write_lane
+            feed, lambda inputs, t: transform(inputs[0], t, ctx.device, inputs[1:]), writers.write_lane
         )
     done = [reused.get(f.filename) or written[f.filename] for f in files]
     log.debug("wrote %d file(s)", len(done))

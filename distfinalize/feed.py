@@ -1,4 +1,5 @@
-"""Feeds: where a rank's source tensors come from, in its write order, one (TensorPlan, tensor) at a time.
+"""Feeds: where a rank's source tensors come from, in its write order, one (TensorPlan, inputs) at a time: the
+source tensor, then any LoRA factors merged into it (TensorPlan.source_keys).
 
 - `read_feed` (`--strategy read`): the rank reads the byte ranges of its own tensors, a batch at a time.
 - `exchange_feed` (`--strategy exchange`): the rank reads the chunks the schedule gives it, and every rank
@@ -23,7 +24,7 @@ from distfinalize.sources import TensorReader
 
 T = TypeVar("T")
 Failed = Callable[[], BaseException | None]
-Feed = Iterator[tuple[TensorPlan, torch.Tensor]]
+Feed = Iterator[tuple[TensorPlan, tuple[torch.Tensor, ...]]]
 
 
 def source_nbytes(t: TensorPlan) -> int:
@@ -50,9 +51,9 @@ def read_feed(tensors: Sequence[TensorPlan], reader: TensorReader, batch_bytes: 
     for batch in read_batches(tensors, batch_bytes):
         if failed() is not None:
             return
-        data = reader.read([t.source_key for t in batch])
+        data = reader.read([key for t in batch for key in t.source_keys])
         for t in batch:
-            yield t, data.pop(t.source_key)
+            yield t, tuple(data.pop(key) for key in t.source_keys)
 
 
 def exchange_feed(schedule: ExchangeSchedule, ctx: DistContext, reader, device: torch.device, failed: Failed) -> Feed:
@@ -109,4 +110,4 @@ def assemble(rnd: Round, rank: int, receives: Sequence[Transfer], buffer: torch.
             for dim, (offset, size) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
                 target = target.narrow(dim, offset, size)
             target.copy_(data.view(t.source_dtype).reshape(chunk.sizes))
-        yield t, tensor
+        yield t, (tensor,)

@@ -126,8 +126,8 @@ class Stages:
 
     def run(
         self,
-        feed: Callable[[Callable[[], BaseException | None]], Iterator[tuple[TensorPlan, torch.Tensor]]],
-        transform: Callable[[torch.Tensor, TensorPlan], dict[str, torch.Tensor]],
+        feed: Callable[[Callable[[], BaseException | None]], Iterator[tuple[TensorPlan, tuple[torch.Tensor, ...]]]],
+        transform: Callable[[tuple[torch.Tensor, ...], TensorPlan], dict[str, torch.Tensor]],
         write: Callable[[int, Iterator[Item]], None],
     ) -> None:
         """Feed in a thread, transform here, `write(lane, items)` in one thread per lane; raise the first error."""
@@ -155,22 +155,22 @@ class Stages:
         try:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)  # the current device is per thread
-            for t, tensor in feed(self.failed):
+            for t, inputs in feed(self.failed):
                 step = next(steps)
                 if step.tensor is not t:
                     raise RuntimeError(f"feed out of order: got {t.name}, expected {step.tensor.name}")
                 if self.error is not None or not self.budget.acquire(in_flight(t)):
                     continue  # keep an exchange going until it tells the other ranks at its next round
-                self.fed.put((step, tensor))
+                self.fed.put((step, inputs))
         except BaseException as exc:
             self.fail(exc)
         self.fed.put(DONE)
 
     def _transform(self, transform) -> None:
         while (got := self.fed.get()) is not DONE and self.error is None:
-            step, tensor = got
-            outputs = transform(tensor, step.tensor)
-            del tensor
+            step, inputs = got
+            outputs = transform(inputs, step.tensor)
+            del inputs
             copied = None
             if self.device.type == "cuda":
                 outputs, copied = to_pinned(outputs)

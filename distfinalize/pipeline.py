@@ -22,8 +22,15 @@ from typing import Any
 
 import torch
 
+from distfinalize.adapter import (
+    LoraLayout,
+    adapter_config_preview,
+    manifest_record,
+    prepare_lora,
+    write_adapter_config,
+)
 from distfinalize.architecture import ModelSpec, load_model_spec
-from distfinalize.artifacts.card import CardInfo, card_preview, write_model_card
+from distfinalize.artifacts.card import LIBRARY_NAME, CardInfo, card_preview, write_model_card
 from distfinalize.artifacts.code import copy_model_code, model_code_files
 from distfinalize.artifacts.config import ConfigUpdates, output_config, write_config
 from distfinalize.artifacts.generation import find_generation_config, generation_config, write_generation_config
@@ -39,7 +46,7 @@ from distfinalize.artifacts.tokenizer import (
 )
 from distfinalize.config import FinalizeConfig, format_bytes
 from distfinalize.dist import DistContext
-from distfinalize.errors import DestinationError, SourceError
+from distfinalize.errors import DestinationError, SourceError, UsageError
 from distfinalize.exchange import describe as describe_exchange
 from distfinalize.execute import DataPath, WrittenFile, exchange_schedule, write_rank_files
 from distfinalize.keep import (
@@ -53,11 +60,12 @@ from distfinalize.keep import (
     write_optimizer_metadata,
 )
 from distfinalize.logs import log_rank0
-from distfinalize.plan import INDEX_FILE, Plan, build_plan, describe, fingerprint
+from distfinalize.plan import ADAPTER_FILE, INDEX_FILE, Plan, build_plan, describe, fingerprint
 from distfinalize.sources import Source, SourceInfo, TensorMeta
 from distfinalize.sources.locate import find_model_config, locate, search_dirs
 from distfinalize.staging import PROGRESS_DIR, commit, create_staging, remove_staging, staging_path
 from distfinalize.transform.keymap import TIE_CANDIDATES, KeyMapRules, map_names, tie_candidates
+from distfinalize.transform.lora import LoraMerge, is_lora_checkpoint
 from distfinalize.transform.vocab import plan_resizes
 
 log = logging.getLogger(__name__)
@@ -78,6 +86,13 @@ class Prepared:
     search: tuple[Path, ...]  # dirs where tokenizer, generation config, card and code are looked for
     rope_heads: Mapping[str, int] = field(default_factory=dict)  # from the key map (torchtitan layouts)
     tied: bool = False  # an lm_head identical to embed_tokens was dropped
+    lora: LoraLayout | None = None  # a LoRA checkpoint
+    merges: Mapping[str, LoraMerge] = field(default_factory=dict)  # --merge-lora, by output name
+
+    @property
+    def adapter(self) -> bool:
+        """The output is a PEFT adapter dir (a LoRA checkpoint, no --merge-lora)."""
+        return self.lora is not None and not self.lora.merge
 
 
 @dataclass(frozen=True)
@@ -112,6 +127,8 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
         resizes=resizes,
         rope_heads=prepared.rope_heads,
         quant=quantized_tensors(config, prepared),
+        merges=prepared.merges,
+        single_file=ADAPTER_FILE if prepared.adapter else None,
     )
     vocab_size = next(iter(resizes.values())).rows if resizes else None
     optimizer = plan_optimizer(config, prepared)
@@ -156,9 +173,6 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
     check_readable(config.src)
     located = locate(config.src, config.checkpoint, config.tag)
     source = located.format.open(located.path, located.step)
-    if config.strategy == "exchange" and not hasattr(source, "chunks"):
-        raise SourceError(f"--strategy exchange supports DCP checkpoints, not {source.info.format}",
-                          where=located.path, hint="use --strategy read (the default)")  # fmt: skip
     search = search_dirs(located.path, config.src)
     if config.base_model is not None:
         if not (config.base_model / "config.json").is_file():
@@ -169,16 +183,41 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
     if config_path is None and config.base_model is not None:
         config_path = config.base_model / "config.json"
     spec = load_model_spec(config_path) if config_path is not None else None
+    lora = None
+    if is_lora_checkpoint(t.name for t in source.tensors):
+        lora = prepare_lora(config, source, spec, search_dirs(located.path, config.src))
+        source = lora.source
+    elif config.lora.merge:
+        raise SourceError("--merge-lora: the checkpoint holds no LoRA weights (lora_A / lora_B)",
+                          where=located.path, hint="drop --merge-lora")  # fmt: skip
+    check_strategy(config, source, lora, located.path)
+    if lora is not None and not lora.merge:  # the adapter's own tensors, under PEFT's names, as stored or --dtype
+        dtype, reason = choose_dtype(config, None, lora.tensors)
+        return Prepared(source, spec, config_path, lora.tensors, dtype, reason, tuple(search), lora=lora)
     if spec is None:
         message = "no config.json found in %s or its parents: names are written as stored, with no config.json"
         log_rank0(log, message + " (pass --base-model DIR)", located.path, level=logging.WARNING)
-    mapped = map_names(source.tensors, spec, config.key_map)
+    mapped = map_names(lora.tensors if lora else source.tensors, spec, config.key_map)
     dtype, reason = choose_dtype(config, spec, mapped.tensors, source.info.training_dtype)
     if config.quantize is not None and device is not None:
         from distfinalize.transform.quantize import check_requirement, get_recipe
 
         check_requirement(get_recipe(config.quantize), device, dtype, where=f"device {device}")
-    return Prepared(source, spec, config_path, mapped.tensors, dtype, reason, tuple(search), mapped.rope_heads)
+    merges = {t.name: lora.merges[t.key] for t in mapped.tensors if t.key in lora.merges} if lora else {}
+    return Prepared(source, spec, config_path, mapped.tensors, dtype, reason, tuple(search), mapped.rope_heads,
+                    lora=lora, merges=merges)  # fmt: skip
+
+
+def check_strategy(config: FinalizeConfig, source: Source, lora: LoraLayout | None, where: Path) -> None:
+    """--strategy exchange moves DCP chunks, one source tensor per output tensor: no DeepSpeed, no LoRA merge."""
+    if config.strategy != "exchange":
+        return
+    if not hasattr(source, "chunks"):
+        raise SourceError(f"--strategy exchange supports DCP checkpoints, not {source.info.format}",
+                          where=where, hint="use --strategy read (the default)")  # fmt: skip
+    if lora is not None and lora.merge:
+        raise UsageError("--strategy exchange cannot merge LoRA adapters yet (a merged weight needs three tensors)",
+                         where=where, hint="use --strategy read (the default) with --merge-lora")  # fmt: skip
 
 
 def check_readable(src: Path) -> None:
@@ -238,7 +277,8 @@ def final_tokenizer(config: FinalizeConfig, prepared: Prepared, kept: list[Any])
                           hint="expected tokenizer.json or tokenizer_config.json in it")  # fmt: skip
     if path is None:
         path = next((d for d in prepared.search if is_tokenizer_dir(d)), None)
-    requests = token_requests(DEFAULT_PAD, "the default PAD token") if options.default_tokens else ()
+    default_tokens = options.default_tokens and not prepared.adapter  # an adapter cannot grow the embeddings
+    requests = token_requests(DEFAULT_PAD, "the default PAD token") if default_tokens else ()
     if options.add_tokens is not None:
         requests = (*requests, *parse_token_requests(options.add_tokens))
     tokenizer, outcome = prepare_tokenizer(path, requests, options.chat_template)
@@ -372,6 +412,7 @@ def card_info(config: FinalizeConfig, prepared: Prepared) -> CardInfo:
         log_urls=config.card.log_urls,
         extra_libraries=("deepspeed",) if info.format == "deepspeed" else (),
         model_name=config.hub.repo_id if config.hub is not None else None,
+        library_name="peft" if prepared.adapter else LIBRARY_NAME,
     )
 
 
@@ -413,19 +454,24 @@ def write_once(
                                hint=f"missing: {sorted(planned - got)[:4]}")  # fmt: skip
     index = write_index(plan, weights_dir)
     write_checksums(staging, weights_dir, files, prepared, config)
-    if prepared.config_path is not None:
+    if prepared.adapter:
+        write_adapter_config(prepared.lora, staging)  # no config.json, generation config or model code
+        model_config = None
+    elif prepared.config_path is not None:
         write_config(prepared.config_path, staging, config_updates(config, prepared, tokenizer, vocab_size))
         model_config = output_config(prepared.config_path, config_updates(config, prepared, tokenizer, vocab_size))
     else:
         model_config = {}
-    generation = generation_config(find_generation_config(prepared.config_path), tokenizer, model_config,
-                                   config.generation)  # fmt: skip
+    generation = None
+    if model_config is not None:
+        generation = generation_config(find_generation_config(prepared.config_path), tokenizer, model_config,
+                                       config.generation)  # fmt: skip
     if generation:
         write_generation_config(staging, generation)
     if kept_tokenizer and kept_tokenizer[0] is not None:
         kept_tokenizer[0].save_pretrained(str(staging))
     write_model_card(staging, card_info(config, prepared), existing_card(prepared))
-    if prepared.config_path is not None:
+    if prepared.config_path is not None and not prepared.adapter:
         copy_model_code(model_code_files(prepared.config_path.parent), staging)
     if config.keep_checkpoint:
         keep_checkpoint(config, plan, prepared, staging, weights_dir, index, optimizer)
@@ -434,10 +480,12 @@ def write_once(
 def write_checksums(
     staging: Path, weights_dir: Path, files: tuple[WrittenFile, ...], prepared: Prepared, config: FinalizeConfig
 ) -> None:
-    """distfinalize-manifest.json: every weight file's size and sha256, the source, and what --quantize did (for
-    `verify`: the recipe and the user's ignore patterns decide which weights it compares within a bound)."""
+    """distfinalize-manifest.json: every weight file's size and sha256, the source, and for `verify` what was done
+    beyond a cast: --quantize (the recipe and the user's ignore patterns decide which weights it compares within
+    a bound), the key map file's rules, and for a LoRA checkpoint what was done with the adapter."""
     info = prepared.source.info
     prefix = weights_dir.relative_to(staging)
+    lora = {"lora": manifest_record(prepared.lora, config.base_model)} if prepared.lora is not None else {}
     write_json(staging / MANIFEST, {
         "format": 1,
         "source": {"format": info.format, "path": str(info.path), "step": info.step},
@@ -448,6 +496,7 @@ def write_checksums(
         "files": {str(prefix / f.filename) if str(prefix) != "." else f.filename: {"size": f.size,
                                                                                  "sha256": f.sha256}
                   for f in sorted(files, key=lambda f: f.filename)},
+        **lora,
     })  # fmt: skip
 
 
@@ -487,7 +536,11 @@ def dry_run_report(
 ) -> dict[str, Any]:
     """Everything a finalize would write, as data. Runs on: rank 0."""
     report: dict[str, Any] = {"plan": describe(plan), "data_path": describe_data_path(config, prepared, plan)}
-    if prepared.config_path is not None:
+    if prepared.lora is not None:
+        report["lora"] = prepared.lora.summary()
+    if prepared.adapter:
+        report["adapter_config.json"] = adapter_config_preview(prepared.lora)
+    elif prepared.config_path is not None:
         updates = config_updates(config, prepared, tokenizer, vocab_size)
         report["config.json"] = output_config(prepared.config_path, updates)
         report["generation_config.json"] = generation_config(
@@ -531,4 +584,9 @@ def log_plan(plan: Plan, prepared: Prepared, tokenizer: TokenizerOutcome, vocab_
              prepared.dtype_reason)  # fmt: skip
     if vocab_size is not None:
         log.info("vocabulary: embedding rows -> %d (%d token(s) added)", vocab_size, len(tokenizer.added))
+    if prepared.lora is not None:
+        lora = prepared.lora.summary()
+        log.info("LoRA checkpoint (r=%s, alpha=%s, targets %s; settings from %s): writing %s", lora["r"],
+                 lora["lora_alpha"], lora["target_modules"], lora["config_from"],
+                 "the merged model" if prepared.lora.merge else "a PEFT adapter dir")  # fmt: skip
     log.info("plan: %d file(s), %s, %d rank(s)", len(plan.files), format_bytes(plan.total_size), plan.world_size)

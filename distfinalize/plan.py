@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 import torch
 
 from distfinalize.sources import TensorMeta
+from distfinalize.transform.lora import LoraMerge
 from distfinalize.transform.vocab import RowResize
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+ADAPTER_FILE = "adapter_model.safetensors"  # a PEFT adapter dir's one weight file
+ADAPTER_CONFIG = "adapter_config.json"
 FILENAME_PATTERN = "model{suffix}.safetensors"
 
 
@@ -33,6 +36,12 @@ class TensorPlan:
     resize: RowResize | None = None
     rope_heads: int | None = None  # q/k rows to permute from the interleaved rotary layout
     quant: str | None = None  # the --quantize recipe, when this weight is quantized
+    lora: LoraMerge | None = None  # --merge-lora: the adapter merged into this weight
+
+    @property
+    def source_keys(self) -> tuple[str, ...]:
+        """Every checkpoint key this tensor is made from."""
+        return (self.source_key, *(self.lora.keys if self.lora is not None else ()))
 
     @property
     def outputs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -49,7 +58,8 @@ class TensorPlan:
 
     @property
     def source_nbytes(self) -> int:
-        return torch.Size(self.source_shape or self.shape).numel() * self.source_dtype.itemsize
+        lora = self.lora.nbytes if self.lora is not None else 0
+        return torch.Size(self.source_shape or self.shape).numel() * self.source_dtype.itemsize + lora
 
 
 @dataclass(frozen=True)
@@ -109,16 +119,17 @@ def plan_tensors(
     resizes: Mapping[str, RowResize] | None = None,
     rope_heads: Mapping[str, int] | None = None,
     quant: Mapping[str, str] | None = None,
+    merges: Mapping[str, LoraMerge] | None = None,
 ) -> tuple[TensorPlan, ...]:
     """One TensorPlan per checkpoint tensor, in the given order, cast to `dtype` where it applies."""
-    resizes, rope_heads, quant = resizes or {}, rope_heads or {}, quant or {}
+    resizes, rope_heads, quant, merges = resizes or {}, rope_heads or {}, quant or {}, merges or {}
     out = []
     for t in tensors:
         resize = resizes.get(t.name)
         shape = tuple(t.shape) if resize is None else (resize.rows, *t.shape[1:])
         source_shape = tuple(t.shape) if resize is not None else None
         out.append(TensorPlan(t.name, t.key, shape, t.dtype, output_dtype(t.dtype, dtype), source_shape, resize,
-                              rope_heads.get(t.name), quant.get(t.name)))  # fmt: skip
+                              rope_heads.get(t.name), quant.get(t.name), merges.get(t.name)))  # fmt: skip
     return tuple(out)
 
 
@@ -164,10 +175,14 @@ def build_plan(
     resizes: Mapping[str, RowResize] | None = None,
     rope_heads: Mapping[str, int] | None = None,
     quant: Mapping[str, str] | None = None,
+    merges: Mapping[str, LoraMerge] | None = None,
+    single_file: str | None = None,
 ) -> Plan:
-    """The whole plan from the (already renamed and ordered) checkpoint tensors."""
-    groups = split_into_files(plan_tensors(tensors, dtype, resizes, rope_heads, quant), max_shard_size)
-    names = file_names(len(groups))
+    """The whole plan from the (already renamed and ordered) checkpoint tensors; everything in one file named
+    `single_file` when given (a PEFT adapter: peft loads only adapter_model.safetensors)."""
+    planned = plan_tensors(tensors, dtype, resizes, rope_heads, quant, merges)
+    groups = [list(planned)] if single_file else split_into_files(planned, max_shard_size)
+    names = [single_file] if single_file else file_names(len(groups))
     ranks = assign_ranks([sum(t.nbytes for t in g) for g in groups], world_size)
     files = tuple(FilePlan(n, r, tuple(g)) for n, r, g in zip(names, ranks, groups, strict=True))
     return Plan(files, world_size, file_metadata([t for g in groups for t in g]))
@@ -191,7 +206,7 @@ def fingerprint(plan: Plan) -> str:
 
     files = [
         [f.filename, [[t.name, t.source_key, list(t.shape), str(t.source_dtype), str(t.dtype), repr(t.resize),
-                       t.rope_heads, t.quant] for t in f.tensors]]
+                       t.rope_heads, t.quant, repr(t.lora)] for t in f.tensors]]
         for f in plan.files
     ]  # fmt: skip
     return hashlib.sha256(json.dumps([files, dict(plan.metadata)]).encode()).hexdigest()

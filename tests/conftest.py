@@ -33,3 +33,12 @@ def accelerate_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("accelerate")
     check_ok(torchrun(2, TRAINERS / "accelerate_fsdp.py", out, "--variant", "tied", "--variant", "untied"))
     return out
+
+
+@pytest.fixture(scope="session")
+def lora_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """peft LoRA under FSDP2 on 2 gloo ranks, 3 AdamW steps: a full PeftModel state dict (frozen base inside) and
+    an adapter-only one (with the base model saved beside it)."""
+    out = tmp_path_factory.mktemp("lora")
+    check_ok(torchrun(2, TRAINERS / "fsdp2_lora.py", out))
+    return out

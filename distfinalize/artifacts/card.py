@@ -53,6 +53,7 @@ class CardInfo:
     pipeline_tag: str = "text-generation"
     extra_libraries: tuple[str, ...] = ()
     model_name: str | None = None
+    library_name: str = LIBRARY_NAME  # "peft" for an adapter dir
 
 
 def card_preview(info: CardInfo, existing: Path | None = None) -> dict:
@@ -117,13 +118,15 @@ def card_body(info: CardInfo, name: str) -> str:
     ]
     if info.log_urls:
         lines += ["## Training logs", "", *(f"- <{url}>" for url in info.log_urls), ""]
+    auto = "AutoPeftModelForCausalLM" if info.library_name == "peft" else "AutoModelForCausalLM"
     lines += [
         "## How to load",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        *(["from peft import AutoPeftModelForCausalLM"] if info.library_name == "peft" else []),
+        f"from transformers import {'' if info.library_name == 'peft' else 'AutoModelForCausalLM, '}AutoTokenizer",
         "",
-        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+        f'model = {auto}.from_pretrained("{name}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
         "```",
         "",
@@ -172,7 +175,7 @@ def _card_data(info: CardInfo, existing: ModelCard | None) -> ModelCardData:
         data.base_model = info.base_model_id
     datasets = _merge(_as_list(data.datasets), info.datasets)
     data.datasets = datasets or None
-    data.library_name = LIBRARY_NAME
+    data.library_name = info.library_name
     data.tags = _merge(_as_list(data.tags), (TAG, *((info.training_method,) if info.training_method else ())))
     data.pipeline_tag = info.pipeline_tag
     return data

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from distfinalize.adapter import recorded_options
 from distfinalize.commands.hfdir import Header, Survey, WeightFile
-from distfinalize.config import FinalizeConfig
+from distfinalize.config import FinalizeConfig, LoraOptions
 from distfinalize.errors import DestinationError
 from distfinalize.feed import read_batches
 from distfinalize.pipeline import MANIFEST, Prepared, embedding_names, prepare, quantized_tensors
@@ -102,10 +103,14 @@ def open_source(
     # prepare() refuses an existing DEST; nothing is written, so it gets a name that is never created.
     phantom = Path(tempfile.gettempdir()) / f"distfinalize-verify-{uuid.uuid4().hex}"
     base_model = found.dest if (found.dest / "config.json").is_file() else None
+    lora = LoraOptions()
+    record = found.manifest.get("lora") if found.manifest else None
+    if isinstance(record, dict):  # a LoRA finalize: redo it as recorded; DEST's weights are not the base model's
+        lora, base_model = recorded_options(record)
     config = FinalizeConfig(src=src, dest=phantom, checkpoint=checkpoint, tag=tag, base_model=base_model,
                             log_level=log_level, key_map=recorded_key_map(found.manifest),
                             quantize=quant.recipe if quant else None,
-                            quantize_ignore=quant.ignore if quant else ())  # fmt: skip
+                            quantize_ignore=quant.ignore if quant else (), lora=lora)  # fmt: skip
     prepared = prepare(config)
     return prepared, quantized_tensors(config, prepared)
 
@@ -116,7 +121,7 @@ def expectations(
     """What each output tensor must equal (keyed by the plan's name), and the source tensors DEST may lack (heads
     dropped as tied). Pure."""
     embeddings = set(embedding_names(prepared))
-    plans = plan_tensors(prepared.tensors, dtype, rope_heads=prepared.rope_heads, quant=quant)
+    plans = plan_tensors(prepared.tensors, dtype, rope_heads=prepared.rope_heads, quant=quant, merges=prepared.merges)
     out = {p.name: Expectation(p, p.name in embeddings) for p in plans}
     absent = []
     if tied:
@@ -127,18 +132,23 @@ def expectations(
     return out, tuple(absent)
 
 
-def compare(outputs: Mapping[str, torch.Tensor], source: torch.Tensor, want: Expectation) -> tuple[str | None, bool]:
-    """Compare the output tensors of one plan entry with its source tensor. Pure.
+def compare(
+    outputs: Mapping[str, torch.Tensor], source: torch.Tensor, want: Expectation, lora: Sequence[torch.Tensor] = ()
+) -> tuple[str | None, bool]:
+    """Compare the output tensors of one plan entry with its source tensor (and LoRA factors `lora`). Pure.
 
-    Bit for bit after finalize's transforms; a quantized weight dequantized, within its recipe's bound.
+    Bit for bit after finalize's transforms; a quantized weight dequantized, within its recipe's bound; a merged
+    LoRA weight within the rounding of another device's matmul and one rounding to the output dtype.
     Returns (the problem, or None; whether only the first rows were compared).
     """
     if want.plan.quant is not None:
-        return compare_quantized(outputs, source, want.plan), False
+        return compare_quantized(outputs, source, want.plan, lora), False
     output = outputs[want.plan.name]
     if output.dtype != want.plan.dtype:
         return f"is {_dt(output.dtype)}, expected {_dt(want.plan.dtype)}", False
-    expected = to_output(source, want.plan, CPU)[want.plan.name]  # never resized here
+    expected = to_output(source, want.plan, CPU, lora)[want.plan.name]  # never resized here
+    if want.plan.lora is not None and output.shape == expected.shape:
+        return merge_problem(output, expected), False
     grown = False
     if tuple(output.shape) != tuple(expected.shape):
         rows = expected.shape[0] if expected.dim() else 0
@@ -154,7 +164,9 @@ def compare(outputs: Mapping[str, torch.Tensor], source: torch.Tensor, want: Exp
     return None, grown
 
 
-def compare_quantized(outputs: Mapping[str, torch.Tensor], source: torch.Tensor, plan: TensorPlan) -> str | None:
+def compare_quantized(
+    outputs: Mapping[str, torch.Tensor], source: torch.Tensor, plan: TensorPlan, lora: Sequence[torch.Tensor] = ()
+) -> str | None:
     """A quantized weight: the recipe's tensors (names, shapes, dtypes), dequantized within the recipe's
     round-to-nearest bound of the source weight (after the key map's permutations), elementwise. Pure."""
     from distfinalize.transform.quantize import get_recipe
@@ -165,7 +177,7 @@ def compare_quantized(outputs: Mapping[str, torch.Tensor], source: torch.Tensor,
         if (tuple(got.shape), got.dtype) != (tuple(shape), dtype):
             return (f"is stored with {name!r} as {_dt(got.dtype)} {list(got.shape)}; the {recipe.name} recipe "
                     f"stores it as {_dt(dtype)} {list(shape)}")  # fmt: skip
-    weight = to_output(source, replace(plan, quant=None, dtype=torch.float32), CPU)[plan.name]
+    weight = to_output(source, replace(plan, quant=None, dtype=torch.float32), CPU, lora)[plan.name]
     dequantized = recipe.dequantize(dict(outputs))
     outside = ~((dequantized - weight).abs() <= recipe.error_bound(weight, dict(outputs)))  # NaN is outside too
     count = int(outside.sum())
@@ -173,6 +185,16 @@ def compare_quantized(outputs: Mapping[str, torch.Tensor], source: torch.Tensor,
         first = int(outside.reshape(-1).nonzero()[0, 0])
         return (f"dequantized, lies outside the {recipe.name} rounding bound of the source in {count} of "
                 f"{weight.numel()} element(s) (first at flat index {first})")  # fmt: skip
+    return None
+
+
+def merge_problem(output: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """A merged weight against the merge redone on the CPU: 8 float32 ulps (matmul order) plus one ulp of the output
+    dtype, relative to the largest element."""
+    diff = (output.float() - expected.float()).abs().max().item()
+    bound = (8 * torch.finfo(torch.float32).eps + torch.finfo(output.dtype).eps) * expected.float().abs().max().item()
+    if diff > bound:
+        return f"differs from the LoRA merge redone on the CPU by {diff:.3g} (more than {bound:.3g})"
     return None
 
 
@@ -218,12 +240,14 @@ def compare_file(
     with safe_open(str(weight.path), framework="pt") as f:
         sizes = {n: wanted[n].plan.source_nbytes * (1 + len(wanted[n].tied)) for n in present}
         for batch in read_batches(present, batch_bytes, sizes.__getitem__):
-            data = reader.read(list(dict.fromkeys(k for n in batch for k, _ in _sources(n, wanted[n]))))
+            keys = [k for n in batch for k in (*(k for k, _ in _sources(n, wanted[n])), *wanted[n].plan.source_keys)]
+            data = reader.read(list(dict.fromkeys(keys)))
             for name in batch:
                 want = wanted[name]
                 outputs = {o: f.get_tensor(o) for o in want.plan.outputs}
+                lora = [data[k] for k in want.plan.source_keys[1:]]
                 for key, label in _sources(name, want):
-                    problem, was_grown = compare(outputs, data[key], want)
+                    problem, was_grown = compare(outputs, data[key], want, lora)
                     if key == want.key:
                         compared, grown = compared + 1, grown + was_grown
                         quantized += want.plan.quant is not None

@@ -16,7 +16,7 @@ from typing import Any
 from distfinalize.config import DTYPES
 from distfinalize.errors import DestinationError
 from distfinalize.pipeline import MANIFEST
-from distfinalize.plan import INDEX_FILE, SINGLE_FILE
+from distfinalize.plan import ADAPTER_CONFIG, ADAPTER_FILE, INDEX_FILE, SINGLE_FILE
 
 MAX_HEADER_SIZE = 100_000_000  # the safetensors library refuses larger headers
 ITEMSIZE = {
@@ -66,6 +66,7 @@ class Survey:
     manifest: Mapping[str, Any] | None
     manifest_error: str | None
     config: Mapping[str, Any] | None  # config.json, as JSON (loaded with transformers by rank 0)
+    single_file: str = SINGLE_FILE  # the one weight file when there is no index (adapter_model.safetensors for PEFT)
 
 
 def read_json_strict(path: Path) -> Any:
@@ -165,8 +166,9 @@ def survey(dest: Path) -> Survey:
     named = set()
     if index is not None and index_error is None:
         named = set(index["weight_map"].values())
-    elif index is None:
-        named = {SINGLE_FILE}
+    single = ADAPTER_FILE if (dest / ADAPTER_CONFIG).is_file() else SINGLE_FILE
+    if index is None:
+        named = {single}
     files, missing = [], []
     for name in sorted(names | named):
         path = dest / name
@@ -193,7 +195,7 @@ def survey(dest: Path) -> Survey:
         config = json.loads((dest / "config.json").read_text())
     return Survey(dest, tuple(files), tuple(missing), index, index_error,
                   manifest if manifest_error is None else None, manifest_error,
-                  config if isinstance(config, dict) else None)  # fmt: skip
+                  config if isinstance(config, dict) else None, single)  # fmt: skip
 
 
 def _index_shape_error(index: object) -> str | None:

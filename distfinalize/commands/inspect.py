@@ -33,7 +33,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from distfinalize.config import DEFAULT_MAX_SHARD_SIZE, DTYPES, LOG_LEVELS, FinalizeConfig, format_bytes, parse_size
+from distfinalize.config import (
+    DEFAULT_MAX_SHARD_SIZE,
+    DTYPES,
+    LOG_LEVELS,
+    FinalizeConfig,
+    LoraOptions,
+    format_bytes,
+    parse_size,
+)
 from distfinalize.errors import SourceError
 from distfinalize.plan import INDEX_FILE, Plan, assign_ranks, describe
 from distfinalize.write import SAFETENSORS_DTYPES
@@ -218,7 +226,8 @@ def finalize_config(options: Options) -> FinalizeConfig:
     phantom = Path(tempfile.gettempdir()) / f"distfinalize-inspect-{uuid.uuid4().hex}"
     return FinalizeConfig(src=options.src, dest=phantom, checkpoint=options.checkpoint, tag=options.tag,
                           dtype=options.dtype, max_shard_size=options.max_shard_size, dry_run=True,
-                          log_level=options.log_level, timeout_s=options.timeout_s)  # fmt: skip
+                          log_level=options.log_level, timeout_s=options.timeout_s,
+                          lora=LoraOptions(require_alpha=False))  # fmt: skip
 
 
 def inspect_checkpoint(options: Options, outcome: Outcome, world_size: int) -> dict[str, Any]:
@@ -241,9 +250,11 @@ def inspect_checkpoint(options: Options, outcome: Outcome, world_size: int) -> d
     }
     floating = sorted({str(t.dtype).removeprefix("torch.") for t in plan.tensors if t.dtype.is_floating_point})
     resized = {t.name: {"from": t.source_shape[0], "to": t.shape[0]} for t in plan.tensors if t.resize is not None}
-    return make_report(options, info.format, breakdown, info.path, info.step, info.saved_world_size, found,
-                  plan=dict(describe(plan), output_dtype=", ".join(floating) or None, resized=resized,
-                            tokens_added=[token for token, _ in tokenizer.get("added", [])]))  # fmt: skip
+    report = make_report(options, info.format, breakdown, info.path, info.step, info.saved_world_size, found,
+                         plan=dict(describe(plan), output_dtype=", ".join(floating) or None, resized=resized,
+                                   tokens_added=[token for token, _ in tokenizer.get("added", [])]))  # fmt: skip
+    report["lora"] = outcome.report.get("lora")
+    return report
 
 
 def inspect_model_dir(options: Options) -> dict[str, Any]:
@@ -378,6 +389,14 @@ def format_report(data: Mapping[str, Any]) -> str:
             item("vocabulary", f"{name}: {rows['from']} -> {rows['to']} rows")
         if plan["tokens_added"]:
             item("tokens added", ", ".join(plan["tokens_added"]))
+    lora = data.get("lora")
+    if lora:
+        alpha = lora["lora_alpha"] if lora["lora_alpha"] is not None else "unknown (pass --lora-alpha to finalize)"
+        item("LoRA", f"r={lora['r']}, lora_alpha={alpha}{', rsLoRA' if lora['use_rslora'] else ''}, targets "
+                     f"{', '.join(lora['target_modules'] or [])}; trained copies: "
+                     f"{', '.join(lora['modules_to_save'] or []) or 'none'}")  # fmt: skip
+        item("", f"settings from {lora['config_from']}; finalize writes a PEFT adapter dir (--merge-lora: the "
+                 "merged model)")  # fmt: skip
     found = data["found"]
     item("config.json", found["config.json"] or "missing")
     item("tokenizer", found["tokenizer"] or "missing")

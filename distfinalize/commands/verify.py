@@ -62,7 +62,7 @@ from distfinalize.commands.hfdir import Header, HeaderError, Survey, WeightFile,
 from distfinalize.config import DTYPES, LOG_LEVELS
 from distfinalize.errors import DistfinalizeError
 from distfinalize.pipeline import MANIFEST
-from distfinalize.plan import INDEX_FILE, SINGLE_FILE, assign_ranks
+from distfinalize.plan import ADAPTER_CONFIG, INDEX_FILE, assign_ranks
 from distfinalize.transform.quantize import get_recipe
 from distfinalize.write import SAFETENSORS_DTYPES, file_sha256
 
@@ -96,6 +96,7 @@ class SourceSummary:
     names: tuple[str, ...] = ()  # every output tensor finalize makes from it (a quantized weight: several)
     may_be_absent: tuple[str, ...] = ()  # heads finalize may have dropped as tied
     error: str | None = None
+    merged: int = 0  # weights with a LoRA adapter merged in: compared within rounding, not bit for bit
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ def _source_for(options: Options, found: Survey) -> tuple[SourceSummary, dict | 
     if isinstance(recorded, dict) and recorded.get("path") and Path(recorded["path"]).resolve() != info.path.resolve():
         description += f" (DEST's manifest says it was made from {recorded['path']})"
     outputs = tuple(o for want in wanted.values() for o in want.plan.outputs)
-    return SourceSummary(description, outputs, absent), wanted, reader
+    return SourceSummary(description, outputs, absent, merged=len(prepared.merges)), wanted, reader
 
 
 def check_file(weight: WeightFile, rank: int, wanted: Mapping[str, Expectation] | None, reader: Any) -> FileFindings:
@@ -243,6 +244,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _check_config(dest: Path) -> tuple[Check, int | None]:
     name = "config.json"
+    if not (dest / name).is_file() and (dest / ADAPTER_CONFIG).is_file():
+        return _check_adapter_config(dest), None
     if not (dest / name).is_file():
         return Check(name, FAIL, "absent: transformers cannot load the model without it (finalize with "
                                  "--base-model DIR)"), None  # fmt: skip
@@ -257,6 +260,19 @@ def _check_config(dest: Path) -> tuple[Check, int | None]:
         vocab = getattr(config.get_text_config(), "vocab_size", None)
     detail = f"{type(config).__name__} ({config.model_type})" + (f", vocab_size {vocab}" if vocab else "")
     return Check(name, PASS, detail), vocab
+
+
+def _check_adapter_config(dest: Path) -> Check:
+    """A PEFT adapter dir has adapter_config.json instead: it must load with peft's own LoraConfig."""
+    name = "config.json"
+    try:
+        from peft import LoraConfig
+
+        config = LoraConfig.from_pretrained(str(dest))
+    except Exception as exc:  # peft missing, or any way the file is broken: a failed check, not a crash
+        return Check(name, FAIL, f"{ADAPTER_CONFIG} does not load with peft's LoraConfig ({_first_line(exc)})")
+    return Check(name, PASS, f"none (a PEFT adapter dir); {ADAPTER_CONFIG}: LoRA r={config.r}, "
+                             f"lora_alpha={config.lora_alpha}, base {config.base_model_name_or_path}")  # fmt: skip
 
 
 def _check_tokenizer(dest: Path, vocab_size: int | None) -> Check:
@@ -345,10 +361,10 @@ def index_check(found: Survey, files: Sequence[FileFindings]) -> Check:
     problems = [f"{t!r} is in {len(h)} files ({', '.join(h)})" for t, h in sorted(holders.items()) if len(h) > 1]
     if found.index is None and found.index_error is None:
         problems += [f"{m} is missing" for m in found.missing]
-        extra = [f.name for f in files if f.name != SINGLE_FILE]
+        extra = [f.name for f in files if f.name != found.single_file]
         if extra:
             problems.append(f"no {INDEX_FILE}, but {len(files)} weight files ({', '.join(extra[:MAX_DETAILS])})")
-        return _row(name, problems, f"no index needed: one file, {SINGLE_FILE}")
+        return _row(name, problems, f"no index needed: one file, {found.single_file}")
     if found.index_error is not None:
         return Check(name, FAIL, found.index_error)
     weight_map: Mapping[str, str] = found.index["weight_map"]
@@ -467,6 +483,8 @@ def source_check(shares: Sequence[RankFindings], files: Sequence[FileFindings], 
     grown = sum(f.comparison.grown for f in files)
     quantized = sum(f.comparison.quantized for f in files)
     note = f" ({grown} embedding(s) with new token rows: their first rows compared)" if grown else ""
+    if summary.merged:
+        note += f" ({summary.merged} of them merged LoRA weights: within rounding of the merge redone here)"
     exact = f"{compared - quantized} tensors bit-exact"
     if quantized:
         exact += f" and {quantized} quantized weight(s) within the recipe's rounding bound"

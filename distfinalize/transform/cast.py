@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from distfinalize.plan import TensorPlan
+from distfinalize.transform.lora import merge_lora
 from distfinalize.transform.rope import rope_to_hf
 from distfinalize.transform.vocab import resize_rows
 
 
-def to_output(tensor: torch.Tensor, plan: TensorPlan, device: torch.device) -> dict[str, torch.Tensor]:
+def to_output(
+    tensor: torch.Tensor, plan: TensorPlan, device: torch.device, lora: Sequence[torch.Tensor] = ()
+) -> dict[str, torch.Tensor]:
     """The tensors the output file stores for it, contiguous, on the CPU (see `transform`)."""
-    return {name: t.cpu().contiguous() for name, t in transform(tensor, plan, device).items()}
+    return {name: t.cpu().contiguous() for name, t in transform(tensor, plan, device, lora).items()}
 
 
-def transform(tensor: torch.Tensor, plan: TensorPlan, device: torch.device) -> dict[str, torch.Tensor]:
-    """The tensors the output file stores for it: rows permuted and resized, then cast (or quantized), left on
-    `device`. Runs on: the rank that writes the tensor, on its device."""
+def transform(
+    tensor: torch.Tensor, plan: TensorPlan, device: torch.device, lora: Sequence[torch.Tensor] = ()
+) -> dict[str, torch.Tensor]:
+    """The tensors the output file stores for it: a LoRA adapter (`lora`: A, B) merged in float32, rows permuted
+    and resized, then cast (or quantized), left on `device`. Runs on: the rank that writes the tensor, on its
+    device."""
     if device.type != "cpu":
         tensor = tensor.to(device, non_blocking=True)
+    if plan.lora is not None:
+        tensor = merge_lora(tensor, *lora, plan.lora)
     if plan.rope_heads is not None:
         tensor = rope_to_hf(tensor, plan.rope_heads)
     if plan.resize is not None:

@@ -16,7 +16,6 @@ picks MULTI_CPU with `cpu=True` (or NO without it) and ignores the plugin. So th
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import common
@@ -75,11 +74,7 @@ def train_and_save(out: Path, variant: str, steps: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--variant", action="append", choices=VARIANTS)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
+    args = common.trainer_args(__doc__, VARIANTS)
     common.init_gloo()
     for variant in args.variant or ["untied"]:
         train_and_save(args.out, variant, args.steps)

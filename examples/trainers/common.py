@@ -9,6 +9,7 @@ Trainers here run under torchrun (gloo, CPU). Each writes, next to the checkpoin
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -79,6 +80,15 @@ def save_reference(out: Path, full_state_dict: dict[str, torch.Tensor], tie: boo
     with torch.no_grad():
         logits = model(input_ids=reference_input()).logits
     torch.save(logits, out / "reference_logits.pt")
+
+
+def trainer_args(doc: str, variants: tuple[str, ...], steps: int = 3) -> argparse.Namespace:
+    """The command line every trainer takes: OUT [--variant NAME ...] [--steps N]."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--variant", action="append", choices=variants)
+    parser.add_argument("--steps", type=int, default=steps)
+    return parser.parse_args()
 
 
 def init_gloo() -> tuple[int, int]:

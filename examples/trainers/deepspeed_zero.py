@@ -21,7 +21,6 @@ For bit-exact checks of the float32 master weights use
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -131,11 +130,7 @@ def write_references(run: Path, module: torch.nn.Module, full: dict[str, torch.T
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--variant", action="append", choices=VARIANTS)
-    parser.add_argument("--steps", type=int, default=1)
-    args = parser.parse_args()
+    args = common.trainer_args(__doc__, VARIANTS, steps=1)
     _, world = common.init_gloo()
     # No compiled DeepSpeed ops: AdamW is torch's, and collectives stay plain gloo instead of the shared-memory op
     # DeepSpeed would otherwise JIT-compile with a C++ toolchain on first use (deepspeed.ops keeps this dict

@@ -10,7 +10,6 @@ OUT/NAME/config.json + OUT/NAME/checkpoints/checkpoint-<steps>/ holding the DCP 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import common
@@ -53,11 +52,7 @@ def train_and_save(out: Path, variant: str, steps: int, world: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--variant", action="append", choices=VARIANTS)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
+    args = common.trainer_args(__doc__, VARIANTS)
     _, world = common.init_gloo()
     for variant in args.variant or ["untied-optim"]:
         train_and_save(args.out, variant, args.steps, world)

@@ -169,6 +169,7 @@ def test_unreadable_source(fsdp2_runs: Path) -> None:
         (["--dtype", "int3"], "invalid choice: 'int3'"),
         (["--max-shard-size", "5 parsecs"], "is not a size"),
         (["--quantize", "fp3"], "--quantize 'fp3' is not a recipe"),
+        (["--lora-r", "0"], "--lora-r must be positive"),
     ],
 )
 def test_bad_options_are_usage_errors(run: Path, tmp_path: Path, args: list[str], message: str) -> None:
@@ -176,6 +177,12 @@ def test_bad_options_are_usage_errors(run: Path, tmp_path: Path, args: list[str]
     result = finalize(run, tmp_path / "out", *args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists() and tree_digest(run) == before
+
+
+def test_merge_lora_without_lora_weights(run: Path, tmp_path: Path) -> None:
+    before = tree_digest(run)
+    result = finalize(run, tmp_path / "out", "--merge-lora", nproc=2)
+    assert_clean_failure(result, tmp_path / "out", run, before, "--merge-lora", "holds no LoRA weights", code=1)
 
 
 def test_config_vocab_mismatch_names_the_file(run: Path, tmp_path: Path) -> None:
