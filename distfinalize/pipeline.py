@@ -1,7 +1,8 @@
 """run(): the numbered steps of a finalize, each agreed on by every rank.
 
 1. prepare    every rank: find the checkpoint, read its metadata and config.json, map names
-2. tie check  rank 0: does lm_head hold exactly embed_tokens' data (when config.json does not say)?
+2. tie check  rank 0 (every rank, on its own files, with --strategy exchange): does lm_head hold exactly
+               embed_tokens' data?
 3. tokenizer  rank 0: load it, add tokens, apply the chat template; every rank gets the outcome as data
 4. plan       every rank: the same pure plan (files, ranks, dtypes, vocabulary resize)
 5. stage      rank 0: create the staging dir beside DEST
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from distfinalize import tie
 from distfinalize.adapter import (
     LoraLayout,
     adapter_config_preview,
@@ -64,7 +66,7 @@ from distfinalize.plan import ADAPTER_FILE, INDEX_FILE, Plan, build_plan, descri
 from distfinalize.sources import Source, SourceInfo, TensorMeta
 from distfinalize.sources.locate import find_model_config, locate, search_dirs
 from distfinalize.staging import PROGRESS_DIR, commit, create_staging, remove_staging, staging_path
-from distfinalize.transform.keymap import TIE_CANDIDATES, KeyMapRules, map_names, tie_candidates
+from distfinalize.transform.keymap import TIE_CANDIDATES, KeyMapRules, map_names
 from distfinalize.transform.lora import LoraMerge, is_lora_checkpoint
 from distfinalize.transform.vocab import plan_resizes
 
@@ -110,7 +112,7 @@ class Outcome:
 def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     """Finalize config.src into config.dest with every rank of `ctx`. Runs on: all ranks."""
     prepared = ctx.run_step("prepare", lambda: prepare(config, ctx.device))[ctx.rank]
-    tied_head = ctx.run_step("tie check", lambda: check_tied(prepared), ranks="rank0")[0]
+    tied_head = check_tied(config, prepared, ctx)
     if tied_head is not None:
         prepared = replace(prepared, tensors=tuple(t for t in prepared.tensors if t.name != tied_head), tied=True)
     kept_tokenizer: list[Any] = []  # rank 0 keeps the tokenizer object to save it at commit
@@ -143,7 +145,7 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     weights_dir = staging / "checkpoints" / checkpoint_dir_name(prepared.source.info.step)
     if not config.keep_checkpoint:
         weights_dir = staging
-    ctx.run_step("stage", lambda: stage(config, plan, weights_dir, optimizer is not None), ranks="rank0")
+    ctx.run_step("stage", lambda: stage(config, plan, prepared, weights_dir, optimizer is not None), ranks="rank0")
     try:
         written = ctx.run_step("write", lambda: write_share(config, ctx, plan, prepared, weights_dir, optimizer))
         files = tuple(f for per_rank in written for f in per_rank)
@@ -185,6 +187,10 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
     spec = load_model_spec(config_path) if config_path is not None else None
     lora = None
     if is_lora_checkpoint(t.name for t in source.tensors):
+        if config.key_map is not None:
+            raise UsageError("--key-map does not apply to LoRA checkpoints: their names are matched to the PEFT model "
+                             "that config.json and the adapter settings describe", where=located.path,
+                             hint="drop --key-map")  # fmt: skip
         lora = prepare_lora(config, source, spec, search_dirs(located.path, config.src))
         source = lora.source
     elif config.lora.merge:
@@ -212,12 +218,15 @@ def check_strategy(config: FinalizeConfig, source: Source, lora: LoraLayout | No
     """--strategy exchange moves DCP chunks, one source tensor per output tensor: no DeepSpeed, no LoRA merge."""
     if config.strategy != "exchange":
         return
-    if not hasattr(source, "chunks"):
-        raise SourceError(f"--strategy exchange supports DCP checkpoints, not {source.info.format}",
-                          where=where, hint="use --strategy read (the default)")  # fmt: skip
     if lora is not None and lora.merge:
         raise UsageError("--strategy exchange cannot merge LoRA adapters yet (a merged weight needs three tensors)",
                          where=where, hint="use --strategy read (the default) with --merge-lora")  # fmt: skip
+    if config.base_model is not None and lora is not None:
+        raise UsageError("--strategy exchange cannot move tensors read from --base-model", where=config.base_model,
+                         hint="use --strategy read (the default)")  # fmt: skip
+    if not hasattr(source, "chunks"):
+        raise SourceError(f"--strategy exchange supports DCP checkpoints, not {source.info.format}",
+                          where=where, hint="use --strategy read (the default)")  # fmt: skip
 
 
 def check_readable(src: Path) -> None:
@@ -258,14 +267,18 @@ def choose_dtype(
     return None, "as stored in the checkpoint (mixed dtypes)"
 
 
-def check_tied(prepared: Prepared) -> str | None:
-    """The lm_head name to drop when it holds exactly embed_tokens' data. Runs on: rank 0 (reads both)."""
-    for head, embed in tie_candidates(prepared.tensors):
-        data = prepared.source.reader().read([head.key, embed.key])
-        if torch.equal(data[head.key], data[embed.key]):
-            log.info("%s is identical to %s: writing it once, as tied embeddings", head.name, embed.name)
-            return head.name
-    return None
+def check_tied(config: FinalizeConfig, prepared: Prepared, ctx: DistContext) -> str | None:
+    """The lm_head name to drop as tied to the embedding (see tie.py): rank 0 reads both, or with
+    `--strategy exchange` every rank compares the chunks of its own files. Runs on: all ranks."""
+    pairs = tie.candidates(prepared.tensors, prepared.merges)
+    if not pairs:
+        return None
+    if config.strategy != "exchange":
+        return ctx.run_step("tie check", lambda: tie.tied_head(pairs, prepared.source.reader()), ranks="rank0")[0]
+    source = prepared.source
+    shares = ctx.run_step("tie check", lambda: tie.tie_share(pairs, source.chunks(), source.reader(), ctx.rank,
+                                                             ctx.world_size))  # fmt: skip
+    return tie.combine(pairs, shares)
 
 
 def final_tokenizer(config: FinalizeConfig, prepared: Prepared, kept: list[Any]) -> TokenizerOutcome:
@@ -358,9 +371,10 @@ def plan_optimizer(config: FinalizeConfig, prepared: Prepared) -> OptimizerCopy 
     return plan_optimizer_copy(*optimizer_source(prepared.source.info.path, metadata))
 
 
-def stage(config: FinalizeConfig, plan: Plan, weights_dir: Path, with_optimizer: bool) -> None:
+def stage(config: FinalizeConfig, plan: Plan, prepared: Prepared, weights_dir: Path, with_optimizer: bool) -> None:
     """Create (or, with --resume, take over) the staging dir and the kept checkpoint's dirs. Runs on: rank 0."""
-    create_staging(config.dest, config.src, fingerprint(plan), config.resume)
+    inputs = (prepared.source.info.path, *((config.base_model,) if config.base_model is not None else ()))
+    create_staging(config.dest, fingerprint(plan, tuple(str(p.resolve()) for p in inputs)), config.resume)
     weights_dir.mkdir(parents=True, exist_ok=True)
     if with_optimizer:
         (weights_dir / "optimizer").mkdir(exist_ok=True)

@@ -199,8 +199,9 @@ def file_metadata(tensors: Sequence[TensorPlan]) -> dict[str, str]:
     return {k: v for name in recipes for k, v in get_recipe(name).file_metadata(described).items()}
 
 
-def fingerprint(plan: Plan) -> str:
-    """A digest of everything that decides the output bytes (not which rank writes what). For --resume."""
+def fingerprint(plan: Plan, inputs: Sequence[str] = ()) -> str:
+    """A digest of everything that decides the output bytes (not which rank writes what), and of the `inputs`
+    they are read from (the checkpoint, --base-model). For --resume."""
     import hashlib
     import json
 
@@ -209,7 +210,7 @@ def fingerprint(plan: Plan) -> str:
                        t.rope_heads, t.quant, repr(t.lora)] for t in f.tensors]]
         for f in plan.files
     ]  # fmt: skip
-    return hashlib.sha256(json.dumps([files, dict(plan.metadata)]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([files, dict(plan.metadata), list(inputs)]).encode()).hexdigest()
 
 
 def describe(plan: Plan) -> Mapping[str, object]:

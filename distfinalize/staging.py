@@ -24,7 +24,7 @@ def staging_path(dest: Path) -> Path:
     return dest.parent / (dest.name + STAGING_SUFFIX)
 
 
-def create_staging(dest: Path, src: Path, fingerprint: str, resume: bool = False) -> Path:
+def create_staging(dest: Path, fingerprint: str, resume: bool = False) -> Path:
     """Create the staging dir (and DEST's parents), or, with `resume`, take over an interrupted one.
 
     Refuses when DEST exists, when a stale staging dir is there without `resume`, and when the staging dir

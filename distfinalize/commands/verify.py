@@ -21,9 +21,12 @@ One row per check, each pass, fail or skip; the exit code is 1 when any check fa
                            finalize's own transforms (cast to that dtype, key-map permutations); an embedding grown
                            for new tokens on its first rows; a quantized weight (the recipe and --quantize-ignore
                            patterns come from the manifest) has the recipe's tensors, which dequantize to within
-                           the recipe's round-to-nearest bound of the source, element by element. Every source
-                           tensor is in DEST (an lm_head dropped as tied to the embedding must equal it)
-  config.json              loads with transformers.AutoConfig (a failure when absent)
+                           the recipe's round-to-nearest bound of the source, element by element; a LoRA output
+                           (the manifest's "lora" record) is redone: adapter tensors bit-exact, merged weights
+                           within float32 matmul rounding plus one rounding to the dtype. Every source tensor is
+                           in DEST (an lm_head dropped as tied to the embedding must equal it)
+  config.json              loads with transformers.AutoConfig (a failure when absent; for a PEFT adapter dir,
+                           adapter_config.json loads with peft's LoraConfig instead)
   tokenizer                loads with AutoTokenizer, with no more tokens than vocab_size (skip: no tokenizer files)
   generation_config.json   loads with GenerationConfig (skip when absent)
 

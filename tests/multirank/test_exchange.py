@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import check_ok, error_lines, finalize, our_traceback, read_output, tree_digest
+from support import TRAINERS, check_ok, error_lines, finalize, our_traceback, read_output, torchrun, tree_digest
 
 pytestmark = pytest.mark.dist
 
@@ -63,3 +63,13 @@ def test_exchange_corrupt_chunk_is_one_error(fsdp2_runs: Path, tmp_path: Path) -
     assert not dest.exists() and not dest.with_name("out.distfinalize-staging").exists()
     assert tree_digest(run) == before
     assert (run / CKPT).is_dir()
+
+
+def test_exchange_tie_check_reads_only_its_files(tmp_path: Path) -> None:
+    """lm_head identical to embed_tokens (config.json says untied), saved by 2 ranks: under exchange each rank
+    compares the chunks of the files it reads, and the answer (tied: written once) is the one read gives."""
+    check_ok(torchrun(2, TRAINERS / "dtensor.py", tmp_path / "run", "--identical-head"))
+    read, exchange = finalize_both(tmp_path / "run" / "dtensor", tmp_path, 2)
+    assert tree_digest(exchange) == tree_digest(read)
+    tensors, _ = read_output(exchange)
+    assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors

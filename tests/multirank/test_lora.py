@@ -156,3 +156,21 @@ def test_inspect_says_lora(lora_runs: Path) -> None:
     assert report["lora"]["r"] == 4 and report["lora"]["lora_alpha"] == 8
     assert report["lora"]["target_modules"] == ["down_proj", "q_proj", "v_proj"]
     assert [f["file"] for f in report["plan"]["files"]] == ["adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--key-map", "hf"], "--key-map does not apply to LoRA checkpoints"),
+        (["--merge-lora", "--strategy", "exchange"], "--strategy exchange cannot merge LoRA adapters yet"),
+    ],
+    ids=["key-map", "exchange-merge"],
+)
+def test_refused_combinations(lora_runs: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    run = lora_runs / "lora-full"
+    before = tree_digest(run)
+    result = finalize(run, tmp_path / "out", *args)  # one process: torchrun would turn exit 2 into 1
+    assert result.returncode == 2 and not our_traceback(result.stderr)
+    [line] = error_lines(result.stderr)
+    assert message in line
+    assert not (tmp_path / "out").exists() and tree_digest(run) == before

@@ -1,0 +1,81 @@
+"""The tie check: is the output embedding (lm_head) exactly the input embedding's data, so that it is written
+once, as tied embeddings? Asked only when both are in the checkpoint with the same shape and dtype, and neither
+gets a LoRA merge (the merged weights would differ).
+
+With `--strategy read`, rank 0 reads both tensors. With `exchange` (node-local disks, where rank 0 may not hold
+the files), each rank compares the chunk pairs in the files it reads, and the answers are combined: tied only
+when every chunk pair is equal. Chunk pairs that do not sit at the same place in the same reader's files cannot be
+compared without moving them, so the answer is then "not tied" (lm_head kept: correct output, one copy more).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from distfinalize.exchange import assign_readers
+from distfinalize.sources import SourceChunk, TensorMeta
+from distfinalize.transform.keymap import tie_candidates
+
+log = logging.getLogger(__name__)
+
+
+def candidates(tensors: Sequence[TensorMeta], merged: Mapping[str, object]) -> list[tuple[TensorMeta, TensorMeta]]:
+    """(lm_head, embedding) pairs to compare: same shape and dtype, no LoRA merge into either. Pure."""
+    return [(h, e) for h, e in tie_candidates(tensors) if h.name not in merged and e.name not in merged]
+
+
+def tied_head(pairs: Sequence[tuple[TensorMeta, TensorMeta]], reader) -> str | None:
+    """The lm_head name to drop when it holds exactly the embedding's data. Runs on: rank 0 (reads both)."""
+    for head, embed in pairs:
+        data = reader.read([head.key, embed.key])
+        if torch.equal(data[head.key], data[embed.key]):
+            log.info("%s is identical to %s: writing it once, as tied embeddings", head.name, embed.name)
+            return head.name
+    return None
+
+
+def tie_share(
+    pairs: Sequence[tuple[TensorMeta, TensorMeta]],
+    chunks: Mapping[str, Sequence[SourceChunk]],
+    reader,
+    rank: int,
+    world_size: int,
+) -> list[bool]:
+    """Per pair: whether every chunk pair this rank reads is equal (and comparable here). Runs on: every rank,
+    reading only chunks of the files `exchange` gives it."""
+    readers = assign_readers({c.file: c.writer for cs in chunks.values() for c in cs}, world_size)
+    verdicts = []
+    for head, embed in pairs:
+        matched = matching_chunks(chunks[head.key], chunks[embed.key], readers)
+        if matched is None:
+            verdicts.append(False)
+            continue
+        mine = [(h, e) for h, e in matched if readers[h.file] == rank]
+        data = reader.read_chunks([c for pair in mine for c in pair]) if mine else []
+        verdicts.append(all(torch.equal(data[2 * i], data[2 * i + 1]) for i in range(len(mine))))
+    return verdicts
+
+
+def matching_chunks(
+    head: Sequence[SourceChunk], embed: Sequence[SourceChunk], readers: Mapping[str, int]
+) -> list[tuple[SourceChunk, SourceChunk]] | None:
+    """The head's and the embedding's chunks paired by place, when each pair is read by one rank; else None. Pure."""
+    by_place = {(c.offsets, c.sizes): c for c in embed}
+    if len(by_place) != len(head) or any((c.offsets, c.sizes) not in by_place for c in head):
+        return None
+    pairs = [(c, by_place[(c.offsets, c.sizes)]) for c in head]
+    if any(readers[h.file] != readers[e.file] for h, e in pairs):
+        return None
+    return pairs
+
+
+def combine(pairs: Sequence[tuple[TensorMeta, TensorMeta]], shares: Sequence[Sequence[bool]]) -> str | None:
+    """The lm_head to drop: the first pair every rank found equal. Pure."""
+    for i, (head, embed) in enumerate(pairs):
+        if all(share[i] for share in shares):
+            log.info("%s is identical to %s: writing it once, as tied embeddings", head.name, embed.name)
+            return head.name
+    return None
