@@ -22,7 +22,7 @@ def feed_of(steps):
         for s in steps:
             if failed() is not None:
                 return
-            yield s.tensor, torch.full(s.tensor.shape, float(len(s.tensor.name)))
+            yield s.tensor, (torch.full(s.tensor.shape, float(len(s.tensor.name))),)
 
     return feed
 
@@ -42,7 +42,7 @@ def test_lanes_get_their_files_in_order_within_budget() -> None:
                 got.setdefault(lane, []).append(item.step.tensor.name)
             assert item.outputs[item.step.tensor.name].dtype == torch.bfloat16
 
-    stages.run(feed_of(steps), lambda tensor, t: {t.name: tensor.to(t.dtype)}, write)
+    stages.run(feed_of(steps), lambda inputs, t: {t.name: inputs[0].to(t.dtype)}, write)
     assert {lane: names for lane, names in got.items()} == {
         lane: [s.tensor.name for s in steps if s.lane == lane] for lane in got
     }
@@ -62,12 +62,12 @@ def test_first_error_is_raised_and_nothing_hangs(stage: str) -> None:
                 raise OSError("disk gone while reading")
             if failed() is not None:
                 return
-            yield s.tensor, torch.zeros(s.tensor.shape)
+            yield s.tensor, (torch.zeros(s.tensor.shape),)
 
-    def transform(tensor, t):
+    def transform(inputs, t):
         if stage == "transform" and t is steps[7].tensor:
             raise ValueError("bad tensor")
-        return {t.name: tensor}
+        return {t.name: inputs[0]}
 
     def write(lane, items):
         for n, _ in enumerate(items):
@@ -106,8 +106,8 @@ def test_pinned_copy_on_cuda() -> None:
             got[item.step.tensor.name] = item.outputs[item.step.tensor.name]
 
     Stages(steps, 1 << 20, device).run(
-        lambda failed: ((s.tensor, torch.full(s.tensor.shape, 1.5)) for s in steps),
-        lambda tensor, t: {t.name: tensor.to(device).to(t.dtype)},
+        lambda failed: ((s.tensor, (torch.full(s.tensor.shape, 1.5),)) for s in steps),
+        lambda inputs, t: {t.name: inputs[0].to(device).to(t.dtype)},
         write,
     )
     assert all(v.is_pinned() and torch.equal(v, torch.full(v.shape, 1.5, dtype=v.dtype)) for v in got.values())
