@@ -7,7 +7,8 @@
 4. plan       every rank: the same pure plan (files, ranks, dtypes, vocabulary resize)
 5. stage      rank 0: create the staging dir beside DEST
 6. write      every rank: its own files (and its share of a kept optimizer state), into staging
-7. commit     rank 0: index, config, generation config, tokenizer, card, code; atomic rename to DEST
+7. commit     rank 0 (finish.py): index, manifest, config, generation config, tokenizer, card, code; atomic
+               rename to DEST
 8. push       rank 0: upload DEST to the Hub, when asked
 """
 
@@ -27,17 +28,13 @@ from distfinalize import tie
 from distfinalize.adapter import (
     LoraLayout,
     adapter_config_preview,
-    manifest_record,
     prepare_lora,
-    write_adapter_config,
 )
 from distfinalize.architecture import ModelSpec, load_model_spec
-from distfinalize.artifacts.card import LIBRARY_NAME, CardInfo, card_preview, write_model_card
-from distfinalize.artifacts.code import copy_model_code, model_code_files
-from distfinalize.artifacts.config import ConfigUpdates, output_config, write_config
-from distfinalize.artifacts.generation import find_generation_config, generation_config, write_generation_config
-from distfinalize.artifacts.index import write_index
-from distfinalize.artifacts.jsonfile import write_json
+from distfinalize.artifacts.card import card_preview
+from distfinalize.artifacts.code import model_code_files
+from distfinalize.artifacts.config import output_config
+from distfinalize.artifacts.generation import find_generation_config, generation_config
 from distfinalize.artifacts.tokenizer import (
     DEFAULT_PAD,
     TokenizerOutcome,
@@ -51,28 +48,25 @@ from distfinalize.dist import DistContext
 from distfinalize.errors import DestinationError, SourceError, UsageError
 from distfinalize.exchange import describe as describe_exchange
 from distfinalize.execute import DataPath, WrittenFile, exchange_schedule, write_rank_files
+from distfinalize.finish import card_info, config_updates, existing_card, finish
 from distfinalize.keep import (
     OptimizerCopy,
     checkpoint_dir_name,
     copy_optimizer_files,
-    link_into_root,
     optimizer_source,
     plan_optimizer_copy,
-    write_manifest,
-    write_optimizer_metadata,
 )
 from distfinalize.logs import log_rank0
-from distfinalize.plan import ADAPTER_FILE, INDEX_FILE, Plan, build_plan, describe, fingerprint
+from distfinalize.plan import ADAPTER_FILE, Plan, build_plan, describe, fingerprint
+from distfinalize.quantization import embedding_names, quantized_tensors
 from distfinalize.sources import Source, SourceInfo, TensorMeta
 from distfinalize.sources.locate import find_model_config, locate, search_dirs
-from distfinalize.staging import PROGRESS_DIR, commit, create_staging, remove_staging, staging_path
-from distfinalize.transform.keymap import TIE_CANDIDATES, KeyMapRules, map_names
+from distfinalize.staging import PROGRESS_DIR, create_staging, remove_staging, staging_path
+from distfinalize.transform.keymap import map_names
 from distfinalize.transform.lora import LoraMerge, is_lora_checkpoint
 from distfinalize.transform.vocab import plan_resizes
 
 log = logging.getLogger(__name__)
-DROPPED_STATE = ("lr scheduler", "dataloader", "RNG", "trainer state")
-MANIFEST = "distfinalize-manifest.json"
 
 
 @dataclass(frozen=True)
@@ -299,67 +293,6 @@ def final_tokenizer(config: FinalizeConfig, prepared: Prepared, kept: list[Any])
     return outcome
 
 
-def embedding_names(prepared: Prepared) -> list[str]:
-    """The input and output embedding matrices (whichever the output holds)."""
-    if prepared.spec is not None:
-        return [n for n in (prepared.spec.input_embedding, prepared.spec.output_embedding) if n]
-    return [name for pair in TIE_CANDIDATES for name in reversed(pair)]
-
-
-def quantization_rules(config: FinalizeConfig, prepared: Prepared) -> dict[str, Any]:
-    """The keyword arguments of quantize.quantizable / ignored_modules for this model."""
-    from distfinalize.transform.quantize import get_recipe
-
-    spec = prepared.spec
-    tied = set(spec.tied) | set(spec.tied.values()) if spec is not None else set()
-    if prepared.tied:
-        tied |= set(embedding_names(prepared))
-    return {
-        "spec_output_embedding": spec.output_embedding if spec is not None else TIE_CANDIDATES[0][0],
-        "recipe": get_recipe(config.quantize),
-        "spec_input_embedding": spec.input_embedding if spec is not None else TIE_CANDIDATES[0][1],
-        "tied": tied,
-        "ignore": config.quantize_ignore,
-    }
-
-
-def quantized_tensors(config: FinalizeConfig, prepared: Prepared) -> dict[str, str]:
-    """Which tensors --quantize quantizes (name -> recipe). Pure. Runs on: all ranks."""
-    if config.quantize is None:
-        return {}
-    from distfinalize.transform.quantize import quantizable
-
-    rules = quantization_rules(config, prepared)
-    output_embedding = rules.pop("spec_output_embedding")
-    return {t.name: config.quantize for t in prepared.tensors
-            if quantizable(t.name, tuple(t.shape), output_embedding, **rules)}  # fmt: skip
-
-
-def quantization_config(config: FinalizeConfig, prepared: Prepared) -> dict | None:
-    """The recipe's config.json block, listing the 2-D weights left unquantized."""
-    if config.quantize is None:
-        return None
-    from distfinalize.transform.quantize import get_recipe
-
-    return get_recipe(config.quantize).config_block(unquantized_modules(config, prepared))
-
-
-def unquantized_modules(config: FinalizeConfig, prepared: Prepared) -> list[str]:
-    """Module names of the Linear weights --quantize leaves as they are (config block and card). Pure."""
-    if config.quantize is None:
-        return []
-    from distfinalize.transform.quantize import ignored_modules
-
-    rules = quantization_rules(config, prepared)
-    output_embedding = rules.pop("spec_output_embedding")
-    tensors = [(t.name, tuple(t.shape)) for t in prepared.tensors]
-    if prepared.tied and output_embedding not in {name for name, _ in tensors}:
-        tensors.append((output_embedding, ()))  # written once as the input embedding; listed as ignored too
-    input_embedding = rules["spec_input_embedding"]
-    linears = [(n, s) for n, s in tensors if s and n != input_embedding]  # an embedding is not a Linear
-    return ignored_modules(linears, output_embedding, **rules)
-
-
 def plan_optimizer(config: FinalizeConfig, prepared: Prepared) -> OptimizerCopy | None:
     """The optimizer copy for --keep-optimizer (DCP sources). Pure given the metadata. Runs on: all ranks."""
     if not config.keep_optimizer:
@@ -395,145 +328,6 @@ def write_share(
                                       weights_dir / "optimizer")  # fmt: skip
         log.debug("copied %s of optimizer state", format_bytes(copied))
     return files
-
-
-def config_updates(
-    config: FinalizeConfig, prepared: Prepared, tokenizer: TokenizerOutcome, vocab_size: int | None
-) -> ConfigUpdates:
-    return ConfigUpdates(
-        dtype=prepared.dtype,
-        tied=prepared.tied,
-        architecture=prepared.spec.architecture if prepared.spec else None,
-        vocab_size=vocab_size,
-        token_ids=tokenizer.special_ids if tokenizer.path is not None else {},
-        quantization_config=quantization_config(config, prepared),
-    )
-
-
-def card_info(config: FinalizeConfig, prepared: Prepared) -> CardInfo:
-    info = prepared.source.info
-    return CardInfo(
-        source_format=info.format,
-        source_path=str(info.path),
-        step=info.step,
-        saved_world_size=info.saved_world_size,
-        dtype=str(prepared.dtype).removeprefix("torch.") if prepared.dtype else None,
-        quantization=config.quantize,
-        unquantized=tuple(unquantized_modules(config, prepared)),
-        base_model_id=config.card.base_model_id,
-        datasets=config.card.datasets,
-        training_method=config.card.training_method,
-        log_urls=config.card.log_urls,
-        extra_libraries=("deepspeed",) if info.format == "deepspeed" else (),
-        model_name=config.hub.repo_id if config.hub is not None else None,
-        library_name="peft" if prepared.adapter else LIBRARY_NAME,
-    )
-
-
-def existing_card(prepared: Prepared) -> Path | None:
-    if prepared.config_path is None:
-        return None
-    card = prepared.config_path.parent / "README.md"
-    return card if card.is_file() else None
-
-
-def finish(
-    config: FinalizeConfig, plan: Plan, prepared: Prepared, tokenizer: TokenizerOutcome, kept_tokenizer: list[Any],
-    vocab_size: int | None, files: tuple[WrittenFile, ...], staging: Path, weights_dir: Path,
-    optimizer: OptimizerCopy | None,
-) -> None:  # fmt: skip
-    """Everything written once, then the commit. Runs on: rank 0."""
-    try:
-        write_once(config, plan, prepared, tokenizer, kept_tokenizer, vocab_size, files, staging, weights_dir,
-                   optimizer)  # fmt: skip
-    except OSError as exc:
-        raise DestinationError(
-            "cannot write the output files",
-            where=getattr(exc, "filename", None) or staging,
-            hint=f"{exc.strerror or exc}; free space or choose another DEST",
-        ) from exc
-    commit(staging, config.dest)
-
-
-def write_once(
-    config: FinalizeConfig, plan: Plan, prepared: Prepared, tokenizer: TokenizerOutcome, kept_tokenizer: list[Any],
-    vocab_size: int | None, files: tuple[WrittenFile, ...], staging: Path, weights_dir: Path,
-    optimizer: OptimizerCopy | None,
-) -> None:  # fmt: skip
-    """Index, checksums, config, generation config, tokenizer, card, code, kept checkpoint. Runs on: rank 0."""
-    planned = {f.filename for f in plan.files}
-    got = {f.filename for f in files}
-    if got != planned:
-        raise DestinationError("ranks did not write every planned file", where=staging,
-                               hint=f"missing: {sorted(planned - got)[:4]}")  # fmt: skip
-    index = write_index(plan, weights_dir)
-    write_checksums(staging, weights_dir, files, prepared, config)
-    if prepared.adapter:
-        write_adapter_config(prepared.lora, staging)  # no config.json, generation config or model code
-        model_config = None
-    elif prepared.config_path is not None:
-        write_config(prepared.config_path, staging, config_updates(config, prepared, tokenizer, vocab_size))
-        model_config = output_config(prepared.config_path, config_updates(config, prepared, tokenizer, vocab_size))
-    else:
-        model_config = {}
-    generation = None
-    if model_config is not None:
-        generation = generation_config(find_generation_config(prepared.config_path), tokenizer, model_config,
-                                       config.generation)  # fmt: skip
-    if generation:
-        write_generation_config(staging, generation)
-    if kept_tokenizer and kept_tokenizer[0] is not None:
-        kept_tokenizer[0].save_pretrained(str(staging))
-    write_model_card(staging, card_info(config, prepared), existing_card(prepared))
-    if prepared.config_path is not None and not prepared.adapter:
-        copy_model_code(model_code_files(prepared.config_path.parent), staging)
-    if config.keep_checkpoint:
-        keep_checkpoint(config, plan, prepared, staging, weights_dir, index, optimizer)
-
-
-def write_checksums(
-    staging: Path, weights_dir: Path, files: tuple[WrittenFile, ...], prepared: Prepared, config: FinalizeConfig
-) -> None:
-    """distfinalize-manifest.json: every weight file's size and sha256, the source, and for `verify` what was done
-    beyond a cast: --quantize (the recipe and the user's ignore patterns decide which weights it compares within
-    a bound), the key map file's rules, and for a LoRA checkpoint what was done with the adapter."""
-    info = prepared.source.info
-    prefix = weights_dir.relative_to(staging)
-    lora = {"lora": manifest_record(prepared.lora, config.base_model)} if prepared.lora is not None else {}
-    write_json(staging / MANIFEST, {
-        "format": 1,
-        "source": {"format": info.format, "path": str(info.path), "step": info.step},
-        "dtype": str(prepared.dtype).removeprefix("torch.") if prepared.dtype else None,
-        "quantization": {"recipe": config.quantize, "ignore": list(config.quantize_ignore)} if config.quantize
-                        else None,
-        "key_map": config.key_map.to_mapping() if isinstance(config.key_map, KeyMapRules) else config.key_map,
-        "files": {str(prefix / f.filename) if str(prefix) != "." else f.filename: {"size": f.size,
-                                                                                 "sha256": f.sha256}
-                  for f in sorted(files, key=lambda f: f.filename)},
-        **lora,
-    })  # fmt: skip
-
-
-def keep_checkpoint(
-    config: FinalizeConfig, plan: Plan, prepared: Prepared, staging: Path, weights_dir: Path, index: Path | None,
-    optimizer: OptimizerCopy | None,
-) -> None:  # fmt: skip
-    """Manifest, config copy and optimizer metadata in the kept checkpoint; root symlinks. Runs on: rank 0."""
-    names = [f.filename for f in plan.files] + ([INDEX_FILE] if index is not None else [])
-    if (staging / "config.json").is_file():
-        (weights_dir / "config.json").write_bytes((staging / "config.json").read_bytes())
-    if optimizer is not None:
-        write_optimizer_metadata(optimizer, weights_dir / "optimizer")
-    info = prepared.source.info
-    write_manifest(weights_dir, {
-        "source": {"format": info.format, "path": str(info.path), "step": info.step,
-                   "saved_world_size": info.saved_world_size},
-        "weights": names,
-        "config": "config.json" if (weights_dir / "config.json").is_file() else None,
-        "optimizer": "optimizer" if optimizer is not None else None,
-        "dropped": list(DROPPED_STATE) + ([] if optimizer is not None else ["optimizer"]),
-    })  # fmt: skip
-    link_into_root(staging, weights_dir, names)
 
 
 def push(config: FinalizeConfig) -> str:

@@ -27,8 +27,10 @@ from distfinalize.commands.hfdir import Header, Survey, WeightFile
 from distfinalize.config import FinalizeConfig, LoraOptions
 from distfinalize.errors import DestinationError
 from distfinalize.feed import read_batches
-from distfinalize.pipeline import MANIFEST, Prepared, embedding_names, prepare, quantized_tensors
+from distfinalize.finish import MANIFEST
+from distfinalize.pipeline import Prepared, prepare
 from distfinalize.plan import TensorPlan, plan_tensors
+from distfinalize.quantization import embedding_names, quantized_tensors
 from distfinalize.transform.cast import to_output
 from distfinalize.transform.keymap import TIE_CANDIDATES, KeyMapRules
 

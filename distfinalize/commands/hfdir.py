@@ -15,7 +15,7 @@ from typing import Any
 
 from distfinalize.config import DTYPES
 from distfinalize.errors import DestinationError
-from distfinalize.pipeline import MANIFEST
+from distfinalize.finish import MANIFEST
 from distfinalize.plan import ADAPTER_CONFIG, ADAPTER_FILE, INDEX_FILE, SINGLE_FILE
 
 MAX_HEADER_SIZE = 100_000_000  # the safetensors library refuses larger headers

@@ -64,7 +64,7 @@ from distfinalize.commands.compare import (
 from distfinalize.commands.hfdir import Header, HeaderError, Survey, WeightFile, config_dtype, read_header, survey
 from distfinalize.config import DTYPES, LOG_LEVELS
 from distfinalize.errors import DistfinalizeError
-from distfinalize.pipeline import MANIFEST
+from distfinalize.finish import MANIFEST
 from distfinalize.plan import ADAPTER_CONFIG, INDEX_FILE, assign_ranks
 from distfinalize.transform.quantize import get_recipe
 from distfinalize.write import SAFETENSORS_DTYPES, file_sha256

@@ -1,0 +1,170 @@
+"""The commit step, rank 0: the files written once (index, manifest, config, generation config, tokenizer, card,
+model code, kept checkpoint), then the atomic rename of the staging dir to DEST.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from distfinalize.adapter import manifest_record, write_adapter_config
+from distfinalize.artifacts.card import LIBRARY_NAME, CardInfo, write_model_card
+from distfinalize.artifacts.code import copy_model_code, model_code_files
+from distfinalize.artifacts.config import ConfigUpdates, output_config, write_config
+from distfinalize.artifacts.generation import find_generation_config, generation_config, write_generation_config
+from distfinalize.artifacts.index import write_index
+from distfinalize.artifacts.jsonfile import write_json
+from distfinalize.artifacts.tokenizer import TokenizerOutcome
+from distfinalize.config import FinalizeConfig
+from distfinalize.errors import DestinationError
+from distfinalize.execute import WrittenFile
+from distfinalize.keep import OptimizerCopy, link_into_root, write_manifest, write_optimizer_metadata
+from distfinalize.plan import INDEX_FILE, Plan
+from distfinalize.quantization import quantization_config, unquantized_modules
+from distfinalize.staging import commit
+from distfinalize.transform.keymap import KeyMapRules
+
+if TYPE_CHECKING:
+    from distfinalize.pipeline import Prepared
+
+DROPPED_STATE = ("lr scheduler", "dataloader", "RNG", "trainer state")
+MANIFEST = "distfinalize-manifest.json"
+
+
+def config_updates(
+    config: FinalizeConfig, prepared: Prepared, tokenizer: TokenizerOutcome, vocab_size: int | None
+) -> ConfigUpdates:
+    return ConfigUpdates(
+        dtype=prepared.dtype,
+        tied=prepared.tied,
+        architecture=prepared.spec.architecture if prepared.spec else None,
+        vocab_size=vocab_size,
+        token_ids=tokenizer.special_ids if tokenizer.path is not None else {},
+        quantization_config=quantization_config(config, prepared),
+    )
+
+
+def card_info(config: FinalizeConfig, prepared: Prepared) -> CardInfo:
+    info = prepared.source.info
+    return CardInfo(
+        source_format=info.format,
+        source_path=str(info.path),
+        step=info.step,
+        saved_world_size=info.saved_world_size,
+        dtype=str(prepared.dtype).removeprefix("torch.") if prepared.dtype else None,
+        quantization=config.quantize,
+        unquantized=tuple(unquantized_modules(config, prepared)),
+        base_model_id=config.card.base_model_id,
+        datasets=config.card.datasets,
+        training_method=config.card.training_method,
+        log_urls=config.card.log_urls,
+        extra_libraries=("deepspeed",) if info.format == "deepspeed" else (),
+        model_name=config.hub.repo_id if config.hub is not None else None,
+        library_name="peft" if prepared.adapter else LIBRARY_NAME,
+    )
+
+
+def existing_card(prepared: Prepared) -> Path | None:
+    if prepared.config_path is None:
+        return None
+    card = prepared.config_path.parent / "README.md"
+    return card if card.is_file() else None
+
+
+def finish(
+    config: FinalizeConfig, plan: Plan, prepared: Prepared, tokenizer: TokenizerOutcome, kept_tokenizer: list[Any],
+    vocab_size: int | None, files: tuple[WrittenFile, ...], staging: Path, weights_dir: Path,
+    optimizer: OptimizerCopy | None,
+) -> None:  # fmt: skip
+    """Everything written once, then the commit. Runs on: rank 0."""
+    try:
+        write_once(config, plan, prepared, tokenizer, kept_tokenizer, vocab_size, files, staging, weights_dir,
+                   optimizer)  # fmt: skip
+    except OSError as exc:
+        raise DestinationError(
+            "cannot write the output files",
+            where=getattr(exc, "filename", None) or staging,
+            hint=f"{exc.strerror or exc}; free space or choose another DEST",
+        ) from exc
+    commit(staging, config.dest)
+
+
+def write_once(
+    config: FinalizeConfig, plan: Plan, prepared: Prepared, tokenizer: TokenizerOutcome, kept_tokenizer: list[Any],
+    vocab_size: int | None, files: tuple[WrittenFile, ...], staging: Path, weights_dir: Path,
+    optimizer: OptimizerCopy | None,
+) -> None:  # fmt: skip
+    """Index, checksums, config, generation config, tokenizer, card, code, kept checkpoint. Runs on: rank 0."""
+    planned = {f.filename for f in plan.files}
+    got = {f.filename for f in files}
+    if got != planned:
+        raise DestinationError("ranks did not write every planned file", where=staging,
+                               hint=f"missing: {sorted(planned - got)[:4]}")  # fmt: skip
+    index = write_index(plan, weights_dir)
+    write_checksums(staging, weights_dir, files, prepared, config)
+    if prepared.adapter:
+        write_adapter_config(prepared.lora, staging)  # no config.json, generation config or model code
+        model_config = None
+    elif prepared.config_path is not None:
+        write_config(prepared.config_path, staging, config_updates(config, prepared, tokenizer, vocab_size))
+        model_config = output_config(prepared.config_path, config_updates(config, prepared, tokenizer, vocab_size))
+    else:
+        model_config = {}
+    generation = None
+    if model_config is not None:
+        generation = generation_config(find_generation_config(prepared.config_path), tokenizer, model_config,
+                                       config.generation)  # fmt: skip
+    if generation:
+        write_generation_config(staging, generation)
+    if kept_tokenizer and kept_tokenizer[0] is not None:
+        kept_tokenizer[0].save_pretrained(str(staging))
+    write_model_card(staging, card_info(config, prepared), existing_card(prepared))
+    if prepared.config_path is not None and not prepared.adapter:
+        copy_model_code(model_code_files(prepared.config_path.parent), staging)
+    if config.keep_checkpoint:
+        keep_checkpoint(config, plan, prepared, staging, weights_dir, index, optimizer)
+
+
+def write_checksums(
+    staging: Path, weights_dir: Path, files: tuple[WrittenFile, ...], prepared: Prepared, config: FinalizeConfig
+) -> None:
+    """distfinalize-manifest.json: every weight file's size and sha256, the source, and for `verify` what was done
+    beyond a cast: --quantize (the recipe and the user's ignore patterns decide which weights it compares within
+    a bound), the key map file's rules, and for a LoRA checkpoint what was done with the adapter."""
+    info = prepared.source.info
+    prefix = weights_dir.relative_to(staging)
+    lora = {"lora": manifest_record(prepared.lora, config.base_model)} if prepared.lora is not None else {}
+    write_json(staging / MANIFEST, {
+        "format": 1,
+        "source": {"format": info.format, "path": str(info.path), "step": info.step},
+        "dtype": str(prepared.dtype).removeprefix("torch.") if prepared.dtype else None,
+        "quantization": {"recipe": config.quantize, "ignore": list(config.quantize_ignore)} if config.quantize
+                        else None,
+        "key_map": config.key_map.to_mapping() if isinstance(config.key_map, KeyMapRules) else config.key_map,
+        "files": {str(prefix / f.filename) if str(prefix) != "." else f.filename: {"size": f.size,
+                                                                                 "sha256": f.sha256}
+                  for f in sorted(files, key=lambda f: f.filename)},
+        **lora,
+    })  # fmt: skip
+
+
+def keep_checkpoint(
+    config: FinalizeConfig, plan: Plan, prepared: Prepared, staging: Path, weights_dir: Path, index: Path | None,
+    optimizer: OptimizerCopy | None,
+) -> None:  # fmt: skip
+    """Manifest, config copy and optimizer metadata in the kept checkpoint; root symlinks. Runs on: rank 0."""
+    names = [f.filename for f in plan.files] + ([INDEX_FILE] if index is not None else [])
+    if (staging / "config.json").is_file():
+        (weights_dir / "config.json").write_bytes((staging / "config.json").read_bytes())
+    if optimizer is not None:
+        write_optimizer_metadata(optimizer, weights_dir / "optimizer")
+    info = prepared.source.info
+    write_manifest(weights_dir, {
+        "source": {"format": info.format, "path": str(info.path), "step": info.step,
+                   "saved_world_size": info.saved_world_size},
+        "weights": names,
+        "config": "config.json" if (weights_dir / "config.json").is_file() else None,
+        "optimizer": "optimizer" if optimizer is not None else None,
+        "dropped": list(DROPPED_STATE) + ([] if optimizer is not None else ["optimizer"]),
+    })  # fmt: skip
+    link_into_root(staging, weights_dir, names)
