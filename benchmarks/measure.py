@@ -21,6 +21,16 @@ class Measurement:
     output: str
 
 
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """`python -m torch.distributed.run --standalone --nproc_per_node=NPROC ARGS`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def finalize_cmd(nproc: int, src: Path, dest: Path, *options: str) -> list[str]:
+    """distfinalize SRC DEST OPTIONS with `nproc` ranks, quiet (warnings only)."""
+    return torchrun(nproc, "-m", "distfinalize", str(src), str(dest), "--log-level", "warning", *options)
+
+
 def run_measured(cmd: Sequence[str], env: dict[str, str] | None = None) -> Measurement:
     """Run `cmd` under a small wrapper process that reports the peak RSS of its biggest descendant.
 

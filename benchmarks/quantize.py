@@ -22,19 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-from measure import Measurement, run_measured
+from measure import Measurement, finalize_cmd, run_measured, torchrun
 from run import append_section
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from distfinalize.transform.quantize import RECIPES  # noqa: E402
-
-
-def finalize_cmd(ckpt: Path, out: Path, ranks: int, shard: str, recipe: str | None) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           "-m", "distfinalize", str(ckpt), str(out), "--max-shard-size", shard, "--log-level", "warning"]  # fmt: skip
-    return [*cmd, "--quantize", recipe] if recipe else cmd
 
 
 def read_through(paths: list[Path]) -> None:
@@ -80,9 +74,8 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
 
-    made = run_measured([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                         f"--nproc_per_node={args.save_ranks}", str(HERE / "make_synthetic.py"), str(work / "src"),
-                         "--size-gib", str(args.size_gib)], env)  # fmt: skip
+    made = run_measured(torchrun(args.save_ranks, str(HERE / "make_synthetic.py"), str(work / "src"), "--size-gib",
+                                 str(args.size_gib)), env)  # fmt: skip
     if made.returncode:
         sys.exit(made.output)
     ckpt = work / "src" / "ckpt"
@@ -94,7 +87,10 @@ def main() -> None:
     for recipe in [None, *recipes]:
         out = work / "out"
         shutil.rmtree(out, ignore_errors=True)
-        result = run_measured(finalize_cmd(ckpt, out, args.ranks, args.max_shard_size, recipe), env)
+        quantize = ["--quantize", recipe] if recipe else []
+        result = run_measured(
+            finalize_cmd(args.ranks, ckpt, out, "--max-shard-size", args.max_shard_size, *quantize), env
+        )
         if result.returncode:
             sys.exit(f"--quantize {recipe} failed:\n{result.output[-4000:]}")
         out_gib = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**30

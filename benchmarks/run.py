@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from measure import Measurement, disk_write_read, evict, pinned_copy, run_measured
+from measure import Measurement, disk_write_read, evict, finalize_cmd, pinned_copy, run_measured, torchrun
 from safetensors import safe_open
 
 HERE = Path(__file__).resolve().parent
@@ -50,12 +50,11 @@ def tools(ckpt: Path, out: Path, ranks: list[int], shard: str, strategies: list[
           quantize: tuple[bool, ...] = (False,)) -> list[Tool]:  # fmt: skip
     """distfinalize with every world size, strategy and (un)quantized, then the peers."""
     py = sys.executable
-    torchrun = [py, "-m", "torch.distributed.run", "--standalone"]
     found = [
         Tool(
             f"distfinalize, {n} rank(s), {strategy}" + (", fp8" if fp8 else ""),
-            [*torchrun, f"--nproc_per_node={n}", "-m", "distfinalize", str(ckpt), str(out), "--max-shard-size", shard,
-             "--log-level", "warning", "--strategy", strategy, *(["--quantize", "fp8"] if fp8 else [])],
+            finalize_cmd(n, ckpt, out, "--max-shard-size", shard, "--strategy", strategy,
+                         *(["--quantize", "fp8"] if fp8 else [])),
             False,
         )
         for fp8 in quantize
@@ -163,17 +162,7 @@ def main() -> None:
     work.mkdir(parents=True)
 
     made = run_measured(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={args.save_ranks}",
-            str(HERE / "make_synthetic.py"),
-            str(work / "src"),
-            "--size-gib",
-            str(args.size_gib),
-        ],
+        torchrun(args.save_ranks, str(HERE / "make_synthetic.py"), str(work / "src"), "--size-gib", str(args.size_gib)),
         env,
     )
     if made.returncode:

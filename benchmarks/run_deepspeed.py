@@ -25,7 +25,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from measure import Measurement, disk_write_read, evict, run_measured
+from measure import Measurement, disk_write_read, evict, finalize_cmd, run_measured, torchrun
 from run import HERE, Tool, append_section, same_tensors
 
 ZERO_TO_FP32 = "zero_to_fp32"
@@ -53,23 +53,7 @@ def tools(ckpt: Path, out: Path, ranks: list[int], shard: str) -> list[Tool]:
     found += [
         Tool(
             f"distfinalize, {n} rank(s)",
-            [
-                py,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc_per_node={n}",
-                "-m",
-                "distfinalize",
-                str(ckpt),
-                str(out),
-                "--dtype",
-                "float32",
-                "--max-shard-size",
-                shard,
-                "--log-level",
-                "warning",
-            ],
+            finalize_cmd(n, ckpt, out, "--dtype", "float32", "--max-shard-size", shard),
             False,
         )
         for n in ranks
@@ -96,19 +80,15 @@ def main() -> None:
     work.mkdir(parents=True)
 
     made = run_measured(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={args.save_ranks}",
+        torchrun(
+            args.save_ranks,
             str(HERE / "make_deepspeed.py"),
             str(work / "src"),
             "--size-gib",
             str(args.size_gib),
             "--steps",
             str(args.steps),
-        ],
+        ),
         env,
     )
     if made.returncode:
