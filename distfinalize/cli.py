@@ -105,13 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse the finished, checksum-verified files of an interrupted run's staging dir",
     )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=1800.0,
-        metavar="SECONDS",
-        help="how long a rank waits for the others at each step (default: %(default)s)",
-    )
+    add_timeout_option(parser)
     add_data_path_options(parser)
     add_contract_options(parser)
     return parser
@@ -194,6 +188,23 @@ def add_contract_options(parser: argparse.ArgumentParser) -> None:
     hub.add_argument("--private", action="store_true", help="create the repo private")
     hub.add_argument("--revision", metavar="BRANCH", help="branch to push to")
     hub.add_argument("--commit-message", metavar="TEXT")
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type of --timeout: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def add_timeout_option(parser: argparse.ArgumentParser) -> None:
+    """--timeout, the same for finalize, inspect and verify."""
+    parser.add_argument("--timeout", type=positive_seconds, default=1800.0, metavar="SECONDS",
+                        help="how long a rank waits for the others at each step (default: %(default)s)")  # fmt: skip
 
 
 def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> FinalizeConfig:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from distfinalize.cli import add_timeout_option
 from distfinalize.config import (
     DEFAULT_MAX_SHARD_SIZE,
     DTYPES,
@@ -430,8 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=list(DTYPES), help="output dtype of the plan")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning",
                         help="default: %(default)s (info adds the dry run's own log lines)")  # fmt: skip
-    parser.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
-                        help="how long a rank waits for the others (default: %(default)s)")  # fmt: skip
+    add_timeout_option(parser)
     return parser
 
 
@@ -440,8 +440,6 @@ def parse_options(argv: Sequence[str]) -> Options:
     args = parser.parse_args(argv)
     if args.world_size is not None and args.world_size < 1:
         parser.error(f"--world-size must be at least 1, got {args.world_size}")
-    if args.timeout <= 0:
-        parser.error(f"--timeout must be positive, got {args.timeout}")
     try:
         max_shard_size = parse_size(args.max_shard_size)
     except ValueError as exc:

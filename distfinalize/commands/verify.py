@@ -52,6 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distfinalize.artifacts.tokenizer import is_tokenizer_dir
+from distfinalize.cli import add_timeout_option
 from distfinalize.commands.compare import (
     READ_BATCH_BYTES,
     Expectation,
@@ -564,8 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the dtype the floating tensors must have (default: what DEST declares)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
-    parser.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
-                        help="how long a rank waits for the others (default: %(default)s)")  # fmt: skip
+    add_timeout_option(parser)
     return parser
 
 
@@ -574,8 +574,6 @@ def parse_options(argv: Sequence[str]) -> Options:
     args = parser.parse_args(argv)
     if (args.checkpoint is not None or args.tag is not None) and args.source is None:
         parser.error("--checkpoint and --tag need --source")
-    if args.timeout <= 0:
-        parser.error(f"--timeout must be positive, got {args.timeout}")
     return Options(args.dest, args.source, args.checkpoint, args.tag, args.dtype, args.log_level, args.json,
                    args.timeout, progress=args.log_level in ("debug", "info") and not args.json)  # fmt: skip
 
