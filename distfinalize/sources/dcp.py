@@ -1,27 +1,25 @@
 """PyTorch Distributed Checkpoint (DCP) input: FSDP2, torchtitan, Accelerate and plain dcp.save folders.
 
-Metadata comes from DCP's own `.metadata`; tensors are read with DCP's FileSystemReader, which fetches
-only the byte ranges of the chunks each tensor needs.
+Metadata comes from DCP's own `.metadata` (read with DCP's FileSystemReader); tensors are read chunk by chunk,
+only the byte ranges each tensor needs, and verified as they are read (distcp.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import re
-import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 from distfinalize.errors import SourceError
 from distfinalize.sources import SourceChunk, SourceFormat, SourceInfo, TensorMeta, register_source
+from distfinalize.sources.distcp import ChunkError, load_chunk, read_chunk
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +43,6 @@ NON_MODEL_CONTAINERS = frozenset(
         "rng_states",
     }
 )
-ZIP_MAGIC = b"PK\x03\x04"
 RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
 
 
@@ -164,97 +161,69 @@ def saved_world_size(metadata: Metadata) -> int | None:
     return max(ranks) + 1 if ranks else None
 
 
-class VerifiedFileSystemReader(FileSystemReader):
-    """DCP's reader, checking each tensor chunk before DCP copies it into place: its full length is there,
-    the CRC-32s torch.save records in the chunk's zip records match, and it holds the dtype and shape
-    `.metadata` says (DCP itself would cast a mismatched dtype silently). Flipped, missing or misplaced
-    bytes are an error, never a silently wrong tensor. Runs on: each rank, for the chunks it reads."""
-
-    def __init__(self, path: str, metadata: Metadata) -> None:
-        super().__init__(path)
-        self.expected: dict[tuple[str, int], tuple[torch.dtype, tuple[int, ...]]] = {}
-        for index, info in (metadata.storage_data or {}).items():
-            md = metadata.state_dict_metadata.get(index.fqn)
-            if isinstance(md, TensorStorageMetadata) and index.index is not None and index.index < len(md.chunks):
-                sizes = tuple(md.chunks[index.index].sizes)
-                self.expected[(info.relative_path, info.offset)] = (md.properties.dtype, sizes)
-
-    def _slice_file(self, file, sinfo):  # FileSystemReader's own hook
-        file.seek(sinfo.offset)
-        data = file.read(sinfo.length)
-        where = f"{sinfo.relative_path} bytes {sinfo.offset}-{sinfo.offset + sinfo.length}"
-        if len(data) != sinfo.length:
-            raise ChunkError(f"{where}: the file ends after {len(data)} of {sinfo.length} bytes (truncated)")
-        expected = self.expected.get((sinfo.relative_path, sinfo.offset))
-        if expected is not None:
-            check_tensor_chunk(data, where, *expected)
-        return io.BytesIO(data)
-
-
-def check_tensor_chunk(data: bytes, where: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    """A tensor chunk is a torch.save zip whose records pass their CRC-32 and whose tensor matches .metadata."""
-    if data[:4] != ZIP_MAGIC:
-        raise ChunkError(f"{where}: not a torch.save record")
-    verify_zip_chunk(data, where)
-    try:
-        tensor = torch.load(io.BytesIO(data), map_location="meta", weights_only=True)  # header only, no bytes
-    except Exception as exc:  # any failure to load the verified record is corruption of its contents
-        raise ChunkError(f"{where}: the record does not load ({type(exc).__name__})") from exc
-    if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-        found = f"{tensor.dtype} {list(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise ChunkError(f"{where}: holds {found} where .metadata says {dtype} {list(shape)}")
-
-
-class ChunkError(ValueError):
-    """A checkpoint chunk is truncated or fails its checksum."""
-
-
-def verify_zip_chunk(data: bytes, where: str) -> None:
-    """Check every record of a torch.save zip chunk against its CRC-32."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        raise ChunkError(f"{where}: not a readable torch.save record ({exc})") from exc
-    if bad is not None:
-        raise ChunkError(f"{where}: checksum mismatch in record {bad!r} (the file is corrupt)")
-
-
 class DcpTensorReader:
-    """Reads whole tensors out of a DCP folder through DCP's FileSystemReader. Runs on: each rank."""
+    """Reads whole tensors, or single chunks, out of a DCP folder: each chunk read once and verified
+    (distcp.py). Whole-tensor reads need every chunk of a tensor whole, so DCP's load planner, which
+    intersects chunks with the parts a caller wants, has nothing to add here. Runs on: each rank."""
 
     def __init__(self, path: Path, metadata: Metadata) -> None:
         self.path = path
         self.metadata = metadata
-        self.storage = VerifiedFileSystemReader(str(path), metadata)
-        self.storage.set_up_storage_reader(metadata, True)
+        self.storage: dict[MetadataIndex, Any] = dict(metadata.storage_data or {})
 
     def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Fetch `keys` (stored dtype, CPU), reading only the chunks they cover."""
+        """Fetch `keys` (stored dtype, CPU), reading only the chunks they cover. A tensor stored as one chunk
+        is a view of the bytes read, others are put together from their chunks."""
+        wanted = [SourceChunk(key, i, "", None, tuple(c.offsets), tuple(c.sizes), 0)
+                  for key in keys for i, c in enumerate(self.metadata.state_dict_metadata[key].chunks)]  # fmt: skip
+        loaded = self._load(wanted, keys)
         out: dict[str, torch.Tensor] = {}
-        for key in keys:
-            md = self.metadata.state_dict_metadata[key]
-            out[key] = torch.empty(md.size, dtype=md.properties.dtype)
-        planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
-        planner.set_up_planner(out, self.metadata, True)
-        with self._read_errors(keys):
-            plan = self.storage.prepare_local_plan(planner.create_local_plan())
-            plan = planner.finish_plan(self.storage.prepare_global_plan([plan])[0])
-            self.storage.read_data(plan, planner).wait()
+        for chunk, data in zip(wanted, loaded, strict=True):
+            md = self.metadata.state_dict_metadata[chunk.key]
+            if tuple(data.shape) == tuple(md.size):
+                out[chunk.key] = data
+                continue
+            tensor = out.setdefault(chunk.key, torch.empty(md.size, dtype=md.properties.dtype))
+            target = tensor
+            for dim, (offset, size) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
+                target = target.narrow(dim, offset, size)
+            target.copy_(data)
         return out
 
     def read_chunks(self, chunks: Sequence[SourceChunk]) -> list[torch.Tensor]:
         """The stored chunks themselves (stored dtype, CPU, contiguous), in order, verified like `read`."""
-        out, items = [], []
-        for c in chunks:
-            dtype = self.metadata.state_dict_metadata[c.key].properties.dtype
-            out.append(torch.empty(c.sizes, dtype=dtype))
-            index = MetadataIndex(c.key, c.offsets, c.index)
-            zeros = torch.Size([0] * len(c.sizes))
-            items.append(ReadItem(LoadItemType.TENSOR, index, zeros, index, zeros, torch.Size(c.sizes)))
-        with self._read_errors([c.key for c in chunks]):
-            self.storage.read_data(LoadPlan(items), ChunkPlanner(dict(zip(items, out, strict=True)))).wait()
-        return out
+        return self._load(chunks, [c.key for c in chunks])
+
+    def _load(self, chunks: Sequence[SourceChunk], keys: Sequence[str]) -> list[torch.Tensor]:
+        """Each chunk's verified tensor, read file by file in offset order; returned in the order asked."""
+        located = []
+        for number, c in enumerate(chunks):
+            info = self.storage.get(MetadataIndex(c.key, c.offsets))
+            if info is None:
+                raise SourceError("DCP metadata lists a chunk it has no storage entry for",
+                                  where=self.path / ".metadata",
+                                  hint=f"{c.key} at {list(c.offsets)}: the file is corrupt")  # fmt: skip
+            located.append((info.relative_path, info.offset, number, info))
+        out: list[torch.Tensor | None] = [None] * len(chunks)
+        with self._read_errors(keys):
+            file, opened = None, None
+            try:
+                for relative, offset, number, info in sorted(located, key=lambda x: x[:3]):
+                    if relative != opened:
+                        if file is not None:
+                            file.close()
+                        file, opened = open(self.path / relative, "rb", buffering=0), relative  # noqa: SIM115
+                    where = f"{relative} bytes {offset}-{offset + info.length}"
+                    if info.transform_descriptors:
+                        raise ChunkError(f"{where}: stored with DCP transforms {list(info.transform_descriptors)}, "
+                                         "which distfinalize does not read")  # fmt: skip
+                    md = self.metadata.state_dict_metadata[chunks[number].key]
+                    buffer = read_chunk(file, offset, info.length, where)
+                    out[number] = load_chunk(buffer, where, md.properties.dtype, tuple(chunks[number].sizes))
+            finally:
+                if file is not None:
+                    file.close()
+        return out  # type: ignore[return-value]  # every slot is filled
 
     @contextlib.contextmanager
     def _read_errors(self, keys: Sequence[str]) -> Iterator[None]:
@@ -285,22 +254,6 @@ class DcpTensorReader:
                 where=f"{self.path} ({', '.join(files[:4])}{' ...' if len(files) > 4 else ''})",
                 hint=f"the .distcp files may be truncated or corrupt ({type(exc).__name__}: {exc})",
             ) from exc
-
-
-class ChunkPlanner:
-    """The three planner calls FileSystemReader.read_data makes, landing each chunk in its own tensor."""
-
-    def __init__(self, targets: dict[ReadItem, torch.Tensor]) -> None:
-        self.targets = targets
-
-    def resolve_tensor(self, item: ReadItem) -> torch.Tensor:
-        return self.targets[item]
-
-    def commit_tensor(self, item: ReadItem, tensor: torch.Tensor) -> None:
-        pass
-
-    def load_bytes(self, item: ReadItem, value: io.BytesIO) -> None:
-        raise ChunkError(f"{item.storage_index.fqn}: a bytes entry where a tensor chunk was expected")
 
 
 register_source(SourceFormat("dcp", is_dcp_checkpoint, DcpSource))
