@@ -33,6 +33,7 @@ from distfinalize.config import (
     parse_size,
 )
 from distfinalize.errors import DistfinalizeError, UsageError
+from distfinalize.startup import imports_starting
 from distfinalize.transform.keymap import resolve_key_map
 
 if TYPE_CHECKING:
@@ -295,6 +296,7 @@ def console_main() -> None:
     already finished ("terminate called without an active exception", exit -6, seen about once in 50 runs
     on CPU), turning a successful job into a failed one. Everything is flushed and closed first.
     """
+    imports_starting()  # __main__ did it before importing this module; the `distfinalize` script starts here
     code = main()
     logging.shutdown()
     sys.stdout.flush()

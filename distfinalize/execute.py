@@ -29,7 +29,7 @@ from distfinalize.overlap import Item, Stages, lane_order
 from distfinalize.plan import FilePlan, Plan, TensorPlan
 from distfinalize.sources import Source
 from distfinalize.transform.cast import transform
-from distfinalize.write import DEFAULT_METADATA, FileLayout, SafetensorsWriter, file_sha256, layout
+from distfinalize.write import DEFAULT_METADATA, FileLayout, SafetensorsWriter, StageBuffer, file_sha256, layout
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +133,12 @@ class LaneWriters:
 
     def write_lane(self, lane: int, items: Iterator[Item]) -> None:
         writer, left, current = None, 0, -1
+        stage = StageBuffer()
         try:
             for item in items:
                 if item.step.file != current:
                     current, file = item.step.file, self.files[item.step.file]
-                    writer, left = self._open(file), len(file.tensors)
+                    writer, left = self._open(file, stage), len(file.tensors)
                 for name, tensor in item.outputs.items():
                     writer.write(name, tensor)
                 self.bar.update(item.step.tensor.nbytes)
@@ -151,9 +152,9 @@ class LaneWriters:
             if writer is not None:
                 writer.abort()
 
-    def _open(self, file: FilePlan) -> SafetensorsWriter:
+    def _open(self, file: FilePlan, stage: StageBuffer) -> SafetensorsWriter:
         try:
-            return SafetensorsWriter(self.directory / file.filename, file_layout(file, self.metadata))
+            return SafetensorsWriter(self.directory / file.filename, file_layout(file, self.metadata), stage)
         except OSError as exc:
             raise self._error(file, exc) from exc
 

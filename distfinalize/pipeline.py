@@ -62,6 +62,7 @@ from distfinalize.quantization import embedding_names, quantized_tensors
 from distfinalize.sources import Source, SourceInfo, TensorMeta
 from distfinalize.sources.locate import find_model_config, locate, search_dirs
 from distfinalize.staging import PROGRESS_DIR, create_staging, remove_staging, staging_path
+from distfinalize.startup import imports_done
 from distfinalize.transform.keymap import map_names
 from distfinalize.transform.lora import LoraMerge, is_lora_checkpoint
 from distfinalize.transform.vocab import plan_resizes
@@ -106,6 +107,7 @@ class Outcome:
 def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     """Finalize config.src into config.dest with every rank of `ctx`. Runs on: all ranks."""
     prepared = ctx.run_step("prepare", lambda: prepare(config, ctx.device))[ctx.rank]
+    imports_done()
     tied_head = check_tied(config, prepared, ctx)
     if tied_head is not None:
         prepared = replace(prepared, tensors=tuple(t for t in prepared.tensors if t.name != tied_head), tied=True)
@@ -268,7 +270,7 @@ def check_tied(config: FinalizeConfig, prepared: Prepared, ctx: DistContext) -> 
     if not pairs:
         return None
     if config.strategy != "exchange":
-        return ctx.run_step("tie check", lambda: tie.tied_head(pairs, prepared.source.reader()), ranks="rank0")[0]
+        return ctx.run_step("tie check", lambda: tie.tied_head(pairs, prepared.source), ranks="rank0")[0]
     source = prepared.source
     shares = ctx.run_step("tie check", lambda: tie.tie_share(pairs, source.chunks(), source.reader(), ctx.rank,
                                                              ctx.world_size))  # fmt: skip

@@ -27,14 +27,25 @@ def candidates(tensors: Sequence[TensorMeta], merged: Mapping[str, object]) -> l
     return [(h, e) for h, e in tie_candidates(tensors) if h.name not in merged and e.name not in merged]
 
 
-def tied_head(pairs: Sequence[tuple[TensorMeta, TensorMeta]], reader) -> str | None:
+def tied_head(pairs: Sequence[tuple[TensorMeta, TensorMeta]], source) -> str | None:
     """The lm_head name to drop when it holds exactly the embedding's data. Runs on: rank 0 (reads both)."""
+    reader = source.reader()
+    chunks = source.chunks() if hasattr(source, "chunks") else None
     for head, embed in pairs:
-        data = reader.read([head.key, embed.key])
-        if torch.equal(data[head.key], data[embed.key]):
+        if identical(head, embed, reader, chunks):
             log.info("%s is identical to %s: writing it once, as tied embeddings", head.name, embed.name)
             return head.name
     return None
+
+
+def identical(head: TensorMeta, embed: TensorMeta, reader, chunks: Mapping[str, Sequence[SourceChunk]] | None) -> bool:
+    """Whether both hold the same data: chunk pair by chunk pair when both are stored at the same places (DCP),
+    stopping at the first difference, so an untied model costs one chunk of each; else both read whole."""
+    paired = paired_chunks(chunks[head.key], chunks[embed.key]) if chunks is not None else None
+    if paired is None:
+        data = reader.read([head.key, embed.key])
+        return torch.equal(data[head.key], data[embed.key])
+    return all(torch.equal(*reader.read_chunks(pair)) for pair in paired)  # all() stops at the first False
 
 
 def tie_share(
@@ -49,8 +60,8 @@ def tie_share(
     readers = assign_readers({c.file: c.writer for cs in chunks.values() for c in cs}, world_size)
     verdicts = []
     for head, embed in pairs:
-        matched = matching_chunks(chunks[head.key], chunks[embed.key], readers)
-        if matched is None:
+        matched = paired_chunks(chunks[head.key], chunks[embed.key])
+        if matched is None or any(readers[h.file] != readers[e.file] for h, e in matched):
             verdicts.append(False)
             continue
         mine = [(h, e) for h, e in matched if readers[h.file] == rank]
@@ -59,17 +70,15 @@ def tie_share(
     return verdicts
 
 
-def matching_chunks(
-    head: Sequence[SourceChunk], embed: Sequence[SourceChunk], readers: Mapping[str, int]
+def paired_chunks(
+    head: Sequence[SourceChunk], embed: Sequence[SourceChunk]
 ) -> list[tuple[SourceChunk, SourceChunk]] | None:
-    """The head's and the embedding's chunks paired by place, when each pair is read by one rank; else None. Pure."""
+    """The head's and the embedding's chunks paired by place (same offsets and sizes), or None when they are
+    stored differently. Pure."""
     by_place = {(c.offsets, c.sizes): c for c in embed}
     if len(by_place) != len(head) or any((c.offsets, c.sizes) not in by_place for c in head):
         return None
-    pairs = [(c, by_place[(c.offsets, c.sizes)]) for c in head]
-    if any(readers[h.file] != readers[e.file] for h, e in pairs):
-        return None
-    return pairs
+    return [(c, by_place[(c.offsets, c.sizes)]) for c in head]
 
 
 def combine(pairs: Sequence[tuple[TensorMeta, TensorMeta]], shares: Sequence[Sequence[bool]]) -> str | None:

@@ -8,8 +8,11 @@ to a multiple of 8, data sorted by alignment then name. Runs on: the rank that o
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import mmap
 import os
 import struct
 from collections.abc import Mapping, Sequence
@@ -88,38 +91,93 @@ def layout(
     return FileLayout(header, slots, base + offset)
 
 
-class SafetensorsWriter:
-    """Writes a file laid out by `layout`, one tensor at a time; fsyncs on close and returns its sha256.
+DIRECT_ALIGNMENT = 4096  # O_DIRECT wants buffer, offset and length on the device's logical blocks (<= 4 KiB)
+STAGE_BYTES = 32 * 2**20  # one O_DIRECT write
 
-    Tensors may come in any order; written in file order (as `write_file` does), the sha256 is computed on
-    the fly, otherwise the file is read back once to hash it.
+
+class StageBuffer:
+    """A page-aligned buffer that gathers a file's bytes into large O_DIRECT writes; one per writer thread,
+    reused from file to file (its pages are touched once)."""
+
+    def __init__(self, nbytes: int = STAGE_BYTES) -> None:
+        self.memory = mmap.mmap(-1, nbytes)  # anonymous maps are page-aligned
+        self.tensor = torch.frombuffer(self.memory, dtype=torch.uint8)
+        self.view = memoryview(self.memory)
+
+    def __len__(self) -> int:
+        return len(self.memory)
+
+
+class SafetensorsWriter:
+    """Writes a file laid out by `layout`, its tensors in file order, hashing (sha256) as it goes; fsyncs on close.
+
+    With a `stage` buffer and a file system that takes O_DIRECT, the bytes are gathered in the buffer and written
+    in large aligned blocks past the page cache: no copy into cache pages the kernel first has to allocate, and
+    no cache growing by the size of the output (the last block is padded, then the file truncated to its size).
+    Otherwise, or when the file system refuses an O_DIRECT write, tensors go through the page cache as they are.
     """
 
-    def __init__(self, path: Path, file_layout: FileLayout) -> None:
+    def __init__(self, path: Path, file_layout: FileLayout, stage: StageBuffer | None = None) -> None:
         self.path = path
         self.layout = file_layout
-        self.written: set[str] = set()
-        self.digest = hashlib.sha256(file_layout.header)
-        self.hashed_to = len(file_layout.header)  # bytes hashed so far; -1 once writes went out of order
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.order = iter(sorted(file_layout.slots.values(), key=lambda s: (s.start, s.name)))
+        self.position = 0  # bytes handed over so far
+        self.digest = hashlib.sha256()
+        self.stage = stage
+        self.staged = 0  # bytes waiting in the stage buffer, which starts at file offset position - staged
+        self.fd, self.direct = open_output(path, direct=stage is not None)
         os.ftruncate(self.fd, file_layout.size)
-        self._pwrite(memoryview(file_layout.header), 0)
+        self._append(torch.frombuffer(bytearray(file_layout.header), dtype=torch.uint8))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write `tensor` (CPU, the planned dtype and shape) into its slot."""
+        """Write `tensor` (CPU, the planned dtype and shape), the next one in the file."""
         slot = self.layout.slots[name]
         if tensor.dtype != slot.dtype or tuple(tensor.shape) != slot.shape:
             raise ValueError(
                 f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, planned {slot.dtype} {list(slot.shape)}"
             )
-        data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-        self._pwrite(data, slot.start)
-        if self.hashed_to == slot.start:
-            self.digest.update(data)
-            self.hashed_to = slot.end
-        else:
-            self.hashed_to = -1
-        self.written.add(name)
+        expected = next(self.order, None)
+        if expected is None or expected.name != name:
+            raise ValueError(f"tensor {name!r} written out of file order (expected {expected and expected.name!r})")
+        self._append(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+
+    def _append(self, data: torch.Tensor) -> None:
+        """The next bytes of the file: hashed, then written (or staged)."""
+        self.digest.update(memoryview(data.numpy()))
+        if not self.direct and not self.staged:
+            self._pwrite(memoryview(data.numpy()), self.position)
+            self.position += data.numel()
+            return
+        done = 0
+        while done < data.numel():
+            n = min(data.numel() - done, len(self.stage) - self.staged)
+            self.stage.tensor[self.staged : self.staged + n].copy_(data[done : done + n])
+            self.staged += n
+            done += n
+            self.position += n
+            if self.staged == len(self.stage):
+                self._flush()
+
+    def _flush(self) -> None:
+        """Write the staged bytes at their offset (with O_DIRECT: padded to whole blocks)."""
+        start = self.position - self.staged
+        if self.direct:
+            padded = -(-self.staged // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+            self.stage.tensor[self.staged : padded].zero_()
+            try:
+                self._pwrite(self.stage.view[:padded], start)
+                self.staged = 0
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._leave_direct()  # the file system took the open but not the write
+        self._pwrite(self.stage.view[: self.staged], start)
+        self.staged = 0
+
+    def _leave_direct(self) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
 
     def _pwrite(self, data: memoryview, offset: int) -> None:
         while len(data):
@@ -129,18 +187,31 @@ class SafetensorsWriter:
     def close(self) -> str:
         """Check every tensor was written, fsync and close. Returns the file's sha256 (hex)."""
         try:
-            missing = self.layout.slots.keys() - self.written
+            missing = [slot.name for slot in self.order]
             if missing:
                 raise RuntimeError(f"{self.path.name}: {len(missing)} tensor(s) never written, e.g. {min(missing)}")
+            if self.staged:
+                self._flush()
+            os.ftruncate(self.fd, self.layout.size)  # drops the last block's padding
             os.fsync(self.fd)
         finally:
             os.close(self.fd)
-        if self.hashed_to == self.layout.size:
-            return self.digest.hexdigest()
-        return file_sha256(self.path)
+        return self.digest.hexdigest()
 
     def abort(self) -> None:
         os.close(self.fd)
+
+
+def open_output(path: Path, direct: bool) -> tuple[int, bool]:
+    """Open `path` for writing, with O_DIRECT when asked and the platform and file system take it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o644), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT (tmpfs on older kernels)
+                raise
+    return os.open(path, flags, 0o644), False
 
 
 def file_sha256(path: Path, block: int = 16 * 2**20) -> str:

@@ -173,12 +173,12 @@ class DcpTensorReader:
 
     def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """Fetch `keys` (stored dtype, CPU), reading only the chunks they cover. A tensor stored as one chunk
-        is a view of the bytes read, others are put together from their chunks."""
+        is a view of the bytes read; the others are put together from their chunks, one chunk held at a time."""
         wanted = [SourceChunk(key, i, "", None, tuple(c.offsets), tuple(c.sizes), 0)
                   for key in keys for i, c in enumerate(self.metadata.state_dict_metadata[key].chunks)]  # fmt: skip
-        loaded = self._load(wanted, keys)
         out: dict[str, torch.Tensor] = {}
-        for chunk, data in zip(wanted, loaded, strict=True):
+        for number, data in self._load(wanted, keys):
+            chunk = wanted[number]
             md = self.metadata.state_dict_metadata[chunk.key]
             if tuple(data.shape) == tuple(md.size):
                 out[chunk.key] = data
@@ -192,10 +192,13 @@ class DcpTensorReader:
 
     def read_chunks(self, chunks: Sequence[SourceChunk]) -> list[torch.Tensor]:
         """The stored chunks themselves (stored dtype, CPU, contiguous), in order, verified like `read`."""
-        return self._load(chunks, [c.key for c in chunks])
+        out: list[torch.Tensor] = [torch.empty(0)] * len(chunks)
+        for number, data in self._load(chunks, [c.key for c in chunks]):
+            out[number] = data
+        return out
 
-    def _load(self, chunks: Sequence[SourceChunk], keys: Sequence[str]) -> list[torch.Tensor]:
-        """Each chunk's verified tensor, read file by file in offset order; returned in the order asked."""
+    def _load(self, chunks: Sequence[SourceChunk], keys: Sequence[str]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(position in `chunks`, verified tensor) for each chunk, read file by file in offset order."""
         located = []
         for number, c in enumerate(chunks):
             info = self.storage.get(MetadataIndex(c.key, c.offsets))
@@ -204,7 +207,6 @@ class DcpTensorReader:
                                   where=self.path / ".metadata",
                                   hint=f"{c.key} at {list(c.offsets)}: the file is corrupt")  # fmt: skip
             located.append((info.relative_path, info.offset, number, info))
-        out: list[torch.Tensor | None] = [None] * len(chunks)
         with self._read_errors(keys):
             file, opened = None, None
             try:
@@ -219,18 +221,17 @@ class DcpTensorReader:
                                          "which distfinalize does not read")  # fmt: skip
                     md = self.metadata.state_dict_metadata[chunks[number].key]
                     buffer = read_chunk(file, offset, info.length, where)
-                    out[number] = load_chunk(buffer, where, md.properties.dtype, tuple(chunks[number].sizes))
+                    yield number, load_chunk(buffer, where, md.properties.dtype, tuple(chunks[number].sizes))
             finally:
                 if file is not None:
                     file.close()
-        return out  # type: ignore[return-value]  # every slot is filled
 
     @contextlib.contextmanager
     def _read_errors(self, keys: Sequence[str]) -> Iterator[None]:
         """Every way a read can fail, as one SourceError naming the files."""
         try:
             yield
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):  # GeneratorExit: a reader of `_load` stopped early
             raise
         except ChunkError as exc:
             raise SourceError(

@@ -1,25 +1,60 @@
-"""The tie check's pure parts: pairing chunks by place for --strategy exchange, and combining ranks' answers."""
+"""The tie check: pairing chunks by place, comparing them pair by pair, and combining ranks' answers."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from distfinalize.sources import SourceChunk, TensorMeta
-from distfinalize.tie import candidates, combine, matching_chunks
+from distfinalize.sources.dcp import DcpSource
+from distfinalize.tie import candidates, combine, paired_chunks, tie_share, tied_head
 
 
 def chunk(key: str, file: str, row: int) -> SourceChunk:
     return SourceChunk(key, row // 4, file, int(file[2]), (row, 0), (4, 8), 128)
 
 
-def test_chunks_pair_by_place_when_one_rank_reads_both() -> None:
+def test_chunks_pair_by_place() -> None:
     head = [chunk("h", "__0_0.distcp", 0), chunk("h", "__1_0.distcp", 4)]
     embed = [chunk("e", "__1_0.distcp", 4), chunk("e", "__0_0.distcp", 0)]
-    readers = {"__0_0.distcp": 0, "__1_0.distcp": 1}
-    assert matching_chunks(head, embed, readers) == [(head[0], embed[1]), (head[1], embed[0])]
-    swapped = [chunk("e", "__1_0.distcp", 0), chunk("e", "__0_0.distcp", 4)]
-    assert matching_chunks(head, swapped, readers) is None  # a pair spans two readers: not comparable here
-    assert matching_chunks(head, embed[:1], readers) is None  # different layouts
+    assert paired_chunks(head, embed) == [(head[0], embed[1]), (head[1], embed[0])]
+    assert paired_chunks(head, embed[:1]) is None  # different layouts
+
+
+def test_under_exchange_a_pair_read_by_two_ranks_is_not_tied_and_nothing_is_read() -> None:
+    head = [chunk("h", "__0_0.distcp", 0), chunk("h", "__1_0.distcp", 4)]
+    swapped = [chunk("e", "__1_0.distcp", 0), chunk("e", "__0_0.distcp", 4)]  # same places, other files
+    metas = (TensorMeta("h", "lm_head.weight", (8, 8), torch.float32),
+             TensorMeta("e", "model.embed_tokens.weight", (8, 8), torch.float32))  # fmt: skip
+    assert tie_share([metas], {"h": head, "e": swapped}, None, rank=0, world_size=2) == [False]
+
+
+class CountingReader:
+    """The real DCP reader, counting the chunks it is asked for."""
+
+    def __init__(self, reader) -> None:
+        self.reader, self.chunks = reader, 0
+
+    def read_chunks(self, chunks):
+        self.chunks += len(chunks)
+        return self.reader.read_chunks(chunks)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("same", [True, False])
+def test_rank0_compares_chunk_pairs_of_a_dcp_checkpoint(tmp_path: Path, same: bool) -> None:
+    embed = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    head = embed.clone() if same else embed + 1
+    dcp.save({"model.embed_tokens.weight": embed, "lm_head.weight": head}, checkpoint_id=str(tmp_path), no_dist=True)
+    source = DcpSource(tmp_path)
+    counting = CountingReader(source.reader())
+    source.reader = lambda: counting
+    pairs = candidates(source.tensors, {})
+    assert tied_head(pairs, source) == ("lm_head.weight" if same else None)
+    assert counting.chunks == 2  # one chunk of each, never the whole tensors through read()
 
 
 def test_candidates_skip_merged_and_combine_needs_every_rank() -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distfinalize.write import SAFETENSORS_DTYPES, SafetensorsWriter, layout
+from distfinalize.write import DIRECT_ALIGNMENT, SAFETENSORS_DTYPES, SafetensorsWriter, StageBuffer, layout
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:
@@ -22,20 +25,73 @@ def sample_tensors() -> dict[str, torch.Tensor]:
     return out
 
 
-def write(path: Path, tensors: dict[str, torch.Tensor], order: list[str]) -> None:
-    writer = SafetensorsWriter(path, layout([(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]))
-    for name in order:
-        writer.write(name, tensors[name])
-    writer.close()
+def write(path: Path, tensors: dict[str, torch.Tensor], stage: StageBuffer | None = None) -> SafetensorsWriter:
+    """Write `tensors` in file order (the only order the writer takes); returns the closed writer."""
+    plan = layout([(n, tuple(t.shape), t.dtype) for n, t in tensors.items()])
+    writer = SafetensorsWriter(path, plan, stage)
+    for slot in sorted(plan.slots.values(), key=lambda s: (s.start, s.name)):
+        writer.write(slot.name, tensors[slot.name])
+    writer.digest_hex = writer.close()
+    return writer
 
 
-def test_bytes_identical_to_save_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage_bytes", [None, DIRECT_ALIGNMENT, 3 * DIRECT_ALIGNMENT, 2**20])
+def test_bytes_identical_to_save_file(tmp_path: Path, stage_bytes: int | None) -> None:
+    """Through the page cache, and staged in blocks smaller and larger than the file (O_DIRECT where /tmp's file
+    system takes it: ext4 here), the file is the library's, and the returned sha256 is the file's."""
     tensors = sample_tensors()
-    write(tmp_path / "ours.safetensors", tensors, list(reversed(tensors)))
+    tensors["big"] = torch.randn(3000, 7, generator=torch.Generator().manual_seed(1))  # spans several blocks
+    stage = StageBuffer(stage_bytes) if stage_bytes else None
+    writer = write(tmp_path / "ours.safetensors", tensors, stage)
     save_file(tensors, tmp_path / "lib.safetensors", metadata={"format": "pt"})
-    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "lib.safetensors").read_bytes()
+    ours = (tmp_path / "ours.safetensors").read_bytes()
+    assert ours == (tmp_path / "lib.safetensors").read_bytes()
+    assert writer.digest_hex == hashlib.sha256(ours).hexdigest()
     loaded = load_file(tmp_path / "ours.safetensors")
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_a_stage_buffer_is_reused_across_files(tmp_path: Path) -> None:
+    stage = StageBuffer(DIRECT_ALIGNMENT)
+    first = {"a": torch.arange(5000, dtype=torch.int32)}
+    second = {"b": torch.ones(3, dtype=torch.float16)}  # shorter than what the buffer last held
+    write(tmp_path / "1.safetensors", first, stage)
+    write(tmp_path / "2.safetensors", second, stage)
+    assert torch.equal(load_file(tmp_path / "1.safetensors")["a"], first["a"])
+    assert (tmp_path / "2.safetensors").read_bytes() == save_file_bytes(second, tmp_path / "lib.safetensors")
+
+
+def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some file systems take O_DIRECT at open but refuse the write with EINVAL: the writer carries on without it.
+    The refusal is injected (os.pwrite raising EINVAL for the first staged block); the bytes are checked whole."""
+    import distfinalize.write as write_module
+
+    real, refused = os.pwrite, []
+
+    def refuse_first_block(fd: int, data: memoryview, offset: int) -> int:
+        if not refused and len(data) % DIRECT_ALIGNMENT == 0:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(write_module.os, "pwrite", refuse_first_block)
+    tensors = {"x": torch.randn(4000, generator=torch.Generator().manual_seed(2))}
+    writer = write(tmp_path / "ours.safetensors", tensors, StageBuffer(DIRECT_ALIGNMENT))
+    assert refused == [0] and not writer.direct
+    assert (tmp_path / "ours.safetensors").read_bytes() == save_file_bytes(tensors, tmp_path / "lib.safetensors")
+
+
+def test_tensors_out_of_file_order_are_refused(tmp_path: Path) -> None:
+    plan = layout([("a", (2,), torch.float32), ("b", (2,), torch.float32)])
+    writer = SafetensorsWriter(tmp_path / "x.safetensors", plan)
+    with pytest.raises(ValueError, match="out of file order"):
+        writer.write("b", torch.zeros(2))
+    writer.abort()
+
+
+def save_file_bytes(tensors: dict[str, torch.Tensor], path: Path) -> bytes:
+    save_file(tensors, path, metadata={"format": "pt"})
+    return path.read_bytes()
 
 
 def test_dtype_table_matches_safetensors(tmp_path: Path) -> None:
