@@ -109,19 +109,22 @@ class StageBuffer:
 
 
 class SafetensorsWriter:
-    """Writes a file laid out by `layout`, its tensors in file order, hashing (sha256) as it goes; fsyncs on close.
+    """Writes a file laid out by `layout`, one tensor at a time; fsyncs on close and returns its sha256.
 
-    With a `stage` buffer and a file system that takes O_DIRECT, the bytes are gathered in the buffer and written
-    in large aligned blocks past the page cache: no copy into cache pages the kernel first has to allocate, and
-    no cache growing by the size of the output (the last block is padded, then the file truncated to its size).
-    Otherwise, or when the file system refuses an O_DIRECT write, tensors go through the page cache as they are.
+    Tensors in file order are hashed as they go. With a `stage` buffer and a file system that takes O_DIRECT,
+    their bytes are gathered in the buffer and written in large aligned blocks past the page cache: no copy into
+    cache pages the kernel first has to allocate, and no cache growing by the size of the output (the last block
+    is padded, then the file truncated to its size). Otherwise, or when the file system refuses an O_DIRECT write,
+    they go through the page cache as they are. A tensor out of file order (a quantized weight's scale sits
+    elsewhere in the file) turns the rest of the file to the page cache, and the file is read back once to hash it.
     """
 
     def __init__(self, path: Path, file_layout: FileLayout, stage: StageBuffer | None = None) -> None:
         self.path = path
         self.layout = file_layout
-        self.order = iter(sorted(file_layout.slots.values(), key=lambda s: (s.start, s.name)))
-        self.position = 0  # bytes handed over so far
+        self.written: set[str] = set()
+        self.position = 0  # bytes handed over in file order so far
+        self.in_order = True  # every tensor so far came in file order: the digest is the file's
         self.digest = hashlib.sha256()
         self.stage = stage
         self.staged = 0  # bytes waiting in the stage buffer, which starts at file offset position - staged
@@ -130,21 +133,34 @@ class SafetensorsWriter:
         self._append(torch.frombuffer(bytearray(file_layout.header), dtype=torch.uint8))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write `tensor` (CPU, the planned dtype and shape), the next one in the file."""
+        """Write `tensor` (CPU, the planned dtype and shape) into its slot."""
         slot = self.layout.slots[name]
         if tensor.dtype != slot.dtype or tuple(tensor.shape) != slot.shape:
             raise ValueError(
                 f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, planned {slot.dtype} {list(slot.shape)}"
             )
-        expected = next(self.order, None)
-        if expected is None or expected.name != name:
-            raise ValueError(f"tensor {name!r} written out of file order (expected {expected and expected.name!r})")
-        self._append(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        if self.in_order and slot.start == self.position:
+            self._append(data)
+        else:
+            self._leave_order()
+            self._pwrite(memoryview(data.numpy()), slot.start)
+        self.written.add(name)
+
+    def _leave_order(self) -> None:
+        """Write what is staged and go on through the page cache, at each tensor's offset."""
+        if not self.in_order:
+            return
+        if self.direct:
+            self._leave_direct()
+        if self.staged:
+            self._flush()
+        self.in_order = False
 
     def _append(self, data: torch.Tensor) -> None:
         """The next bytes of the file: hashed, then written (or staged)."""
         self.digest.update(memoryview(data.numpy()))
-        if not self.direct and not self.staged:
+        if not self.direct:
             self._pwrite(memoryview(data.numpy()), self.position)
             self.position += data.numel()
             return
@@ -187,7 +203,7 @@ class SafetensorsWriter:
     def close(self) -> str:
         """Check every tensor was written, fsync and close. Returns the file's sha256 (hex)."""
         try:
-            missing = [slot.name for slot in self.order]
+            missing = self.layout.slots.keys() - self.written
             if missing:
                 raise RuntimeError(f"{self.path.name}: {len(missing)} tensor(s) never written, e.g. {min(missing)}")
             if self.staged:
@@ -196,7 +212,7 @@ class SafetensorsWriter:
             os.fsync(self.fd)
         finally:
             os.close(self.fd)
-        return self.digest.hexdigest()
+        return self.digest.hexdigest() if self.in_order else file_sha256(self.path)
 
     def abort(self) -> None:
         os.close(self.fd)

@@ -25,24 +25,33 @@ def sample_tensors() -> dict[str, torch.Tensor]:
     return out
 
 
-def write(path: Path, tensors: dict[str, torch.Tensor], stage: StageBuffer | None = None) -> SafetensorsWriter:
-    """Write `tensors` in file order (the only order the writer takes); returns the closed writer."""
+def write(
+    path: Path, tensors: dict[str, torch.Tensor], stage: StageBuffer | None = None, order: str = "file"
+) -> SafetensorsWriter:
+    """Write `tensors` in file order, or `order="mixed"`: the second half of the file first; returns the closed
+    writer with its digest in `digest_hex`."""
     plan = layout([(n, tuple(t.shape), t.dtype) for n, t in tensors.items()])
     writer = SafetensorsWriter(path, plan, stage)
-    for slot in sorted(plan.slots.values(), key=lambda s: (s.start, s.name)):
-        writer.write(slot.name, tensors[slot.name])
+    names = [slot.name for slot in sorted(plan.slots.values(), key=lambda s: (s.start, s.name))]
+    if order == "mixed":
+        names = names[len(names) // 2 :] + names[: len(names) // 2]
+    for name in names:
+        writer.write(name, tensors[name])
     writer.digest_hex = writer.close()
     return writer
 
 
+@pytest.mark.parametrize("order", ["file", "mixed"])
 @pytest.mark.parametrize("stage_bytes", [None, DIRECT_ALIGNMENT, 3 * DIRECT_ALIGNMENT, 2**20])
-def test_bytes_identical_to_save_file(tmp_path: Path, stage_bytes: int | None) -> None:
+def test_bytes_identical_to_save_file(tmp_path: Path, stage_bytes: int | None, order: str) -> None:
     """Through the page cache, and staged in blocks smaller and larger than the file (O_DIRECT where /tmp's file
-    system takes it: ext4 here), the file is the library's, and the returned sha256 is the file's."""
+    system takes it: ext4 here), in file order or not, the file is the library's, and the returned sha256 is the
+    file's."""
     tensors = sample_tensors()
     tensors["big"] = torch.randn(3000, 7, generator=torch.Generator().manual_seed(1))  # spans several blocks
     stage = StageBuffer(stage_bytes) if stage_bytes else None
-    writer = write(tmp_path / "ours.safetensors", tensors, stage)
+    writer = write(tmp_path / "ours.safetensors", tensors, stage, order)
+    assert writer.in_order == (order == "file")
     save_file(tensors, tmp_path / "lib.safetensors", metadata={"format": "pt"})
     ours = (tmp_path / "ours.safetensors").read_bytes()
     assert ours == (tmp_path / "lib.safetensors").read_bytes()
@@ -79,14 +88,6 @@ def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path, mon
     writer = write(tmp_path / "ours.safetensors", tensors, StageBuffer(DIRECT_ALIGNMENT))
     assert refused == [0] and not writer.direct
     assert (tmp_path / "ours.safetensors").read_bytes() == save_file_bytes(tensors, tmp_path / "lib.safetensors")
-
-
-def test_tensors_out_of_file_order_are_refused(tmp_path: Path) -> None:
-    plan = layout([("a", (2,), torch.float32), ("b", (2,), torch.float32)])
-    writer = SafetensorsWriter(tmp_path / "x.safetensors", plan)
-    with pytest.raises(ValueError, match="out of file order"):
-        writer.write("b", torch.zeros(2))
-    writer.abort()
 
 
 def save_file_bytes(tensors: dict[str, torch.Tensor], path: Path) -> bytes:
