@@ -12,6 +12,7 @@ feed reports it to the other ranks at the next round. Runs on: every rank (the e
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -20,7 +21,7 @@ import torch
 from distfinalize.dist import DistContext
 from distfinalize.exchange import ExchangeSchedule, Round, Transfer
 from distfinalize.plan import TensorPlan
-from distfinalize.sources import TensorReader
+from distfinalize.sources import SourceChunk, TensorReader
 
 T = TypeVar("T")
 Failed = Callable[[], BaseException | None]
@@ -59,7 +60,7 @@ def read_feed(tensors: Sequence[TensorPlan], reader: TensorReader, batch_bytes: 
 def exchange_feed(schedule: ExchangeSchedule, ctx: DistContext, reader, device: torch.device, failed: Failed) -> Feed:
     """This rank's tensors, delivered round by round over the process group. Runs on: all ranks together.
 
-    `reader` must have `read_chunks` (DcpTensorReader). The chunks are verified where they are read.
+    `reader` must have `load_chunks` (DcpTensorReader). The chunks are verified where they are read.
     """
     wire = device if device.type == "cuda" else torch.device("cpu")
     for number, rnd in enumerate(schedule.rounds, start=1):
@@ -70,7 +71,7 @@ def exchange_feed(schedule: ExchangeSchedule, ctx: DistContext, reader, device: 
             error = failed()
             if error is not None:
                 raise error
-            packed.append(pack(reader.read_chunks([t.chunk for t in sends]) if sends else [], wire))
+            packed.append(pack(reader, [t.chunk for t in sends], wire))
 
         ctx.run_step(f"exchange round {number} of {len(schedule.rounds)}", read_mine)
         receives = rnd.received_by(ctx.rank)
@@ -84,12 +85,15 @@ def exchange_feed(schedule: ExchangeSchedule, ctx: DistContext, reader, device: 
         yield from assemble(rnd, ctx.rank, receives, received, wire)
 
 
-def pack(parts: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Chunks as one flat byte buffer (pinned and on the GPU when the wire is NCCL)."""
-    flat = [p.reshape(-1).view(torch.uint8) for p in parts]
-    buffer = torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8)
+def pack(reader, chunks: Sequence[SourceChunk], device: torch.device) -> torch.Tensor:
+    """The chunks, read and verified, as one flat byte buffer, each copied in as it is read (so one chunk is held
+    beside the buffer); pinned and sent to the GPU when the wire is NCCL."""
+    starts = list(itertools.accumulate((c.nbytes for c in chunks), initial=0))
+    buffer = torch.empty(starts[-1], dtype=torch.uint8, pin_memory=device.type == "cuda")
+    for number, data in reader.load_chunks(chunks) if chunks else ():
+        buffer[starts[number] : starts[number + 1]].copy_(data.reshape(-1).view(torch.uint8))
     if device.type == "cuda":
-        return buffer.pin_memory().to(device, non_blocking=True)
+        return buffer.to(device, non_blocking=True)
     return buffer
 
 

@@ -177,7 +177,7 @@ class DcpTensorReader:
         wanted = [SourceChunk(key, i, "", None, tuple(c.offsets), tuple(c.sizes), 0)
                   for key in keys for i, c in enumerate(self.metadata.state_dict_metadata[key].chunks)]  # fmt: skip
         out: dict[str, torch.Tensor] = {}
-        for number, data in self._load(wanted, keys):
+        for number, data in self.load_chunks(wanted):
             chunk = wanted[number]
             md = self.metadata.state_dict_metadata[chunk.key]
             if tuple(data.shape) == tuple(md.size):
@@ -193,12 +193,13 @@ class DcpTensorReader:
     def read_chunks(self, chunks: Sequence[SourceChunk]) -> list[torch.Tensor]:
         """The stored chunks themselves (stored dtype, CPU, contiguous), in order, verified like `read`."""
         out: list[torch.Tensor] = [torch.empty(0)] * len(chunks)
-        for number, data in self._load(chunks, [c.key for c in chunks]):
+        for number, data in self.load_chunks(chunks):
             out[number] = data
         return out
 
-    def _load(self, chunks: Sequence[SourceChunk], keys: Sequence[str]) -> Iterator[tuple[int, torch.Tensor]]:
-        """(position in `chunks`, verified tensor) for each chunk, read file by file in offset order."""
+    def load_chunks(self, chunks: Sequence[SourceChunk]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(position in `chunks`, verified tensor) for each chunk, read file by file in offset order: the caller
+        holds only the chunks it keeps."""
         located = []
         for number, c in enumerate(chunks):
             info = self.storage.get(MetadataIndex(c.key, c.offsets))
@@ -207,7 +208,7 @@ class DcpTensorReader:
                                   where=self.path / ".metadata",
                                   hint=f"{c.key} at {list(c.offsets)}: the file is corrupt")  # fmt: skip
             located.append((info.relative_path, info.offset, number, info))
-        with self._read_errors(keys):
+        with self._read_errors([c.key for c in chunks]):
             file, opened = None, None
             try:
                 for relative, offset, number, info in sorted(located, key=lambda x: x[:3]):
@@ -231,7 +232,7 @@ class DcpTensorReader:
         """Every way a read can fail, as one SourceError naming the files."""
         try:
             yield
-        except (KeyboardInterrupt, SystemExit, GeneratorExit):  # GeneratorExit: a reader of `_load` stopped early
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):  # GeneratorExit: a reader of `load_chunks` stopped early
             raise
         except ChunkError as exc:
             raise SourceError(
