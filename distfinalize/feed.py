@@ -90,7 +90,7 @@ def pack(reader, chunks: Sequence[SourceChunk], device: torch.device) -> torch.T
     beside the buffer); pinned and sent to the GPU when the wire is NCCL."""
     starts = list(itertools.accumulate((c.nbytes for c in chunks), initial=0))
     buffer = torch.empty(starts[-1], dtype=torch.uint8, pin_memory=device.type == "cuda")
-    for number, data in reader.load_chunks(chunks) if chunks else ():
+    for number, data in reader.load_chunks(chunks):
         buffer[starts[number] : starts[number + 1]].copy_(data.reshape(-1).view(torch.uint8))
     if device.type == "cuda":
         return buffer.to(device, non_blocking=True)

@@ -11,7 +11,6 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -169,7 +168,6 @@ class DcpTensorReader:
     def __init__(self, path: Path, metadata: Metadata) -> None:
         self.path = path
         self.metadata = metadata
-        self.storage: dict[MetadataIndex, Any] = dict(metadata.storage_data or {})
 
     def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """Fetch `keys` (stored dtype, CPU), reading only the chunks they cover. A tensor stored as one chunk
@@ -202,7 +200,7 @@ class DcpTensorReader:
         holds only the chunks it keeps."""
         located = []
         for number, c in enumerate(chunks):
-            info = self.storage.get(MetadataIndex(c.key, c.offsets))
+            info = (self.metadata.storage_data or {}).get(MetadataIndex(c.key, c.offsets))
             if info is None:
                 raise SourceError("DCP metadata lists a chunk it has no storage entry for",
                                   where=self.path / ".metadata",

@@ -27,9 +27,9 @@ def sample_tensors() -> dict[str, torch.Tensor]:
 
 def write(
     path: Path, tensors: dict[str, torch.Tensor], stage: StageBuffer | None = None, order: str = "file"
-) -> SafetensorsWriter:
+) -> tuple[SafetensorsWriter, str]:
     """Write `tensors` in file order, or `order="mixed"`: the second half of the file first; returns the closed
-    writer with its digest in `digest_hex`."""
+    writer and the sha256 it returned."""
     plan = layout([(n, tuple(t.shape), t.dtype) for n, t in tensors.items()])
     writer = SafetensorsWriter(path, plan, stage)
     names = [slot.name for slot in sorted(plan.slots.values(), key=lambda s: (s.start, s.name))]
@@ -37,8 +37,7 @@ def write(
         names = names[len(names) // 2 :] + names[: len(names) // 2]
     for name in names:
         writer.write(name, tensors[name])
-    writer.digest_hex = writer.close()
-    return writer
+    return writer, writer.close()
 
 
 @pytest.mark.parametrize("order", ["file", "mixed"])
@@ -50,12 +49,12 @@ def test_bytes_identical_to_save_file(tmp_path: Path, stage_bytes: int | None, o
     tensors = sample_tensors()
     tensors["big"] = torch.randn(3000, 7, generator=torch.Generator().manual_seed(1))  # spans several blocks
     stage = StageBuffer(stage_bytes) if stage_bytes else None
-    writer = write(tmp_path / "ours.safetensors", tensors, stage, order)
+    writer, digest = write(tmp_path / "ours.safetensors", tensors, stage, order)
     assert writer.in_order == (order == "file")
     save_file(tensors, tmp_path / "lib.safetensors", metadata={"format": "pt"})
     ours = (tmp_path / "ours.safetensors").read_bytes()
     assert ours == (tmp_path / "lib.safetensors").read_bytes()
-    assert writer.digest_hex == hashlib.sha256(ours).hexdigest()
+    assert digest == hashlib.sha256(ours).hexdigest()
     loaded = load_file(tmp_path / "ours.safetensors")
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
 
@@ -85,7 +84,7 @@ def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path, mon
 
     monkeypatch.setattr(write_module.os, "pwrite", refuse_first_block)
     tensors = {"x": torch.randn(4000, generator=torch.Generator().manual_seed(2))}
-    writer = write(tmp_path / "ours.safetensors", tensors, StageBuffer(DIRECT_ALIGNMENT))
+    writer, _ = write(tmp_path / "ours.safetensors", tensors, StageBuffer(DIRECT_ALIGNMENT))
     assert refused == [0] and not writer.direct
     assert (tmp_path / "ours.safetensors").read_bytes() == save_file_bytes(tensors, tmp_path / "lib.safetensors")
 
