@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
+import os
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from distfinalize.architecture import ModelSpec, instantiate_on_meta
+from distfinalize.artifacts.jsonfile import read_json_object
 from distfinalize.config import FinalizeConfig, LoraOptions
 from distfinalize.errors import KeyMappingError, MissingDependencyError, SourceError, UsageError
 from distfinalize.logs import log_rank0
@@ -165,10 +166,7 @@ def load_lora_config(config: FinalizeConfig, found: Path | None, inferred: dict[
     """The adapter's LoraConfig: adapter_config.json (or the inferred settings), then the --lora-* flags."""
     LoraConfig = _peft().LoraConfig
     if found is not None:
-        try:
-            peft_type = json.loads(found.read_text()).get("peft_type")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise SourceError("cannot read adapter_config.json", where=found, hint=str(exc)) from exc
+        peft_type = read_json_object(found, SourceError, ADAPTER_CONFIG).get("peft_type")
         if peft_type not in (None, "LORA"):
             raise SourceError(f"the adapter is {peft_type}, not LoRA", where=found,
                               hint="only LoRA adapters are supported")  # fmt: skip
