@@ -147,8 +147,9 @@ def write_checksums(
         "format": 1,
         "source": {"format": info.format, "path": source_label(config.src, info.path), "step": info.step},
         "dtype": str(prepared.dtype).removeprefix("torch.") if prepared.dtype else None,
-        "quantization": {"recipe": config.quantize, "ignore": list(config.quantize_ignore)} if config.quantize
-                        else None,
+        "quantization": {"recipe": config.quantize, "ignore": list(config.quantize_ignore),
+                         **({"nonfinite": sorted(prepared.nonfinite)} if prepared.nonfinite else {})}
+                        if config.quantize else None,
         "key_map": config.key_map.to_mapping() if isinstance(config.key_map, KeyMapRules) else config.key_map,
         "files": {str(prefix / f.filename) if str(prefix) != "." else f.filename: {"size": f.size,
                                                                                  "sha256": f.sha256}

@@ -58,6 +58,7 @@ from distfinalize.keep import (
     plan_optimizer_copy,
 )
 from distfinalize.logs import log_rank0
+from distfinalize.nonfinite import skip_nonfinite
 from distfinalize.plan import ADAPTER_FILE, Plan, build_plan, describe, fingerprint
 from distfinalize.quantization import embedding_names, quantized_tensors
 from distfinalize.sources import Source, SourceInfo, TensorMeta
@@ -86,6 +87,7 @@ class Prepared:
     tied: bool = False  # an lm_head identical to embed_tokens was dropped
     lora: LoraLayout | None = None  # a LoRA checkpoint
     merges: Mapping[str, LoraMerge] = field(default_factory=dict)  # --merge-lora, by output name
+    nonfinite: frozenset[str] = frozenset()  # weights holding NaN/Inf that --quantize leaves (nonfinite.py)
 
     @property
     def adapter(self) -> bool:
@@ -108,6 +110,7 @@ class Outcome:
 def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     """Finalize config.src into config.dest with every rank of `ctx`. Runs on: all ranks."""
     prepared = ctx.run_step("prepare", lambda: prepare(config, ctx.device))[ctx.rank]
+    prepared = skip_nonfinite(config, prepared, ctx)  # --quantize-skip-nonfinite only
     imports_done()
     tied_head = check_tied(config, prepared, ctx)
     if tied_head is not None:

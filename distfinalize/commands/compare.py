@@ -68,11 +68,15 @@ def recorded_quantization(manifest: Mapping[str, Any] | None) -> Quantization | 
     from distfinalize.transform.quantize import RECIPES
 
     ignore = entry.get("ignore", []) if isinstance(entry, dict) else None
+    nonfinite = entry.get("nonfinite", []) if isinstance(entry, dict) else None  # weights left for NaN/Inf
     if (not isinstance(entry, dict) or entry.get("recipe") not in RECIPES or not isinstance(ignore, list)
-            or not all(isinstance(p, str) for p in ignore)):  # fmt: skip
+            or not isinstance(nonfinite, list)
+            or not all(isinstance(p, str) for p in ignore + nonfinite)):  # fmt: skip
         raise DestinationError(f"{MANIFEST} records a quantization this version does not know: {entry!r}",
                                hint=f"known recipes: {', '.join(RECIPES)}")  # fmt: skip
-    return Quantization(entry["recipe"], tuple(ignore))
+    from distfinalize.quantization import nonfinite_patterns
+
+    return Quantization(entry["recipe"], (*ignore, *nonfinite_patterns(nonfinite)))
 
 
 def recorded_key_map(manifest: Mapping[str, Any] | None) -> str | KeyMapRules | None:
