@@ -93,3 +93,13 @@ def test_every_recipe_refuses_nonfinite(recipe: str) -> None:
         weight[0, 0] = 1e6
         with pytest.raises(SourceError, match="1 of 65536 values"):
             RECIPES[recipe].quantize("x.weight", weight, torch.float16)
+
+
+def test_skip_nonfinite_with_exchange(nan_run: Path, tmp_path: Path) -> None:
+    """--strategy exchange (node-local files): each rank scans the chunks of the files it reads."""
+    dest = tmp_path / "out"
+    check_ok(finalize(nan_run, dest, "--quantize", "fp8", "--quantize-skip-nonfinite", "--strategy", "exchange",
+                      "--max-shard-size", "60KB", nproc=2))  # fmt: skip
+    tensors, _ = read_output(dest)
+    assert torch.equal(bits(tensors[WEIGHT]), bits(torch.load(nan_run / f"{WEIGHT}.pt")))
+    assert read_json(dest / "distfinalize-manifest.json")["quantization"]["nonfinite"] == [WEIGHT]
