@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
+import os
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from distfinalize.architecture import ModelSpec, instantiate_on_meta
+from distfinalize.artifacts.jsonfile import read_json_object
 from distfinalize.config import FinalizeConfig, LoraOptions
 from distfinalize.errors import KeyMappingError, MissingDependencyError, SourceError, UsageError
 from distfinalize.logs import log_rank0
@@ -165,10 +166,7 @@ def load_lora_config(config: FinalizeConfig, found: Path | None, inferred: dict[
     """The adapter's LoraConfig: adapter_config.json (or the inferred settings), then the --lora-* flags."""
     LoraConfig = _peft().LoraConfig
     if found is not None:
-        try:
-            peft_type = json.loads(found.read_text()).get("peft_type")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise SourceError("cannot read adapter_config.json", where=found, hint=str(exc)) from exc
+        peft_type = read_json_object(found, SourceError, ADAPTER_CONFIG).get("peft_type")
         if peft_type not in (None, "LORA"):
             raise SourceError(f"the adapter is {peft_type}, not LoRA", where=found,
                               hint="only LoRA adapters are supported")  # fmt: skip
@@ -326,22 +324,25 @@ def layer_merges(
     return merges
 
 
-def manifest_record(layout: LoraLayout, base_model: Path | None) -> dict[str, Any]:
-    """What distfinalize-manifest.json records of a LoRA finalize: enough for `verify --source` to redo it."""
+def manifest_record(layout: LoraLayout, base_model: Path | None, src: Path) -> dict[str, Any]:
+    """What distfinalize-manifest.json records of a LoRA finalize: enough for `verify --source` to redo it. The
+    base model dir is recorded relative to SRC (the manifest is published; no absolute path)."""
     cfg = layout.config
     targets = sorted(cfg.target_modules) if isinstance(cfg.target_modules, set) else cfg.target_modules
+    base = os.path.relpath(base_model.resolve(), src.resolve()) if base_model else None
     return {"merge": layout.merge, "r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora,
-            "target_modules": targets, "base_model": str(base_model.resolve()) if base_model else None}  # fmt: skip
+            "target_modules": targets, "base_model": Path(base).as_posix() if base else None}  # fmt: skip
 
 
-def recorded_options(record: Mapping[str, Any]) -> tuple[LoraOptions, Path | None]:
-    """The LoRA options and base model dir a manifest's record stands for (see manifest_record)."""
+def recorded_options(record: Mapping[str, Any], src: Path) -> tuple[LoraOptions, Path | None]:
+    """The LoRA options and base model dir a manifest's record stands for (see manifest_record); a relative base
+    model path is taken relative to `src`."""
     targets = record.get("target_modules")
     options = LoraOptions(merge=bool(record.get("merge")), r=record.get("r"), alpha=record.get("lora_alpha"),
                           target_modules=tuple(targets) if isinstance(targets, list) else (),
                           use_rslora=record.get("use_rslora"))  # fmt: skip
     base = record.get("base_model")
-    return options, Path(base) if isinstance(base, str) else None
+    return options, src / base if isinstance(base, str) else None
 
 
 def adapter_config_preview(layout: LoraLayout) -> dict[str, Any]:

@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="module names (regex) to leave unquantized, besides embeddings, lm_head, norms and routers (repeatable)",
     )  # fmt: skip
     parser.add_argument(
+        "--quantize-skip-nonfinite", action="store_true",
+        help="leave a weight that holds NaN or Inf unquantized (the whole tensor, in the output dtype, listed in "
+        "config.json's ignore list) instead of failing; every weight --quantize would quantize is read once more "
+        "to find them",
+    )  # fmt: skip
+    parser.add_argument(
         "--dtype",
         choices=list(DTYPES),
         help="output dtype of floating tensors (default: config.json's dtype, else as stored)",
@@ -221,6 +227,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
             key_map=resolve_key_map(args.key_map),
             quantize=args.quantize,
             quantize_ignore=tuple(args.quantize_ignore),
+            quantize_skip_nonfinite=args.quantize_skip_nonfinite,
             max_shard_size=parse_size(args.max_shard_size),
             device=args.device,
             dry_run=args.dry_run,

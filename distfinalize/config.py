@@ -135,6 +135,7 @@ class FinalizeConfig:
     key_map: str | KeyMapRules | None = None  # a registered key map or a file's rules; default: the matching one
     quantize: str | None = None  # a recipe of distfinalize.transform.quantize.RECIPES
     quantize_ignore: tuple[str, ...] = ()  # regexes of module names left unquantized
+    quantize_skip_nonfinite: bool = False  # a weight holding NaN/Inf is left unquantized (else: an error)
     max_shard_size: int = 5 * 10**9
     device: str = "auto"
     dry_run: bool = False
@@ -175,6 +176,8 @@ class FinalizeConfig:
 
             if self.quantize not in RECIPES:
                 raise ValueError(f"--quantize {self.quantize!r} is not a recipe; choose one of {', '.join(RECIPES)}")
+        if self.quantize_skip_nonfinite and self.quantize is None:
+            raise ValueError("--quantize-skip-nonfinite needs --quantize")
         if self.keep_optimizer and not self.keep_checkpoint:
             raise ValueError("--keep-optimizer needs --keep-checkpoint")
 

@@ -44,11 +44,19 @@ def config_updates(
     )
 
 
+def source_label(src: Path, checkpoint: Path) -> str:
+    """The checkpoint folder as the card and the manifests name it (they are published with --push-to-hub): its
+    path relative to SRC ("." when SRC is the folder itself), or only its name when it lies outside SRC. Never an
+    absolute path. Pure but for resolving symlinks."""
+    folder, root = checkpoint.resolve(), src.resolve()
+    return folder.relative_to(root).as_posix() if folder.is_relative_to(root) else folder.name
+
+
 def card_info(config: FinalizeConfig, prepared: Prepared) -> CardInfo:
     info = prepared.source.info
     return CardInfo(
         source_format=info.format,
-        source_path=str(info.path),
+        source_path=source_label(config.src, info.path),
         step=info.step,
         saved_world_size=info.saved_world_size,
         dtype=str(prepared.dtype).removeprefix("torch.") if prepared.dtype else None,
@@ -128,18 +136,20 @@ def write_once(
 def write_checksums(
     staging: Path, weights_dir: Path, files: tuple[WrittenFile, ...], prepared: Prepared, config: FinalizeConfig
 ) -> None:
-    """distfinalize-manifest.json: every weight file's size and sha256, the source, and for `verify` what was done
+    """distfinalize-manifest.json: every weight file's size and sha256, the source (its checkpoint folder relative
+    to SRC, see source_label), and for `verify` what was done
     beyond a cast: --quantize (the recipe and the user's ignore patterns decide which weights it compares within
     a bound), the key map file's rules, and for a LoRA checkpoint what was done with the adapter."""
     info = prepared.source.info
     prefix = weights_dir.relative_to(staging)
-    lora = {"lora": manifest_record(prepared.lora, config.base_model)} if prepared.lora is not None else {}
+    lora = {"lora": manifest_record(prepared.lora, config.base_model, config.src)} if prepared.lora is not None else {}
     write_json(staging / MANIFEST, {
         "format": 1,
-        "source": {"format": info.format, "path": str(info.path), "step": info.step},
+        "source": {"format": info.format, "path": source_label(config.src, info.path), "step": info.step},
         "dtype": str(prepared.dtype).removeprefix("torch.") if prepared.dtype else None,
-        "quantization": {"recipe": config.quantize, "ignore": list(config.quantize_ignore)} if config.quantize
-                        else None,
+        "quantization": {"recipe": config.quantize, "ignore": list(config.quantize_ignore),
+                         **({"nonfinite": sorted(prepared.nonfinite)} if prepared.nonfinite else {})}
+                        if config.quantize else None,
         "key_map": config.key_map.to_mapping() if isinstance(config.key_map, KeyMapRules) else config.key_map,
         "files": {str(prefix / f.filename) if str(prefix) != "." else f.filename: {"size": f.size,
                                                                                  "sha256": f.sha256}
@@ -160,7 +170,7 @@ def keep_checkpoint(
         write_optimizer_metadata(optimizer, weights_dir / "optimizer")
     info = prepared.source.info
     write_manifest(weights_dir, {
-        "source": {"format": info.format, "path": str(info.path), "step": info.step,
+        "source": {"format": info.format, "path": source_label(config.src, info.path), "step": info.step,
                    "saved_world_size": info.saved_world_size},
         "weights": names,
         "config": "config.json" if (weights_dir / "config.json").is_file() else None,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from distfinalize.adapter import (
     prepare_lora,
 )
 from distfinalize.architecture import ModelSpec, load_model_spec
+from distfinalize.artifacts import links
 from distfinalize.artifacts.card import card_preview
 from distfinalize.artifacts.code import model_code_files
 from distfinalize.artifacts.config import output_config
@@ -57,6 +58,7 @@ from distfinalize.keep import (
     plan_optimizer_copy,
 )
 from distfinalize.logs import log_rank0
+from distfinalize.nonfinite import skip_nonfinite
 from distfinalize.plan import ADAPTER_FILE, Plan, build_plan, describe, fingerprint
 from distfinalize.quantization import embedding_names, quantized_tensors
 from distfinalize.sources import Source, SourceInfo, TensorMeta
@@ -85,6 +87,7 @@ class Prepared:
     tied: bool = False  # an lm_head identical to embed_tokens was dropped
     lora: LoraLayout | None = None  # a LoRA checkpoint
     merges: Mapping[str, LoraMerge] = field(default_factory=dict)  # --merge-lora, by output name
+    nonfinite: frozenset[str] = frozenset()  # weights holding NaN/Inf that --quantize leaves (nonfinite.py)
 
     @property
     def adapter(self) -> bool:
@@ -107,6 +110,7 @@ class Outcome:
 def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     """Finalize config.src into config.dest with every rank of `ctx`. Runs on: all ranks."""
     prepared = ctx.run_step("prepare", lambda: prepare(config, ctx.device))[ctx.rank]
+    prepared = skip_nonfinite(config, prepared, ctx)  # --quantize-skip-nonfinite only
     imports_done()
     tied_head = check_tied(config, prepared, ctx)
     if tied_head is not None:
@@ -170,6 +174,7 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
     check_destination(config.dest, config.src)
     check_readable(config.src)
     located = locate(config.src, config.checkpoint, config.tag)
+    check_destination(config.dest, config.src, input_paths(config, located.path))
     source = located.format.open(located.path, located.step)
     search = search_dirs(located.path, config.src)
     if config.base_model is not None:
@@ -180,6 +185,9 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
     config_path = find_model_config(located.path, config.src)
     if config_path is None and config.base_model is not None:
         config_path = config.base_model / "config.json"
+    tokenizer_dir = config.tokenizer.path or next((d for d in search if is_tokenizer_dir(d)), None)
+    given = links.roots(path for _, path in [("SRC", config.src), *input_paths(config, located.path)])
+    links.check_files(links.published_inputs(config_path, search, tokenizer_dir), given)
     spec = load_model_spec(config_path) if config_path is not None else None
     lora = None
     if is_lora_checkpoint(t.name for t in source.tensors):
@@ -232,14 +240,34 @@ def check_readable(src: Path) -> None:
                           hint="run as a user who can read it, or fix its permissions")  # fmt: skip
 
 
-def check_destination(dest: Path, src: Path) -> None:
-    """DEST must not exist and must not lie inside SRC (SRC is only read)."""
+def check_destination(dest: Path, src: Path, inputs: Sequence[tuple[str, Path | None]] = ()) -> None:
+    """DEST must not exist, and neither DEST nor its staging dir may overlap an input: SRC, or any of `inputs`
+    ((what, path): the checkpoint folder found, --checkpoint, --base-model, --tokenizer). DEST may not lie inside
+    one (it would be written into a tree that is only read) and none may lie inside the staging dir (a failed run
+    removes it). Paths are compared resolved, symlinked parents followed. Runs on: all ranks."""
     if dest.exists() or dest.is_symlink():
         raise DestinationError("destination already exists", where=dest,
                                hint="choose a new DEST; distfinalize never overwrites")  # fmt: skip
-    if src.exists() and dest.resolve().is_relative_to(src.resolve()):
-        raise DestinationError("destination lies inside the source", where=dest,
-                               hint="SRC is only ever read; choose a DEST outside it")  # fmt: skip
+    target, staging = dest.resolve(), staging_path(dest).resolve()
+    for what, path in (("the source", src), *inputs):
+        if path is None or not path.exists():
+            continue
+        real = path.resolve()
+        if target.is_relative_to(real) or staging.is_relative_to(real):
+            raise DestinationError(f"destination lies inside {what} ({real})", where=dest,
+                                   hint="inputs are only ever read; choose a DEST outside them")  # fmt: skip
+        if real.is_relative_to(staging):
+            raise DestinationError(f"{what} lies inside the destination's staging dir ({staging})", where=path,
+                                   hint="a failed run removes that dir; choose another DEST")  # fmt: skip
+
+
+def input_paths(config: FinalizeConfig, checkpoint_folder: Path) -> list[tuple[str, Path | None]]:
+    """The inputs besides SRC that DEST must stay clear of, named as the user knows them. Pure."""
+    given = config.checkpoint
+    if given is not None and not given.is_absolute() and not given.exists():
+        given = config.src / given  # as locate() reads --checkpoint
+    return [("the checkpoint folder", checkpoint_folder), ("--checkpoint", given),
+            ("--base-model", config.base_model), ("--tokenizer", config.tokenizer.path)]  # fmt: skip
 
 
 def choose_dtype(

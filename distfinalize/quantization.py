@@ -5,6 +5,8 @@ Pure, from the prepared metadata. Runs on: all ranks (the plan), rank 0 (config.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from distfinalize.config import FinalizeConfig
@@ -34,8 +36,16 @@ def quantization_rules(config: FinalizeConfig, prepared: Prepared) -> dict[str, 
         "recipe": get_recipe(config.quantize),
         "spec_input_embedding": spec.input_embedding if spec is not None else TIE_CANDIDATES[0][1],
         "tied": tied,
-        "ignore": config.quantize_ignore,
+        "ignore": (*config.quantize_ignore, *nonfinite_patterns(prepared.nonfinite)),
     }
+
+
+def nonfinite_patterns(names: Iterable[str]) -> list[str]:
+    """Anchored module-name regexes of weights left unquantized for holding NaN or Inf (--quantize-skip-nonfinite).
+    Pure."""
+    from distfinalize.transform.quantize import module_of
+
+    return [f"^{re.escape(module_of(name))}$" for name in sorted(names)]
 
 
 def quantized_tensors(config: FinalizeConfig, prepared: Prepared) -> dict[str, str]:

@@ -12,13 +12,13 @@ Runs on: rank 0.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from distfinalize.artifacts.jsonfile import read_json_object
 from distfinalize.errors import DestinationError, SourceError
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,11 @@ _RELATIVE_IMPORTS = (
 )
 
 
-def model_code_files(source_root: Path) -> list[Path]:
+def model_code_files(source_root: Path, *, warn: bool = True) -> list[Path]:
     """The `*.py` files at `source_root` that `auto_map` needs, sorted by name; [] without `auto_map`.
 
-    A module `auto_map` names but the root lacks is logged as a warning (the output will not load with
-    `trust_remote_code` until it is added). Runs on: rank 0.
+    A module `auto_map` names but the root lacks is logged as a warning when `warn` (the output will not load
+    with `trust_remote_code` until it is added). Runs on: rank 0 (all ranks with `warn=False`: the link check).
     """
     wanted = sorted({module for path in AUTO_MAP_FILES for module in _auto_map_modules(source_root / path)})
     found: dict[str, Path] = {}
@@ -46,6 +46,8 @@ def model_code_files(source_root: Path) -> list[Path]:
             continue
         path = source_root / f"{module}.py"
         if not path.is_file():
+            if not warn:
+                continue
             log.warning(
                 "auto_map names module %r but %s does not exist; the output will need it for trust_remote_code",
                 module,
@@ -79,10 +81,7 @@ def _auto_map_modules(path: Path) -> Iterator[str]:
     """Local module names in the `auto_map` of one JSON file (absent file or key: none)."""
     if not path.is_file():
         return
-    try:
-        auto_map = json.loads(path.read_text(encoding="utf-8")).get("auto_map") or {}
-    except (OSError, ValueError, AttributeError) as exc:
-        raise SourceError("cannot read auto_map", where=path, hint=f"the file is not a JSON object ({exc})") from exc
+    auto_map = read_json_object(path, SourceError, path.name).get("auto_map") or {}
     if not isinstance(auto_map, dict):
         raise SourceError("auto_map is not a mapping", where=path, hint="it maps Auto classes to 'module.Class'")
     for value in auto_map.values():

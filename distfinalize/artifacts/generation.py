@@ -6,7 +6,6 @@ config.json's own eos_token_id is not changed. Runs on: rank 0.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Mapping
@@ -15,7 +14,7 @@ from pathlib import Path
 from distfinalize.artifacts.jsonfile import read_json_object
 from distfinalize.artifacts.tokenizer import TokenizerOutcome
 from distfinalize.config import GenerationOptions
-from distfinalize.errors import UsageError
+from distfinalize.errors import SourceError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def generation_config(
     if options.preset is not None:
         data = read_preset(options.preset)
     elif carried is not None:
-        data = json.loads(carried.read_text())
+        data = read_json_object(carried, SourceError, "generation_config.json")
     else:
         data = {}
     ids = dict(tokenizer.special_ids) if tokenizer.path is not None else {}

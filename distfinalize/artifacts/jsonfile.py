@@ -19,11 +19,16 @@ def write_json(path: Path, data: object) -> Path:
 
 
 def read_json_object(path: Path, error: type[DistfinalizeError], what: str) -> dict:
-    """A JSON object from `path`; anything else raises `error` naming `what` and the file."""
+    """A JSON object from `path`; anything else raises `error` naming `what`, the file and, for a file that does
+    not parse, the JSON error and its line and column."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise error(f"cannot read {what}", where=path, hint=str(exc)) from exc
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        hint = f"{exc.msg} at line {exc.lineno} column {exc.colno}; fix or replace the file"
+        raise error(f"{what} is not valid JSON", where=path, hint=hint) from exc
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8
+        raise error(f"cannot read {what}", where=path, hint=getattr(exc, "strerror", None) or str(exc)) from exc
     if not isinstance(data, dict):
-        raise error(f"{what} is not a JSON object", where=path)
+        raise error(f"{what} is not a JSON object", where=path,
+                    hint=f"it holds a JSON {type(data).__name__}; a {what} is a mapping {{...}}")  # fmt: skip
     return data

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distfinalize.artifacts.jsonfile import read_json_object
 from distfinalize.errors import SourceError, UsageError
 from distfinalize.transform.vocab import RowInit
 
@@ -29,6 +30,7 @@ ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
 ROLE_DEFAULT_INIT = {"pad_token": "zero"}
 DEFAULT_PAD = {"pad_token": {"token": "<|pad|>", "init": "zero", "if_missing": True}}
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
+TOKENIZER_JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json")
 
 
 @dataclass(frozen=True)
@@ -115,9 +117,13 @@ def _request(entry: object, where: object, *, role: str | None, special: bool) -
 
 
 def load_tokenizer(path: Path):
-    """AutoTokenizer from a local dir; SourceError when transformers cannot read it."""
+    """AutoTokenizer from a local dir; SourceError when transformers cannot read it, or when one of its JSON
+    files does not parse (named, with the JSON error's line and column)."""
     from transformers import AutoTokenizer
 
+    for name in TOKENIZER_JSON_FILES:
+        if (path / name).is_file():
+            read_json_object(path / name, SourceError, name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

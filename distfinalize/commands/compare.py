@@ -68,11 +68,15 @@ def recorded_quantization(manifest: Mapping[str, Any] | None) -> Quantization | 
     from distfinalize.transform.quantize import RECIPES
 
     ignore = entry.get("ignore", []) if isinstance(entry, dict) else None
+    nonfinite = entry.get("nonfinite", []) if isinstance(entry, dict) else None  # weights left for NaN/Inf
     if (not isinstance(entry, dict) or entry.get("recipe") not in RECIPES or not isinstance(ignore, list)
-            or not all(isinstance(p, str) for p in ignore)):  # fmt: skip
+            or not isinstance(nonfinite, list)
+            or not all(isinstance(p, str) for p in ignore + nonfinite)):  # fmt: skip
         raise DestinationError(f"{MANIFEST} records a quantization this version does not know: {entry!r}",
                                hint=f"known recipes: {', '.join(RECIPES)}")  # fmt: skip
-    return Quantization(entry["recipe"], tuple(ignore))
+    from distfinalize.quantization import nonfinite_patterns
+
+    return Quantization(entry["recipe"], (*ignore, *nonfinite_patterns(nonfinite)))
 
 
 def recorded_key_map(manifest: Mapping[str, Any] | None) -> str | KeyMapRules | None:
@@ -86,6 +90,13 @@ def recorded_key_map(manifest: Mapping[str, Any] | None) -> str | KeyMapRules | 
         raise DestinationError(str(exc), hint="DEST's manifest was changed after finalize") from exc
 
 
+def recorded_checkpoint(manifest: Mapping[str, Any] | None, src: Path) -> Path | None:
+    """The checkpoint folder DEST's manifest records: relative to SRC (absolute in manifests of older versions)."""
+    source = manifest.get("source") if manifest else None
+    recorded = source.get("path") if isinstance(source, dict) else None
+    return src / recorded if isinstance(recorded, str) and recorded else None
+
+
 def open_source(
     src: Path, found: Survey, checkpoint: Path | None = None, tag: str | None = None, log_level: str = "info"
 ) -> tuple[Prepared, dict[str, str]]:
@@ -95,12 +106,10 @@ def open_source(
     inside SRC, else the latest. Names are mapped through the source's config.json, else DEST's, with the key map
     the manifest records.
     """
-    source = found.manifest.get("source") if found.manifest else None
-    recorded = source.get("path") if isinstance(source, dict) else None
-    if checkpoint is None and tag is None and isinstance(recorded, str):
-        recorded_path = Path(recorded)
-        if recorded_path.is_dir() and recorded_path.resolve().is_relative_to(src.resolve()):
-            checkpoint = recorded_path
+    recorded = recorded_checkpoint(found.manifest, src)
+    if (checkpoint is None and tag is None and recorded is not None and recorded.is_dir()
+            and recorded.resolve().is_relative_to(src.resolve())):  # fmt: skip
+        checkpoint = recorded
     quant = recorded_quantization(found.manifest)
     # prepare() refuses an existing DEST; nothing is written, so it gets a name that is never created.
     phantom = Path(tempfile.gettempdir()) / f"distfinalize-verify-{uuid.uuid4().hex}"
@@ -108,7 +117,7 @@ def open_source(
     lora = LoraOptions()
     record = found.manifest.get("lora") if found.manifest else None
     if isinstance(record, dict):  # a LoRA finalize: redo it as recorded; DEST's weights are not the base model's
-        lora, base_model = recorded_options(record)
+        lora, base_model = recorded_options(record, src)
     config = FinalizeConfig(src=src, dest=phantom, checkpoint=checkpoint, tag=tag, base_model=base_model,
                             log_level=log_level, key_map=recorded_key_map(found.manifest),
                             quantize=quant.recipe if quant else None,

@@ -60,6 +60,7 @@ from distfinalize.commands.compare import (
     compare_file,
     expectations,
     open_source,
+    recorded_checkpoint,
     recorded_quantization,
 )
 from distfinalize.commands.hfdir import Header, HeaderError, Survey, WeightFile, config_dtype, read_header, survey
@@ -200,9 +201,9 @@ def _source_for(options: Options, found: Survey) -> tuple[SourceSummary, dict | 
     info = prepared.source.info
     step = f", step {info.step}" if info.step is not None else ""
     description = f"{info.format} checkpoint {info.path}{step}"
-    recorded = (found.manifest or {}).get("source")
-    if isinstance(recorded, dict) and recorded.get("path") and Path(recorded["path"]).resolve() != info.path.resolve():
-        description += f" (DEST's manifest says it was made from {recorded['path']})"
+    recorded = recorded_checkpoint(found.manifest, options.source)
+    if recorded is not None and recorded.resolve() != info.path.resolve():
+        description += f" (DEST's manifest says it was made from {recorded})"
     outputs = tuple(o for want in wanted.values() for o in want.plan.outputs)
     return SourceSummary(description, outputs, absent, merged=len(prepared.merges)), wanted, reader
 

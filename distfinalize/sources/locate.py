@@ -184,8 +184,17 @@ def search_dirs(checkpoint: Path, src: Path) -> list[Path]:
 
 
 def _is_hf_config(path: Path) -> bool:
+    """Whether a config.json describes a transformers model; one that does not parse, or is not a JSON object,
+    is an error (SourceError naming it), never taken for an absent config."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and ("model_type" in data or "architectures" in data)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        hint = f"{exc.msg} at line {exc.lineno} column {exc.colno}; fix or replace the file"
+        raise SourceError("config.json is not valid JSON", where=path, hint=hint) from exc
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8
+        hint = getattr(exc, "strerror", None) or str(exc)
+        raise SourceError("cannot read config.json", where=path, hint=hint) from exc
+    if not isinstance(data, dict):
+        hint = f"it holds a JSON {type(data).__name__}; a config.json is a mapping {{...}}"
+        raise SourceError("config.json is not a JSON object", where=path, hint=hint)
+    return "model_type" in data or "architectures" in data

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from distfinalize.errors import DeviceError, MissingDependencyError
+from distfinalize.errors import DeviceError, MissingDependencyError, SourceError
 
 INSTALL_HINT = "pip install 'distfinalize[quant]'  (torchao and compressed-tensors)"
 BLOCK = 128  # fp8-block tile and int4 group size
@@ -28,6 +28,7 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 FP8_REL_ERR = 2.0**-4  # e4m3 has 3 mantissa bits: round-to-nearest is within 2^-4 of |x| for normals
 FP8_SUBNORMAL_HALF_STEP = 2.0**-10  # half the e4m3 subnormal spacing (2^-9), in units of the scale
 SCALE_FLOOR = 1e-12  # amax floor so an all-zero row or block gets a finite scale
+NONFINITE_FLAG = "--quantize-skip-nonfinite"
 
 # Left unquantized by default: embeddings, lm_head, norms, MoE routers and gates (matched on the module name).
 DEFAULT_IGNORE = (
@@ -153,6 +154,7 @@ class Recipe:
         _check_2d(weight_name, tuple(weight.shape))
         if self.casts_first and dtype is not None:
             weight = weight.to(dtype)
+        check_finite(weight_name, weight, self.name)
         return {f"{module}.{k}": v for k, v in self._quantize(weight).items()}
 
     def dequantize(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -162,6 +164,26 @@ class Recipe:
     def error_bound(self, weight: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Elementwise bound on |dequantize(tensors) - weight| for round-to-nearest. Runs on: the owning rank."""
         return self._error_bound(weight, _local(tensors))
+
+
+def nonfinite_count(weight: torch.Tensor) -> int:
+    """How many elements of `weight` are NaN or +-Inf: one isfinite().all() reduction on the tensor's device, the
+    count only when that fails. Runs on: the rank that holds the tensor."""
+    if bool(torch.isfinite(weight).all()):
+        return 0
+    return int((~torch.isfinite(weight)).sum())
+
+
+def check_finite(weight_name: str, weight: torch.Tensor, recipe: str) -> None:
+    """Refuse to quantize a weight holding NaN or Inf (SourceError naming it and how many): its scale would be
+    NaN and every value sharing that scale lost, silently. Runs on: the rank that writes the tensor."""
+    bad = nonfinite_count(weight)
+    if bad:
+        raise SourceError(
+            f"--quantize {recipe}: {bad} of {weight.numel()} values of {weight_name} are NaN or Inf",
+            hint=f"{NONFINITE_FLAG} leaves such weights unquantized (in the model dtype, as stored); or fix the "
+            "checkpoint",
+        )
 
 
 def _local(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -153,7 +153,7 @@ def test_inspect_missing_files_and_model_dirs(fsdp2_runs: Path, finalized: Path,
     data = json.loads(check_ok(cli("inspect", finalized, "--json")).stdout)
     assert data["format"] == "hf" and data["plan"] is None and data["step"] == 3
     assert data["tensors"]["model"]["tensors"] == 21 and data["missing"] == ["chat template"]
-    assert data["manifest"]["path"] == str(fsdp2_runs / "untied-optim" / "checkpoints" / "checkpoint-3")
+    assert data["manifest"]["path"] == "checkpoints/checkpoint-3"  # relative to SRC: DEST names no local path
 
     result = cli("inspect", tmp_path / "nothing")
     assert result.returncode == 1 and error_lines(result.stderr) == [
