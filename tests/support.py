@@ -83,3 +83,9 @@ def error_lines(stderr: str) -> list[str]:
 def our_traceback(stderr: str) -> bool:
     """Whether a Python traceback went through distfinalize's code (torchrun's own launcher report aside)."""
     return f'File "{REPO / "distfinalize"}' in stderr or "site-packages/distfinalize/" in stderr
+
+
+def no_traceback(result: subprocess.CompletedProcess) -> bool:
+    """No traceback from distfinalize; under torchrun, the launcher's own report of a failed rank aside."""
+    launcher = "torch.distributed.run" in map(str, result.args)
+    return not our_traceback(result.stderr) and (launcher or "Traceback" not in result.stderr)

@@ -1,7 +1,7 @@
 """PyTorch Distributed Checkpoint (DCP) input: FSDP2, torchtitan, Accelerate and plain dcp.save folders.
 
-Metadata comes from DCP's own `.metadata` (read with DCP's FileSystemReader); tensors are read chunk by chunk,
-only the byte ranges each tensor needs, and verified as they are read (distcp.py).
+Metadata comes from DCP's own `.metadata` (read by dcp_metadata.py, which runs none of the pickle's code); tensors
+are read chunk by chunk, only the byte ranges each tensor needs, and verified as they are read (distcp.py).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 
 from distfinalize.errors import SourceError
 from distfinalize.sources import SourceChunk, SourceFormat, SourceInfo, TensorMeta, register_source
+from distfinalize.sources.dcp_metadata import data_file, load_metadata
 from distfinalize.sources.distcp import ChunkError, load_chunk, read_chunk
 
 log = logging.getLogger(__name__)
@@ -83,27 +83,9 @@ class DcpSource:
 
 
 def read_metadata(path: Path) -> Metadata:
-    """Load `.metadata`, turning every way it can be broken into one SourceError."""
-    meta_path = path / ".metadata"
-    try:
-        metadata = FileSystemReader(str(path)).read_metadata()
-    except OSError as exc:
-        raise SourceError("cannot read DCP metadata", where=meta_path, hint=str(exc)) from exc
-    except Exception as exc:  # a corrupt pickle can raise almost anything
-        raise SourceError(
-            "DCP metadata is truncated or not a DCP metadata pickle",
-            where=meta_path,
-            hint="the checkpoint may be incomplete; pick another one with --checkpoint",
-        ) from exc
-    if not isinstance(metadata, Metadata) or not all(
-        isinstance(getattr(metadata, field, None), dict) for field in ("state_dict_metadata", "storage_data")
-    ):
-        raise SourceError(
-            "not a DCP metadata file, or a corrupt one",
-            where=meta_path,
-            hint="pick another checkpoint with --checkpoint",
-        )
-    return metadata
+    """Load `path/.metadata` safely (dcp_metadata.load_metadata), turning every way it can be broken or hostile
+    into one SourceError. Runs on: each rank that opens the checkpoint."""
+    return load_metadata(path)
 
 
 def model_tensors(metadata: Metadata) -> tuple[tuple[TensorMeta, ...], int]:
@@ -206,6 +188,7 @@ class DcpTensorReader:
                                   where=self.path / ".metadata",
                                   hint=f"{c.key} at {list(c.offsets)}: the file is corrupt")  # fmt: skip
             located.append((info.relative_path, info.offset, number, info))
+        files = {relative: data_file(self.path, relative) for relative, *_ in located}  # inside the checkpoint
         with self._read_errors([c.key for c in chunks]):
             file, opened = None, None
             try:
@@ -213,7 +196,7 @@ class DcpTensorReader:
                     if relative != opened:
                         if file is not None:
                             file.close()
-                        file, opened = open(self.path / relative, "rb", buffering=0), relative  # noqa: SIM115
+                        file, opened = open(files[relative], "rb", buffering=0), relative  # noqa: SIM115
                     where = f"{relative} bytes {offset}-{offset + info.length}"
                     if info.transform_descriptors:
                         raise ChunkError(f"{where}: stored with DCP transforms {list(info.transform_descriptors)}, "

@@ -28,7 +28,7 @@ import math
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import cache
@@ -409,6 +409,8 @@ class DeepSpeedSource:
         _check_model_states(model, found.model_states[0])
         optim = [_optimizer_state(p) for p in found.optim_states]
         self.stage = _stage(optim[0], found.optim_states[0])
+        for state, optim_path in zip(optim, found.optim_states, strict=True):
+            _check_optim_fields(state, optim_path, self.stage, len(model[constants().PARAM_SHAPES]))
         _check_world(optim[0], found, self.stage)
         try:
             layouts = self._layouts(model, optim, found)
@@ -465,6 +467,10 @@ class DeepSpeedSource:
             ]
             for o, p in zip(optim, found.optim_states, strict=True)
         ]
+        dtypes = {f.dtype for flats in partitions for f in flats}
+        if len(dtypes) != 1:
+            raise SourceError(f"the fp32 master partitions mix dtypes {sorted(map(str, dtypes))}", where=self.path,
+                              hint=f"the tag folder mixes files of different saves; {CORRUPT_HINT}")  # fmt: skip
         if self.stage <= 2:
             fragments = model.get(c.FROZEN_PARAM_FRAGMENTS) or {}
             layouts.update({n: self._frozen12(n, s, fragments, model_file, model_path) for n, s in frozen.items()})
@@ -492,7 +498,11 @@ class DeepSpeedSource:
     def _frozen3(self, shapes: Mapping[str, Sequence[int]], paths: Sequence[Path]) -> dict[str, TensorLayout]:
         """ZeRO-3 frozen parameters: every rank's model states file holds its padded part."""
         c = constants()
-        per_rank = [load_meta(p).get(c.FROZEN_PARAM_FRAGMENTS) or {} for p in paths]
+        per_rank = []
+        for p in paths:
+            states = load_meta(p)
+            _check_field(states, c.FROZEN_PARAM_FRAGMENTS, p, "a dict of tensors by name", _is_named, optional=True)
+            per_rank.append(states.get(c.FROZEN_PARAM_FRAGMENTS) or {})
         layouts = {}
         for name, shape in shapes.items():
             fragments = [
@@ -543,8 +553,12 @@ def _partitions_of(optim: dict, stage: int, path: Path | None = None) -> list:
 
 
 def _check_model_states(model: dict, path: Path) -> None:
-    """Refuse tensor/pipeline-parallel and AutoEP layouts the file names did not reveal."""
+    """Refuse malformed fields, and tensor/pipeline-parallel and AutoEP layouts the file names did not reveal."""
     c = constants()
+    for key in (MODULE_KEY, c.PARAM_SHAPES, c.BUFFER_NAMES):
+        if model.get(key) is None:
+            raise SourceError(f"no {key!r} in the model states file", where=path, hint="not a ZeRO checkpoint")
+    _check_model_fields(model, path)
     dims = model.get(c.CHECKPOINT_PARALLEL_DIMS) or {}
     tp, pp = dims.get(c.CHECKPOINT_TP_DEGREE) or 1, dims.get(c.CHECKPOINT_PP_DEGREE) or 1
     mp = model.get(MP_WORLD_SIZE_KEY) or 1
@@ -566,9 +580,80 @@ def _check_model_states(model: dict, path: Path) -> None:
             where=path,
             hint="expert-parallel checkpoints are not supported; convert with DeepSpeed's ds_to_universal.py",
         )
-    for key in (MODULE_KEY, c.PARAM_SHAPES, c.BUFFER_NAMES):
-        if model.get(key) is None:
-            raise SourceError(f"no {key!r} in the model states file", where=path, hint="not a ZeRO checkpoint")
+
+
+# The layout fields read from the pickles, checked before any is used: a wrong type or size is a SourceError that
+# names the file and the field, never a TypeError from deep inside the layout arithmetic.
+CORRUPT_HINT = "the file is corrupt or was not written by DeepSpeed ZeRO; pick another tag with --tag"
+
+
+def _is_count(value: object, least: int = 0) -> bool:
+    return type(value) is int and value >= least
+
+
+def _is_shape(value: object) -> bool:
+    return isinstance(value, list | tuple) and all(_is_count(n) for n in value)  # torch.Size is a tuple
+
+
+def _is_shapes(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and _is_shape(v) for k, v in value.items())
+
+
+def _is_named(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+
+
+def _check_field(
+    state: dict, key: str, path: Path, expected: str, valid: Callable[[object], bool], optional: bool = False
+) -> None:
+    """SourceError naming the file and the field when `state[key]` is not `valid` (or None, when `optional`)."""
+    value = state.get(key)
+    if (optional and value is None) or valid(value):
+        return
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise SourceError(f"malformed DeepSpeed checkpoint: {key!r} is {type(value).__name__} {shown}, expected {expected}",
+                      where=path, hint=CORRUPT_HINT)  # fmt: skip
+
+
+def _check_model_fields(model: dict, path: Path) -> None:
+    """The model states fields the layout is worked out from. Runs on: all ranks."""
+    c = constants()
+    _check_field(model, MODULE_KEY, path, "a dict of tensors by name", _is_named)
+    _check_field(model, c.PARAM_SHAPES, path, "a list of {name: shape} dicts, one per param group",
+                 lambda v: isinstance(v, list) and all(_is_shapes(group) for group in v))  # fmt: skip
+    _check_field(model, c.BUFFER_NAMES, path, "a list of names",
+                 lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v))  # fmt: skip
+    _check_field(model, c.FROZEN_PARAM_SHAPES, path, "a {name: shape} dict", _is_shapes, optional=True)
+    _check_field(model, c.FROZEN_PARAM_FRAGMENTS, path, "a dict of tensors by name", _is_named, optional=True)
+    _check_field(model, SHARED_PARAMS_KEY, path, "a {alias: name} dict",
+                 lambda v: _is_named(v) and all(isinstance(t, str) for t in v.values()), optional=True)  # fmt: skip
+    _check_field(model, c.CHECKPOINT_PARALLEL_DIMS, path, "a dict of parallel degrees",
+                 lambda v: isinstance(v, dict) and all(v.get(k) is None or _is_count(v.get(k), 1)
+                                                       for k in (c.CHECKPOINT_TP_DEGREE, c.CHECKPOINT_PP_DEGREE)),
+                 optional=True)  # fmt: skip
+    _check_field(model, MP_WORLD_SIZE_KEY, path, "a positive int", lambda v: _is_count(v, 1), optional=True)
+    _check_field(model, GLOBAL_STEPS_KEY, path, "a step number", _is_count, optional=True)
+
+
+def _check_optim_fields(optim: dict, path: Path, stage: int, groups: int) -> None:
+    """One rank's optimizer states fields: partition counts, its master partitions (one per param group for
+    ZeRO 1/2, like param_shapes) and their alignment paddings. Runs on: all ranks."""
+    c = constants()
+    _check_field(optim, c.PARTITION_COUNT, path, "a positive int or a list of them",
+                 lambda v: _is_count(v, 1) or (isinstance(v, list) and bool(v) and all(_is_count(n, 1) for n in v)),
+                 optional=True)  # fmt: skip
+    if stage > 2:
+        return
+    partitions = len(_partitions_of(optim, stage, path))
+    if partitions != groups:
+        raise SourceError(f"malformed DeepSpeed checkpoint: {c.SINGLE_PARTITION_OF_FP32_GROUPS!r} holds {partitions} "
+                          f"partition(s) but the model states' {c.PARAM_SHAPES!r} has {groups} param group(s)",
+                          where=path, hint=CORRUPT_HINT)  # fmt: skip
+    _check_field(optim, c.PARAM_ALIGNMENT_PADDINGS, path, f"a list of {groups} lists of non-negative ints",
+                 lambda v: isinstance(v, list) and len(v) == groups
+                 and all(isinstance(g, list) and all(_is_count(n) for n in g) for g in v),
+                 optional=True)  # fmt: skip
 
 
 def _check_world(optim: dict, found: TagFiles, stage: int) -> None:

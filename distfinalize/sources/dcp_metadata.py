@@ -1,0 +1,159 @@
+"""A DCP checkpoint's `.metadata`, loaded without running the checkpoint's code, and the data files it names.
+
+`.metadata` is a pickle, and a pickle can call anything it names. DCP's own reader (`FileSystemReader`) loads it
+with plain `pickle.load`, and torch's weights-only unpickler refuses DCP's dataclasses, so it is read here by an
+unpickler that resolves only the globals real DCP metadata holds: the dataclasses and enum of
+`torch.distributed.checkpoint.metadata`, the filesystem writer's `_StorageInfo`, `torch.Size`, torch dtypes,
+layouts and memory formats, the `pathlib` path a checkpoint id may be, and a few builtin containers. They were
+found by listing the globals of metadata saved by FSDP2 (with and without the optimizer), FSDP1 (ShardedTensor),
+Accelerate, peft LoRA under FSDP2, plain `dcp.save` of DTensors and of every kind of value a state dict can
+hold (tests/trust/test_trust_metadata.py loads them all both ways). Anything else is refused by name.
+
+The files the storage index names are taken only as DCP's FileSystemWriter writes them (`__<rank>_<n>.distcp`,
+a bare name) and opened only inside the checkpoint folder. Runs on: every rank that reads metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import pickle
+import re
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint import filesystem, metadata
+
+from distfinalize.errors import SourceError
+
+METADATA_FILE = ".metadata"
+# FileSystemWriter's names: f"{prefix}{file_count}.distcp" with prefix f"__{rank}_" (no leading zeros, no path).
+DATA_FILE = re.compile(r"__(0|[1-9]\d*)_(0|[1-9]\d*)\.distcp")
+
+_DCP_CLASSES = ("Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata",
+                "BytesStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")  # fmt: skip
+_TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
+_PATHS = ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")
+
+
+def _allowed() -> dict[tuple[str, str], object]:
+    """(module, name) -> the object, for every global real DCP metadata may name."""
+    allowed: dict[tuple[str, str], object] = {
+        (metadata.__name__, name): getattr(metadata, name) for name in _DCP_CLASSES
+    }
+    allowed[(filesystem.__name__, "_StorageInfo")] = filesystem._StorageInfo
+    allowed[("torch", "Size")] = torch.Size
+    # dtypes, layouts and memory formats pickle as `torch.<name>`; layouts also through serialization's lookup
+    allowed.update({("torch", n): v for n, v in vars(torch).items() if isinstance(v, _TORCH_VALUES)})
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+    for module in {"pathlib", pathlib.PosixPath.__module__}:  # pathlib._local on Python 3.13+
+        allowed.update({(module, n): getattr(pathlib, n) for n in _PATHS})
+    allowed[("collections", "OrderedDict")] = OrderedDict
+    allowed.update({("builtins", t.__name__): t for t in (set, frozenset, complex)})
+    return allowed
+
+
+ALLOWED_GLOBALS = _allowed()
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """The pickle names a global that DCP metadata never holds."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.qualified = f"{module}.{name}"
+        super().__init__(self.qualified)
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only ALLOWED_GLOBALS; persistent ids are refused by pickle itself."""
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise RefusedGlobal(module, name) from None
+
+
+def load_metadata(folder: Path) -> metadata.Metadata:
+    """`folder/.metadata`, safely unpickled and checked: every failure is one SourceError naming the file.
+
+    The one loader of DCP metadata (finalize, inspect, verify --source, --keep-optimizer). Runs on: each rank
+    that reads it.
+    """
+    path = folder / METADATA_FILE
+    try:
+        with open(path, "rb") as file:
+            loaded = MetadataUnpickler(file).load()
+    except RefusedGlobal as exc:
+        raise SourceError(
+            f"refusing to load DCP metadata: it names {exc.qualified!r}, which a DCP checkpoint never holds",
+            where=path,
+            hint="the file was not written by torch.distributed.checkpoint and may run code when unpickled; "
+            "do not load it with pickle or DCP, and pick a checkpoint from a source you trust",
+        ) from None
+    except OSError as exc:
+        raise SourceError("cannot read DCP metadata", where=path, hint=exc.strerror or str(exc)) from exc
+    except Exception as exc:  # a corrupt pickle can raise almost anything
+        raise SourceError(
+            "DCP metadata is truncated or not a DCP metadata pickle",
+            where=path,
+            hint=f"the checkpoint may be incomplete; pick another one with --checkpoint ({type(exc).__name__})",
+        ) from exc
+    if not isinstance(loaded, metadata.Metadata) or not all(
+        isinstance(getattr(loaded, field, None), dict) for field in ("state_dict_metadata", "storage_data")
+    ):
+        raise SourceError(
+            "not a DCP metadata file, or a corrupt one",
+            where=path,
+            hint="pick another checkpoint with --checkpoint",
+        )
+    for index, info in loaded.storage_data.items():
+        check_storage_entry(index, info, path)
+    return loaded
+
+
+def check_storage_entry(index: object, info: object, path: Path) -> None:
+    """One entry of the storage index: a chunk key, and a bare DCP data file name with a byte range."""
+    where = f"{path} (entry {getattr(index, 'fqn', index)!r})"
+    if not isinstance(index, metadata.MetadataIndex) or not isinstance(info, filesystem._StorageInfo):
+        raise SourceError("DCP metadata has a malformed storage entry", where=where,
+                          hint="the file is corrupt; pick another checkpoint with --checkpoint")  # fmt: skip
+    check_data_file_name(info.relative_path, path)
+    for field in ("offset", "length"):
+        value = getattr(info, field, None)
+        if type(value) is not int or value < 0:
+            raise SourceError(f"DCP metadata gives a chunk the {field} {value!r}", where=where,
+                              hint="the file is corrupt; pick another checkpoint with --checkpoint")  # fmt: skip
+
+
+def check_data_file_name(name: object, where: object) -> str:
+    """`name` if it is a data file name DCP's FileSystemWriter writes (`__<rank>_<n>.distcp`), else SourceError."""
+    if not isinstance(name, str) or not DATA_FILE.fullmatch(name):
+        raise SourceError(
+            f"DCP metadata names the data file {name!r}, not a file name torch.distributed.checkpoint writes "
+            "(__<rank>_<n>.distcp, inside the checkpoint folder)",
+            where=where,
+            hint="refusing to read or write outside the checkpoint; the metadata is corrupt or was crafted, "
+            "pick a checkpoint from a source you trust",
+        )
+    return name
+
+
+def data_file(folder: Path, name: object) -> Path:
+    """The checkpoint data file `name` of `folder`, checked to be a DCP file name that stays inside it once
+    symlinks are resolved. Runs on: each rank, before it opens a checkpoint file."""
+    path = folder / check_data_file_name(name, folder / METADATA_FILE)
+    if os.path.dirname(os.path.realpath(path)) != os.path.realpath(folder):
+        raise SourceError(
+            f"the checkpoint data file {name} leads outside the checkpoint folder",
+            where=path,
+            hint=f"it is a symlink to {os.path.realpath(path)}; copy the file into the checkpoint folder",
+        )
+    return path
+
+
+def kept_file_name(name: object, where: object) -> str:
+    """The name of a checkpoint data file's copy in DEST: made here from the (checked) rank and file numbers."""
+    match = DATA_FILE.fullmatch(check_data_file_name(name, where))
+    return f"__{int(match.group(1))}_{int(match.group(2))}.distcp"
