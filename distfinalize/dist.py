@@ -57,7 +57,9 @@ CPU = torch.device("cpu")
 FAULT_ENV = "DISTFINALIZE_FAIL_AT"
 FAULT_MODES = ("raise", "exit", "kill", "hang", "term", "int")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DEATH_WAIT_S = 1.0  # how long a rank that lost a peer waits for the peer's process to be gone, or to say goodbye
 STORE_PROBE_S = 5.0  # how long a look at the store may take on the way out (a dead store must not hang the exit)
+REPEAT_GRACE_S = 2.0  # a signal repeated sooner than this is the same stop; later, it kills the process
 SLURM_PORT_BASE = 20000  # srun without MASTER_PORT: 20000 + job id % 10000, below the ephemeral port range
 
 
@@ -300,6 +302,7 @@ class DistContext:
     _failing: bool = field(default=False, repr=False)
     _in_collective: bool = field(default=False, repr=False)
     _holding: bool = field(default=False, repr=False)
+    _signal_at: float = field(default=0.0, repr=False)
     _old_handlers: dict[int, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -396,10 +399,10 @@ class DistContext:
             raise self._lost_peer(step, exc) from None
         failed = [o for o in outcomes if o.error is not None]
         self._failing = bool(failed)
-        if self.signal is not None and own_error is None and not failed and not self._holding:
-            raise Terminated(self.signal)
         if own_error is not None:
             raise own_error
+        if self.signal is not None and not self._holding and all(o.interrupted for o in failed):
+            raise Terminated(self.signal)  # the job is being stopped (a peer's real error would win)
         if failed:
             raise _peer_failure(step, failed)
         return [o.value for o in outcomes]
@@ -454,8 +457,8 @@ class DistContext:
         else:
             dead = self.dead_ranks()
             reporter = min(set(range(self.world_size)) - set(dead))
-            gone = ", ".join(str(r) for r in dead) or "a peer"
-            notes.append(f"rank {gone} died or stopped responding after the commit was decided ({_short(lost)})")
+            gone = f"rank {', '.join(map(str, dead))} died" if dead else "a rank died or stopped responding"
+            notes.append(f"{gone} after the commit was decided ({_short(lost)})")
             if own_error is not None:
                 notes.append(f"rank {self.rank} failed after the commit was decided ({own_error})")
         if self.signal is not None:
@@ -500,19 +503,26 @@ class DistContext:
         store = _default_store() if self.world_size > 1 else None
         if store is None:
             return []
-        dead = []
+        dead: set[int] = set()
         try:
             store.set_timeout(datetime.timedelta(seconds=STORE_PROBE_S))
+            pids = {}
             for r in range(self.world_size):
-                if r == self.rank or not store.check([_proc_key(r)]):
-                    continue
-                host, _, pid = store.get(_proc_key(r)).decode().partition(" ")
+                if r != self.rank and store.check([_proc_key(r)]):
+                    host, _, pid = store.get(_proc_key(r)).decode().partition(" ")
+                    if host == socket.gethostname():
+                        pids[r] = int(pid)
+            deadline = time.monotonic() + DEATH_WAIT_S  # a killed process closes its sockets before it is gone
+            while True:
                 # gone first, then no goodbye: a rank leaves its mark before it exits
-                if host == socket.gethostname() and not _alive(int(pid)) and not store.check([_exit_key(r)]):
-                    dead.append(r)
+                dead |= {r for r, pid in pids.items() if not _alive(pid) and not store.check([_exit_key(r)])}
+                unsure = [r for r in pids if r not in dead and not store.check([_exit_key(r)])]
+                if not unsure or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
         except (RuntimeError, OSError, ValueError) as exc:
             log.debug("cannot tell which ranks are alive: %s", _short(exc))
-        return dead
+        return sorted(dead)
 
     def close(self) -> None:
         """Tear down the process group this context created. Never raises, and waits for no peer once the
@@ -520,6 +530,7 @@ class DistContext:
         self._mark("done")
         self._holding = True  # a signal now only stops the wait below
         try:
+            self.fault_point("close")
             if self.owns_group and dist.is_initialized():
                 if not self._broken and self.signal is None:
                     self._in_collective = True
@@ -629,9 +640,14 @@ class DistContext:
                 self._old_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        for other in self._old_handlers:
-            signal.signal(other, signal.SIG_DFL)  # a second signal kills, as usual
-        self.signal = self.signal or signal.Signals(signum).name
+        now = time.monotonic()
+        if self.signal is not None:
+            if now - self._signal_at < REPEAT_GRACE_S:
+                return  # the same stop, sent twice (a launcher forwarding what the terminal also sent)
+            signal.signal(signum, signal.SIG_DFL)  # asked again: stop now, as a second Ctrl-C does
+            os.kill(os.getpid(), signum)
+            return
+        self.signal, self._signal_at = signal.Signals(signum).name, now
         if self._failing or self._in_collective or self._holding:
             # on the way out with an error already, inside a collective that is about to tell why the job is
             # being stopped, or past the point of no return: let that outcome (and the cleanup) win

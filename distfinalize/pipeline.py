@@ -168,12 +168,13 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
                                weights_dir, optimizer),
                 ranks="rank0",
             )  # fmt: skip
+            # the point of no return: raises only when the rename did not happen
+            done = ctx.run_commit(lambda: commit(staging, config.dest), lambda: landed(staging, config.dest, MANIFEST))
         except BaseException as exc:
             error = abandon(ctx, staging, exc, owned=bool(locks))
             if error is exc:
                 raise
             raise error from exc
-        done = ctx.run_commit(lambda: commit(staging, config.dest), lambda: landed(staging, config.dest, MANIFEST))
     finally:
         for lock in locks:
             lock.release()
