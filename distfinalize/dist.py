@@ -435,11 +435,11 @@ class DistContext:
             own_error = exc
         outcome = _failed(self.rank, own_error) if own_error is not None else RankOutcome(self.rank)
         try:
-            outcomes = self._gather(replace(outcome, value=renamed))
+            outcomes = self._gather(replace(outcome, value=(renamed, self.signal)))
         except RuntimeError as exc:
             self._broken, lost = True, exc
         # rank 0 knows; a rank that lost contact with it asks the file system
-        heard = outcomes[0].value is True if outcomes is not None else None
+        heard = outcomes[0].value[0] is True if outcomes is not None else None
         committed = heard if heard is not None else renamed or (not self.is_rank0 and landed())
         if not committed:
             self._holding = False
@@ -454,6 +454,7 @@ class DistContext:
         notes, reporter = [], 0
         if outcomes is not None:
             notes += [f"rank {o.rank} failed after the commit was decided ({o.error})" for o in outcomes if o.error]
+            notes += [f"{o.value[1]} arrived at rank {o.rank} during the commit" for o in outcomes if o.value[1]]
         else:
             dead = self.dead_ranks()
             reporter = min(set(range(self.world_size)) - set(dead))
@@ -461,8 +462,8 @@ class DistContext:
             notes.append(f"{gone} after the commit was decided ({_short(lost)})")
             if own_error is not None:
                 notes.append(f"rank {self.rank} failed after the commit was decided ({own_error})")
-        if self.signal is not None:
-            notes.append(f"{self.signal} arrived during the commit")
+            if self.signal is not None:
+                notes.append(f"{self.signal} arrived at rank {self.rank} during the commit")
         return CommitOutcome(tuple(notes), reporter)
 
     @contextmanager
