@@ -272,7 +272,7 @@ class RankOutcome:
     rank: int
     value: Any = None
     error: str | None = None
-    interrupted: bool = False  # the error is a signal (SIGTERM, SIGINT), not a failure
+    signal: str | None = None  # the error is this signal (SIGTERM, SIGINT), not a failure
 
 
 @dataclass(frozen=True)
@@ -401,8 +401,9 @@ class DistContext:
         self._failing = bool(failed)
         if own_error is not None:
             raise own_error
-        if self.signal is not None and not self._holding and all(o.interrupted for o in failed):
-            raise Terminated(self.signal)  # the job is being stopped (a peer's real error would win)
+        stop = self.signal or next((o.signal for o in failed if o.signal), None)
+        if stop is not None and not self._holding and all(o.signal for o in failed):
+            raise Terminated(stop)  # the job is being stopped, here or by a peer (a peer's real error would win)
         if failed:
             raise _peer_failure(step, failed)
         return [o.value for o in outcomes]
@@ -529,7 +530,7 @@ class DistContext:
         """Tear down the process group this context created. Never raises, and waits for no peer once the
         group broke or a signal came. Runs on: all ranks."""
         self._mark("done")
-        self._holding = True  # a signal now only stops the wait below
+        self._holding = False  # a signal now stops the wait for the others (caught below)
         try:
             self.fault_point("close")
             if self.owns_group and dist.is_initialized():
@@ -541,11 +542,13 @@ class DistContext:
                         log.debug("barrier before teardown failed: %s", exc)
                     finally:
                         self._in_collective = False
+                self._holding = True
                 dist.destroy_process_group()
                 self.owns_group = False
         except KeyboardInterrupt:
             log.debug("interrupted while closing the process group")
         finally:
+            self._holding = True
             for signum, handler in self._old_handlers.items():
                 signal.signal(signum, handler)
             self._old_handlers.clear()
@@ -675,7 +678,8 @@ def inject_fault(fault: tuple[int, str, str], rank: int, step: str) -> None:
 
 
 def _failed(rank: int, exc: BaseException) -> RankOutcome:
-    return RankOutcome(rank, error=str(exc) or type(exc).__name__, interrupted=isinstance(exc, KeyboardInterrupt))
+    signame = (getattr(exc, "signal", None) or "SIGINT") if isinstance(exc, KeyboardInterrupt) else None
+    return RankOutcome(rank, error=str(exc) or type(exc).__name__, signal=signame)
 
 
 def _peer_failure(step: str, failed: list[RankOutcome]) -> RankFailure:
@@ -683,7 +687,7 @@ def _peer_failure(step: str, failed: list[RankOutcome]) -> RankFailure:
     first = failed[0]
     others = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
     failure = RankFailure(f"rank {first.rank} failed during {step}{others}", where=first.error)
-    failure.keeps_staging = any(o.interrupted for o in failed)
+    failure.keeps_staging = any(o.signal for o in failed)
     return failure
 
 
