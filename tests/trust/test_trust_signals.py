@@ -80,7 +80,7 @@ def test_sigint_in_the_shutdown_barrier_no_traceback(fsdp2_runs: Path, tmp_path:
     job.proc.send_signal(signal.SIGINT)
     _, out = job.finish(timeout=120)
     assert dest.is_dir() and "finalized" in out, out
-    assert "KeyboardInterrupt" not in out and "Traceback" not in out.split("torch.distributed.run")[0], out
+    assert "KeyboardInterrupt" not in out, out  # (torchrun prints its own SignalException traceback)
     assert not our_traceback(out) and error_lines(out) == [] and "nothing was written" not in out, out
 
 
@@ -135,4 +135,3 @@ def test_unreadable_checkpoint_file_is_a_permission_error(fsdp2_runs: Path) -> N
         assert not our_traceback(result.stderr) and not (base / "out").exists()
     finally:
         shutil.rmtree(base)
-
