@@ -304,7 +304,10 @@ def console_main() -> None:
     on CPU), turning a successful job into a failed one. Everything is flushed and closed first.
     """
     imports_starting()  # __main__ did it before importing this module; the `distfinalize` script starts here
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C before the run was set up, or a second one on the way out: no traceback
+        code = 130
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -350,18 +353,24 @@ def run_guarded(job: Callable[[DistContext], int], *, log_level: str, device: st
         ctx = DistContext.from_env(device, timeout_s)
         return job(ctx)
     except DistfinalizeError as exc:
+        if ctx is None:  # before the ranks could agree on anything (environment, device, process group):
+            exc.report_rank = rank  # every rank that fails says why itself
         report(exc, rank, log_level)
         return exc.exit_code
-    except KeyboardInterrupt:
-        report_line("interrupted; nothing was written to DEST", rank)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT/SIGTERM before the staging dir (the pipeline reports it after)
+        if ctx is None:
+            report_line("interrupted; nothing was written to DEST", rank)
+            return 130
+        error = ctx.interruption(exc, "nothing was written to DEST")
+        report(error, rank, log_level)
+        return error.exit_code
     except Exception as exc:  # a bug, not a user mistake: say so, with the traceback
         report_line(f"internal error ({type(exc).__name__}: {exc}); please report it with the traceback below", rank)
         traceback.print_exc()
         return 70
     finally:
         if ctx is not None:
-            ctx.close()
+            ctx.close()  # never raises
 
 
 def report(exc: DistfinalizeError, rank: int, log_level: str) -> None:

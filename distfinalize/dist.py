@@ -15,10 +15,17 @@ the CPU objects the pipeline exchanges (metadata, results). Each rank takes cuda
 Metadata collectives raise on every rank when any rank failed; a rank that dies or hangs is named by the
 others from the check-ins every rank leaves in the store before each step's collective.
 
+Signals: SIGTERM and SIGINT (scancel, a time limit, Ctrl-C, torchrun stopping the survivors of a failed rank)
+become `Terminated`, a KeyboardInterrupt, so the pipeline cleans up on the way out; inside a collective, and while
+the commit is being made (`hold_signals`), the signal is only recorded. `interruption` turns it into one error for
+the job: printed by the lowest surviving rank, naming any rank whose process is gone ("rank N died").
+
 Testing hook: DISTFINALIZE_FAIL_AT="RANK:STEP[:MODE]" makes rank RANK fail at the start of step STEP
-(prepare, tie check, stage, write, commit, ...). MODE is `raise` (default: an error, exit code 1, like a real one),
-`exit` (the process exits with status 3), `kill` (SIGKILL, a rank that dies) or `hang` (sleeps forever).
-It exists for the failure tests; a warning is logged whenever it is set.
+(startup, prepare, tie check, stage, write, finish, commit, ...), or at a point the pipeline names (`committed`:
+just after the rename to DEST). `startup` is before the device is picked and the process group formed. MODE is
+`raise` (default: an error, exit code 1, like a real one), `exit` (the process exits with status 3), `kill`
+(SIGKILL, a rank that dies), `hang` (sleeps forever), `term` or `int` (the rank sends itself SIGTERM or SIGINT
+and carries on, as if the launcher had). It exists for the failure tests; a warning is logged whenever it is set.
 """
 
 from __future__ import annotations
@@ -29,24 +36,30 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from itertools import product
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from distfinalize.errors import DistfinalizeError, RankFailure
+from distfinalize.errors import DistfinalizeError, Interrupted, RankFailure
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CPU = torch.device("cpu")
 FAULT_ENV = "DISTFINALIZE_FAIL_AT"
-FAULT_MODES = ("raise", "exit", "kill", "hang")
+FAULT_MODES = ("raise", "exit", "kill", "hang", "term", "int")
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DEATH_WAIT_S = 1.0  # how long a rank that lost a peer waits for the peer's process to be gone, or to say goodbye
+STORE_PROBE_S = 5.0  # how long a look at the store may take on the way out (a dead store must not hang the exit)
+REPEAT_GRACE_S = 2.0  # a signal repeated sooner than this is the same stop; later, it kills the process
 SLURM_PORT_BASE = 20000  # srun without MASTER_PORT: 20000 + job id % 10000, below the ephemeral port range
 
 
@@ -59,8 +72,12 @@ class InjectedFailure(DistfinalizeError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (scancel, a time limit, torchrun stopping the survivors of a failed rank), raised like Ctrl-C
-    so that the staging dir is cleaned up on the way out."""
+    """SIGTERM or SIGINT (scancel, a time limit, Ctrl-C, torchrun stopping the survivors of a failed rank), raised
+    like Ctrl-C so that the staging dir is cleaned up on the way out. `signal` names the signal."""
+
+    def __init__(self, signame: str = "SIGTERM") -> None:
+        super().__init__(f"terminated by {signame}")
+        self.signal = signame
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -255,6 +272,16 @@ class RankOutcome:
     rank: int
     value: Any = None
     error: str | None = None
+    signal: str | None = None  # the error is this signal (SIGTERM, SIGINT), not a failure
+
+
+@dataclass(frozen=True)
+class CommitOutcome:
+    """What a rank knows after `run_commit`: the rename happened, and what went wrong around it without changing
+    that (a rank that died or failed after the decision, a signal); `reporter` is the rank that says so."""
+
+    notes: tuple[str, ...] = ()
+    reporter: int = 0
 
 
 @dataclass
@@ -268,12 +295,15 @@ class DistContext:
     owns_group: bool = False
     launcher: str = "single"
     fault: tuple[int, str, str] | None = None
+    step: str = "startup"  # the step this rank is in, or ran last
+    signal: str | None = None  # SIGTERM/SIGINT, once one arrived (recorded even when it was not raised)
     _steps: int = field(default=0, repr=False)
     _broken: bool = field(default=False, repr=False)
     _failing: bool = field(default=False, repr=False)
     _in_collective: bool = field(default=False, repr=False)
-    _terminated: bool = field(default=False, repr=False)
-    _old_sigterm: Any = field(default=None, repr=False)
+    _holding: bool = field(default=False, repr=False)
+    _signal_at: float = field(default=0.0, repr=False)
+    _old_handlers: dict[int, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_env(cls, device: str = "auto", timeout_s: float = 1800.0) -> DistContext:
@@ -285,6 +315,7 @@ class DistContext:
             _relabel_logging(launch)
         if fault is not None:
             log.warning("testing hook %s is set: rank %d will fail at %r (%s)", FAULT_ENV, *fault)
+            inject_fault(fault, launch.rank, "startup")
         torch_device = _pick_device(device, launch.local_rank)
         ctx = cls(launch.rank, launch.world_size, launch.local_rank, torch_device, launcher=launch.launcher)
         ctx.fault = fault
@@ -293,7 +324,8 @@ class DistContext:
             ctx.owns_group = True
         elif torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)
-        ctx._catch_sigterm()
+        ctx._publish_process()
+        ctx._catch_signals()
         log.debug("launched by %s: rank %d of %d, device %s", launch.launcher, ctx.rank, ctx.world_size, torch_device)
         return ctx
 
@@ -331,6 +363,8 @@ class DistContext:
             dist.all_to_all_single(recv, send, recv_splits, send_splits)
         except RuntimeError as exc:
             self._broken = self._failing = True
+            if self.signal is not None:  # the job is being stopped: the peers left the exchange for that
+                raise Terminated(self.signal) from None
             raise self._lost_peer(step, exc) from None
         return recv
 
@@ -343,69 +377,197 @@ class DistContext:
         checked in. Runs on: all ranks.
         """
         self._steps += 1
+        self.step = step
         outcome = RankOutcome(self.rank)
         own_error: BaseException | None = None
         try:
-            self._maybe_fail(step)
+            self.fault_point(step)
             if ranks == "all" or self.is_rank0:
                 outcome = RankOutcome(self.rank, value=fn())
         except SystemExit:
             raise
         except BaseException as exc:  # DCP's CheckpointException derives from BaseException
-            own_error = exc
-            outcome = RankOutcome(self.rank, error=str(exc) or type(exc).__name__)
-        self._in_collective = True
+            own_error, outcome = exc, _failed(self.rank, exc)
         try:
-            self._check_in()
-            outcomes = self.all_gather_object(outcome)
+            outcomes = self._gather(outcome)
         except RuntimeError as exc:  # gloo/NCCL: a peer closed its connection, or the timeout passed
             self._broken = self._failing = True
             if own_error is not None:
                 raise own_error from None
+            if self.signal is not None:  # the job is being stopped: the peers left the collective for that
+                raise Terminated(self.signal) from None
             raise self._lost_peer(step, exc) from None
-        finally:
-            self._in_collective = False
         failed = [o for o in outcomes if o.error is not None]
         self._failing = bool(failed)
-        if self._terminated and own_error is None and not failed:
-            raise Terminated("terminated by SIGTERM")
         if own_error is not None:
             raise own_error
+        stop = self.signal or next((o.signal for o in failed if o.signal), None)
+        if stop is not None and not self._holding and all(o.signal for o in failed):
+            raise Terminated(stop)  # the job is being stopped, here or by a peer (a peer's real error would win)
         if failed:
-            first = failed[0]
-            others = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
-            raise RankFailure(f"rank {first.rank} failed during {step}{others}", where=first.error)
+            raise _peer_failure(step, failed)
         return [o.value for o in outcomes]
 
+    def run_commit(self, rename: Callable[[], None], landed: Callable[[], bool]) -> CommitOutcome:
+        """The point of no return, taken once every rank agreed that everything was written (the step before).
+
+        Rank 0 runs `rename`, with SIGTERM/SIGINT held; then every rank learns whether it happened. When it did
+        not, this raises as run_step does (nothing was committed). When it did, nothing turns the run into a
+        failure: a rank that fails, dies or is signalled after the decision only adds a note, signals stay held
+        for the rest of the run, and a rank that cannot hear from rank 0 asks the file system (`landed`).
+        Runs on: all ranks.
+        """
+        self._steps += 1
+        self.step = "commit"
+        own_error: BaseException | None = None
+        renamed = False
+        lost: RuntimeError | None = None
+        outcomes: list[RankOutcome] | None = None
+        self._holding = True
+        try:
+            self.fault_point("commit")
+            if self.is_rank0:
+                rename()
+                renamed = True
+                self.fault_point("committed")
+        except SystemExit:
+            raise
+        except BaseException as exc:
+            own_error = exc
+        outcome = _failed(self.rank, own_error) if own_error is not None else RankOutcome(self.rank)
+        try:
+            outcomes = self._gather(replace(outcome, value=(renamed, self.signal)))
+        except RuntimeError as exc:
+            self._broken, lost = True, exc
+        # rank 0 knows; a rank that lost contact with it asks the file system
+        heard = outcomes[0].value[0] is True if outcomes is not None else None
+        committed = heard if heard is not None else renamed or (not self.is_rank0 and landed())
+        if not committed:
+            self._holding = False
+            self._failing = True
+            if own_error is not None:
+                raise own_error
+            if outcomes is None:
+                if self.signal is not None:
+                    raise Terminated(self.signal)
+                raise self._lost_peer("commit", lost)
+            raise _peer_failure("commit", [o for o in outcomes if o.error is not None] or outcomes[:1])
+        notes, reporter = [], 0
+        if outcomes is not None:
+            notes += [f"rank {o.rank} failed after the commit was decided ({o.error})" for o in outcomes if o.error]
+            notes += [f"{o.value[1]} arrived at rank {o.rank} during the commit" for o in outcomes if o.value[1]]
+        else:
+            dead = self.dead_ranks()
+            reporter = min(set(range(self.world_size)) - set(dead))
+            gone = f"rank {', '.join(map(str, dead))} died" if dead else "a rank died or stopped responding"
+            notes.append(f"{gone} after the commit was decided ({_short(lost)})")
+            if own_error is not None:
+                notes.append(f"rank {self.rank} failed after the commit was decided ({own_error})")
+            if self.signal is not None:
+                notes.append(f"{self.signal} arrived at rank {self.rank} during the commit")
+        return CommitOutcome(tuple(notes), reporter)
+
+    @contextmanager
+    def signals_raise(self) -> Iterator[None]:
+        """Let SIGTERM/SIGINT interrupt the block even after the commit (a long upload). Runs on: any rank."""
+        held, self._holding = self._holding, False
+        try:
+            if self.signal is not None:
+                raise Terminated(self.signal)
+            yield
+        finally:
+            self._holding = held
+
+    def interruption(self, exc: BaseException, outcome: str) -> DistfinalizeError:
+        """The one error a signal becomes: "interrupted by SIGTERM during write: <outcome>", or "rank N died
+        during write" when a peer's process is gone without saying goodbye (SIGKILL, the OOM killer). Its
+        `report_rank` is the lowest rank still alive, so the job prints one line. Runs on: every rank signalled.
+        """
+        self.signal = self.signal or getattr(exc, "signal", None) or "SIGINT"
+        self._failing = True
+        self._mark("interrupted")
+        dead = self.dead_ranks()
+        error: DistfinalizeError
+        if dead:
+            others = f" (and rank(s) {', '.join(map(str, dead[1:]))})" if len(dead) > 1 else ""
+            error = RankFailure(f"rank {dead[0]} died during {self.step}{others}",
+                                where="its process is gone (killed by a signal, or out of memory?)",
+                                hint=f"see that rank's own output and the launcher's report; {outcome}")  # fmt: skip
+        else:
+            error = Interrupted(f"interrupted by {self.signal} during {self.step}", where=outcome)
+        error.report_rank = min(set(range(self.world_size)) - set(dead))
+        error.keeps_staging = True
+        return error
+
+    def dead_ranks(self) -> list[int]:
+        """Peers on this host whose process is gone though they never said they were leaving (SIGKILL, the OOM
+        killer). Peers on other hosts, or a store that cannot be reached, tell nothing. Runs on: any rank."""
+        store = _default_store() if self.world_size > 1 else None
+        if store is None:
+            return []
+        dead: set[int] = set()
+        try:
+            store.set_timeout(datetime.timedelta(seconds=STORE_PROBE_S))
+            pids = {}
+            for r in range(self.world_size):
+                if r != self.rank and store.check([_proc_key(r)]):
+                    host, _, pid = store.get(_proc_key(r)).decode().partition(" ")
+                    if host == socket.gethostname():
+                        pids[r] = int(pid)
+            deadline = time.monotonic() + DEATH_WAIT_S  # a killed process closes its sockets before it is gone
+            while True:
+                # gone first, then no goodbye: a rank leaves its mark before it exits
+                dead |= {r for r, pid in pids.items() if not _alive(pid) and not store.check([_exit_key(r)])}
+                unsure = [r for r in pids if r not in dead and not store.check([_exit_key(r)])]
+                if not unsure or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        except (RuntimeError, OSError, ValueError) as exc:
+            log.debug("cannot tell which ranks are alive: %s", _short(exc))
+        return sorted(dead)
+
     def close(self) -> None:
-        """Tear down the process group this context created. Runs on: all ranks."""
-        if self._old_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._old_sigterm)
-            self._old_sigterm = None
-        if self.owns_group and dist.is_initialized():
-            if not self._broken:
-                try:
-                    dist.barrier()  # tearing down gloo while a peer is still in a collective aborts the peer
-                except RuntimeError as exc:
-                    log.debug("barrier before teardown failed: %s", exc)
-            dist.destroy_process_group()
-            self.owns_group = False
+        """Tear down the process group this context created. Never raises, and waits for no peer once the
+        group broke or a signal came. Runs on: all ranks."""
+        self._mark("done")
+        self._holding = False  # a signal now stops the wait for the others (caught below)
+        try:
+            self.fault_point("close")
+            if self.owns_group and dist.is_initialized():
+                if not self._broken and self.signal is None:
+                    self._in_collective = True
+                    try:
+                        dist.barrier()  # tearing down gloo while a peer is still in a collective aborts the peer
+                    except RuntimeError as exc:
+                        log.debug("barrier before teardown failed: %s", exc)
+                    finally:
+                        self._in_collective = False
+                self._holding = True
+                dist.destroy_process_group()
+                self.owns_group = False
+        except KeyboardInterrupt:
+            log.debug("interrupted while closing the process group")
+        finally:
+            self._holding = True
+            for signum, handler in self._old_handlers.items():
+                signal.signal(signum, handler)
+            self._old_handlers.clear()
 
     # -- failure handling --------------------------------------------------------------------------------------
 
-    def _maybe_fail(self, step: str) -> None:
-        """The DISTFINALIZE_FAIL_AT testing hook."""
-        if self.fault is None or self.fault[:2] != (self.rank, step):
-            return
-        mode = self.fault[2]
-        log.warning("%s: rank %d fails at %r (%s)", FAULT_ENV, self.rank, step, mode)
-        if mode == "exit":
-            os._exit(3)
-        if mode == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        while mode == "hang":
-            time.sleep(3600)
-        raise InjectedFailure(f"injected failure ({FAULT_ENV}={self.rank}:{step})", hint="a testing hook; unset it")
+    def fault_point(self, step: str) -> None:
+        """The DISTFINALIZE_FAIL_AT testing hook, at the start of `step` or at a point the pipeline names."""
+        if self.fault is not None:
+            inject_fault(self.fault, self.rank, step)
+
+    def _gather(self, outcome: RankOutcome) -> list[RankOutcome]:
+        """Check in, then every rank's outcome (a signal meanwhile is only recorded)."""
+        self._in_collective = True
+        try:
+            self._check_in()
+            return self.all_gather_object(outcome)
+        finally:
+            self._in_collective = False
 
     def _check_key(self, rank: int) -> str:
         return f"distfinalize/step{self._steps}/rank{rank}"
@@ -416,11 +578,32 @@ class DistContext:
         if store is not None:
             store.set(self._check_key(self.rank), "1")
 
+    def _publish_process(self) -> None:
+        """Host and pid of this rank in the store, so that a peer can tell whether it died. Runs on: all ranks."""
+        store = _default_store() if self.world_size > 1 else None
+        if store is not None:
+            try:
+                store.set(_proc_key(self.rank), f"{socket.gethostname()} {os.getpid()}")
+            except (RuntimeError, OSError) as exc:
+                log.debug("cannot publish this rank's process: %s", _short(exc))
+
+    def _mark(self, state: str) -> None:
+        """Say goodbye in the store (best effort): this rank leaves on purpose, it did not die."""
+        store = _default_store() if self.world_size > 1 else None
+        if store is None:
+            return
+        try:
+            store.set_timeout(datetime.timedelta(seconds=STORE_PROBE_S))
+            store.set(_exit_key(self.rank), state)
+        except (RuntimeError, OSError) as exc:
+            log.debug("cannot reach the store on the way out: %s", _short(exc))
+
     def _lost_peer(self, step: str, exc: RuntimeError) -> RankFailure:
         """The error for a collective that failed because a peer died, hung, or the group broke.
 
         Its `report_rank` says which rank should print it: the lowest rank still alive (rank 0 usually, but
-        not when rank 0 is the one that is gone); every rank when nobody can tell. Runs on: every survivor.
+        not when rank 0 is the one that is gone); every rank when nobody can tell. A lost rank may have finished
+        files that --resume can reuse: `keeps_staging`. Runs on: every survivor.
         """
         cause = _short(exc)
         missing: list[int] | None = None
@@ -440,32 +623,98 @@ class DistContext:
                 hint="see that rank's own output for why",
             )
             failure.report_rank = min(set(range(self.world_size)) - set(missing))
-            return failure
-        failure = RankFailure(
-            f"a rank failed during {step}",
-            where=f"the process group broke ({cause})",
-            hint="see the other ranks' output; rank 0, which holds the store, may be gone",
-        )
-        failure.report_rank = self.rank
+        else:
+            failure = RankFailure(
+                f"a rank failed during {step}",
+                where=f"the process group broke ({cause})",
+                hint="see the other ranks' output; rank 0, which holds the store, may be gone",
+            )
+            failure.report_rank = self.rank
+        failure.keeps_staging = True
         return failure
 
-    def _catch_sigterm(self) -> None:
-        """Turn SIGTERM into Terminated (a KeyboardInterrupt) so the pipeline cleans up its staging dir."""
+    def _catch_signals(self) -> None:
+        """Turn SIGTERM and SIGINT into Terminated (a KeyboardInterrupt) so the pipeline cleans up its staging
+        dir; while in a collective or holding signals (the commit), only record them."""
         if threading.current_thread() is not threading.main_thread():
             return
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return  # someone (a launcher, a test harness) handles it already
+        for signum in SIGNALS:
+            default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+            if signal.getsignal(signum) is default:  # else someone (a launcher, a test harness) handles it
+                self._old_handlers[signum] = signal.signal(signum, self._on_signal)
 
-        def on_sigterm(signum: int, frame: object) -> None:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills, as usual
-            if self._failing or self._in_collective:
-                # on the way out with an error already, or inside a collective that is about to tell why the
-                # job is being stopped: let that error (and the cleanup) win over "terminated"
-                self._terminated = True
-                return
-            raise Terminated("terminated by SIGTERM")
+    def _on_signal(self, signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if self.signal is not None:
+            if now - self._signal_at < REPEAT_GRACE_S:
+                return  # the same stop, sent twice (a launcher forwarding what the terminal also sent)
+            signal.signal(signum, signal.SIG_DFL)  # asked again: stop now, as a second Ctrl-C does
+            os.kill(os.getpid(), signum)
+            return
+        self.signal, self._signal_at = signal.Signals(signum).name, now
+        if self._failing or self._in_collective or self._holding:
+            # on the way out with an error already, inside a collective that is about to tell why the job is
+            # being stopped, or past the point of no return: let that outcome (and the cleanup) win
+            return
+        raise Terminated(self.signal)
 
-        self._old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+
+def inject_fault(fault: tuple[int, str, str], rank: int, step: str) -> None:
+    """Fail as DISTFINALIZE_FAIL_AT asks when `fault` names this rank and `step`. Testing hook."""
+    if fault[:2] != (rank, step):
+        return
+    mode = fault[2]
+    log.warning("%s: rank %d fails at %r (%s)", FAULT_ENV, rank, step, mode)
+    if mode == "exit":
+        os._exit(3)
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode in ("term", "int"):
+        os.kill(os.getpid(), signal.SIGTERM if mode == "term" else signal.SIGINT)
+        return
+    while mode == "hang":
+        time.sleep(3600)
+    raise InjectedFailure(f"injected failure ({FAULT_ENV}={rank}:{step})", hint="a testing hook; unset it")
+
+
+def _failed(rank: int, exc: BaseException) -> RankOutcome:
+    signame = (getattr(exc, "signal", None) or "SIGINT") if isinstance(exc, KeyboardInterrupt) else None
+    return RankOutcome(rank, error=str(exc) or type(exc).__name__, signal=signame)
+
+
+def _peer_failure(step: str, failed: list[RankOutcome]) -> RankFailure:
+    """The error every other rank raises when ranks reported a failure (or a signal) at `step`."""
+    first = failed[0]
+    others = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+    failure = RankFailure(f"rank {first.rank} failed during {step}{others}", where=first.error)
+    failure.keeps_staging = any(o.signal for o in failed)
+    return failure
+
+
+def _proc_key(rank: int) -> str:
+    return f"distfinalize/process/rank{rank}"
+
+
+def _exit_key(rank: int) -> str:
+    return f"distfinalize/exit/rank{rank}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` (on this host) still runs: a zombie, dead but not yet reaped, does not."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        if os.path.isdir("/proc"):
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
+    return state not in ("Z", "X")
 
 
 def _init_group(launch: LaunchEnv, device: torch.device, timeout_s: float) -> None:

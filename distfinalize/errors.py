@@ -11,6 +11,7 @@ class DistfinalizeError(Exception):
 
     exit_code = 1
     report_rank = 0  # the rank that prints it: rank 0, or the lowest surviving rank when rank 0 is gone
+    keeps_staging = False  # a failure --resume can get past (a rank died or hung, a signal): keep finished files
 
     def __init__(self, what: str, *, where: object = None, hint: str | None = None) -> None:
         self.what = what
@@ -55,3 +56,9 @@ class DeviceError(DistfinalizeError):
 
 class RankFailure(DistfinalizeError):
     """Raised on every rank whose peer failed, naming the failed rank and step."""
+
+
+class Interrupted(DistfinalizeError):
+    """SIGINT or SIGTERM stopped the job; the message says what that left at DEST."""
+
+    exit_code = 130

@@ -1,5 +1,6 @@
-"""The commit step, rank 0: the files written once (index, manifest, config, generation config, tokenizer, card,
-model code, kept checkpoint), then the atomic rename of the staging dir to DEST.
+"""The finish step, rank 0: the files written once (index, manifest, config, generation config, tokenizer, card,
+model code, kept checkpoint). When every rank agreed it succeeded, the pipeline commits (staging.commit, through
+DistContext.run_commit): the atomic rename of the staging dir to DEST.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from distfinalize.execute import WrittenFile
 from distfinalize.keep import OptimizerCopy, link_into_root, write_manifest, write_optimizer_metadata
 from distfinalize.plan import INDEX_FILE, Plan
 from distfinalize.quantization import quantization_config, unquantized_modules
-from distfinalize.staging import commit
 from distfinalize.transform.keymap import KeyMapRules
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def finish(
     vocab_size: int | None, files: tuple[WrittenFile, ...], staging: Path, weights_dir: Path,
     optimizer: OptimizerCopy | None,
 ) -> None:  # fmt: skip
-    """Everything written once, then the commit. Runs on: rank 0."""
+    """Everything written once, into the staging dir; the commit comes after every rank agreed. Runs on: rank 0."""
     try:
         write_once(config, plan, prepared, tokenizer, kept_tokenizer, vocab_size, files, staging, weights_dir,
                    optimizer)  # fmt: skip
@@ -94,7 +94,6 @@ def finish(
             where=getattr(exc, "filename", None) or staging,
             hint=f"{exc.strerror or exc}; free space or choose another DEST",
         ) from exc
-    commit(staging, config.dest)
 
 
 def write_once(

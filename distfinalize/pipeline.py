@@ -7,9 +7,13 @@
 4. plan       every rank: the same pure plan (files, ranks, dtypes, vocabulary resize)
 5. stage      rank 0: create the staging dir beside DEST
 6. write      every rank: its own files (and its share of a kept optimizer state), into staging
-7. commit     rank 0 (finish.py): index, manifest, config, generation config, tokenizer, card, code; atomic
-               rename to DEST
-8. push       rank 0: upload DEST to the Hub, when asked
+7. finish     rank 0 (finish.py): index, manifest, config, generation config, tokenizer, card, code, into staging
+8. commit     every rank agreed that 6 and 7 succeeded: rank 0 renames the staging dir to DEST
+               (DistContext.run_commit); after the rename the run reports DEST as complete, whatever happens
+9. push       rank 0: upload DEST to the Hub, when asked
+
+A failure before the commit leaves no DEST. The staging dir is removed, unless the failure is one --resume can
+get past (a rank died or hung, a signal) and files finished in it: then it is kept, and the error says so.
 """
 
 from __future__ import annotations
@@ -45,11 +49,11 @@ from distfinalize.artifacts.tokenizer import (
     token_requests,
 )
 from distfinalize.config import FinalizeConfig, format_bytes
-from distfinalize.dist import DistContext
-from distfinalize.errors import DestinationError, SourceError, UsageError
+from distfinalize.dist import CommitOutcome, DistContext
+from distfinalize.errors import DestinationError, DistfinalizeError, SourceError, UsageError
 from distfinalize.exchange import describe as describe_exchange
 from distfinalize.execute import DataPath, WrittenFile, exchange_schedule, write_rank_files
-from distfinalize.finish import card_info, config_updates, existing_card, finish
+from distfinalize.finish import MANIFEST, card_info, config_updates, existing_card, finish
 from distfinalize.keep import (
     OptimizerCopy,
     checkpoint_dir_name,
@@ -63,7 +67,17 @@ from distfinalize.plan import ADAPTER_FILE, Plan, build_plan, describe, fingerpr
 from distfinalize.quantization import embedding_names, quantized_tensors
 from distfinalize.sources import Source, SourceInfo, TensorMeta
 from distfinalize.sources.locate import find_model_config, locate, search_dirs
-from distfinalize.staging import PROGRESS_DIR, create_staging, remove_staging, staging_path
+from distfinalize.staging import (
+    PROGRESS_DIR,
+    StagingLock,
+    commit,
+    create_staging,
+    finished_files,
+    landed,
+    remove_staging,
+    source_identity,
+    staging_path,
+)
 from distfinalize.startup import imports_done
 from distfinalize.transform.keymap import map_names
 from distfinalize.transform.lora import LoraMerge, is_lora_checkpoint
@@ -145,26 +159,32 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     weights_dir = staging / "checkpoints" / checkpoint_dir_name(prepared.source.info.step)
     if not config.keep_checkpoint:
         weights_dir = staging
-    ctx.run_step("stage", lambda: stage(config, plan, prepared, weights_dir, optimizer is not None), ranks="rank0")
+    locks: list[StagingLock] = []  # rank 0 holds the staging dir's lock until the run ends
     try:
-        written = ctx.run_step("write", lambda: write_share(config, ctx, plan, prepared, weights_dir, optimizer))
-        files = tuple(f for per_rank in written for f in per_rank)
-        ctx.run_step(
-            "commit",
-            lambda: finish(config, plan, prepared, tokenizer, kept_tokenizer, vocab_size, files, staging, weights_dir,
-                           optimizer),
-            ranks="rank0",
-        )  # fmt: skip
-    except BaseException:
-        if ctx.is_rank0:
-            remove_staging(staging)
-        raise
-    if ctx.is_rank0:
-        log.info("finalized %s -> %s (%d file(s), %s)", prepared.source.info.path, config.dest, len(plan.files),
-                 format_bytes(plan.total_size))  # fmt: skip
+        try:
+            ctx.run_step("stage", lambda: stage(config, plan, prepared, weights_dir, optimizer is not None, locks),
+                         ranks="rank0")  # fmt: skip
+            written = ctx.run_step("write", lambda: write_share(config, ctx, plan, prepared, weights_dir, optimizer))
+            files = tuple(f for per_rank in written for f in per_rank)
+            ctx.run_step(
+                "finish",
+                lambda: finish(config, plan, prepared, tokenizer, kept_tokenizer, vocab_size, files, staging,
+                               weights_dir, optimizer),
+                ranks="rank0",
+            )  # fmt: skip
+            # the point of no return: raises only when the rename did not happen
+            done = ctx.run_commit(lambda: commit(staging, config.dest), lambda: landed(staging, config.dest, MANIFEST))
+        except BaseException as exc:
+            error = abandon(ctx, staging, exc, owned=bool(locks))
+            if error is exc:
+                raise
+            raise error from exc
+    finally:
+        for lock in locks:
+            lock.release()
+    report_commit(config, ctx, prepared, plan, done)
     if config.hub is not None:
-        url = ctx.run_step("push", lambda: push(config), ranks="rank0")[0]
-        report["hub"] = url
+        report["hub"] = push_committed(config, ctx)
     return Outcome(config.dest, plan, prepared.source.info, files, False, report)
 
 
@@ -334,10 +354,14 @@ def plan_optimizer(config: FinalizeConfig, prepared: Prepared) -> OptimizerCopy 
     return plan_optimizer_copy(*optimizer_source(prepared.source.info.path, metadata))
 
 
-def stage(config: FinalizeConfig, plan: Plan, prepared: Prepared, weights_dir: Path, with_optimizer: bool) -> None:
-    """Create (or, with --resume, take over) the staging dir and the kept checkpoint's dirs. Runs on: rank 0."""
+def stage(config: FinalizeConfig, plan: Plan, prepared: Prepared, weights_dir: Path, with_optimizer: bool,
+          locks: list[StagingLock]) -> None:  # fmt: skip
+    """Create (or, with --resume, take over) the staging dir, locked (the lock goes into `locks`), and the kept
+    checkpoint's dirs. The staging dir records the plan and the inputs' identity (names, sizes, mtimes, metadata
+    bytes: staging.source_identity) for --resume. Runs on: rank 0."""
     inputs = (prepared.source.info.path, *((config.base_model,) if config.base_model is not None else ()))
-    create_staging(config.dest, fingerprint(plan, tuple(str(p.resolve()) for p in inputs)), config.resume)
+    plan_digest = fingerprint(plan, tuple(str(p.resolve()) for p in inputs))
+    locks.append(create_staging(config.dest, plan_digest, source_identity(inputs), config.resume))
     weights_dir.mkdir(parents=True, exist_ok=True)
     if with_optimizer:
         (weights_dir / "optimizer").mkdir(exist_ok=True)
@@ -358,6 +382,48 @@ def write_share(
                                       weights_dir / "optimizer")  # fmt: skip
         log.debug("copied %s of optimizer state", format_bytes(copied))
     return files
+
+
+def abandon(ctx: DistContext, staging: Path, exc: BaseException, owned: bool) -> BaseException:
+    """The error to raise for a failure before the commit (a signal becomes one, see DistContext.interruption).
+
+    Rank 0, when the staging dir is its own (`owned`), removes it unless the failure is one --resume can get past
+    (`keeps_staging`) and files finished in it; the reporting rank's hint says how many --resume will reuse.
+    Runs on: all ranks.
+    """
+    error = ctx.interruption(exc, "nothing was written to DEST") if isinstance(exc, KeyboardInterrupt) else exc
+    keep = getattr(error, "keeps_staging", False)
+    finished = finished_files(staging)
+    if ctx.is_rank0 and owned and not (keep and finished):
+        remove_staging(staging)
+    if isinstance(error, DistfinalizeError) and keep and (owned or not ctx.is_rank0) and staging.exists():
+        extra = (f"--resume will reuse the {finished} finished file(s) kept in {staging}" if finished else
+                 f"remove {staging} (nothing in it is finished), or pass --resume")  # fmt: skip
+        error.hint = f"{error.hint}; {extra}" if error.hint else extra
+    elif not isinstance(error, DistfinalizeError) and ctx.is_rank0 and staging.exists():
+        log.warning("kept %s: --resume will reuse its %d finished file(s)", staging, finished)
+    return error
+
+
+def report_commit(config: FinalizeConfig, ctx: DistContext, prepared: Prepared, plan: Plan,
+                  done: CommitOutcome) -> None:  # fmt: skip
+    """DEST is there: say so once (rank 0, or the lowest surviving rank), with what went wrong around the commit
+    without changing that. Runs on: all ranks (one logs)."""
+    if ctx.rank != done.reporter:
+        return
+    log.info("finalized %s -> %s (%d file(s), %s)", prepared.source.info.path, config.dest, len(plan.files),
+             format_bytes(plan.total_size))  # fmt: skip
+    for note in done.notes:
+        log.warning("%s; DEST is complete: %s (`distfinalize verify %s` checks it)", note, config.dest, config.dest)
+
+
+def push_committed(config: FinalizeConfig, ctx: DistContext) -> str:
+    """The push step, interruptible again; an interruption says DEST is complete. Runs on: all ranks."""
+    try:
+        with ctx.signals_raise():
+            return ctx.run_step("push", lambda: push(config), ranks="rank0")[0]
+    except KeyboardInterrupt as exc:
+        raise ctx.interruption(exc, f"DEST is complete ({config.dest}) but was not pushed to the Hub") from None
 
 
 def push(config: FinalizeConfig) -> str:

@@ -232,11 +232,33 @@ class DcpTensorReader:
             files = sorted(
                 {info.relative_path for index, info in self.metadata.storage_data.items() if index.fqn in wanted}
             )
+            hint = f"the .distcp files may be truncated or corrupt ({type(exc).__name__}: {exc})"
+            denied = _permission_error(exc)
+            if denied is not None:  # not corruption: say so, and what to do
+                hint = f"permission denied ({denied.filename or denied}); run as a user who can read it, or fix its "
+                hint += "permissions"
             raise SourceError(
                 f"cannot read {len(keys)} tensor(s) starting with {keys[0]!r}",
                 where=f"{self.path} ({', '.join(files[:4])}{' ...' if len(files) > 4 else ''})",
-                hint=f"the .distcp files may be truncated or corrupt ({type(exc).__name__}: {exc})",
+                hint=hint,
             ) from exc
+
+
+def _permission_error(exc: BaseException) -> PermissionError | None:
+    """The PermissionError behind a read failure (raised as is, chained, or one of DCP's per-rank failures)."""
+    todo, seen = [exc], set()
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, PermissionError):
+            return current
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f for f in failures.values() if isinstance(f, BaseException)]
+        todo += [e for e in (current.__cause__, current.__context__) if e is not None]
+    return None
 
 
 register_source(SourceFormat("dcp", is_dcp_checkpoint, DcpSource))

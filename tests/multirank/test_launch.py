@@ -115,8 +115,8 @@ def test_srun_one_error_line_from_the_right_rank(
 
 def test_torchrun_hung_rank_others_stop_within_the_timeout(fsdp2_runs: Path, tmp_path: Path) -> None:
     """launch/finalize.sh, 2 ranks: rank 1 hangs in its write. Rank 0 gives up after --timeout, names rank 1,
-    torchrun stops rank 1 and exits non-zero. With --local-ranks-filter 0 only rank 0 reaches the console, and
-    --log-dir keeps every rank's output in files."""
+    keeps its own finished files for --resume, torchrun stops rank 1 and exits non-zero. With --local-ranks-filter 0
+    only rank 0 reaches the console, and --log-dir keeps every rank's output in files."""
     dest, logs = tmp_path / "out" / "model", tmp_path / "logs"
     dest.parent.mkdir()
     timeout_s = 5
@@ -135,7 +135,12 @@ def test_torchrun_hung_rank_others_stop_within_the_timeout(fsdp2_runs: Path, tmp
     rank_logs = {p.parent.name: p.read_text() for p in logs.rglob("stderr.log")}
     assert "fails at 'write' (hang)" in rank_logs["1"]  # ...but in its log file
     assert "rank 1 failed during write" in rank_logs["0"]
-    assert_nothing_written(dest)
+    # a hung rank is a failure --resume can get past: rank 0's finished files stay in the staging dir, and the
+    # line says how many --resume will reuse
+    staging = dest.with_name(dest.name + ".distfinalize-staging")
+    finished = len(list((staging / ".progress").glob("*.json")))
+    assert not dest.exists() and finished > 0
+    assert f"--resume will reuse the {finished} finished file(s) kept in {staging}" in lines[0], lines[0]
 
 
 def test_torchrun_two_agents_c10d_rendezvous(fsdp2_runs: Path, tmp_path: Path, reference: dict[str, str]) -> None:
