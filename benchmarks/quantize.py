@@ -28,7 +28,7 @@ from run import append_section
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from distfinalize.transform.quantize import RECIPES  # noqa: E402
+from distfinalize.transform.quant.recipes import RECIPES  # noqa: E402
 
 
 def read_through(paths: list[Path]) -> None:

@@ -8,19 +8,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from distfinalize.hfnames import DTYPES
+
 if TYPE_CHECKING:
     from distfinalize.artifacts.hub import HubOptions
     from distfinalize.transform.keymap import KeyMapRules
 
-DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-STRATEGIES = ("read", "exchange")  # how bytes reach the rank that writes them (distfinalize.feed)
+STRATEGIES = ("read", "exchange")  # how bytes reach the rank that writes them (distfinalize.write.feed)
 DEFAULT_READ_BATCH = "256MiB"
 DEFAULT_WRITE_THREADS = 2
 
@@ -133,7 +130,7 @@ class FinalizeConfig:
     tag: str | None = None  # DeepSpeed tag (a global_stepN folder) instead of the one in `latest`
     dtype: str | None = None
     key_map: str | KeyMapRules | None = None  # a registered key map or a file's rules; default: the matching one
-    quantize: str | None = None  # a recipe of distfinalize.transform.quantize.RECIPES
+    quantize: str | None = None  # a recipe of distfinalize.transform.quant.recipes.RECIPES
     quantize_ignore: tuple[str, ...] = ()  # regexes of module names left unquantized
     quantize_skip_nonfinite: bool = False  # a weight holding NaN/Inf is left unquantized (else: an error)
     max_shard_size: int = 5 * 10**9
@@ -172,7 +169,7 @@ class FinalizeConfig:
         if self.write_threads <= 0:
             raise ValueError(f"--write-threads must be positive, got {self.write_threads}")
         if self.quantize is not None:
-            from distfinalize.transform.quantize import RECIPES
+            from distfinalize.transform.quant.recipes import RECIPES
 
             if self.quantize not in RECIPES:
                 raise ValueError(f"--quantize {self.quantize!r} is not a recipe; choose one of {', '.join(RECIPES)}")

@@ -62,3 +62,20 @@ class Interrupted(DistfinalizeError):
     """SIGINT or SIGTERM stopped the job; the message says what that left at DEST."""
 
     exit_code = 130
+
+
+class LaunchError(DistfinalizeError):
+    """The launch environment is inconsistent, or the process group cannot be formed."""
+
+
+class InjectedFailure(DistfinalizeError):
+    """The failure the DISTFINALIZE_FAIL_AT testing hook raises (an ordinary error: one line, exit code 1)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGINT (scancel, a time limit, Ctrl-C, torchrun stopping the survivors of a failed rank), raised
+    like Ctrl-C so that the staging dir is cleaned up on the way out. `signal` names the signal."""
+
+    def __init__(self, signame: str = "SIGTERM") -> None:
+        super().__init__(f"terminated by {signame}")
+        self.signal = signame

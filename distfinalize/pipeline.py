@@ -20,22 +20,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from distfinalize import tie
-from distfinalize.adapter import (
-    LoraLayout,
-    adapter_config_preview,
-    prepare_lora,
-)
-from distfinalize.architecture import ModelSpec, load_model_spec
-from distfinalize.artifacts import links
 from distfinalize.artifacts.card import card_preview
 from distfinalize.artifacts.code import model_code_files
 from distfinalize.artifacts.config import output_config
@@ -48,26 +36,16 @@ from distfinalize.artifacts.tokenizer import (
     prepare_tokenizer,
     token_requests,
 )
-from distfinalize.config import FinalizeConfig, format_bytes
-from distfinalize.dist import CommitOutcome, DistContext
-from distfinalize.errors import DestinationError, DistfinalizeError, SourceError, UsageError
-from distfinalize.exchange import describe as describe_exchange
-from distfinalize.execute import DataPath, WrittenFile, exchange_schedule, write_rank_files
-from distfinalize.finish import MANIFEST, card_info, config_updates, existing_card, finish
-from distfinalize.keep import (
+from distfinalize.commit.finish import card_info, config_updates, existing_card, finish
+from distfinalize.commit.keep import (
     OptimizerCopy,
     checkpoint_dir_name,
     copy_optimizer_files,
     optimizer_source,
     plan_optimizer_copy,
 )
-from distfinalize.logs import log_rank0
-from distfinalize.nonfinite import skip_nonfinite
-from distfinalize.plan import ADAPTER_FILE, Plan, build_plan, describe, fingerprint
-from distfinalize.quantization import embedding_names, quantized_tensors
-from distfinalize.sources import Source, SourceInfo, TensorMeta
-from distfinalize.sources.locate import find_model_config, locate, search_dirs
-from distfinalize.staging import (
+from distfinalize.commit.manifest import MANIFEST
+from distfinalize.commit.staging import (
     PROGRESS_DIR,
     StagingLock,
     commit,
@@ -78,35 +56,25 @@ from distfinalize.staging import (
     source_identity,
     staging_path,
 )
+from distfinalize.config import FinalizeConfig, format_bytes
+from distfinalize.dist.context import CommitOutcome, DistContext
+from distfinalize.errors import DistfinalizeError, SourceError
+from distfinalize.hfnames import ADAPTER_FILE
+from distfinalize.plan import Plan, build_plan, describe, fingerprint
+from distfinalize.prepare import tie
+from distfinalize.prepare.nonfinite import skip_nonfinite
+from distfinalize.prepare.peft import (
+    adapter_config_preview,
+)
+from distfinalize.prepare.prepared import Prepared, prepare
+from distfinalize.sources import SourceInfo
 from distfinalize.startup import imports_done
-from distfinalize.transform.keymap import map_names
-from distfinalize.transform.lora import LoraMerge, is_lora_checkpoint
+from distfinalize.transform.quant.selection import embedding_names, quantized_tensors
 from distfinalize.transform.vocab import plan_resizes
+from distfinalize.write.exchange import describe as describe_exchange
+from distfinalize.write.rank import DataPath, WrittenFile, exchange_schedule, write_rank_files
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """Everything the plan is made from. Identical on every rank."""
-
-    source: Source
-    spec: ModelSpec | None
-    config_path: Path | None
-    tensors: tuple[TensorMeta, ...]
-    dtype: torch.dtype | None
-    dtype_reason: str
-    search: tuple[Path, ...]  # dirs where tokenizer, generation config, card and code are looked for
-    rope_heads: Mapping[str, int] = field(default_factory=dict)  # from the key map (torchtitan layouts)
-    tied: bool = False  # an lm_head identical to embed_tokens was dropped
-    lora: LoraLayout | None = None  # a LoRA checkpoint
-    merges: Mapping[str, LoraMerge] = field(default_factory=dict)  # --merge-lora, by output name
-    nonfinite: frozenset[str] = frozenset()  # weights holding NaN/Inf that --quantize leaves (nonfinite.py)
-
-    @property
-    def adapter(self) -> bool:
-        """The output is a PEFT adapter dir (a LoRA checkpoint, no --merge-lora)."""
-        return self.lora is not None and not self.lora.merge
 
 
 @dataclass(frozen=True)
@@ -186,129 +154,6 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     if config.hub is not None:
         report["hub"] = push_committed(config, ctx)
     return Outcome(config.dest, plan, prepared.source.info, files, False, report)
-
-
-def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepared:
-    """Locate and open the checkpoint, read config.json, map names, choose the dtype; refuse a --quantize recipe
-    this rank's `device` cannot run. Runs on: all ranks."""
-    check_destination(config.dest, config.src)
-    check_readable(config.src)
-    located = locate(config.src, config.checkpoint, config.tag)
-    check_destination(config.dest, config.src, input_paths(config, located.path))
-    source = located.format.open(located.path, located.step)
-    search = search_dirs(located.path, config.src)
-    if config.base_model is not None:
-        if not (config.base_model / "config.json").is_file():
-            raise SourceError("--base-model has no config.json", where=config.base_model,
-                              hint="pass a local Hugging Face model dir")  # fmt: skip
-        search.append(config.base_model.resolve())
-    config_path = find_model_config(located.path, config.src)
-    if config_path is None and config.base_model is not None:
-        config_path = config.base_model / "config.json"
-    tokenizer_dir = config.tokenizer.path or next((d for d in search if is_tokenizer_dir(d)), None)
-    given = links.roots(path for _, path in [("SRC", config.src), *input_paths(config, located.path)])
-    links.check_files(links.published_inputs(config_path, search, tokenizer_dir), given)
-    spec = load_model_spec(config_path) if config_path is not None else None
-    lora = None
-    if is_lora_checkpoint(t.name for t in source.tensors):
-        if config.key_map is not None:
-            raise UsageError("--key-map does not apply to LoRA checkpoints: their names are matched to the PEFT model "
-                             "that config.json and the adapter settings describe", where=located.path,
-                             hint="drop --key-map")  # fmt: skip
-        lora = prepare_lora(config, source, spec, search_dirs(located.path, config.src))
-        source = lora.source
-    elif config.lora.merge:
-        raise SourceError("--merge-lora: the checkpoint holds no LoRA weights (lora_A / lora_B)",
-                          where=located.path, hint="drop --merge-lora")  # fmt: skip
-    check_strategy(config, source, lora, located.path)
-    if lora is not None and not lora.merge:  # the adapter's own tensors, under PEFT's names, as stored or --dtype
-        dtype, reason = choose_dtype(config, None, lora.tensors)
-        return Prepared(source, spec, config_path, lora.tensors, dtype, reason, tuple(search), lora=lora)
-    if spec is None:
-        message = "no config.json found in %s or its parents: names are written as stored, with no config.json"
-        log_rank0(log, message + " (pass --base-model DIR)", located.path, level=logging.WARNING)
-    mapped = map_names(lora.tensors if lora else source.tensors, spec, config.key_map)
-    dtype, reason = choose_dtype(config, spec, mapped.tensors, source.info.training_dtype)
-    if config.quantize is not None and device is not None:
-        from distfinalize.transform.quantize import check_requirement, get_recipe
-
-        check_requirement(get_recipe(config.quantize), device, dtype, where=f"device {device}")
-    merges = {t.name: lora.merges[t.key] for t in mapped.tensors if t.key in lora.merges} if lora else {}
-    return Prepared(source, spec, config_path, mapped.tensors, dtype, reason, tuple(search), mapped.rope_heads,
-                    lora=lora, merges=merges)  # fmt: skip
-
-
-def check_strategy(config: FinalizeConfig, source: Source, lora: LoraLayout | None, where: Path) -> None:
-    """--strategy exchange moves DCP chunks, one source tensor per output tensor: no DeepSpeed, no LoRA merge."""
-    if config.strategy != "exchange":
-        return
-    if lora is not None and lora.merge:
-        raise UsageError("--strategy exchange cannot merge LoRA adapters yet (a merged weight needs three tensors)",
-                         where=where, hint="use --strategy read (the default) with --merge-lora")  # fmt: skip
-    if config.base_model is not None and lora is not None:
-        raise UsageError("--strategy exchange cannot move tensors read from --base-model", where=config.base_model,
-                         hint="use --strategy read (the default)")  # fmt: skip
-    if not hasattr(source, "chunks"):
-        raise SourceError(f"--strategy exchange supports DCP checkpoints, not {source.info.format}",
-                          where=where, hint="use --strategy read (the default)")  # fmt: skip
-
-
-def check_readable(src: Path) -> None:
-    """SRC (when it exists) must be readable and listable by this process."""
-    if src.is_dir() and not os.access(src, os.R_OK | os.X_OK):
-        raise SourceError("source is not readable (permission denied)", where=src,
-                          hint="run as a user who can read it, or fix its permissions")  # fmt: skip
-
-
-def check_destination(dest: Path, src: Path, inputs: Sequence[tuple[str, Path | None]] = ()) -> None:
-    """DEST must not exist, and neither DEST nor its staging dir may overlap an input: SRC, or any of `inputs`
-    ((what, path): the checkpoint folder found, --checkpoint, --base-model, --tokenizer). DEST may not lie inside
-    one (it would be written into a tree that is only read) and none may lie inside the staging dir (a failed run
-    removes it). Paths are compared resolved, symlinked parents followed. Runs on: all ranks."""
-    if dest.exists() or dest.is_symlink():
-        raise DestinationError("destination already exists", where=dest,
-                               hint="choose a new DEST; distfinalize never overwrites")  # fmt: skip
-    target, staging = dest.resolve(), staging_path(dest).resolve()
-    for what, path in (("the source", src), *inputs):
-        if path is None or not path.exists():
-            continue
-        real = path.resolve()
-        if target.is_relative_to(real) or staging.is_relative_to(real):
-            raise DestinationError(f"destination lies inside {what} ({real})", where=dest,
-                                   hint="inputs are only ever read; choose a DEST outside them")  # fmt: skip
-        if real.is_relative_to(staging):
-            raise DestinationError(f"{what} lies inside the destination's staging dir ({staging})", where=path,
-                                   hint="a failed run removes that dir; choose another DEST")  # fmt: skip
-
-
-def input_paths(config: FinalizeConfig, checkpoint_folder: Path) -> list[tuple[str, Path | None]]:
-    """The inputs besides SRC that DEST must stay clear of, named as the user knows them. Pure."""
-    given = config.checkpoint
-    if given is not None and not given.is_absolute() and not given.exists():
-        given = config.src / given  # as locate() reads --checkpoint
-    return [("the checkpoint folder", checkpoint_folder), ("--checkpoint", given),
-            ("--base-model", config.base_model), ("--tokenizer", config.tokenizer.path)]  # fmt: skip
-
-
-def choose_dtype(
-    config: FinalizeConfig,
-    spec: ModelSpec | None,
-    tensors: tuple[TensorMeta, ...],
-    training_dtype: torch.dtype | None = None,
-) -> tuple[torch.dtype | None, str]:
-    """--dtype, else config.json's dtype, else the training dtype the checkpoint records, else as stored."""
-    if config.torch_dtype is not None:
-        return config.torch_dtype, "--dtype"
-    if spec is not None and spec.config_dtype is not None:
-        dtype = getattr(torch, spec.config_dtype, None)
-        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-            return dtype, f"dtype in {spec.config_path}"
-    if training_dtype is not None:
-        return training_dtype, "the training dtype recorded in the checkpoint"
-    stored = {t.dtype for t in tensors if t.dtype.is_floating_point}
-    if len(stored) == 1:
-        return stored.pop(), "as stored in the checkpoint"
-    return None, "as stored in the checkpoint (mixed dtypes)"
 
 
 def check_tied(config: FinalizeConfig, prepared: Prepared, ctx: DistContext) -> str | None:

@@ -12,14 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from distfinalize.hfnames import SINGLE_FILE
 from distfinalize.sources import TensorMeta
 from distfinalize.transform.lora import LoraMerge
 from distfinalize.transform.vocab import RowResize
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-ADAPTER_FILE = "adapter_model.safetensors"  # a PEFT adapter dir's one weight file
-ADAPTER_CONFIG = "adapter_config.json"
 FILENAME_PATTERN = "model{suffix}.safetensors"
 
 
@@ -48,7 +45,7 @@ class TensorPlan:
         """The tensors written for it: itself, or the recipe's (e.g. weight + weight_scale)."""
         if self.quant is None:
             return {self.name: (self.shape, self.dtype)}
-        from distfinalize.transform.quantize import get_recipe
+        from distfinalize.transform.quant.recipes import get_recipe
 
         return get_recipe(self.quant).outputs(self.name, self.shape, self.dtype)
 
@@ -193,7 +190,7 @@ def file_metadata(tensors: Sequence[TensorPlan]) -> dict[str, str]:
     recipes = sorted({t.quant for t in tensors if t.quant is not None})
     if not recipes:
         return {}
-    from distfinalize.transform.quantize import get_recipe
+    from distfinalize.transform.quant.recipes import get_recipe
 
     described = [(t.name, t.shape, t.dtype, t.quant is not None) for t in tensors]
     return {k: v for name in recipes for k, v in get_recipe(name).file_metadata(described).items()}

@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from distfinalize.config import FinalizeConfig
-from distfinalize.dist import DistContext
+from distfinalize.dist.context import DistContext
 from distfinalize.logs import setup_logging
 from distfinalize.pipeline import run
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from distfinalize.commit.staging import STAGING_SUFFIX
 from distfinalize.errors import DestinationError, SourceError
-from distfinalize.staging import STAGING_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def quantization_lines(recipe: str | None, unquantized: tuple[str, ...]) -> list
     """The card's quantization bullets: the recipe, what it is, and the Linear modules left unquantized."""
     if recipe is None:
         return ["- Quantization: none"]
-    from distfinalize.transform.quantize import RECIPES
+    from distfinalize.transform.quant.recipes import RECIPES
 
     known = RECIPES.get(recipe)
     what = f", {known.description} (round-to-nearest, no calibration)" if known is not None else ""

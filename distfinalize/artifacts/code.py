@@ -18,8 +18,8 @@ import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from distfinalize.artifacts.jsonfile import read_json_object
 from distfinalize.errors import DestinationError, SourceError
+from distfinalize.hfnames import read_json_object
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from distfinalize.artifacts.jsonfile import write_json
+from distfinalize.hfnames import write_json
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 

@@ -11,10 +11,10 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-from distfinalize.artifacts.jsonfile import read_json_object
 from distfinalize.artifacts.tokenizer import TokenizerOutcome
 from distfinalize.config import GenerationOptions
 from distfinalize.errors import SourceError, UsageError
+from distfinalize.hfnames import read_json_object
 
 log = logging.getLogger(__name__)
 

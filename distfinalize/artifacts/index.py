@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distfinalize.artifacts.jsonfile import write_json
-from distfinalize.plan import INDEX_FILE, Plan
+from distfinalize.hfnames import INDEX_FILE, write_json
+from distfinalize.plan import Plan
 
 
 def write_index(plan: Plan, directory: Path) -> Path | None:

@@ -76,7 +76,7 @@ def published_inputs(
     search dirs, and the tokenizer dir's files. Runs on: all ranks."""
     from distfinalize.artifacts.card import CARD_NAME
     from distfinalize.artifacts.code import model_code_files
-    from distfinalize.plan import ADAPTER_CONFIG
+    from distfinalize.hfnames import ADAPTER_CONFIG
 
     out: list[tuple[Path, str]] = []
     if config_path is not None:

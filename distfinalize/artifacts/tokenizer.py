@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distfinalize.artifacts.jsonfile import read_json_object
 from distfinalize.errors import SourceError, UsageError
+from distfinalize.hfnames import read_json_object
 from distfinalize.transform.vocab import RowInit
 
 log = logging.getLogger(__name__)

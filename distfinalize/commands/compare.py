@@ -22,17 +22,15 @@ from typing import Any
 
 import torch
 
-from distfinalize.adapter import recorded_options
 from distfinalize.commands.hfdir import Header, Survey, WeightFile
+from distfinalize.commit.manifest import recorded_key_map, recorded_options, recorded_quantization
 from distfinalize.config import FinalizeConfig, LoraOptions
-from distfinalize.errors import DestinationError
-from distfinalize.feed import read_batches
-from distfinalize.finish import MANIFEST
-from distfinalize.pipeline import Prepared, prepare
 from distfinalize.plan import TensorPlan, plan_tensors
-from distfinalize.quantization import embedding_names, quantized_tensors
+from distfinalize.prepare.prepared import Prepared, prepare
 from distfinalize.transform.cast import to_output
-from distfinalize.transform.keymap import TIE_CANDIDATES, KeyMapRules
+from distfinalize.transform.names import TIE_CANDIDATES
+from distfinalize.transform.quant.selection import embedding_names, quantized_tensors
+from distfinalize.write.feed import read_batches
 
 READ_BATCH_BYTES = 512 * 2**20  # source bytes read at once per file compared
 BIT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -50,44 +48,6 @@ class Expectation:
     @property
     def key(self) -> str:
         return self.plan.source_key
-
-
-@dataclass(frozen=True)
-class Quantization:
-    """What --quantize did, as DEST's manifest records it."""
-
-    recipe: str
-    ignore: tuple[str, ...] = ()
-
-
-def recorded_quantization(manifest: Mapping[str, Any] | None) -> Quantization | None:
-    """The manifest's "quantization" entry; DestinationError when it is there but not one finalize writes."""
-    entry = (manifest or {}).get("quantization")
-    if entry is None:
-        return None
-    from distfinalize.transform.quantize import RECIPES
-
-    ignore = entry.get("ignore", []) if isinstance(entry, dict) else None
-    nonfinite = entry.get("nonfinite", []) if isinstance(entry, dict) else None  # weights left for NaN/Inf
-    if (not isinstance(entry, dict) or entry.get("recipe") not in RECIPES or not isinstance(ignore, list)
-            or not isinstance(nonfinite, list)
-            or not all(isinstance(p, str) for p in ignore + nonfinite)):  # fmt: skip
-        raise DestinationError(f"{MANIFEST} records a quantization this version does not know: {entry!r}",
-                               hint=f"known recipes: {', '.join(RECIPES)}")  # fmt: skip
-    from distfinalize.quantization import nonfinite_patterns
-
-    return Quantization(entry["recipe"], (*ignore, *nonfinite_patterns(nonfinite)))
-
-
-def recorded_key_map(manifest: Mapping[str, Any] | None) -> str | KeyMapRules | None:
-    """The key map finalize used when the user chose one (a name, or a file's rules recorded in the manifest)."""
-    entry = (manifest or {}).get("key_map")
-    if entry is None or isinstance(entry, str):
-        return entry
-    try:
-        return KeyMapRules.from_mapping(entry, f"{MANIFEST} key_map")
-    except ValueError as exc:
-        raise DestinationError(str(exc), hint="DEST's manifest was changed after finalize") from exc
 
 
 def recorded_checkpoint(manifest: Mapping[str, Any] | None, src: Path) -> Path | None:
@@ -180,7 +140,7 @@ def compare_quantized(
 ) -> str | None:
     """A quantized weight: the recipe's tensors (names, shapes, dtypes), dequantized within the recipe's
     round-to-nearest bound of the source weight (after the key map's permutations), elementwise. Pure."""
-    from distfinalize.transform.quantize import get_recipe
+    from distfinalize.transform.quant.recipes import get_recipe
 
     recipe = get_recipe(plan.quant)
     for name, (shape, dtype) in plan.outputs.items():

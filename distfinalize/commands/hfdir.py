@@ -13,16 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distfinalize.config import DTYPES
+from distfinalize.commit.manifest import MANIFEST
 from distfinalize.errors import DestinationError
-from distfinalize.finish import MANIFEST
-from distfinalize.plan import ADAPTER_CONFIG, ADAPTER_FILE, INDEX_FILE, SINGLE_FILE
+from distfinalize.hfnames import ADAPTER_CONFIG, ADAPTER_FILE, DTYPES, INDEX_FILE, ITEMSIZE, SINGLE_FILE
 
 MAX_HEADER_SIZE = 100_000_000  # the safetensors library refuses larger headers
-ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
-    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import _TYPES as SAFETENSORS_DTYPES
 
 from distfinalize.errors import SourceError
-from distfinalize.plan import INDEX_FILE, SINGLE_FILE
+from distfinalize.hfnames import INDEX_FILE, SINGLE_FILE
 from distfinalize.sources import Source, SourceInfo, TensorMeta, TensorReader
 
 BASE_KEY_PREFIX = "base-model:"  # keys of tensors read from --base-model (DCP keys never hold a colon)

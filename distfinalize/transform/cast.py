@@ -34,7 +34,7 @@ def transform(
     if plan.resize is not None:
         tensor = resize_rows(tensor, plan.resize)
     if plan.quant is not None:
-        from distfinalize.transform.quantize import get_recipe
+        from distfinalize.transform.quant.recipes import get_recipe
 
         outputs = get_recipe(plan.quant).quantize(plan.name, tensor, plan.dtype)
     else:

@@ -17,17 +17,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from distfinalize.architecture import ModelSpec
 from distfinalize.errors import KeyMappingError, SourceError, UsageError
+from distfinalize.prepare.model import ModelSpec
 from distfinalize.sources import TensorMeta
+from distfinalize.transform.names import CONTAINER_PREFIXES, TIE_CANDIDATES, strip_wrappers
 
 log = logging.getLogger(__name__)
 
-WRAPPER_SEGMENTS = re.compile(r"(?:^|(?<=\.))(?:_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
-# Prefixes a trainer may put in front of the model's own names (DDP/DeepSpeed `module.`, a wrapping `model.`).
-CONTAINER_PREFIXES = ("", "module.", "model.", "module.model.")
-# Output-embedding / input-embedding pairs checked for tying when config.json does not say.
-TIE_CANDIDATES = (("lm_head.weight", "model.embed_tokens.weight"),)
 MAX_NAMES_IN_ERROR = 4
 
 
@@ -49,11 +45,6 @@ def register_key_map(key_map: KeyMap) -> KeyMap:
     """Add a key map to the registry."""
     KEY_MAPS[key_map.name] = key_map
     return key_map
-
-
-def strip_wrappers(name: str) -> str:
-    """Remove torch.compile / FSDP1 / activation-checkpointing wrapper segments from a name."""
-    return WRAPPER_SEGMENTS.sub("", name)
 
 
 register_key_map(KeyMap("hf", lambda name: name, "Hugging Face names, as transformers saves them"))

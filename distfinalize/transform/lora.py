@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distfinalize.transform.keymap import strip_wrappers
+from distfinalize.transform.names import strip_wrappers
 
 PEFT_PREFIX = "base_model.model."
 LORA_WEIGHT = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.([^.]+)(?:\.|$)")

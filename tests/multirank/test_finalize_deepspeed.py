@@ -34,7 +34,7 @@ from support import (
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distfinalize.sources import deepspeed as ds_source
-from distfinalize.sources.deepspeed import DeepSpeedSource
+from distfinalize.sources.deepspeed.source import DeepSpeedSource
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 pytest.importorskip(
@@ -241,7 +241,7 @@ def test_reading_needs_no_deepspeed(deepspeed_runs: Path, tmp_path: Path) -> Non
         "import sys; sys.modules['deepspeed'] = None\n"
         "from pathlib import Path\n"
         "import torch\n"
-        "from distfinalize.sources.deepspeed import DeepSpeedSource\n"
+        "from distfinalize.sources.deepspeed.source import DeepSpeedSource\n"
         f"source = DeepSpeedSource(Path({str(run / LATEST)!r}))\n"
         "assert 'deepspeed' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
         f"torch.save(source.reader().read([t.key for t in source.tensors]), {str(out)!r})\n"

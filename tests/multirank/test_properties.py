@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from support import REPO, check_ok, torchrun
 
 from distfinalize.config import FinalizeConfig
-from distfinalize.dist import DistContext
+from distfinalize.dist.context import DistContext
 from distfinalize.errors import SourceError
 from distfinalize.pipeline import run
 

@@ -19,7 +19,7 @@ pytest.importorskip("compressed_tensors", reason="compressed-tensors is the `qua
 
 from safetensors import safe_open  # noqa: E402
 
-from distfinalize.transform.quantize import get_recipe  # noqa: E402
+from distfinalize.transform.quant.recipes import get_recipe  # noqa: E402
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")  # fmt: skip

@@ -11,7 +11,7 @@ import pytest
 from launching import ARGS, VARIANT, assert_nothing_written, reference_digest
 from support import REPO, tree_digest
 
-from distfinalize.dist import expand_nodelist
+from distfinalize.dist.launch import expand_nodelist
 
 pytestmark = pytest.mark.slurm
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from support import error_lines, finalize, our_traceback, tree_digest
 
-from distfinalize.adapter import load_lora_config
 from distfinalize.config import FinalizeConfig, LoraOptions
 from distfinalize.errors import SourceError
+from distfinalize.prepare.peft import load_lora_config
 from distfinalize.sources.locate import find_model_config
 
 CKPT = Path("checkpoints") / "checkpoint-3"

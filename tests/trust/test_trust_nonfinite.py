@@ -16,7 +16,7 @@ import torch
 from support import TIMEOUT_S, check_ok, env, error_lines, finalize, our_traceback, read_json, read_output, torchrun
 
 from distfinalize.errors import SourceError
-from distfinalize.transform.quantize import RECIPES
+from distfinalize.transform.quant.recipes import RECIPES
 
 pytestmark = pytest.mark.dist
 

@@ -19,8 +19,8 @@ from support import error_lines, finalize, no_traceback, tree_digest
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 
+from distfinalize.commit.keep import ByteRange, FileCopy, OptimizerCopy, copy_optimizer_files, plan_optimizer_copy
 from distfinalize.errors import SourceError
-from distfinalize.keep import ByteRange, FileCopy, OptimizerCopy, copy_optimizer_files, plan_optimizer_copy
 from distfinalize.sources.dcp_metadata import check_data_file_name, data_file, kept_file_name, load_metadata
 
 CKPT = Path("checkpoints") / "checkpoint-3"

@@ -13,7 +13,7 @@ import torch
 from support import error_lines, our_traceback, tree_digest
 from trust_runs import ARGS, finished_records, one_error_line, run, staging_of, verify
 
-from distfinalize.staging import source_identity
+from distfinalize.commit.staging import source_identity
 
 SRC = "untied-model"
 CKPT = Path("checkpoints") / "checkpoint-3"

@@ -10,22 +10,18 @@ import torch
 
 from distfinalize.errors import SourceError
 from distfinalize.sources import deepspeed as ds
-from distfinalize.sources.deepspeed import (
-    FALLBACK_CONSTANTS,
-    DeepSpeedTensorReader,
+from distfinalize.sources.deepspeed.files import is_deepspeed_checkpoint, tag_files
+from distfinalize.sources.deepspeed.layout import (
     Flat,
     Piece,
-    constants,
-    is_deepspeed_checkpoint,
-    load_meta,
     pieces_of,
-    stored_layout,
-    tag_files,
     zero3_fragment_layout,
     zero3_layouts,
     zero3_partitioned_numel,
     zero12_layouts,
 )
+from distfinalize.sources.deepspeed.meta import FALLBACK_CONSTANTS, constants, load_meta, stored_layout
+from distfinalize.sources.deepspeed.source import DeepSpeedTensorReader
 
 F32 = torch.float32
 

@@ -5,17 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distfinalize.dist import (
-    SLURM_PORT_BASE,
-    DistContext,
-    InjectedFailure,
-    LaunchEnv,
-    LaunchError,
-    detect_launch,
-    expand_nodelist,
-    parse_fault,
-)
-from distfinalize.errors import DistfinalizeError
+from distfinalize.dist.context import DistContext
+from distfinalize.dist.launch import SLURM_PORT_BASE, LaunchEnv, detect_launch, expand_nodelist, parse_fault
+from distfinalize.errors import DistfinalizeError, InjectedFailure, LaunchError
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
 SRUN = {  # what srun sets in each task of a 4-task step (seen on a real SLURM 22.05)

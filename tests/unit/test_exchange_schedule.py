@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distfinalize.exchange import assign_readers, describe, plan_exchange
-from distfinalize.overlap import lane_order
 from distfinalize.plan import FilePlan, TensorPlan
 from distfinalize.sources import SourceChunk
+from distfinalize.write.exchange import assign_readers, describe, plan_exchange
+from distfinalize.write.overlap import lane_order
 
 
 @st.composite

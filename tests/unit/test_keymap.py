@@ -10,10 +10,11 @@ import common
 import pytest
 import torch
 
-from distfinalize.architecture import ModelSpec, load_model_spec
 from distfinalize.errors import KeyMappingError, SourceError, UsageError
+from distfinalize.prepare.model import ModelSpec, load_model_spec
 from distfinalize.sources import TensorMeta
-from distfinalize.transform.keymap import KeyMapRules, map_names, resolve_key_map, strip_wrappers
+from distfinalize.transform.keymap import KeyMapRules, map_names, resolve_key_map
+from distfinalize.transform.names import strip_wrappers
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])

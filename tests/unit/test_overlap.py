@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from distfinalize.overlap import ByteBudget, Stages, in_flight, lane_order, to_pinned
 from distfinalize.plan import FilePlan, TensorPlan
+from distfinalize.write.overlap import ByteBudget, Stages, in_flight, lane_order, to_pinned
 
 
 def files(count: int, per_file: int, rows: int = 64) -> list[FilePlan]:

@@ -28,15 +28,10 @@ from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_in
 from compressed_tensors.quantization import QuantizationConfig
 from safetensors.torch import save_file
 
-from distfinalize.transform.quantize import (
-    BLOCK,
-    FP8_MAX,
-    RECIPES,
-    PackedInt,
-    get_recipe,
-    ignored_modules,
-    quantizable,
-)
+from distfinalize.transform.quant.base import BLOCK, FP8_MAX
+from distfinalize.transform.quant.compressed import PackedInt
+from distfinalize.transform.quant.recipes import RECIPES, get_recipe
+from distfinalize.transform.quant.selection import ignored_modules, quantizable
 
 SHAPES = {
     "fp8": [(256, 384), (128, 128), (48, 80), (200, 136)],

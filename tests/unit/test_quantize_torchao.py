@@ -23,7 +23,9 @@ from torchao.quantization import quantize_
 
 from distfinalize.artifacts.card import group_modules, quantization_lines
 from distfinalize.errors import DeviceError
-from distfinalize.transform.quantize import RECIPES, Recipe, Requirement, check_requirement, quantizable
+from distfinalize.transform.quant.base import Recipe, Requirement
+from distfinalize.transform.quant.recipes import RECIPES
+from distfinalize.transform.quant.selection import check_requirement, quantizable
 
 TORCHAO = [name for name in RECIPES if name.startswith("torchao-")]
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from distfinalize.prepare.tie import candidates, combine, paired_chunks, tie_share, tied_head
 from distfinalize.sources import SourceChunk, TensorMeta
 from distfinalize.sources.dcp import DcpSource
-from distfinalize.tie import candidates, combine, paired_chunks, tie_share, tied_head
 
 
 def chunk(key: str, file: str, row: int) -> SourceChunk:

@@ -11,7 +11,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from distfinalize.commands.compare import Expectation, compare, differing_elements, recorded_quantization
+from distfinalize.commands.checks import (
+    FAIL,
+    PASS,
+    SKIP,
+    Check,
+    FileFindings,
+    checksums_check,
+    dtype_check,
+    index_check,
+)
+from distfinalize.commands.compare import Expectation, compare, differing_elements
 from distfinalize.commands.hfdir import (
     Header,
     HeaderError,
@@ -23,17 +33,8 @@ from distfinalize.commands.hfdir import (
     survey,
 )
 from distfinalize.commands.inspect import replan
-from distfinalize.commands.verify import (
-    FAIL,
-    PASS,
-    SKIP,
-    Check,
-    FileFindings,
-    checksums_check,
-    dtype_check,
-    format_table,
-    index_check,
-)
+from distfinalize.commands.verify import format_table
+from distfinalize.commit.manifest import recorded_quantization
 from distfinalize.errors import DistfinalizeError
 from distfinalize.plan import TensorPlan, build_plan
 from distfinalize.sources import TensorMeta
@@ -118,7 +119,7 @@ def test_compare_casts_and_first_rows() -> None:
 
 def test_compare_quantized_weight_within_its_bound() -> None:
     pytest.importorskip("torchao", reason="torchao is the `quant` extra: pip install 'distfinalize[quant]'")
-    from distfinalize.transform.quantize import get_recipe
+    from distfinalize.transform.quant.recipes import get_recipe
 
     source = torch.randn(32, 16, dtype=torch.bfloat16)
     plan = TensorPlan("m.weight", "k", (32, 16), torch.bfloat16, torch.bfloat16, quant="fp8")

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distfinalize.write import DIRECT_ALIGNMENT, SAFETENSORS_DTYPES, SafetensorsWriter, StageBuffer, layout
+from distfinalize.hfnames import SAFETENSORS_DTYPES
+from distfinalize.write.writer import DIRECT_ALIGNMENT, SafetensorsWriter, StageBuffer, layout
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:
@@ -72,7 +73,7 @@ def test_a_stage_buffer_is_reused_across_files(tmp_path: Path) -> None:
 def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Some file systems take O_DIRECT at open but refuse the write with EINVAL: the writer carries on without it.
     The refusal is injected (os.pwrite raising EINVAL for the first staged block); the bytes are checked whole."""
-    import distfinalize.write as write_module
+    import distfinalize.write.writer as write_module
 
     real, refused = os.pwrite, []
 

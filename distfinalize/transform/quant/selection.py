@@ -6,14 +6,19 @@ Pure, from the prepared metadata. Runs on: all ranks (the plan), rank 0 (config.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from distfinalize.config import FinalizeConfig
-from distfinalize.transform.keymap import TIE_CANDIDATES
+from distfinalize.errors import DeviceError
+from distfinalize.transform.names import TIE_CANDIDATES
+from distfinalize.transform.quant.base import DEFAULT_IGNORE, Recipe, module_of
+from distfinalize.transform.quant.recipes import RECIPES
 
 if TYPE_CHECKING:
-    from distfinalize.pipeline import Prepared
+    from distfinalize.prepare.prepared import Prepared
 
 
 def embedding_names(prepared: Prepared) -> list[str]:
@@ -25,7 +30,7 @@ def embedding_names(prepared: Prepared) -> list[str]:
 
 def quantization_rules(config: FinalizeConfig, prepared: Prepared) -> dict[str, Any]:
     """The keyword arguments of quantize.quantizable / ignored_modules for this model."""
-    from distfinalize.transform.quantize import get_recipe
+    from distfinalize.transform.quant.recipes import get_recipe
 
     spec = prepared.spec
     tied = set(spec.tied) | set(spec.tied.values()) if spec is not None else set()
@@ -43,7 +48,7 @@ def quantization_rules(config: FinalizeConfig, prepared: Prepared) -> dict[str, 
 def nonfinite_patterns(names: Iterable[str]) -> list[str]:
     """Anchored module-name regexes of weights left unquantized for holding NaN or Inf (--quantize-skip-nonfinite).
     Pure."""
-    from distfinalize.transform.quantize import module_of
+    from distfinalize.transform.quant.base import module_of
 
     return [f"^{re.escape(module_of(name))}$" for name in sorted(names)]
 
@@ -52,7 +57,6 @@ def quantized_tensors(config: FinalizeConfig, prepared: Prepared) -> dict[str, s
     """Which tensors --quantize quantizes (name -> recipe). Pure. Runs on: all ranks."""
     if config.quantize is None:
         return {}
-    from distfinalize.transform.quantize import quantizable
 
     rules = quantization_rules(config, prepared)
     output_embedding = rules.pop("spec_output_embedding")
@@ -64,7 +68,7 @@ def quantization_config(config: FinalizeConfig, prepared: Prepared) -> dict | No
     """The recipe's config.json block, listing the 2-D weights left unquantized."""
     if config.quantize is None:
         return None
-    from distfinalize.transform.quantize import get_recipe
+    from distfinalize.transform.quant.recipes import get_recipe
 
     return get_recipe(config.quantize).config_block(unquantized_modules(config, prepared))
 
@@ -73,7 +77,6 @@ def unquantized_modules(config: FinalizeConfig, prepared: Prepared) -> list[str]
     """Module names of the Linear weights --quantize leaves as they are (config block and card). Pure."""
     if config.quantize is None:
         return []
-    from distfinalize.transform.quantize import ignored_modules
 
     rules = quantization_rules(config, prepared)
     output_embedding = rules.pop("spec_output_embedding")
@@ -83,3 +86,70 @@ def unquantized_modules(config: FinalizeConfig, prepared: Prepared) -> list[str]
     input_embedding = rules["spec_input_embedding"]
     linears = [(n, s) for n, s in tensors if s and n != input_embedding]  # an embedding is not a Linear
     return ignored_modules(linears, output_embedding, **rules)
+
+
+def check_requirement(recipe: Recipe, device: torch.device, dtype: torch.dtype | None, where: str) -> None:
+    """Refuse up front a recipe the rank's device or the model dtype cannot run (DeviceError).
+
+    Runs on: every rank, in the prepare step, before anything is written.
+    """
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    problem = recipe.requires.problem(device.type, capability, dtype)
+    if problem is None:
+        return
+    others = [r.name for r in RECIPES.values() if r.requires.problem(device.type, capability, dtype) is None]
+    raise DeviceError(
+        f"--quantize {recipe.name} {problem}",
+        where=where,
+        hint=f"{recipe.requires.needed_by + '; ' if recipe.requires.needed_by else ''}run it where that holds, "
+        f"or choose a recipe this machine runs: {', '.join(others)}",
+    )
+
+
+def quantizable(
+    name: str,
+    shape: tuple[int, ...],
+    spec_output_embedding: str | None,
+    *,
+    recipe: Recipe,
+    spec_input_embedding: str | None = None,
+    tied: Collection[str] = (),
+    ignore: Sequence[str] = (),
+) -> bool:
+    """Whether the recipe quantizes this tensor (pure, from metadata). Runs on: all ranks (the plan).
+
+    Left unquantized: anything not a 2-D ``.weight`` (biases, norms, 1-D tensors, fused 3-D experts); the input
+    and output embeddings; every name in `tied` (aliases and what they alias: nothing tied is quantized); modules
+    matching DEFAULT_IGNORE (lm_head, embed, norm, router, gate) or a user `ignore` regex (re.search on the module
+    name); and shapes the recipe cannot divide (Recipe.supports).
+    """
+    if not name.endswith(".weight") or len(shape) != 2:
+        return False
+    if name in (spec_output_embedding, spec_input_embedding):
+        return False
+    if name in tied:
+        return False
+    module = module_of(name)
+    if any(re.search(p, module) for p in (*DEFAULT_IGNORE, *ignore)):
+        return False
+    return recipe.supports(tuple(shape))
+
+
+def ignored_modules(
+    tensors: Iterable[tuple[str, tuple[int, ...]]],
+    spec_output_embedding: str | None,
+    *,
+    recipe: Recipe,
+    spec_input_embedding: str | None = None,
+    tied: Collection[str] = (),
+    ignore: Sequence[str] = (),
+) -> list[str]:
+    """Module names of the 2-D weights left unquantized: the list config_block() and the card record. Pure."""
+    kwargs = {"recipe": recipe, "spec_input_embedding": spec_input_embedding, "tied": tied, "ignore": ignore}
+    return [
+        module_of(name)
+        for name, shape in tensors
+        if name.endswith(".weight")
+        and len(shape) == 2
+        and not quantizable(name, shape, spec_output_embedding, **kwargs)
+    ]

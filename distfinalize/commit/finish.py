@@ -8,27 +8,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distfinalize.adapter import manifest_record, write_adapter_config
 from distfinalize.artifacts.card import LIBRARY_NAME, CardInfo, write_model_card
 from distfinalize.artifacts.code import copy_model_code, model_code_files
 from distfinalize.artifacts.config import ConfigUpdates, output_config, write_config
 from distfinalize.artifacts.generation import find_generation_config, generation_config, write_generation_config
 from distfinalize.artifacts.index import write_index
-from distfinalize.artifacts.jsonfile import write_json
 from distfinalize.artifacts.tokenizer import TokenizerOutcome
+from distfinalize.commit.keep import OptimizerCopy, link_into_root, write_optimizer_metadata
+from distfinalize.commit.manifest import MANIFEST, manifest_record, write_manifest
 from distfinalize.config import FinalizeConfig
 from distfinalize.errors import DestinationError
-from distfinalize.execute import WrittenFile
-from distfinalize.keep import OptimizerCopy, link_into_root, write_manifest, write_optimizer_metadata
-from distfinalize.plan import INDEX_FILE, Plan
-from distfinalize.quantization import quantization_config, unquantized_modules
+from distfinalize.hfnames import INDEX_FILE, write_json
+from distfinalize.plan import Plan
+from distfinalize.prepare.peft import write_adapter_config
 from distfinalize.transform.keymap import KeyMapRules
+from distfinalize.transform.quant.selection import quantization_config, unquantized_modules
+from distfinalize.write.rank import WrittenFile
 
 if TYPE_CHECKING:
-    from distfinalize.pipeline import Prepared
+    from distfinalize.prepare.prepared import Prepared
 
 DROPPED_STATE = ("lr scheduler", "dataloader", "RNG", "trainer state")
-MANIFEST = "distfinalize-manifest.json"
 
 
 def config_updates(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -24,15 +23,13 @@ from typing import Any
 
 import torch
 
-from distfinalize.architecture import ModelSpec, instantiate_on_meta
-from distfinalize.artifacts.jsonfile import read_json_object
-from distfinalize.config import FinalizeConfig, LoraOptions
+from distfinalize.config import FinalizeConfig
 from distfinalize.errors import KeyMappingError, MissingDependencyError, SourceError, UsageError
+from distfinalize.hfnames import ADAPTER_CONFIG, read_json_object
 from distfinalize.logs import log_rank0
-from distfinalize.plan import ADAPTER_CONFIG
+from distfinalize.prepare.model import ModelSpec, instantiate_on_meta
 from distfinalize.sources import Source, TensorMeta
 from distfinalize.sources.hf import BASE_KEY_PREFIX, HFModelDir, WithBaseModel
-from distfinalize.transform.keymap import CONTAINER_PREFIXES, strip_wrappers
 from distfinalize.transform.lora import (
     PEFT_PREFIX,
     LoraMerge,
@@ -41,6 +38,7 @@ from distfinalize.transform.lora import (
     merged_name,
     peft_name,
 )
+from distfinalize.transform.names import CONTAINER_PREFIXES, strip_wrappers
 
 log = logging.getLogger(__name__)
 
@@ -322,27 +320,6 @@ def layer_merges(
         merges[base.key] = LoraMerge(mapped[a].key, mapped[b].key, float(layer.scaling[adapter]), transpose,
                                      mapped[a].nbytes + mapped[b].nbytes)  # fmt: skip
     return merges
-
-
-def manifest_record(layout: LoraLayout, base_model: Path | None, src: Path) -> dict[str, Any]:
-    """What distfinalize-manifest.json records of a LoRA finalize: enough for `verify --source` to redo it. The
-    base model dir is recorded relative to SRC (the manifest is published; no absolute path)."""
-    cfg = layout.config
-    targets = sorted(cfg.target_modules) if isinstance(cfg.target_modules, set) else cfg.target_modules
-    base = os.path.relpath(base_model.resolve(), src.resolve()) if base_model else None
-    return {"merge": layout.merge, "r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora,
-            "target_modules": targets, "base_model": Path(base).as_posix() if base else None}  # fmt: skip
-
-
-def recorded_options(record: Mapping[str, Any], src: Path) -> tuple[LoraOptions, Path | None]:
-    """The LoRA options and base model dir a manifest's record stands for (see manifest_record); a relative base
-    model path is taken relative to `src`."""
-    targets = record.get("target_modules")
-    options = LoraOptions(merge=bool(record.get("merge")), r=record.get("r"), alpha=record.get("lora_alpha"),
-                          target_modules=tuple(targets) if isinstance(targets, list) else (),
-                          use_rslora=record.get("use_rslora"))  # fmt: skip
-    base = record.get("base_model")
-    return options, src / base if isinstance(base, str) else None
 
 
 def adapter_config_preview(layout: LoraLayout) -> dict[str, Any]:

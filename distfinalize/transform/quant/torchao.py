@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from distfinalize.errors import MissingDependencyError
-from distfinalize.transform.quantize import (
+from distfinalize.transform.quant.base import (
     BLOCK,
     FP8_REL_ERR,
     FP8_SUBNORMAL_HALF_STEP,

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch.distributed.checkpoint.metadata import Metadata
 
-from distfinalize.artifacts.jsonfile import write_json
 from distfinalize.errors import SourceError
 from distfinalize.sources.dcp_metadata import data_file, kept_file_name
 
@@ -157,8 +156,3 @@ def link_into_root(root: Path, kept: Path, names: Sequence[str]) -> None:
     """Relative symlinks at the DEST root to the kept checkpoint's files. Runs on: rank 0."""
     for name in names:
         os.symlink(os.path.relpath(kept / name, root), root / name)
-
-
-def write_manifest(kept: Path, entries: Mapping[str, object]) -> Path:
-    """manifest.json: what was kept, where it came from, and what was dropped."""
-    return write_json(kept / "manifest.json", dict(entries))

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from distfinalize.errors import DistfinalizeError
 
 
@@ -32,3 +34,45 @@ def read_json_object(path: Path, error: type[DistfinalizeError], what: str) -> d
         raise error(f"{what} is not a JSON object", where=path,
                     hint=f"it holds a JSON {type(data).__name__}; a {what} is a mapping {{...}}")  # fmt: skip
     return data
+
+
+SINGLE_FILE = "model.safetensors"
+
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+ADAPTER_FILE = "adapter_model.safetensors"  # a PEFT adapter dir's one weight file
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+# safetensors dtype codes (safetensors/src/tensor.rs), checked against the library in the unit tests.
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+
+
+ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from distfinalize.exchange import assign_readers
 from distfinalize.sources import SourceChunk, TensorMeta
 from distfinalize.transform.keymap import tie_candidates
+from distfinalize.write.exchange import assign_readers
 
 log = logging.getLogger(__name__)
 

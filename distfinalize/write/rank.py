@@ -21,15 +21,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from distfinalize.dist import DistContext
+from distfinalize.dist.context import DistContext
 from distfinalize.errors import DestinationError
-from distfinalize.exchange import plan_exchange
-from distfinalize.feed import exchange_feed, read_feed
-from distfinalize.overlap import Item, Stages, lane_order
 from distfinalize.plan import FilePlan, Plan, TensorPlan
 from distfinalize.sources import Source
 from distfinalize.transform.cast import transform
-from distfinalize.write import DEFAULT_METADATA, FileLayout, SafetensorsWriter, StageBuffer, file_sha256, layout
+from distfinalize.write.exchange import plan_exchange
+from distfinalize.write.feed import exchange_feed, read_feed
+from distfinalize.write.overlap import Item, Stages, lane_order
+from distfinalize.write.writer import DEFAULT_METADATA, FileLayout, SafetensorsWriter, StageBuffer, file_sha256, layout
 
 log = logging.getLogger(__name__)
 

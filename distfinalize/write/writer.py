@@ -21,21 +21,8 @@ from pathlib import Path
 
 import torch
 
-# safetensors dtype codes (safetensors/src/tensor.rs), checked against the library in the unit tests.
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
+from distfinalize.hfnames import SAFETENSORS_DTYPES
+
 # The library orders a file's tensors by dtype (descending, in the order of its Dtype enum), then by name.
 # Following it makes our files byte-identical to `safetensors.torch.save_file`'s (checked in the unit tests).
 SAFETENSORS_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")

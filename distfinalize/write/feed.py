@@ -18,10 +18,10 @@ from typing import TypeVar
 
 import torch
 
-from distfinalize.dist import DistContext
-from distfinalize.exchange import ExchangeSchedule, Round, Transfer
+from distfinalize.dist.context import DistContext
 from distfinalize.plan import TensorPlan
 from distfinalize.sources import SourceChunk, TensorReader
+from distfinalize.write.exchange import ExchangeSchedule, Round, Transfer
 
 T = TypeVar("T")
 Failed = Callable[[], BaseException | None]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from distfinalize.artifacts.jsonfile import read_json_object
 from distfinalize.errors import SourceError
+from distfinalize.hfnames import read_json_object
 
 log = logging.getLogger(__name__)
 

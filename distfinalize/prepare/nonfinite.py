@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from distfinalize.config import FinalizeConfig
-from distfinalize.dist import DistContext
+from distfinalize.dist.context import DistContext
 from distfinalize.logs import log_rank0
-from distfinalize.quantization import quantized_tensors
 from distfinalize.sources import TensorMeta
+from distfinalize.transform.quant.selection import quantized_tensors
 
 if TYPE_CHECKING:
-    from distfinalize.pipeline import Prepared
+    from distfinalize.prepare.prepared import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def skip_nonfinite(config: FinalizeConfig, prepared: Prepared, ctx: DistContext)
     if config.dry_run:
         log_rank0(log, "--dry-run reads no weights: weights holding NaN or Inf are not looked for")
         return prepared
-    from distfinalize.transform.quantize import get_recipe
+    from distfinalize.transform.quant.recipes import get_recipe
 
     recipe = get_recipe(config.quantize)
     cast = prepared.dtype if recipe.casts_first else None  # what the recipe quantizes: the weight cast first
@@ -62,7 +62,7 @@ def scan_share(
     """Names of the weights in this rank's share that hold NaN or Inf (in `cast` when given). Runs on: every rank."""
     reader = source.reader()
     if strategy == "exchange":  # node-local files: check the chunks of the files this rank reads
-        from distfinalize.exchange import assign_readers
+        from distfinalize.write.exchange import assign_readers
 
         chunks = source.chunks()
         readers = assign_readers({c.file: c.writer for t in tensors for c in chunks[t.key]}, world_size)

@@ -1,0 +1,47 @@
+"""The DISTFINALIZE_FAIL_AT testing hook: a rank fails, dies, hangs or is signalled at a named step (dist/launch.py
+parses the variable).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from itertools import product
+from typing import Any, TypeVar
+import torch
+import torch.distributed as dist
+from distfinalize.errors import DistfinalizeError, Interrupted, RankFailure
+from distfinalize.errors import InjectedFailure, LaunchError, Terminated
+from distfinalize.dist.launch import FAULT_ENV, LaunchEnv, detect_launch, parse_fault
+
+
+log = logging.getLogger(__name__)
+
+
+def inject_fault(fault: tuple[int, str, str], rank: int, step: str) -> None:
+    """Fail as DISTFINALIZE_FAIL_AT asks when `fault` names this rank and `step`. Testing hook."""
+    if fault[:2] != (rank, step):
+        return
+    mode = fault[2]
+    log.warning("%s: rank %d fails at %r (%s)", FAULT_ENV, rank, step, mode)
+    if mode == "exit":
+        os._exit(3)
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode in ("term", "int"):
+        os.kill(os.getpid(), signal.SIGTERM if mode == "term" else signal.SIGINT)
+        return
+    while mode == "hang":
+        time.sleep(3600)
+    raise InjectedFailure(f"injected failure ({FAULT_ENV}={rank}:{step})", hint="a testing hook; unset it")

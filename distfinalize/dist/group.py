@@ -1,0 +1,116 @@
+"""The process group and its store: forming the group, picking the device, naming backend errors, telling whether a
+peer's process is still alive.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from itertools import product
+from typing import Any, TypeVar
+import torch
+import torch.distributed as dist
+from distfinalize.errors import DistfinalizeError, Interrupted, RankFailure
+from distfinalize.errors import InjectedFailure, LaunchError, Terminated
+from distfinalize.dist.launch import FAULT_ENV, LaunchEnv, detect_launch, parse_fault
+from distfinalize.dist.faults import inject_fault
+
+
+def _proc_key(rank: int) -> str:
+    return f"distfinalize/process/rank{rank}"
+
+
+def _exit_key(rank: int) -> str:
+    return f"distfinalize/exit/rank{rank}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` (on this host) still runs: a zombie, dead but not yet reaped, does not."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        if os.path.isdir("/proc"):
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
+    return state not in ("Z", "X")
+
+
+def _init_group(launch: LaunchEnv, device: torch.device, timeout_s: float) -> None:
+    """gloo on CPU; NCCL for CUDA tensors plus gloo for CPU objects on GPUs. Runs on: all ranks."""
+    backend = "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"
+    kwargs: dict[str, Any] = {}
+    if launch.init_method is not None:
+        kwargs["init_method"] = launch.init_method
+    try:
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            rank=launch.rank,
+            world_size=launch.world_size,
+            **kwargs,
+        )
+    except (RuntimeError, ValueError) as exc:
+        where = launch.init_method or f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise LaunchError(
+            f"rank {launch.rank} of {launch.world_size} cannot join the process group ({launch.launcher})",
+            where=f"{where}: {_short(exc)}",
+            hint="check that every rank runs and reaches MASTER_ADDR:MASTER_PORT (set MASTER_PORT to a free port)",
+        ) from exc
+
+
+def _short(exc: BaseException) -> str:
+    """The gist of a backend error: first line, without gloo's source location and advice."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". This is typically")[0][:300]
+
+
+def _default_store() -> Any:
+    """The store of the default process group (torchrun's agent store, or rank 0's TCPStore), if reachable."""
+    if not dist.is_initialized():
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def _relabel_logging(launch: LaunchEnv) -> None:
+    """The CLI set up logging from RANK/WORLD_SIZE before srun's variables were read: redo it with the rank."""
+    from distfinalize.logs import setup_logging
+
+    level = logging.getLevelName(logging.getLogger("distfinalize").getEffectiveLevel()).lower()
+    setup_logging(level if level in ("debug", "info", "warning", "error") else "info", launch.rank, launch.world_size)
+
+
+def _pick_device(device: str, local_rank: int) -> torch.device:
+    """auto: this rank's GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DistfinalizeError(
+            "--device cuda was asked for but torch sees no CUDA device",
+            hint="use --device auto or --device cpu",
+        )
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
