@@ -1,33 +1,22 @@
-"""Command line: arguments -> FinalizeConfig -> pipeline.run, and one-line errors with what to do next.
+"""Command line: argv -> a command, and its exit code.
 
-python -m distfinalize SRC DEST [options]
-torchrun --nproc_per_node=N -m distfinalize SRC DEST [options]
+    python -m distfinalize SRC DEST [options]          finalize (also under torchrun / srun)
+    python -m distfinalize inspect SRC [options]
+    python -m distfinalize verify DEST [--source SRC]
+
+cli only dispatches: each command in distfinalize.commands parses its own arguments and runs under the
+shared guarded runner, which turns every failure into one line and an exit code.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-from distfinalize.commands.finalize import build_parser, format_plan, parse_config
-from distfinalize.commands.runner import emit, run_guarded
+from distfinalize.commands import command_for
 from distfinalize.startup import imports_starting
-
-if TYPE_CHECKING:
-    from distfinalize.dist.context import DistContext
-
-log = logging.getLogger("distfinalize")
-
-
-# Subcommands: `distfinalize NAME ...`, each a module with main(argv) -> int. Anything else is a finalize.
-COMMANDS = {
-    "inspect": "distfinalize.commands.inspect",
-    "verify": "distfinalize.commands.verify",
-}
 
 
 def console_main() -> None:
@@ -49,21 +38,6 @@ def console_main() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `argv`, run finalize or a subcommand, and return the exit code (no process exit)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in COMMANDS:
-        import importlib
-
-        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
-    config = parse_config(build_parser(), argv)
-
-    def finalize(ctx: DistContext) -> int:
-        from distfinalize.pipeline import run
-
-        outcome = run(config, ctx)
-        if ctx.is_rank0 and outcome.dry_run:
-            emit(format_plan(outcome.plan))
-            emit(json.dumps({k: v for k, v in outcome.report.items() if k != "plan"}, indent=2))
-        return 0
-
-    return run_guarded(finalize, log_level=config.log_level, device=config.device, timeout_s=config.timeout_s)
+    """Run the command `argv` names (a finalize unless its first word is a subcommand); return the exit code."""
+    command, args = command_for(list(sys.argv[1:] if argv is None else argv))
+    return command(args)

@@ -68,6 +68,7 @@ from distfinalize.prepare.peft import (
 )
 from distfinalize.prepare.prepared import Prepared, prepare
 from distfinalize.sources import SourceInfo
+from distfinalize.sources.formats import format_of
 from distfinalize.startup import imports_done
 from distfinalize.transform.quant.selection import embedding_names, quantized_tensors
 from distfinalize.transform.vocab import plan_resizes
@@ -192,11 +193,10 @@ def plan_optimizer(config: FinalizeConfig, prepared: Prepared) -> OptimizerCopy 
     """The optimizer copy for --keep-optimizer (DCP sources). Pure given the metadata. Runs on: all ranks."""
     if not config.keep_optimizer:
         return None
-    metadata = getattr(prepared.source, "metadata", None)
-    if prepared.source.info.format != "dcp" or metadata is None:
+    if not format_of(prepared.source).optimizer:
         raise SourceError(f"--keep-optimizer supports DCP checkpoints, not {prepared.source.info.format}",
                           where=prepared.source.info.path, hint="drop --keep-optimizer")  # fmt: skip
-    return plan_optimizer_copy(*optimizer_source(prepared.source.info.path, metadata))
+    return plan_optimizer_copy(*optimizer_source(prepared.source.info.path, prepared.source.metadata))
 
 
 def stage(config: FinalizeConfig, plan: Plan, prepared: Prepared, weights_dir: Path, with_optimizer: bool,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from distfinalize.commands.runner import PROG, add_timeout_option
+from distfinalize.commands.runner import PROG, add_timeout_option, emit, run_guarded
 from distfinalize.config import (
     DEFAULT_MAX_SHARD_SIZE,
     DEFAULT_READ_BATCH,
@@ -24,6 +26,9 @@ from distfinalize.config import (
 from distfinalize.errors import UsageError
 from distfinalize.hfnames import DTYPES
 from distfinalize.transform.keymap import resolve_key_map
+
+if TYPE_CHECKING:
+    from distfinalize.dist.context import DistContext
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,3 +272,20 @@ def format_plan(plan) -> str:
     for f in plan.files:
         lines += [f"  {f.filename}: {t.name} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in f.tensors]
     return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+    """`distfinalize SRC DEST [options]`: parse, then run the pipeline under the guarded runner. Runs on: all
+    ranks."""
+    config = parse_config(build_parser(), argv)
+
+    def finalize(ctx: DistContext) -> int:
+        from distfinalize.pipeline import run
+
+        outcome = run(config, ctx)
+        if ctx.is_rank0 and outcome.dry_run:
+            emit(format_plan(outcome.plan))
+            emit(json.dumps({k: v for k, v in outcome.report.items() if k != "plan"}, indent=2))
+        return 0
+
+    return run_guarded(finalize, log_level=config.log_level, device=config.device, timeout_s=config.timeout_s)

@@ -30,6 +30,7 @@ from distfinalize.prepare.peft import (
     prepare_lora,
 )
 from distfinalize.sources import Source, TensorMeta
+from distfinalize.sources.formats import format_of
 from distfinalize.sources.locate import find_model_config, locate, search_dirs
 from distfinalize.transform.keymap import map_names
 from distfinalize.transform.lora import LoraMerge, is_lora_checkpoint
@@ -121,7 +122,7 @@ def check_strategy(config: FinalizeConfig, source: Source, lora: LoraLayout | No
     if config.base_model is not None and lora is not None:
         raise UsageError("--strategy exchange cannot move tensors read from --base-model", where=config.base_model,
                          hint="use --strategy read (the default)")  # fmt: skip
-    if not hasattr(source, "chunks"):
+    if not format_of(source).chunked:
         raise SourceError(f"--strategy exchange supports DCP checkpoints, not {source.info.format}",
                           where=where, hint="use --strategy read (the default)")  # fmt: skip
 

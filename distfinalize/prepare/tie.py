@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from distfinalize.sources import SourceChunk, TensorMeta
+from distfinalize.sources.formats import format_of
 from distfinalize.transform.keymap import tie_candidates
 from distfinalize.write.exchange import assign_readers
 
@@ -30,7 +31,7 @@ def candidates(tensors: Sequence[TensorMeta], merged: Mapping[str, object]) -> l
 def tied_head(pairs: Sequence[tuple[TensorMeta, TensorMeta]], source) -> str | None:
     """The lm_head name to drop when it holds exactly the embedding's data. Runs on: rank 0 (reads both)."""
     reader = source.reader()
-    chunks = source.chunks() if hasattr(source, "chunks") else None
+    chunks = source.chunks() if format_of(source).chunked else None
     for head, embed in pairs:
         if identical(head, embed, reader, chunks):
             log.info("%s is identical to %s: writing it once, as tied embeddings", head.name, embed.name)

@@ -77,27 +77,11 @@ class Source(Protocol):
 
 @dataclass(frozen=True)
 class SourceFormat:
-    """A registry entry: how to recognise a checkpoint folder of this format and open it."""
+    """A registry entry (sources/formats.py): how to recognise a checkpoint folder of this format, how to open
+    it, and what its sources can do beyond the Source protocol."""
 
     name: str
     detect: Callable[[Path], bool]
     open: Callable[[Path, int | None], Source]  # (checkpoint folder, step) -> Source
-
-
-SOURCE_FORMATS: dict[str, SourceFormat] = {}
-
-
-def register_source(fmt: SourceFormat) -> SourceFormat:
-    """Add an input format to the registry."""
-    SOURCE_FORMATS[fmt.name] = fmt
-    return fmt
-
-
-def detect_format(path: Path) -> SourceFormat | None:
-    """The first registered format that recognises `path` as a checkpoint folder."""
-    _load_builtin_formats()
-    return next((fmt for fmt in SOURCE_FORMATS.values() if fmt.detect(path)), None)
-
-
-def _load_builtin_formats() -> None:
-    from distfinalize.sources import dcp, deepspeed  # noqa: F401  (register themselves)
+    chunked: bool = False  # its sources have chunks(): stored chunks that --strategy exchange can move
+    optimizer: bool = False  # its sources have metadata that --keep-optimizer copies the optimizer state from

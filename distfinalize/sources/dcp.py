@@ -16,7 +16,7 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 
 from distfinalize.errors import SourceError
-from distfinalize.sources import SourceChunk, SourceFormat, SourceInfo, TensorMeta, register_source
+from distfinalize.sources import SourceChunk, SourceFormat, SourceInfo, TensorMeta
 from distfinalize.sources.dcp_metadata import data_file, load_metadata
 from distfinalize.sources.distcp import ChunkError, load_chunk, read_chunk
 
@@ -261,4 +261,4 @@ def _permission_error(exc: BaseException) -> PermissionError | None:
     return None
 
 
-register_source(SourceFormat("dcp", is_dcp_checkpoint, DcpSource))
+DCP_FORMAT = SourceFormat("dcp", is_dcp_checkpoint, DcpSource, chunked=True, optimizer=True)

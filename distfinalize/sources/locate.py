@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distfinalize.errors import SourceError
-from distfinalize.sources import SourceFormat, detect_format
+from distfinalize.sources import SourceFormat
+from distfinalize.sources.formats import detect_format
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from support import (
 )
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from distfinalize.sources import deepspeed as ds_source
+from distfinalize.sources.deepspeed import source as ds_source
 from distfinalize.sources.deepspeed.source import DeepSpeedSource
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distfinalize.errors import SourceError
-from distfinalize.sources import deepspeed as ds
+from distfinalize.sources.deepspeed import meta as ds_meta
 from distfinalize.sources.deepspeed.files import is_deepspeed_checkpoint, tag_files
 from distfinalize.sources.deepspeed.layout import (
     Flat,
@@ -164,7 +164,7 @@ def test_reader_reads_contiguous_and_strided_tensors(
 ) -> None:
     """Tensors saved as views of bigger storages: offsets come from a data-free load (map_location="meta", or
     FakeTensorMode on a torch whose meta loads do not record offsets), bytes from positioned reads."""
-    monkeypatch.setattr(ds, "meta_load_records_offsets", lambda: meta_offsets)
+    monkeypatch.setattr(ds_meta, "meta_load_records_offsets", lambda: meta_offsets)
     base = torch.arange(48, dtype=torch.bfloat16).reshape(6, 8)
     saved = {"row": base[2], "t": base[1:4, 2:7].t(), "int": torch.tensor([3, -1], dtype=torch.int64)}
     path = tmp_path / "states.pt"

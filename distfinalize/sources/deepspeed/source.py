@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from distfinalize.errors import SourceError
-from distfinalize.sources import SourceFormat, SourceInfo, TensorMeta, register_source
+from distfinalize.sources import SourceFormat, SourceInfo, TensorMeta
 from distfinalize.sources.deepspeed.checks import (
     CORRUPT_HINT,
     _check_field,
@@ -300,4 +300,4 @@ def _read_exact(handle, offset: int, into: memoryview, path: Path) -> None:
         done += n
 
 
-register_source(SourceFormat("deepspeed", is_deepspeed_checkpoint, DeepSpeedSource))
+DEEPSPEED_FORMAT = SourceFormat("deepspeed", is_deepspeed_checkpoint, DeepSpeedSource)
