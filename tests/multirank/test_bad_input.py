@@ -163,22 +163,6 @@ def test_unreadable_source(fsdp2_runs: Path) -> None:
         shutil.rmtree(base)
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--dtype", "int3"], "invalid choice: 'int3'"),
-        (["--max-shard-size", "5 parsecs"], "is not a size"),
-        (["--quantize", "fp3"], "--quantize 'fp3' is not a recipe"),
-        (["--lora-r", "0"], "--lora-r must be positive"),
-    ],
-)
-def test_bad_options_are_usage_errors(run: Path, tmp_path: Path, args: list[str], message: str) -> None:
-    before = tree_digest(run)
-    result = finalize(run, tmp_path / "out", *args)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "out").exists() and tree_digest(run) == before
-
-
 def test_merge_lora_without_lora_weights(run: Path, tmp_path: Path) -> None:
     before = tree_digest(run)
     result = finalize(run, tmp_path / "out", "--merge-lora", nproc=2)
