@@ -1,6 +1,6 @@
 """Benchmark --quantize: finalize one checkpoint with and without each recipe, and raw quantization throughput.
 
-    python benchmarks/quantize.py --size-gib 2 --save-ranks 4 --ranks 2 [--recipes fp8,int4] [--report BENCHMARKS.md]
+    python benchmarks/quantize.py --size-gib 2 --save-ranks 4 --ranks 2 [--recipes fp8,int4] [--report MD]
 
 1. builds a synthetic Llama-shaped bf16 DCP checkpoint (make_synthetic.py) with --save-ranks ranks;
 2. reads it once so every run finds it in the page cache;
@@ -8,7 +8,8 @@
    each recipe, in one run, and reports each recipe's time over the unquantized one;
 4. times Recipe.quantize alone on bf16 weights of --shape, on the CPU and on CUDA when present: GiB/s of bf16
    input (outputs left on the device; the finalize adds the copy back to the host);
-5. prints the tables and appends them, with the command, the machine and the date, to --report.
+5. prints the tables and appends them, with the command, the machine and the date, to --report (default:
+   benchmarks/results/DATE-quantize.md).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import shlex
 import shutil
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -63,7 +65,7 @@ def main() -> None:
     parser.add_argument("--shape", default="4096,14336", help="weight shape for the raw throughput")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--work", type=Path, default=Path("bench-work"))
-    parser.add_argument("--report", type=Path, default=HERE.parent / "BENCHMARKS.md")
+    parser.add_argument("--report", type=Path, default=HERE / "results" / f"{date.today()}-quantize.md")
     args = parser.parse_args()
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in recipes if r not in RECIPES]

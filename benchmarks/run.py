@@ -1,7 +1,7 @@
 """Benchmark distfinalize against the tools users run today, in one run, on one synthetic checkpoint.
 
     python benchmarks/run.py --size-gib 8 --save-ranks 8 [--ranks 1,2,4,8] [--strategies read,exchange] [--no-fp8]
-        [--streams 8] [--reps 3] [--work bench-work] [--report BENCHMARKS.md]
+        [--streams 8] [--reps 3] [--work bench-work] [--report MD]
 
 1. builds a synthetic Llama-shaped bf16 DCP checkpoint (DTensor Shard(0), like FSDP2) with --save-ranks ranks;
 2. measures the machine's limits: write with fsync and cold read over 1 and --streams parallel streams (as
@@ -11,7 +11,8 @@
    `dcp_to_torch_save` + sharding + save_file, `dcp.load` into preallocated tensors + save_file, and
    `accelerate merge-weights`;
 4. checks that every output holds the same tensors, bit for bit (fp8 outputs against each other);
-5. prints a table and appends it, with the command, the machine and the date, to --report.
+5. prints a table and appends it, with the command, the machine and the date, to --report (default:
+   benchmarks/results/DATE-dcp.md).
 
 Reported: wall seconds, GiB/s (checkpoint bytes / wall), peak RSS of the biggest process of the run
 (torchrun's ranks included), the time ratio to the best peer (< 1 means faster), and the ratio to the disk
@@ -30,6 +31,7 @@ import shlex
 import shutil
 import sys
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -157,7 +159,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=8, help="parallel streams of the disk probe")
     parser.add_argument("--max-shard-size", default="256MB")
     parser.add_argument("--work", type=Path, default=Path("bench-work"))
-    parser.add_argument("--report", type=Path, default=HERE.parent / "BENCHMARKS.md")
+    parser.add_argument("--report", type=Path, default=HERE / "results" / f"{date.today()}-dcp.md")
     parser.add_argument("--warm-only", action="store_true")
     parser.add_argument("--reps", type=int, default=1, help="runs of each tool per cache state; the median is reported")
     args = parser.parse_args()

@@ -9,7 +9,8 @@
    `python -m deepspeed.utils.zero_to_fp32 CKPT OUT --safe_serialization --max_shard_size S` and
    `torchrun --nproc_per_node=K -m distfinalize CKPT OUT --dtype float32 --max-shard-size S` for K in --ranks;
 4. checks that every output holds the same tensors as zero_to_fp32's first output, bit for bit;
-5. prints a table and appends it, with the command, the machine and the date, to --report.
+5. prints a table and appends it, with the command, the machine and the date, to --report (default:
+   benchmarks/results/DATE-deepspeed.md).
 
 Reported: wall seconds, GiB/s (checkpoint bytes, i.e. the tag folder's files, / wall), peak RSS of the biggest
 process of the run (torchrun's ranks included), and the time ratio to zero_to_fp32 (< 1 means faster).
@@ -23,6 +24,7 @@ import os
 import shlex
 import shutil
 import sys
+from datetime import date
 from pathlib import Path
 
 from measure import Measurement, disk_write_read, evict, finalize_cmd, run_measured, torchrun
@@ -69,7 +71,7 @@ def main() -> None:
     parser.add_argument("--ranks", default="1,2", help="comma-separated distfinalize world sizes")
     parser.add_argument("--max-shard-size", default="256MB")
     parser.add_argument("--work", type=Path, default=Path("bench-work") / "deepspeed")
-    parser.add_argument("--report", type=Path, default=HERE.parent / "BENCHMARKS.md")
+    parser.add_argument("--report", type=Path, default=HERE / "results" / f"{date.today()}-deepspeed.md")
     parser.add_argument("--warm-only", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (checkpoint and outputs)")
     args = parser.parse_args()

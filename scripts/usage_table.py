@@ -15,13 +15,12 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-# Where the parsers live: the one line to change when they move. That module has build_parser() (finalize's
-# parser) and COMMANDS, subcommand name -> the module (dotted path or module object) whose build_parser() builds
-# that subcommand's parser, or the builder itself.
-import distfinalize.cli as parser_module
+# Where the parsers live: each command is a module of distfinalize.commands with its own build_parser();
+# finalize is the default command, the others are named by their first word.
+from distfinalize.commands import SUBCOMMANDS as SUBCOMMAND_NAMES
+from distfinalize.commands.finalize import build_parser as build_finalize_parser
 
-build_finalize_parser = parser_module.build_parser
-SUBCOMMANDS = parser_module.COMMANDS
+SUBCOMMANDS = {name: f"distfinalize.commands.{name}" for name in SUBCOMMAND_NAMES}
 
 ROOT = Path(__file__).resolve().parent.parent
 USAGE_DOC = ROOT / "docs" / "usage.md"

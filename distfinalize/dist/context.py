@@ -30,37 +30,34 @@ and carries on, as if the launcher had). It exists for the failure tests; a warn
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
-import re
-import shutil
 import signal
-import socket
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from itertools import product
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from distfinalize.errors import DistfinalizeError, Interrupted, RankFailure
-from distfinalize.errors import InjectedFailure, LaunchError, Terminated
-from distfinalize.dist.launch import FAULT_ENV, LaunchEnv, detect_launch, parse_fault
 from distfinalize.dist.faults import inject_fault
-from distfinalize.dist.group import _alive, _default_store, _exit_key, _init_group, _pick_device, _proc_key, _relabel_logging, _short
+from distfinalize.dist.group import (
+    _init_group,
+    _pick_device,
+    _relabel_logging,
+    _short,
+)
+from distfinalize.dist.launch import FAULT_ENV, detect_launch, parse_fault
+from distfinalize.dist.liveness import check_in, dead_ranks, lost_peer, mark, publish_process
+from distfinalize.errors import DistfinalizeError, Interrupted, RankFailure, Terminated
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CPU = torch.device("cpu")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-DEATH_WAIT_S = 1.0  # how long a rank that lost a peer waits for the peer's process to be gone, or to say goodbye
-STORE_PROBE_S = 5.0  # how long a look at the store may take on the way out (a dead store must not hang the exit)
 REPEAT_GRACE_S = 2.0  # a signal repeated sooner than this is the same stop; later, it kills the process
 
 
@@ -131,7 +128,7 @@ class DistContext:
             ctx.owns_group = True
         elif torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)
-        ctx._publish_process()
+        publish_process(ctx)
         ctx._catch_signals()
         log.debug("launched by %s: rank %d of %d, device %s", launch.launcher, ctx.rank, ctx.world_size, torch_device)
         return ctx
@@ -172,7 +169,7 @@ class DistContext:
             self._broken = self._failing = True
             if self.signal is not None:  # the job is being stopped: the peers left the exchange for that
                 raise Terminated(self.signal) from None
-            raise self._lost_peer(step, exc) from None
+            raise lost_peer(self, step, exc) from None
         return recv
 
     def run_step(self, step: str, fn: Callable[[], T], *, ranks: str = "all") -> list[T]:
@@ -203,7 +200,7 @@ class DistContext:
                 raise own_error from None
             if self.signal is not None:  # the job is being stopped: the peers left the collective for that
                 raise Terminated(self.signal) from None
-            raise self._lost_peer(step, exc) from None
+            raise lost_peer(self, step, exc) from None
         failed = [o for o in outcomes if o.error is not None]
         self._failing = bool(failed)
         if own_error is not None:
@@ -257,14 +254,14 @@ class DistContext:
             if outcomes is None:
                 if self.signal is not None:
                     raise Terminated(self.signal)
-                raise self._lost_peer("commit", lost)
+                raise lost_peer(self, "commit", lost)
             raise _peer_failure("commit", [o for o in outcomes if o.error is not None] or outcomes[:1])
         notes, reporter = [], 0
         if outcomes is not None:
             notes += [f"rank {o.rank} failed after the commit was decided ({o.error})" for o in outcomes if o.error]
             notes += [f"{o.value[1]} arrived at rank {o.rank} during the commit" for o in outcomes if o.value[1]]
         else:
-            dead = self.dead_ranks()
+            dead = dead_ranks(self)
             reporter = min(set(range(self.world_size)) - set(dead))
             gone = f"rank {', '.join(map(str, dead))} died" if dead else "a rank died or stopped responding"
             notes.append(f"{gone} after the commit was decided ({_short(lost)})")
@@ -292,8 +289,8 @@ class DistContext:
         """
         self.signal = self.signal or getattr(exc, "signal", None) or "SIGINT"
         self._failing = True
-        self._mark("interrupted")
-        dead = self.dead_ranks()
+        mark(self, "interrupted")
+        dead = dead_ranks(self)
         error: DistfinalizeError
         if dead:
             others = f" (and rank(s) {', '.join(map(str, dead[1:]))})" if len(dead) > 1 else ""
@@ -306,37 +303,11 @@ class DistContext:
         error.keeps_staging = True
         return error
 
-    def dead_ranks(self) -> list[int]:
-        """Peers on this host whose process is gone though they never said they were leaving (SIGKILL, the OOM
-        killer). Peers on other hosts, or a store that cannot be reached, tell nothing. Runs on: any rank."""
-        store = _default_store() if self.world_size > 1 else None
-        if store is None:
-            return []
-        dead: set[int] = set()
-        try:
-            store.set_timeout(datetime.timedelta(seconds=STORE_PROBE_S))
-            pids = {}
-            for r in range(self.world_size):
-                if r != self.rank and store.check([_proc_key(r)]):
-                    host, _, pid = store.get(_proc_key(r)).decode().partition(" ")
-                    if host == socket.gethostname():
-                        pids[r] = int(pid)
-            deadline = time.monotonic() + DEATH_WAIT_S  # a killed process closes its sockets before it is gone
-            while True:
-                # gone first, then no goodbye: a rank leaves its mark before it exits
-                dead |= {r for r, pid in pids.items() if not _alive(pid) and not store.check([_exit_key(r)])}
-                unsure = [r for r in pids if r not in dead and not store.check([_exit_key(r)])]
-                if not unsure or time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-        except (RuntimeError, OSError, ValueError) as exc:
-            log.debug("cannot tell which ranks are alive: %s", _short(exc))
-        return sorted(dead)
 
     def close(self) -> None:
         """Tear down the process group this context created. Never raises, and waits for no peer once the
         group broke or a signal came. Runs on: all ranks."""
-        self._mark("done")
+        mark(self, "done")
         self._holding = False  # a signal now stops the wait for the others (caught below)
         try:
             self.fault_point("close")
@@ -371,74 +342,11 @@ class DistContext:
         """Check in, then every rank's outcome (a signal meanwhile is only recorded)."""
         self._in_collective = True
         try:
-            self._check_in()
+            check_in(self)
             return self.all_gather_object(outcome)
         finally:
             self._in_collective = False
 
-    def _check_key(self, rank: int) -> str:
-        return f"distfinalize/step{self._steps}/rank{rank}"
-
-    def _check_in(self) -> None:
-        """Leave a mark in the store before the step's collective, so the others can tell who never came."""
-        store = _default_store() if self.world_size > 1 else None
-        if store is not None:
-            store.set(self._check_key(self.rank), "1")
-
-    def _publish_process(self) -> None:
-        """Host and pid of this rank in the store, so that a peer can tell whether it died. Runs on: all ranks."""
-        store = _default_store() if self.world_size > 1 else None
-        if store is not None:
-            try:
-                store.set(_proc_key(self.rank), f"{socket.gethostname()} {os.getpid()}")
-            except (RuntimeError, OSError) as exc:
-                log.debug("cannot publish this rank's process: %s", _short(exc))
-
-    def _mark(self, state: str) -> None:
-        """Say goodbye in the store (best effort): this rank leaves on purpose, it did not die."""
-        store = _default_store() if self.world_size > 1 else None
-        if store is None:
-            return
-        try:
-            store.set_timeout(datetime.timedelta(seconds=STORE_PROBE_S))
-            store.set(_exit_key(self.rank), state)
-        except (RuntimeError, OSError) as exc:
-            log.debug("cannot reach the store on the way out: %s", _short(exc))
-
-    def _lost_peer(self, step: str, exc: RuntimeError) -> RankFailure:
-        """The error for a collective that failed because a peer died, hung, or the group broke.
-
-        Its `report_rank` says which rank should print it: the lowest rank still alive (rank 0 usually, but
-        not when rank 0 is the one that is gone); every rank when nobody can tell. A lost rank may have finished
-        files that --resume can reuse: `keeps_staging`. Runs on: every survivor.
-        """
-        cause = _short(exc)
-        missing: list[int] | None = None
-        store = _default_store()
-        if store is not None:
-            try:
-                missing = [r for r in range(self.world_size) if not store.check([self._check_key(r)])]
-            except (RuntimeError, OSError) as store_exc:
-                log.debug("cannot reach the store after a failed collective: %s", _short(store_exc))
-                if self.launcher == "slurm":  # under srun, rank 0 hosts the store: it is rank 0 that is gone
-                    missing, cause = [0], f"{cause}; its store is gone too"
-        if missing:
-            others = f" (and {len(missing) - 1} more rank(s))" if len(missing) > 1 else ""
-            failure = RankFailure(
-                f"rank {missing[0]} failed during {step}{others}",
-                where=f"it died or stopped responding ({cause})",
-                hint="see that rank's own output for why",
-            )
-            failure.report_rank = min(set(range(self.world_size)) - set(missing))
-        else:
-            failure = RankFailure(
-                f"a rank failed during {step}",
-                where=f"the process group broke ({cause})",
-                hint="see the other ranks' output; rank 0, which holds the store, may be gone",
-            )
-            failure.report_rank = self.rank
-        failure.keeps_staging = True
-        return failure
 
     def _catch_signals(self) -> None:
         """Turn SIGTERM and SIGINT into Terminated (a KeyboardInterrupt) so the pipeline cleans up its staging

@@ -4,27 +4,13 @@ parses the variable).
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
-import re
-import shutil
 import signal
-import socket
-import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from itertools import product
-from typing import Any, TypeVar
-import torch
-import torch.distributed as dist
-from distfinalize.errors import DistfinalizeError, Interrupted, RankFailure
-from distfinalize.errors import InjectedFailure, LaunchError, Terminated
-from distfinalize.dist.launch import FAULT_ENV, LaunchEnv, detect_launch, parse_fault
 
+from distfinalize.dist.launch import FAULT_ENV
+from distfinalize.errors import InjectedFailure
 
 log = logging.getLogger(__name__)
 

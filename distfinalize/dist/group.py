@@ -8,49 +8,13 @@ import datetime
 import logging
 import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from itertools import product
-from typing import Any, TypeVar
+from typing import Any
+
 import torch
 import torch.distributed as dist
-from distfinalize.errors import DistfinalizeError, Interrupted, RankFailure
-from distfinalize.errors import InjectedFailure, LaunchError, Terminated
-from distfinalize.dist.launch import FAULT_ENV, LaunchEnv, detect_launch, parse_fault
-from distfinalize.dist.faults import inject_fault
 
-
-def _proc_key(rank: int) -> str:
-    return f"distfinalize/process/rank{rank}"
-
-
-def _exit_key(rank: int) -> str:
-    return f"distfinalize/exit/rank{rank}"
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` (on this host) still runs: a zombie, dead but not yet reaped, does not."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            state = stat.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        if os.path.isdir("/proc"):
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except OSError:
-            pass
-        return True
-    return state not in ("Z", "X")
+from distfinalize.dist.launch import LaunchEnv
+from distfinalize.errors import DistfinalizeError, LaunchError
 
 
 def _init_group(launch: LaunchEnv, device: torch.device, timeout_s: float) -> None:

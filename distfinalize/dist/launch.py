@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import datetime
-import logging
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from itertools import product
-from typing import Any, TypeVar
-import torch
-import torch.distributed as dist
-from distfinalize.errors import DistfinalizeError, Interrupted, RankFailure
-from distfinalize.errors import InjectedFailure, LaunchError, Terminated
 
+from distfinalize.errors import LaunchError
 
 FAULT_ENV = "DISTFINALIZE_FAIL_AT"
 
