@@ -46,7 +46,7 @@ def test_exchange_matches_read_uneven_dtensor_bf16(dtensor_run: Path, tmp_path: 
 
 def test_exchange_corrupt_chunk_is_one_error(fsdp2_runs: Path, tmp_path: Path) -> None:
     """A flipped byte is caught by the rank that reads the file; every rank stops; nothing at DEST."""
-    from test_bad_input import CKPT, flip_tensor_bytes
+    from trust.test_bad_input import CKPT, flip_tensor_bytes
 
     run = tmp_path / "run"
     shutil.copytree(fsdp2_runs / "untied-optim", run)

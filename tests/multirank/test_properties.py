@@ -47,7 +47,7 @@ def test_random_corruption_is_never_silent(saved, tmp_path_factory: pytest.TempP
     broken = case / "ckpt"
     shutil.copytree(src, broken)
     # The data files. DCP's .metadata is a pickle with no checksum: damage to it is caught when it breaks
-    # its structure (tests/multirank/test_bad_input.py), names (checked against config.json) or chunk
+    # its structure (tests/trust/test_bad_input.py), names (checked against config.json) or chunk
     # dtypes/shapes, but two swapped same-shaped offsets would go unseen, so it is not fuzzed here.
     files = sorted(broken.glob("*.distcp"))
     path = data.draw(st.sampled_from(files), label="file")
