@@ -76,8 +76,10 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
 
-    made = run_measured(torchrun(args.save_ranks, str(HERE / "make_synthetic.py"), str(work / "src"), "--size-gib",
-                                 str(args.size_gib)), env)  # fmt: skip
+    made = run_measured(
+        torchrun(args.save_ranks, str(HERE / "make_synthetic.py"), str(work / "src"), "--size-gib", str(args.size_gib)),
+        env,
+    )
     if made.returncode:
         sys.exit(made.output)
     ckpt = work / "src" / "ckpt"
@@ -102,17 +104,24 @@ def main() -> None:
     table = [
         "| --quantize | seconds | GiB/s (checkpoint) | time vs unquantized | peak RSS / process (GiB) |",
         "|---|---:|---:|---:|---:|",
-        *(f"| {name} | {m.wall_s:.2f} | {gib / m.wall_s:.3g} | {m.wall_s / base:.2f} | "
-          f"{m.peak_rss_bytes / 2**30:.2f} |" for _, name, m in rows),
-    ]  # fmt: skip
+        *(
+            f"| {name} | {m.wall_s:.2f} | {gib / m.wall_s:.3g} | {m.wall_s / base:.2f} | "
+            f"{m.peak_rss_bytes / 2**30:.2f} |"
+            for _, name, m in rows
+        ),
+    ]
 
     shape = tuple(int(d) for d in args.shape.split(","))
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     speeds = {f"{r} on {d.type}": float(f"{throughput(r, d, shape, args.reps):.4g}") for r in recipes for d in devices}
-    table += ["", f"Raw quantization throughput, bf16 {list(shape)} weights (GiB/s of bf16 input):", "",
-              "| recipe | " + " | ".join(d.type for d in devices) + " |", "|---|" + "---:|" * len(devices),
-              *(f"| {r} | " + " | ".join(f"{speeds[f'{r} on {d.type}']:.3g}" for d in devices) + " |"
-                for r in recipes)]  # fmt: skip
+    table += [
+        "",
+        f"Raw quantization throughput, bf16 {list(shape)} weights (GiB/s of bf16 input):",
+        "",
+        "| recipe | " + " | ".join(d.type for d in devices) + " |",
+        "|---|" + "---:|" * len(devices),
+        *(f"| {r} | " + " | ".join(f"{speeds[f'{r} on {d.type}']:.3g}" for d in devices) + " |" for r in recipes),
+    ]
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     facts = [
         f"command: `{command}`",

@@ -48,21 +48,28 @@ class Tool:
     peer: bool
 
 
-def tools(ckpt: Path, out: Path, ranks: list[int], shard: str, strategies: list[str] = ("read",),
-          quantize: tuple[bool, ...] = (False,)) -> list[Tool]:  # fmt: skip
+def tools(
+    ckpt: Path,
+    out: Path,
+    ranks: list[int],
+    shard: str,
+    strategies: list[str] = ("read",),
+    quantize: tuple[bool, ...] = (False,),
+) -> list[Tool]:
     """distfinalize with every world size, strategy and (un)quantized, then the peers."""
     py = sys.executable
     found = [
         Tool(
             f"distfinalize, {n} rank(s), {strategy}" + (", fp8" if fp8 else ""),
-            finalize_cmd(n, ckpt, out, "--max-shard-size", shard, "--strategy", strategy,
-                         *(["--quantize", "fp8"] if fp8 else [])),
+            finalize_cmd(
+                n, ckpt, out, "--max-shard-size", shard, "--strategy", strategy, *(["--quantize", "fp8"] if fp8 else [])
+            ),
             False,
         )
         for fp8 in quantize
         for strategy in strategies
         for n in ranks
-    ]  # fmt: skip
+    ]
     found += [
         Tool(
             "dcp_to_torch_save + save_file",
@@ -106,8 +113,9 @@ def median_run(results: list[Measurement]) -> Measurement:
 
 def append_section(report: Path, title: str, facts: list[str], table: list[str], figures: dict, rows: list) -> None:
     """Print the table and append a dated section (machine, facts, table, every run as JSON) to `report`."""
-    runs = [{"cache": c, "tool": n, "wall_s": round(m.wall_s, 3), "peak_rss_bytes": m.peak_rss_bytes}
-            for c, n, m in rows]  # fmt: skip
+    runs = [
+        {"cache": c, "tool": n, "wall_s": round(m.wall_s, 3), "peak_rss_bytes": m.peak_rss_bytes} for c, n, m in rows
+    ]
     section = [
         f"## {datetime.date.today().isoformat()}: {title}",
         "",
@@ -184,9 +192,11 @@ def main() -> None:
     disk = {n: disk_write_read(work, probe, n) for n in sorted({1, args.streams})}
     write_bw = max(max(w, d or 0.0) for w, d, _ in disk.values())
     read_bw = max(r for _, _, r in disk.values())
-    limits = [f"disk, {n} stream(s): write+fsync {w:.2f} GiB/s (page cache), "
-              f"{f'{d:.2f} GiB/s' if d else 'n/a'} (O_DIRECT), cold read {r:.2f} GiB/s"
-              for n, (w, d, r) in disk.items()]  # fmt: skip
+    limits = [
+        f"disk, {n} stream(s): write+fsync {w:.2f} GiB/s (page cache), "
+        f"{f'{d:.2f} GiB/s' if d else 'n/a'} (O_DIRECT), cold read {r:.2f} GiB/s"
+        for n, (w, d, r) in disk.items()
+    ]
     copy = pinned_copy()
     if copy is not None:
         limits.append(f"pinned copy: host-to-device {copy[0]:.1f} GiB/s, device-to-host {copy[1]:.1f} GiB/s")

@@ -31,8 +31,11 @@ def read_json_object(path: Path, error: type[DistfinalizeError], what: str) -> d
     except (OSError, ValueError) as exc:  # ValueError: not UTF-8
         raise error(f"cannot read {what}", where=path, hint=getattr(exc, "strerror", None) or str(exc)) from exc
     if not isinstance(data, dict):
-        raise error(f"{what} is not a JSON object", where=path,
-                    hint=f"it holds a JSON {type(data).__name__}; a {what} is a mapping {{...}}")  # fmt: skip
+        raise error(
+            f"{what} is not a JSON object",
+            where=path,
+            hint=f"it holds a JSON {type(data).__name__}; a {what} is a mapping {{...}}",
+        )
     return data
 
 
@@ -73,6 +76,20 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
-    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}

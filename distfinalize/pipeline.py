@@ -101,9 +101,12 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     kept_tokenizer: list[Any] = []  # rank 0 keeps the tokenizer object to save it at commit
     tokenizer = ctx.run_step("tokenizer", lambda: final_tokenizer(config, prepared, kept_tokenizer), ranks="rank0")[0]
     resizes = plan_resizes(
-        prepared.tensors, embedding_names(prepared), tokenizer.length, tokenizer.row_inits,
+        prepared.tensors,
+        embedding_names(prepared),
+        tokenizer.length,
+        tokenizer.row_inits,
         config.tokenizer.pad_vocab_multiple,
-    )  # fmt: skip
+    )
     plan = build_plan(
         prepared.tensors,
         dtype=prepared.dtype,
@@ -131,16 +134,27 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     locks: list[StagingLock] = []  # rank 0 holds the staging dir's lock until the run ends
     try:
         try:
-            ctx.run_step("stage", lambda: stage(config, plan, prepared, weights_dir, optimizer is not None, locks),
-                         ranks="rank0")  # fmt: skip
+            ctx.run_step(
+                "stage", lambda: stage(config, plan, prepared, weights_dir, optimizer is not None, locks), ranks="rank0"
+            )
             written = ctx.run_step("write", lambda: write_share(config, ctx, plan, prepared, weights_dir, optimizer))
             files = tuple(f for per_rank in written for f in per_rank)
             ctx.run_step(
                 "finish",
-                lambda: finish(config, plan, prepared, tokenizer, kept_tokenizer, vocab_size, files, staging,
-                               weights_dir, optimizer),
+                lambda: finish(
+                    config,
+                    plan,
+                    prepared,
+                    tokenizer,
+                    kept_tokenizer,
+                    vocab_size,
+                    files,
+                    staging,
+                    weights_dir,
+                    optimizer,
+                ),
                 ranks="rank0",
-            )  # fmt: skip
+            )
             # the point of no return: raises only when the rename did not happen
             done = ctx.run_commit(lambda: commit(staging, config.dest), lambda: landed(staging, config.dest, MANIFEST))
         except BaseException as exc:
@@ -166,8 +180,9 @@ def check_tied(config: FinalizeConfig, prepared: Prepared, ctx: DistContext) -> 
     if config.strategy != "exchange":
         return ctx.run_step("tie check", lambda: tie.tied_head(pairs, prepared.source), ranks="rank0")[0]
     source = prepared.source
-    shares = ctx.run_step("tie check", lambda: tie.tie_share(pairs, source.chunks(), source.reader(), ctx.rank,
-                                                             ctx.world_size))  # fmt: skip
+    shares = ctx.run_step(
+        "tie check", lambda: tie.tie_share(pairs, source.chunks(), source.reader(), ctx.rank, ctx.world_size)
+    )
     return tie.combine(pairs, shares)
 
 
@@ -176,8 +191,11 @@ def final_tokenizer(config: FinalizeConfig, prepared: Prepared, kept: list[Any])
     options = config.tokenizer
     path = options.path
     if path is not None and not is_tokenizer_dir(path):
-        raise SourceError("--tokenizer is not a tokenizer dir", where=path,
-                          hint="expected tokenizer.json or tokenizer_config.json in it")  # fmt: skip
+        raise SourceError(
+            "--tokenizer is not a tokenizer dir",
+            where=path,
+            hint="expected tokenizer.json or tokenizer_config.json in it",
+        )
     if path is None:
         path = next((d for d in prepared.search if is_tokenizer_dir(d)), None)
     default_tokens = options.default_tokens and not prepared.adapter  # an adapter cannot grow the embeddings
@@ -194,13 +212,22 @@ def plan_optimizer(config: FinalizeConfig, prepared: Prepared) -> OptimizerCopy 
     if not config.keep_optimizer:
         return None
     if not format_of(prepared.source).optimizer:
-        raise SourceError(f"--keep-optimizer supports DCP checkpoints, not {prepared.source.info.format}",
-                          where=prepared.source.info.path, hint="drop --keep-optimizer")  # fmt: skip
+        raise SourceError(
+            f"--keep-optimizer supports DCP checkpoints, not {prepared.source.info.format}",
+            where=prepared.source.info.path,
+            hint="drop --keep-optimizer",
+        )
     return plan_optimizer_copy(*optimizer_source(prepared.source.info.path, prepared.source.metadata))
 
 
-def stage(config: FinalizeConfig, plan: Plan, prepared: Prepared, weights_dir: Path, with_optimizer: bool,
-          locks: list[StagingLock]) -> None:  # fmt: skip
+def stage(
+    config: FinalizeConfig,
+    plan: Plan,
+    prepared: Prepared,
+    weights_dir: Path,
+    with_optimizer: bool,
+    locks: list[StagingLock],
+) -> None:
     """Create (or, with --resume, take over) the staging dir, locked (the lock goes into `locks`), and the kept
     checkpoint's dirs. The staging dir records the plan and the inputs' identity (names, sizes, mtimes, metadata
     bytes: staging.source_identity) for --resume. Runs on: rank 0."""
@@ -213,18 +240,28 @@ def stage(config: FinalizeConfig, plan: Plan, prepared: Prepared, weights_dir: P
 
 
 def write_share(
-    config: FinalizeConfig, ctx: DistContext, plan: Plan, prepared: Prepared, weights_dir: Path,
+    config: FinalizeConfig,
+    ctx: DistContext,
+    plan: Plan,
+    prepared: Prepared,
+    weights_dir: Path,
     optimizer: OptimizerCopy | None,
-) -> list[WrittenFile]:  # fmt: skip
+) -> list[WrittenFile]:
     """This rank's output files, then its share of the optimizer copy. Runs on: every rank."""
     files = write_rank_files(
-        plan, ctx, prepared.source, weights_dir, data_path(config),
+        plan,
+        ctx,
+        prepared.source,
+        weights_dir,
+        data_path(config),
         progress=ctx.is_rank0 and config.log_level in ("debug", "info"),
-        progress_dir=staging_path(config.dest) / PROGRESS_DIR, resume=config.resume,
-    )  # fmt: skip
+        progress_dir=staging_path(config.dest) / PROGRESS_DIR,
+        resume=config.resume,
+    )
     if optimizer is not None:
-        copied = copy_optimizer_files(optimizer, optimizer.files_for(ctx.rank, ctx.world_size),
-                                      weights_dir / "optimizer")  # fmt: skip
+        copied = copy_optimizer_files(
+            optimizer, optimizer.files_for(ctx.rank, ctx.world_size), weights_dir / "optimizer"
+        )
         log.debug("copied %s of optimizer state", format_bytes(copied))
     return files
 
@@ -242,22 +279,31 @@ def abandon(ctx: DistContext, staging: Path, exc: BaseException, owned: bool) ->
     if ctx.is_rank0 and owned and not (keep and finished):
         remove_staging(staging)
     if isinstance(error, DistfinalizeError) and keep and (owned or not ctx.is_rank0) and staging.exists():
-        extra = (f"--resume will reuse the {finished} finished file(s) kept in {staging}" if finished else
-                 f"remove {staging} (nothing in it is finished), or pass --resume")  # fmt: skip
+        extra = (
+            f"--resume will reuse the {finished} finished file(s) kept in {staging}"
+            if finished
+            else f"remove {staging} (nothing in it is finished), or pass --resume"
+        )
         error.hint = f"{error.hint}; {extra}" if error.hint else extra
     elif not isinstance(error, DistfinalizeError) and ctx.is_rank0 and staging.exists():
         log.warning("kept %s: --resume will reuse its %d finished file(s)", staging, finished)
     return error
 
 
-def report_commit(config: FinalizeConfig, ctx: DistContext, prepared: Prepared, plan: Plan,
-                  done: CommitOutcome) -> None:  # fmt: skip
+def report_commit(
+    config: FinalizeConfig, ctx: DistContext, prepared: Prepared, plan: Plan, done: CommitOutcome
+) -> None:
     """DEST is there: say so once (rank 0, or the lowest surviving rank), with what went wrong around the commit
     without changing that. Runs on: all ranks (one logs)."""
     if ctx.rank != done.reporter:
         return
-    log.info("finalized %s -> %s (%d file(s), %s)", prepared.source.info.path, config.dest, len(plan.files),
-             format_bytes(plan.total_size))  # fmt: skip
+    log.info(
+        "finalized %s -> %s (%d file(s), %s)",
+        prepared.source.info.path,
+        config.dest,
+        len(plan.files),
+        format_bytes(plan.total_size),
+    )
     for note in done.notes:
         log.warning("%s; DEST is complete: %s (`distfinalize verify %s` checks it)", note, config.dest, config.dest)
 
@@ -317,8 +363,11 @@ def data_path(config: FinalizeConfig) -> DataPath:
 
 def describe_data_path(config: FinalizeConfig, prepared: Prepared, plan: Plan) -> dict[str, Any]:
     """--strategy, --read-batch, --write-threads, and for exchange the rounds it would take. Pure."""
-    out: dict[str, Any] = {"strategy": config.strategy, "read_batch": config.read_batch_bytes,
-                           "write_threads": config.write_threads}  # fmt: skip
+    out: dict[str, Any] = {
+        "strategy": config.strategy,
+        "read_batch": config.read_batch_bytes,
+        "write_threads": config.write_threads,
+    }
     if config.strategy == "exchange":
         out["exchange"] = describe_exchange(exchange_schedule(plan, prepared.source, data_path(config)))
     return out
@@ -327,15 +376,30 @@ def describe_data_path(config: FinalizeConfig, prepared: Prepared, plan: Plan) -
 def log_plan(plan: Plan, prepared: Prepared, tokenizer: TokenizerOutcome, vocab_size: int | None) -> None:
     """Rank 0: what will be done."""
     info = prepared.source.info
-    log.info("source: %s checkpoint %s (step %s, saved by %s rank(s)), %d model tensors, %d other entries skipped",
-             info.format, info.path, info.step, info.saved_world_size, len(prepared.tensors), info.skipped)  # fmt: skip
-    log.info("dtype: %s (%s)", str(prepared.dtype).removeprefix("torch.") if prepared.dtype else "as stored",
-             prepared.dtype_reason)  # fmt: skip
+    log.info(
+        "source: %s checkpoint %s (step %s, saved by %s rank(s)), %d model tensors, %d other entries skipped",
+        info.format,
+        info.path,
+        info.step,
+        info.saved_world_size,
+        len(prepared.tensors),
+        info.skipped,
+    )
+    log.info(
+        "dtype: %s (%s)",
+        str(prepared.dtype).removeprefix("torch.") if prepared.dtype else "as stored",
+        prepared.dtype_reason,
+    )
     if vocab_size is not None:
         log.info("vocabulary: embedding rows -> %d (%d token(s) added)", vocab_size, len(tokenizer.added))
     if prepared.lora is not None:
         lora = prepared.lora.summary()
-        log.info("LoRA checkpoint (r=%s, alpha=%s, targets %s; settings from %s): writing %s", lora["r"],
-                 lora["lora_alpha"], lora["target_modules"], lora["config_from"],
-                 "the merged model" if prepared.lora.merge else "a PEFT adapter dir")  # fmt: skip
+        log.info(
+            "LoRA checkpoint (r=%s, alpha=%s, targets %s; settings from %s): writing %s",
+            lora["r"],
+            lora["lora_alpha"],
+            lora["target_modules"],
+            lora["config_from"],
+            "the merged model" if prepared.lora.merge else "a PEFT adapter dir",
+        )
     log.info("plan: %d file(s), %s, %d rank(s)", len(plan.files), format_bytes(plan.total_size), plan.world_size)

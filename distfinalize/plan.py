@@ -125,8 +125,20 @@ def plan_tensors(
         resize = resizes.get(t.name)
         shape = tuple(t.shape) if resize is None else (resize.rows, *t.shape[1:])
         source_shape = tuple(t.shape) if resize is not None else None
-        out.append(TensorPlan(t.name, t.key, shape, t.dtype, output_dtype(t.dtype, dtype), source_shape, resize,
-                              rope_heads.get(t.name), quant.get(t.name), merges.get(t.name)))  # fmt: skip
+        out.append(
+            TensorPlan(
+                t.name,
+                t.key,
+                shape,
+                t.dtype,
+                output_dtype(t.dtype, dtype),
+                source_shape,
+                resize,
+                rope_heads.get(t.name),
+                quant.get(t.name),
+                merges.get(t.name),
+            )
+        )
     return tuple(out)
 
 
@@ -203,10 +215,25 @@ def fingerprint(plan: Plan, inputs: Sequence[str] = ()) -> str:
     import json
 
     files = [
-        [f.filename, [[t.name, t.source_key, list(t.shape), str(t.source_dtype), str(t.dtype), repr(t.resize),
-                       t.rope_heads, t.quant, repr(t.lora)] for t in f.tensors]]
+        [
+            f.filename,
+            [
+                [
+                    t.name,
+                    t.source_key,
+                    list(t.shape),
+                    str(t.source_dtype),
+                    str(t.dtype),
+                    repr(t.resize),
+                    t.rope_heads,
+                    t.quant,
+                    repr(t.lora),
+                ]
+                for t in f.tensors
+            ],
+        ]
         for f in plan.files
-    ]  # fmt: skip
+    ]
     return hashlib.sha256(json.dumps([files, dict(plan.metadata), list(inputs)]).encode()).hexdigest()
 
 

@@ -38,8 +38,14 @@ def layouts(draw: st.DrawFn) -> list[tuple[str, tuple[int, ...], torch.dtype, in
     for i in range(draw(st.integers(1, 6))):
         shape = tuple(draw(st.lists(st.integers(1, 13), min_size=1, max_size=3)))
         dim = draw(st.one_of(st.none(), st.integers(0, len(shape) - 1)))
-        out.append((f"block{i}.{draw(st.sampled_from(['weight', 'bias', 'scale']))}", shape,
-                    draw(st.sampled_from(DTYPES)), dim))  # fmt: skip
+        out.append(
+            (
+                f"block{i}.{draw(st.sampled_from(['weight', 'bias', 'scale']))}",
+                shape,
+                draw(st.sampled_from(DTYPES)),
+                dim,
+            )
+        )
     return out
 
 
@@ -61,14 +67,21 @@ def main() -> None:
     setup_logging("error", ctx.rank, ctx.world_size)
     counter = iter(range(10**6))
 
-    @settings(max_examples=args.examples, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=args.examples,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(layout=layouts(), nested=st.booleans(), shard_kib=st.integers(1, 8))
     def check(layout, nested: bool, shard_kib: int) -> None:
         case = args.work / f"case{next(counter)}"
         full = {name: full_tensor(shape, dtype, seed) for seed, (name, shape, dtype, _) in enumerate(layout)}
-        state = {name: distribute_tensor(full[name].clone(), mesh, [Shard(d) if d is not None else Replicate()])
-                 for name, _, _, d in layout}  # fmt: skip
+        state = {
+            name: distribute_tensor(full[name].clone(), mesh, [Shard(d) if d is not None else Replicate()])
+            for name, _, _, d in layout
+        }
         dcp.save({"model": state, "step": 7} if nested else state, checkpoint_id=str(case / "ckpt"))
         dest = case / "out"
         config = FinalizeConfig(src=case / "ckpt", dest=dest, max_shard_size=shard_kib * 1024, log_level="error")

@@ -21,9 +21,16 @@ from distfinalize.errors import SourceError
 
 # What transformers' AutoTokenizer may read from a tokenizer dir (and save again).
 TOKENIZER_PATTERNS = (
-    "tokenizer*", "*.model", "vocab*", "merges*", "special_tokens_map.json", "added_tokens.json",
-    "chat_template*", "preprocessor_config.json", "processor_config.json",
-)  # fmt: skip
+    "tokenizer*",
+    "*.model",
+    "vocab*",
+    "merges*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template*",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
 TOKENIZER_SUBDIRS = ("additional_chat_templates",)
 
 
@@ -46,9 +53,12 @@ def check_inside(path: Path, tree: Path, what: str) -> None:
         return
     target = path.resolve()
     if not target.is_relative_to(tree):
-        raise SourceError(f"{what} is a symlink that leads outside {tree}", where=f"{path} -> {target}",
-                          hint="nothing from outside the inputs is copied into DEST; replace the link with a "
-                          "regular file (a copy of what DEST should hold)")  # fmt: skip
+        raise SourceError(
+            f"{what} is a symlink that leads outside {tree}",
+            where=f"{path} -> {target}",
+            hint="nothing from outside the inputs is copied into DEST; replace the link with a "
+            "regular file (a copy of what DEST should hold)",
+        )
 
 
 def check_files(files: Iterable[tuple[Path, str]], given: Sequence[Path]) -> None:
@@ -81,8 +91,11 @@ def published_inputs(
     out: list[tuple[Path, str]] = []
     if config_path is not None:
         beside = config_path.parent
-        out += [(config_path, "config.json"), (beside / "generation_config.json", "generation_config.json"),
-                (beside / CARD_NAME, f"the model card {CARD_NAME}")]  # fmt: skip
+        out += [
+            (config_path, "config.json"),
+            (beside / "generation_config.json", "generation_config.json"),
+            (beside / CARD_NAME, f"the model card {CARD_NAME}"),
+        ]
         out += [(p, "model code named by auto_map") for p in model_code_files(beside, warn=False)]
     adapter = next((d / ADAPTER_CONFIG for d in search if (d / ADAPTER_CONFIG).is_file()), None)
     if adapter is not None:

@@ -30,8 +30,12 @@ class Tally:
         self.by_dtype[name] = self.by_dtype.get(name, 0) + nbytes
 
     def as_dict(self) -> dict[str, Any]:
-        return {"tensors": self.tensors, "bytes": self.bytes, "objects": self.objects,
-                "by_dtype": dict(sorted(self.by_dtype.items()))}  # fmt: skip
+        return {
+            "tensors": self.tensors,
+            "bytes": self.bytes,
+            "objects": self.objects,
+            "by_dtype": dict(sorted(self.by_dtype.items())),
+        }
 
 
 @dataclass(frozen=True)

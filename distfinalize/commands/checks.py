@@ -122,8 +122,9 @@ def _check_config(dest: Path) -> tuple[Check, int | None]:
     if not (dest / name).is_file() and (dest / ADAPTER_CONFIG).is_file():
         return _check_adapter_config(dest), None
     if not (dest / name).is_file():
-        return Check(name, FAIL, "absent: transformers cannot load the model without it (finalize with "
-                                 "--base-model DIR)"), None  # fmt: skip
+        return Check(
+            name, FAIL, "absent: transformers cannot load the model without it (finalize with --base-model DIR)"
+        ), None
     from transformers import AutoConfig
 
     try:
@@ -146,8 +147,12 @@ def _check_adapter_config(dest: Path) -> Check:
         config = LoraConfig.from_pretrained(str(dest))
     except Exception as exc:  # peft missing, or any way the file is broken: a failed check, not a crash
         return Check(name, FAIL, f"{ADAPTER_CONFIG} does not load with peft's LoraConfig ({_first_line(exc)})")
-    return Check(name, PASS, f"none (a PEFT adapter dir); {ADAPTER_CONFIG}: LoRA r={config.r}, "
-                             f"lora_alpha={config.lora_alpha}, base {config.base_model_name_or_path}")  # fmt: skip
+    return Check(
+        name,
+        PASS,
+        f"none (a PEFT adapter dir); {ADAPTER_CONFIG}: LoRA r={config.r}, "
+        f"lora_alpha={config.lora_alpha}, base {config.base_model_name_or_path}",
+    )
 
 
 def _check_tokenizer(dest: Path, vocab_size: int | None) -> Check:
@@ -162,8 +167,11 @@ def _check_tokenizer(dest: Path, vocab_size: int | None) -> Check:
         return Check(name, FAIL, f"AutoTokenizer cannot load it ({_first_line(exc)})")
     length = len(tokenizer)
     if vocab_size is not None and length > vocab_size:
-        return Check(name, FAIL, f"{length} tokens but config.json's vocab_size is {vocab_size}: ids past it have "
-                                 "no embedding row")  # fmt: skip
+        return Check(
+            name,
+            FAIL,
+            f"{length} tokens but config.json's vocab_size is {vocab_size}: ids past it have no embedding row",
+        )
     template = "with a chat template" if getattr(tokenizer, "chat_template", None) else "no chat template"
     return Check(name, PASS, f"{type(tokenizer).__name__}, {length} tokens, {template}")
 
@@ -312,15 +320,19 @@ def dtype_check(found: Survey, files: Sequence[FileFindings], dtype: torch.dtype
         )
         if floats:
             got = f.header.tensors[floats[0]].dtype
-            problems.append(f"{f.name}: {len(floats)} floating tensor(s) are not {_dt(dtype)}, e.g. {floats[0]!r} "
-                            f"({_dt(TORCH_DTYPES.get(got, got))})")  # fmt: skip
+            problems.append(
+                f"{f.name}: {len(floats)} floating tensor(s) are not {_dt(dtype)}, e.g. {floats[0]!r} "
+                f"({_dt(TORCH_DTYPES.get(got, got))})"
+            )
         stored_wrong = sorted(n for n, d in special.items() if f.header.tensors[n].dtype != SAFETENSORS_DTYPES[d])
         if stored_wrong:
             n = stored_wrong[0]
             got = f.header.tensors[n].dtype
-            problems.append(f"{f.name}: {len(stored_wrong)} tensor(s) of quantized weights are not as the "
-                            f"{quant.recipe} recipe stores them, e.g. {n!r} is {_dt(TORCH_DTYPES.get(got, got))}, "
-                            f"not {_dt(special[n])}")  # fmt: skip
+            problems.append(
+                f"{f.name}: {len(stored_wrong)} tensor(s) of quantized weights are not as the "
+                f"{quant.recipe} recipe stores them, e.g. {n!r} is {_dt(TORCH_DTYPES.get(got, got))}, "
+                f"not {_dt(special[n])}"
+            )
     stored_note = f"; {quantized} weight(s) stored as the {quant.recipe} recipe stores them" if quant else ""
     return _row(name, problems, f"every floating tensor is {_dt(dtype)} (as {said_by} says){stored_note}")
 
@@ -332,8 +344,9 @@ def quantized_outputs(names: Iterable[str], stored: Mapping[str, torch.dtype]) -
     names = set(names)
     first = next(iter(stored))
     modules = [n.removesuffix(f".{first}") for n in names if n.endswith(f".{first}")]
-    return {f"{m}.{suffix}": d for m in modules if all(f"{m}.{s}" in names for s in stored)
-            for suffix, d in stored.items()}  # fmt: skip
+    return {
+        f"{m}.{suffix}": d for m in modules if all(f"{m}.{s}" in names for s in stored) for suffix, d in stored.items()
+    }
 
 
 def source_check(shares: Sequence[RankFindings], files: Sequence[FileFindings], options: Options) -> Check:

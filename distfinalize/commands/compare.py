@@ -67,8 +67,13 @@ def open_source(
     the manifest records.
     """
     recorded = recorded_checkpoint(found.manifest, src)
-    if (checkpoint is None and tag is None and recorded is not None and recorded.is_dir()
-            and recorded.resolve().is_relative_to(src.resolve())):  # fmt: skip
+    if (
+        checkpoint is None
+        and tag is None
+        and recorded is not None
+        and recorded.is_dir()
+        and recorded.resolve().is_relative_to(src.resolve())
+    ):
         checkpoint = recorded
     quant = recorded_quantization(found.manifest)
     # prepare() refuses an existing DEST; nothing is written, so it gets a name that is never created.
@@ -78,10 +83,18 @@ def open_source(
     record = found.manifest.get("lora") if found.manifest else None
     if isinstance(record, dict):  # a LoRA finalize: redo it as recorded; DEST's weights are not the base model's
         lora, base_model = recorded_options(record, src)
-    config = FinalizeConfig(src=src, dest=phantom, checkpoint=checkpoint, tag=tag, base_model=base_model,
-                            log_level=log_level, key_map=recorded_key_map(found.manifest),
-                            quantize=quant.recipe if quant else None,
-                            quantize_ignore=quant.ignore if quant else (), lora=lora)  # fmt: skip
+    config = FinalizeConfig(
+        src=src,
+        dest=phantom,
+        checkpoint=checkpoint,
+        tag=tag,
+        base_model=base_model,
+        log_level=log_level,
+        key_map=recorded_key_map(found.manifest),
+        quantize=quant.recipe if quant else None,
+        quantize_ignore=quant.ignore if quant else (),
+        lora=lora,
+    )
     prepared = prepare(config)
     return prepared, quantized_tensors(config, prepared)
 
@@ -121,8 +134,13 @@ def compare(
     grown = False
     if tuple(output.shape) != tuple(expected.shape):
         rows = expected.shape[0] if expected.dim() else 0
-        if not (want.rows_may_grow and expected.dim() and output.dim() == expected.dim()
-                and output.shape[1:] == expected.shape[1:] and output.shape[0] > rows):  # fmt: skip
+        if not (
+            want.rows_may_grow
+            and expected.dim()
+            and output.dim() == expected.dim()
+            and output.shape[1:] == expected.shape[1:]
+            and output.shape[0] > rows
+        ):
             return f"has shape {list(output.shape)}, the source's is {list(expected.shape)}", False
         output, grown = output[:rows], True
     if want.plan.lora is not None:
@@ -130,8 +148,9 @@ def compare(
     count, first = differing_elements(output, expected)
     if count:
         part = f"of the first {expected.shape[0]} rows " if grown else ""
-        return (f"differs from the source in {count} of {expected.numel()} element(s) {part}(first at flat index "
-                f"{first})"), grown  # fmt: skip
+        return (
+            f"differs from the source in {count} of {expected.numel()} element(s) {part}(first at flat index {first})"
+        ), grown
     return None, grown
 
 
@@ -146,16 +165,20 @@ def compare_quantized(
     for name, (shape, dtype) in plan.outputs.items():
         got = outputs[name]
         if (tuple(got.shape), got.dtype) != (tuple(shape), dtype):
-            return (f"is stored with {name!r} as {_dt(got.dtype)} {list(got.shape)}; the {recipe.name} recipe "
-                    f"stores it as {_dt(dtype)} {list(shape)}")  # fmt: skip
+            return (
+                f"is stored with {name!r} as {_dt(got.dtype)} {list(got.shape)}; the {recipe.name} recipe "
+                f"stores it as {_dt(dtype)} {list(shape)}"
+            )
     weight = to_output(source, replace(plan, quant=None, dtype=torch.float32), CPU, lora)[plan.name]
     dequantized = recipe.dequantize(dict(outputs))
     outside = ~((dequantized - weight).abs() <= recipe.error_bound(weight, dict(outputs)))  # NaN is outside too
     count = int(outside.sum())
     if count:
         first = int(outside.reshape(-1).nonzero()[0, 0])
-        return (f"dequantized, lies outside the {recipe.name} rounding bound of the source in {count} of "
-                f"{weight.numel()} element(s) (first at flat index {first})")  # fmt: skip
+        return (
+            f"dequantized, lies outside the {recipe.name} rounding bound of the source in {count} of "
+            f"{weight.numel()} element(s) (first at flat index {first})"
+        )
     return None
 
 

@@ -56,26 +56,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--tag", help="DeepSpeed checkpoint tag (e.g. global_step500) instead of the one named in `latest`"
     )
     parser.add_argument(
-        "--key-map", metavar="NAME|FILE",
+        "--key-map",
+        metavar="NAME|FILE",
         help="how checkpoint names map to Hugging Face names: hf, torchtitan-llama (default: detected), or a YAML "
         "file of ordered regex renames and a drop list",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--quantize", nargs="?", const="fp8", metavar="RECIPE",
+        "--quantize",
+        nargs="?",
+        const="fp8",
+        metavar="RECIPE",
         help="quantize Linear weights on the device while writing: fp8 (the default recipe; compressed-tensors "
         "float-quantized, per channel), fp8-block (transformers fp8, 128x128), int8 (W8A16), int4 (W4A16, group 128); "
         "torchao-int8, torchao-fp8, torchao-int4 (torchao's own safetensors format)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--quantize-ignore", action="append", default=[], metavar="REGEX",
+        "--quantize-ignore",
+        action="append",
+        default=[],
+        metavar="REGEX",
         help="module names (regex) to leave unquantized, besides embeddings, lm_head, norms and routers (repeatable)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--quantize-skip-nonfinite", action="store_true",
+        "--quantize-skip-nonfinite",
+        action="store_true",
         help="leave a weight that holds NaN or Inf unquantized (the whole tensor, in the output dtype, listed in "
         "config.json's ignore list) instead of failing; every weight --quantize would quantize is read once more "
         "to find them",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--dtype",
         choices=list(DTYPES),
@@ -110,20 +118,27 @@ def add_data_path_options(parser: argparse.ArgumentParser) -> None:
     """How bytes reach the writing rank, and how much is in flight."""
     path = parser.add_argument_group("data path")
     path.add_argument(
-        "--strategy", choices=STRATEGIES, default="read",
+        "--strategy",
+        choices=STRATEGIES,
+        default="read",
         help="read: each rank reads the byte ranges it writes (shared file systems; default); exchange: each rank "
         "reads only its share of the source files and the chunks travel to their writer over the process group "
         "(checkpoints on node-local disks; DCP only)",
-    )  # fmt: skip
+    )
     path.add_argument(
-        "--read-batch", default=DEFAULT_READ_BATCH, metavar="SIZE",
+        "--read-batch",
+        default=DEFAULT_READ_BATCH,
+        metavar="SIZE",
         help="source bytes read at once, and bytes a rank sends or receives per exchange round; a rank holds at most "
         "twice this in flight (default: %(default)s)",
-    )  # fmt: skip
+    )
     path.add_argument(
-        "--write-threads", type=int, default=DEFAULT_WRITE_THREADS, metavar="N",
+        "--write-threads",
+        type=int,
+        default=DEFAULT_WRITE_THREADS,
+        metavar="N",
         help="output files each rank writes at once (default: %(default)s)",
-    )  # fmt: skip
+    )
 
 
 def add_contract_options(parser: argparse.ArgumentParser) -> None:
@@ -160,17 +175,24 @@ def add_contract_options(parser: argparse.ArgumentParser) -> None:
     card.add_argument("--log-url", action="append", default=[], metavar="URL", help="training logs (repeatable)")
     lora = parser.add_argument_group("LoRA / PEFT checkpoints (detected from the names)")
     lora.add_argument(
-        "--merge-lora", action="store_true",
+        "--merge-lora",
+        action="store_true",
         help="write the full model with the adapter merged (W + scale*B@A in float32) instead of a PEFT adapter dir; "
         "base weights from the checkpoint, else from --base-model DIR",
-    )  # fmt: skip
-    lora.add_argument("--lora-r", type=int, metavar="N", help="LoRA rank (default: adapter_config.json, else the "
-                      "shapes)")  # fmt: skip
+    )
+    lora.add_argument(
+        "--lora-r", type=int, metavar="N", help="LoRA rank (default: adapter_config.json, else the shapes)"
+    )
     lora.add_argument("--lora-alpha", type=float, metavar="ALPHA", help="LoRA alpha (default: adapter_config.json)")
-    lora.add_argument("--lora-target-modules", metavar="A,B", help="adapted modules (default: adapter_config.json, "
-                      "else the names)")  # fmt: skip
-    lora.add_argument("--lora-rslora", action="store_true", default=None,
-                      help="the adapter was trained with use_rslora (scale alpha/sqrt(r))")  # fmt: skip
+    lora.add_argument(
+        "--lora-target-modules", metavar="A,B", help="adapted modules (default: adapter_config.json, else the names)"
+    )
+    lora.add_argument(
+        "--lora-rslora",
+        action="store_true",
+        default=None,
+        help="the adapter was trained with use_rslora (scale alpha/sqrt(r))",
+    )
     keep = parser.add_argument_group("checkpoint layout")
     keep.add_argument(
         "--keep-checkpoint",

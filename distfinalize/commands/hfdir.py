@@ -188,9 +188,17 @@ def survey(dest: Path) -> Survey:
     config = None
     with contextlib.suppress(OSError, ValueError):
         config = json.loads((dest / "config.json").read_text())
-    return Survey(dest, tuple(files), tuple(missing), index, index_error,
-                  manifest if manifest_error is None else None, manifest_error,
-                  config if isinstance(config, dict) else None, single)  # fmt: skip
+    return Survey(
+        dest,
+        tuple(files),
+        tuple(missing),
+        index,
+        index_error,
+        manifest if manifest_error is None else None,
+        manifest_error,
+        config if isinstance(config, dict) else None,
+        single,
+    )
 
 
 def _index_shape_error(index: object) -> str | None:

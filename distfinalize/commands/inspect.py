@@ -105,10 +105,18 @@ def replan(plan: Plan, world_size: int) -> Plan:
 def finalize_config(options: Options) -> FinalizeConfig:
     """The finalize a plain `distfinalize SRC DEST` would run, as a dry run into a DEST that is never created."""
     phantom = Path(tempfile.gettempdir()) / f"distfinalize-inspect-{uuid.uuid4().hex}"
-    return FinalizeConfig(src=options.src, dest=phantom, checkpoint=options.checkpoint, tag=options.tag,
-                          dtype=options.dtype, max_shard_size=options.max_shard_size, dry_run=True,
-                          log_level=options.log_level, timeout_s=options.timeout_s,
-                          lora=LoraOptions(require_alpha=False))  # fmt: skip
+    return FinalizeConfig(
+        src=options.src,
+        dest=phantom,
+        checkpoint=options.checkpoint,
+        tag=options.tag,
+        dtype=options.dtype,
+        max_shard_size=options.max_shard_size,
+        dry_run=True,
+        log_level=options.log_level,
+        timeout_s=options.timeout_s,
+        lora=LoraOptions(require_alpha=False),
+    )
 
 
 def inspect_checkpoint(options: Options, outcome: Outcome, world_size: int) -> dict[str, Any]:
@@ -131,9 +139,21 @@ def inspect_checkpoint(options: Options, outcome: Outcome, world_size: int) -> d
     }
     floating = sorted({str(t.dtype).removeprefix("torch.") for t in plan.tensors if t.dtype.is_floating_point})
     resized = {t.name: {"from": t.source_shape[0], "to": t.shape[0]} for t in plan.tensors if t.resize is not None}
-    report = make_report(options, info.format, breakdown, info.path, info.step, info.saved_world_size, found,
-                         plan=dict(describe(plan), output_dtype=", ".join(floating) or None, resized=resized,
-                                   tokens_added=[token for token, _ in tokenizer.get("added", [])]))  # fmt: skip
+    report = make_report(
+        options,
+        info.format,
+        breakdown,
+        info.path,
+        info.step,
+        info.saved_world_size,
+        found,
+        plan=dict(
+            describe(plan),
+            output_dtype=", ".join(floating) or None,
+            resized=resized,
+            tokens_added=[token for token, _ in tokenizer.get("added", [])],
+        ),
+    )
     report["lora"] = outcome.report.get("lora")
     return report
 
@@ -150,8 +170,11 @@ def inspect_model_dir(options: Options) -> dict[str, Any]:
         try:
             header = read_header(weight.path)
         except HeaderError as exc:
-            raise SourceError("a weight file is not readable safetensors", where=weight.path,
-                              hint=f"{exc}; `distfinalize verify` checks the whole dir") from exc  # fmt: skip
+            raise SourceError(
+                "a weight file is not readable safetensors",
+                where=weight.path,
+                hint=f"{exc}; `distfinalize verify` checks the whole dir",
+            ) from exc
         for entry in header.tensors.values():
             tallies["model"].add(_SAFETENSORS_NAMES.get(entry.dtype, entry.dtype), entry.nbytes)
     src = options.src
@@ -187,9 +210,15 @@ def _has_chat_template(directory: Path) -> bool:
 
 
 def make_report(
-    options: Options, fmt: str, breakdown: Breakdown, checkpoint: Path, step: int | None,
-    saved_world_size: int | None, found: Mapping[str, Any], plan: Mapping[str, Any] | None,
-) -> dict[str, Any]:  # fmt: skip
+    options: Options,
+    fmt: str,
+    breakdown: Breakdown,
+    checkpoint: Path,
+    step: int | None,
+    saved_world_size: int | None,
+    found: Mapping[str, Any],
+    plan: Mapping[str, Any] | None,
+) -> dict[str, Any]:
     """The report as JSON-able data (what --json prints; the text is rendered from it)."""
     total = Tally()
     for tally in breakdown.tallies.values():
@@ -251,21 +280,28 @@ def format_report(data: Mapping[str, Any]) -> str:
         lines.append(f"{'':<17} {kind:<10} {t['tensors']:>7}  {_size(t['bytes']):>24}  {dtypes}")
     objects = {k: data["tensors"][k]["objects"] for k in KINDS if data["tensors"][k]["objects"]}
     if objects:
-        lines.append(f"{'':<17} and {sum(objects.values())} non-tensor entries ("
-                     + ", ".join(f"{k} {n}" for k, n in objects.items()) + ")")  # fmt: skip
+        lines.append(
+            f"{'':<17} and {sum(objects.values())} non-tensor entries ("
+            + ", ".join(f"{k} {n}" for k, n in objects.items())
+            + ")"
+        )
     plan = data["plan"]
     if plan is None:
         item("plan", "none: SRC is already a Hugging Face model dir; `distfinalize verify SRC` checks it")
     else:
-        item("plan", f"{len(plan['files'])} file(s), {_size(plan['total_size'])}, {plan['tensors']} tensors, "
-                     f"output dtype {plan['output_dtype'] or 'as stored'}, {plan['world_size']} rank(s)")  # fmt: skip
+        item(
+            "plan",
+            f"{len(plan['files'])} file(s), {_size(plan['total_size'])}, {plan['tensors']} tensors, "
+            f"output dtype {plan['output_dtype'] or 'as stored'}, {plan['world_size']} rank(s)",
+        )
         width = max(len(f["file"]) for f in plan["files"])
         lines.append(f"{'':<17}   {'file':<{width}}  rank  tensors  bytes")
         lines += [
             f"{'':<17}   {f['file']:<{width}}  {f['rank']:>4}  {f['tensors']:>7}  {f['bytes']}" for f in plan["files"]
         ]
-        lines.append(f"{'':<17}   bytes per rank: " + ", ".join(f"rank {r}: {b}" for r, b in
-                                                                 enumerate(plan["bytes_per_rank"])))  # fmt: skip
+        lines.append(
+            f"{'':<17}   bytes per rank: " + ", ".join(f"rank {r}: {b}" for r, b in enumerate(plan["bytes_per_rank"]))
+        )
         for name, rows in plan["resized"].items():
             item("vocabulary", f"{name}: {rows['from']} -> {rows['to']} rows")
         if plan["tokens_added"]:
@@ -273,11 +309,16 @@ def format_report(data: Mapping[str, Any]) -> str:
     lora = data.get("lora")
     if lora:
         alpha = lora["lora_alpha"] if lora["lora_alpha"] is not None else "unknown (pass --lora-alpha to finalize)"
-        item("LoRA", f"r={lora['r']}, lora_alpha={alpha}{', rsLoRA' if lora['use_rslora'] else ''}, targets "
-                     f"{', '.join(lora['target_modules'] or [])}; trained copies: "
-                     f"{', '.join(lora['modules_to_save'] or []) or 'none'}")  # fmt: skip
-        item("", f"settings from {lora['config_from']}; finalize writes a PEFT adapter dir (--merge-lora: the "
-                 "merged model)")  # fmt: skip
+        item(
+            "LoRA",
+            f"r={lora['r']}, lora_alpha={alpha}{', rsLoRA' if lora['use_rslora'] else ''}, targets "
+            f"{', '.join(lora['target_modules'] or [])}; trained copies: "
+            f"{', '.join(lora['modules_to_save'] or []) or 'none'}",
+        )
+        item(
+            "",
+            f"settings from {lora['config_from']}; finalize writes a PEFT adapter dir (--merge-lora: the merged model)",
+        )
     found = data["found"]
     item("config.json", found["config.json"] or "missing")
     item("tokenizer", found["tokenizer"] or "missing")
@@ -306,11 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag", help="DeepSpeed checkpoint tag (e.g. global_step500)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--world-size", type=int, metavar="N", help="plan for N ranks (default: this job's)")
-    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
-                        help="largest output file of the plan (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        metavar="SIZE",
+        help="largest output file of the plan (default: %(default)s)",
+    )
     parser.add_argument("--dtype", choices=list(DTYPES), help="output dtype of the plan")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning",
-                        help="default: %(default)s (info adds the dry run's own log lines)")  # fmt: skip
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="warning",
+        help="default: %(default)s (info adds the dry run's own log lines)",
+    )
     add_timeout_option(parser)
     return parser
 
@@ -324,8 +373,17 @@ def parse_options(argv: Sequence[str]) -> Options:
         max_shard_size = parse_size(args.max_shard_size)
     except ValueError as exc:
         parser.error(str(exc))
-    return Options(args.src, args.checkpoint, args.tag, args.json, args.world_size, max_shard_size, args.dtype,
-                   args.log_level, args.timeout)  # fmt: skip
+    return Options(
+        args.src,
+        args.checkpoint,
+        args.tag,
+        args.json,
+        args.world_size,
+        max_shard_size,
+        args.dtype,
+        args.log_level,
+        args.timeout,
+    )
 
 
 def main(argv: Sequence[str]) -> int:

@@ -32,8 +32,13 @@ def positive_seconds(text: str) -> float:
 
 def add_timeout_option(parser: argparse.ArgumentParser) -> None:
     """--timeout, the same for finalize, inspect and verify."""
-    parser.add_argument("--timeout", type=positive_seconds, default=1800.0, metavar="SECONDS",
-                        help="how long a rank waits for the others at each step (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=1800.0,
+        metavar="SECONDS",
+        help="how long a rank waits for the others at each step (default: %(default)s)",
+    )
 
 
 def run_guarded(job: Callable[[DistContext], int], *, log_level: str, device: str, timeout_s: float) -> int:

@@ -161,8 +161,13 @@ def check_file(weight: WeightFile, rank: int, wanted: Mapping[str, Expectation] 
             comparison = compare_file(weight, header, wanted, reader, READ_BATCH_BYTES)
         except DistfinalizeError as exc:
             comparison = FileComparison(problems=(f"{weight.name}: cannot read the source ({exc})",))
-    log.debug("%s: header %s, %d tensor(s) compared, %d problem(s)", weight.name, header_error or "ok",
-              comparison.compared, len(comparison.problems))  # fmt: skip
+    log.debug(
+        "%s: header %s, %d tensor(s) compared, %d problem(s)",
+        weight.name,
+        header_error or "ok",
+        comparison.compared,
+        len(comparison.problems),
+    )
     return FileFindings(weight.name, rank, weight.size, digest, header, header_error, comparison)
 
 
@@ -207,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the checkpoint under SRC (default: the one the manifest records, else the latest)",
     )
     parser.add_argument("--tag", help="DeepSpeed tag (global_stepN) under SRC")
-    parser.add_argument("--dtype", choices=list(DTYPES),
-                        help="the dtype the floating tensors must have (default: what DEST declares)")  # fmt: skip
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), help="the dtype the floating tensors must have (default: what DEST declares)"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     add_timeout_option(parser)
@@ -220,8 +226,17 @@ def parse_options(argv: Sequence[str]) -> Options:
     args = parser.parse_args(argv)
     if (args.checkpoint is not None or args.tag is not None) and args.source is None:
         parser.error("--checkpoint and --tag need --source")
-    return Options(args.dest, args.source, args.checkpoint, args.tag, args.dtype, args.log_level, args.json,
-                   args.timeout, progress=args.log_level in ("debug", "info") and not args.json)  # fmt: skip
+    return Options(
+        args.dest,
+        args.source,
+        args.checkpoint,
+        args.tag,
+        args.dtype,
+        args.log_level,
+        args.json,
+        args.timeout,
+        progress=args.log_level in ("debug", "info") and not args.json,
+    )
 
 
 def main(argv: Sequence[str]) -> int:

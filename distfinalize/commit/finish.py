@@ -80,14 +80,22 @@ def existing_card(prepared: Prepared) -> Path | None:
 
 
 def finish(
-    config: FinalizeConfig, plan: Plan, prepared: Prepared, tokenizer: TokenizerOutcome, kept_tokenizer: list[Any],
-    vocab_size: int | None, files: tuple[WrittenFile, ...], staging: Path, weights_dir: Path,
+    config: FinalizeConfig,
+    plan: Plan,
+    prepared: Prepared,
+    tokenizer: TokenizerOutcome,
+    kept_tokenizer: list[Any],
+    vocab_size: int | None,
+    files: tuple[WrittenFile, ...],
+    staging: Path,
+    weights_dir: Path,
     optimizer: OptimizerCopy | None,
-) -> None:  # fmt: skip
+) -> None:
     """Everything written once, into the staging dir; the commit comes after every rank agreed. Runs on: rank 0."""
     try:
-        write_once(config, plan, prepared, tokenizer, kept_tokenizer, vocab_size, files, staging, weights_dir,
-                   optimizer)  # fmt: skip
+        write_once(
+            config, plan, prepared, tokenizer, kept_tokenizer, vocab_size, files, staging, weights_dir, optimizer
+        )
     except OSError as exc:
         raise DestinationError(
             "cannot write the output files",
@@ -97,16 +105,24 @@ def finish(
 
 
 def write_once(
-    config: FinalizeConfig, plan: Plan, prepared: Prepared, tokenizer: TokenizerOutcome, kept_tokenizer: list[Any],
-    vocab_size: int | None, files: tuple[WrittenFile, ...], staging: Path, weights_dir: Path,
+    config: FinalizeConfig,
+    plan: Plan,
+    prepared: Prepared,
+    tokenizer: TokenizerOutcome,
+    kept_tokenizer: list[Any],
+    vocab_size: int | None,
+    files: tuple[WrittenFile, ...],
+    staging: Path,
+    weights_dir: Path,
     optimizer: OptimizerCopy | None,
-) -> None:  # fmt: skip
+) -> None:
     """Index, checksums, config, generation config, tokenizer, card, code, kept checkpoint. Runs on: rank 0."""
     planned = {f.filename for f in plan.files}
     got = {f.filename for f in files}
     if got != planned:
-        raise DestinationError("ranks did not write every planned file", where=staging,
-                               hint=f"missing: {sorted(planned - got)[:4]}")  # fmt: skip
+        raise DestinationError(
+            "ranks did not write every planned file", where=staging, hint=f"missing: {sorted(planned - got)[:4]}"
+        )
     index = write_index(plan, weights_dir)
     write_checksums(staging, weights_dir, files, prepared, config)
     if prepared.adapter:
@@ -119,8 +135,9 @@ def write_once(
         model_config = {}
     generation = None
     if model_config is not None:
-        generation = generation_config(find_generation_config(prepared.config_path), tokenizer, model_config,
-                                       config.generation)  # fmt: skip
+        generation = generation_config(
+            find_generation_config(prepared.config_path), tokenizer, model_config, config.generation
+        )
     if generation:
         write_generation_config(staging, generation)
     if kept_tokenizer and kept_tokenizer[0] is not None:
@@ -142,25 +159,38 @@ def write_checksums(
     info = prepared.source.info
     prefix = weights_dir.relative_to(staging)
     lora = {"lora": manifest_record(prepared.lora, config.base_model, config.src)} if prepared.lora is not None else {}
-    write_json(staging / MANIFEST, {
-        "format": 1,
-        "source": {"format": info.format, "path": source_label(config.src, info.path), "step": info.step},
-        "dtype": str(prepared.dtype).removeprefix("torch.") if prepared.dtype else None,
-        "quantization": {"recipe": config.quantize, "ignore": list(config.quantize_ignore),
-                         **({"nonfinite": sorted(prepared.nonfinite)} if prepared.nonfinite else {})}
-                        if config.quantize else None,
-        "key_map": config.key_map.to_mapping() if isinstance(config.key_map, KeyMapRules) else config.key_map,
-        "files": {str(prefix / f.filename) if str(prefix) != "." else f.filename: {"size": f.size,
-                                                                                 "sha256": f.sha256}
-                  for f in sorted(files, key=lambda f: f.filename)},
-        **lora,
-    })  # fmt: skip
+    write_json(
+        staging / MANIFEST,
+        {
+            "format": 1,
+            "source": {"format": info.format, "path": source_label(config.src, info.path), "step": info.step},
+            "dtype": str(prepared.dtype).removeprefix("torch.") if prepared.dtype else None,
+            "quantization": {
+                "recipe": config.quantize,
+                "ignore": list(config.quantize_ignore),
+                **({"nonfinite": sorted(prepared.nonfinite)} if prepared.nonfinite else {}),
+            }
+            if config.quantize
+            else None,
+            "key_map": config.key_map.to_mapping() if isinstance(config.key_map, KeyMapRules) else config.key_map,
+            "files": {
+                str(prefix / f.filename) if str(prefix) != "." else f.filename: {"size": f.size, "sha256": f.sha256}
+                for f in sorted(files, key=lambda f: f.filename)
+            },
+            **lora,
+        },
+    )
 
 
 def keep_checkpoint(
-    config: FinalizeConfig, plan: Plan, prepared: Prepared, staging: Path, weights_dir: Path, index: Path | None,
+    config: FinalizeConfig,
+    plan: Plan,
+    prepared: Prepared,
+    staging: Path,
+    weights_dir: Path,
+    index: Path | None,
     optimizer: OptimizerCopy | None,
-) -> None:  # fmt: skip
+) -> None:
     """Manifest, config copy and optimizer metadata in the kept checkpoint; root symlinks. Runs on: rank 0."""
     names = [f.filename for f in plan.files] + ([INDEX_FILE] if index is not None else [])
     if (staging / "config.json").is_file():
@@ -168,12 +198,19 @@ def keep_checkpoint(
     if optimizer is not None:
         write_optimizer_metadata(optimizer, weights_dir / "optimizer")
     info = prepared.source.info
-    write_manifest(weights_dir, {
-        "source": {"format": info.format, "path": source_label(config.src, info.path), "step": info.step,
-                   "saved_world_size": info.saved_world_size},
-        "weights": names,
-        "config": "config.json" if (weights_dir / "config.json").is_file() else None,
-        "optimizer": "optimizer" if optimizer is not None else None,
-        "dropped": list(DROPPED_STATE) + ([] if optimizer is not None else ["optimizer"]),
-    })  # fmt: skip
+    write_manifest(
+        weights_dir,
+        {
+            "source": {
+                "format": info.format,
+                "path": source_label(config.src, info.path),
+                "step": info.step,
+                "saved_world_size": info.saved_world_size,
+            },
+            "weights": names,
+            "config": "config.json" if (weights_dir / "config.json").is_file() else None,
+            "optimizer": "optimizer" if optimizer is not None else None,
+            "dropped": list(DROPPED_STATE) + ([] if optimizer is not None else ["optimizer"]),
+        },
+    )
     link_into_root(staging, weights_dir, names)

@@ -28,17 +28,27 @@ def manifest_record(layout: LoraLayout, base_model: Path | None, src: Path) -> d
     cfg = layout.config
     targets = sorted(cfg.target_modules) if isinstance(cfg.target_modules, set) else cfg.target_modules
     base = os.path.relpath(base_model.resolve(), src.resolve()) if base_model else None
-    return {"merge": layout.merge, "r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora,
-            "target_modules": targets, "base_model": Path(base).as_posix() if base else None}  # fmt: skip
+    return {
+        "merge": layout.merge,
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "use_rslora": cfg.use_rslora,
+        "target_modules": targets,
+        "base_model": Path(base).as_posix() if base else None,
+    }
 
 
 def recorded_options(record: Mapping[str, Any], src: Path) -> tuple[LoraOptions, Path | None]:
     """The LoRA options and base model dir a manifest's record stands for (see manifest_record); a relative base
     model path is taken relative to `src`."""
     targets = record.get("target_modules")
-    options = LoraOptions(merge=bool(record.get("merge")), r=record.get("r"), alpha=record.get("lora_alpha"),
-                          target_modules=tuple(targets) if isinstance(targets, list) else (),
-                          use_rslora=record.get("use_rslora"))  # fmt: skip
+    options = LoraOptions(
+        merge=bool(record.get("merge")),
+        r=record.get("r"),
+        alpha=record.get("lora_alpha"),
+        target_modules=tuple(targets) if isinstance(targets, list) else (),
+        use_rslora=record.get("use_rslora"),
+    )
     base = record.get("base_model")
     return options, src / base if isinstance(base, str) else None
 
@@ -60,11 +70,17 @@ def recorded_quantization(manifest: Mapping[str, Any] | None) -> Quantization | 
 
     ignore = entry.get("ignore", []) if isinstance(entry, dict) else None
     nonfinite = entry.get("nonfinite", []) if isinstance(entry, dict) else None  # weights left for NaN/Inf
-    if (not isinstance(entry, dict) or entry.get("recipe") not in RECIPES or not isinstance(ignore, list)
-            or not isinstance(nonfinite, list)
-            or not all(isinstance(p, str) for p in ignore + nonfinite)):  # fmt: skip
-        raise DestinationError(f"{MANIFEST} records a quantization this version does not know: {entry!r}",
-                               hint=f"known recipes: {', '.join(RECIPES)}")  # fmt: skip
+    if (
+        not isinstance(entry, dict)
+        or entry.get("recipe") not in RECIPES
+        or not isinstance(ignore, list)
+        or not isinstance(nonfinite, list)
+        or not all(isinstance(p, str) for p in ignore + nonfinite)
+    ):
+        raise DestinationError(
+            f"{MANIFEST} records a quantization this version does not know: {entry!r}",
+            hint=f"known recipes: {', '.join(RECIPES)}",
+        )
     from distfinalize.transform.quant.selection import nonfinite_patterns
 
     return Quantization(entry["recipe"], (*ignore, *nonfinite_patterns(nonfinite)))

@@ -57,8 +57,11 @@ def lock_staging(staging: Path) -> StagingLock:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except FileNotFoundError:  # no .progress: being made, or being committed, by another run
-        raise DestinationError("another distfinalize run is writing to", where=f"{staging} (it has no {PROGRESS_DIR})",
-                               hint="wait for it to finish; two runs cannot share a staging dir") from None  # fmt: skip
+        raise DestinationError(
+            "another distfinalize run is writing to",
+            where=f"{staging} (it has no {PROGRESS_DIR})",
+            hint="wait for it to finish; two runs cannot share a staging dir",
+        ) from None
     except OSError as exc:
         raise DestinationError("cannot lock the staging dir", where=path, hint=exc.strerror) from exc
     try:
@@ -66,9 +69,11 @@ def lock_staging(staging: Path) -> StagingLock:
     except BlockingIOError:
         holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "a process"
         os.close(fd)
-        raise DestinationError("another distfinalize run is writing to", where=f"{staging} ({holder})",
-                               hint="wait for it to finish, or stop it; two runs cannot share a staging dir",
-                               ) from None  # fmt: skip
+        raise DestinationError(
+            "another distfinalize run is writing to",
+            where=f"{staging} ({holder})",
+            hint="wait for it to finish, or stop it; two runs cannot share a staging dir",
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode(), 0)
     return StagingLock(fd, path)

@@ -154,7 +154,7 @@ class DistContext:
         return box[0]
 
     def all_to_all_bytes(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int], *,
-                         step: str) -> torch.Tensor:  # fmt: skip
+                         step: str) -> torch.Tensor:
         """Swap flat uint8 buffers: `send_splits[r]` bytes go to rank r, `recv_splits[r]` bytes come from it.
 
         NCCL carries CUDA buffers, gloo CPU ones (both implement all_to_all_single with split sizes). A peer that
@@ -296,7 +296,7 @@ class DistContext:
             others = f" (and rank(s) {', '.join(map(str, dead[1:]))})" if len(dead) > 1 else ""
             error = RankFailure(f"rank {dead[0]} died during {self.step}{others}",
                                 where="its process is gone (killed by a signal, or out of memory?)",
-                                hint=f"see that rank's own output and the launcher's report; {outcome}")  # fmt: skip
+                                hint=f"see that rank's own output and the launcher's report; {outcome}")
         else:
             error = Interrupted(f"interrupted by {self.signal} during {self.step}", where=outcome)
         error.report_rank = min(set(range(self.world_size)) - set(dead))

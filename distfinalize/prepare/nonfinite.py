@@ -46,19 +46,31 @@ def skip_nonfinite(config: FinalizeConfig, prepared: Prepared, ctx: DistContext)
     wanted = quantized_tensors(config, prepared)
     tensors = [t for t in prepared.tensors if t.name in wanted]
     strategy = config.strategy if hasattr(prepared.source, "chunks") else "read"
-    shares = ctx.run_step("non-finite scan", lambda: scan_share(
-        prepared.source, tensors, ctx.rank, ctx.world_size, cast, config.read_batch_bytes, strategy))  # fmt: skip
+    shares = ctx.run_step(
+        "non-finite scan",
+        lambda: scan_share(prepared.source, tensors, ctx.rank, ctx.world_size, cast, config.read_batch_bytes, strategy),
+    )
     found = frozenset(name for share in shares for name in share)
     if found:
-        log_rank0(log, "%d weight(s) hold NaN or Inf and are written unquantized (--quantize-skip-nonfinite): %s",
-                  len(found), ", ".join(sorted(found)), level=logging.WARNING)  # fmt: skip
+        log_rank0(
+            log,
+            "%d weight(s) hold NaN or Inf and are written unquantized (--quantize-skip-nonfinite): %s",
+            len(found),
+            ", ".join(sorted(found)),
+            level=logging.WARNING,
+        )
     return replace(prepared, nonfinite=found)
 
 
 def scan_share(
-    source, tensors: Sequence[TensorMeta], rank: int, world_size: int, cast: torch.dtype | None, batch_bytes: int,
+    source,
+    tensors: Sequence[TensorMeta],
+    rank: int,
+    world_size: int,
+    cast: torch.dtype | None,
+    batch_bytes: int,
     strategy: str = "read",
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """Names of the weights in this rank's share that hold NaN or Inf (in `cast` when given). Runs on: every rank."""
     reader = source.reader()
     if strategy == "exchange":  # node-local files: check the chunks of the files this rank reads

@@ -78,14 +78,20 @@ def prepare_lora(
 ) -> LoraLayout:
     """Understand a LoRA checkpoint. Raises SourceError / UsageError with what to do. Runs on: all ranks."""
     if spec is None:
-        raise SourceError("a LoRA checkpoint needs its base model's config.json", where=source.info.path,
-                          hint="put config.json beside the checkpoint or pass --base-model DIR")  # fmt: skip
+        raise SourceError(
+            "a LoRA checkpoint needs its base model's config.json",
+            where=source.info.path,
+            hint="put config.json beside the checkpoint or pass --base-model DIR",
+        )
     if not config.lora.merge:
         check_adapter_options(config)
     adapters = adapter_names(t.name for t in source.tensors)
     if len(adapters) != 1:
-        raise SourceError(f"the checkpoint holds {len(adapters)} LoRA adapters ({', '.join(sorted(adapters))})",
-                          where=source.info.path, hint="finalize a checkpoint with one adapter")  # fmt: skip
+        raise SourceError(
+            f"the checkpoint holds {len(adapters)} LoRA adapters ({', '.join(sorted(adapters))})",
+            where=source.info.path,
+            hint="finalize a checkpoint with one adapter",
+        )
     adapter = adapters.pop()
     found = next((d / ADAPTER_CONFIG for d in search if (d / ADAPTER_CONFIG).is_file()), None)
     base_name = config.card.base_model_id or (str(config.base_model.resolve()) if config.base_model else None)
@@ -107,9 +113,13 @@ def prepare_lora(
 
 
 def adapter_output(
-    model: torch.nn.Module, mapped: dict[str, TensorMeta], expected: dict[str, torch.Tensor], adapter: str,
-    source: Source, base_model: Path | None,
-) -> tuple[tuple[TensorMeta, ...], Source]:  # fmt: skip
+    model: torch.nn.Module,
+    mapped: dict[str, TensorMeta],
+    expected: dict[str, torch.Tensor],
+    adapter: str,
+    source: Source,
+    base_model: Path | None,
+) -> tuple[tuple[TensorMeta, ...], Source]:
     """The adapter file's tensors, with the frozen base tensors peft would add taken from --base-model (when the
     checkpoint lacks them), and the source to read them all from."""
     tensors, frozen = adapter_tensors(model, mapped, expected, adapter, source)
@@ -119,21 +129,34 @@ def adapter_output(
         tensors += tuple(replace(base.tensors[hf], name=name) for name, hf in frozen if name not in lacking)
         source = WithBaseModel(source, base, tensors)
     if lacking:
-        log_rank0(log, "peft's save_pretrained also stores the base weights of adapted embeddings (%s); the "
-                  "checkpoint lacks them, so the adapter is written without them (it loads on the same base "
-                  "model). Pass --base-model DIR to include them", ", ".join(lacking),
-                  level=logging.WARNING)  # fmt: skip
+        log_rank0(
+            log,
+            "peft's save_pretrained also stores the base weights of adapted embeddings (%s); the "
+            "checkpoint lacks them, so the adapter is written without them (it loads on the same base "
+            "model). Pass --base-model DIR to include them",
+            ", ".join(lacking),
+            level=logging.WARNING,
+        )
     return tensors, source
 
 
 def check_adapter_options(config: FinalizeConfig) -> None:
     """Options that change a full model make no sense for an adapter dir."""
-    conflicts = [flag for flag, on in (("--quantize", config.quantize), ("--keep-checkpoint", config.keep_checkpoint),
-                 ("--add-tokens", config.tokenizer.add_tokens),
-                 ("--pad-vocab-to-multiple-of", config.tokenizer.pad_vocab_multiple)) if on]  # fmt: skip
+    conflicts = [
+        flag
+        for flag, on in (
+            ("--quantize", config.quantize),
+            ("--keep-checkpoint", config.keep_checkpoint),
+            ("--add-tokens", config.tokenizer.add_tokens),
+            ("--pad-vocab-to-multiple-of", config.tokenizer.pad_vocab_multiple),
+        )
+        if on
+    ]
     if conflicts:
-        raise UsageError(f"{', '.join(conflicts)} cannot apply to a LoRA adapter dir",
-                         hint="add --merge-lora to write the full model, or drop those options")  # fmt: skip
+        raise UsageError(
+            f"{', '.join(conflicts)} cannot apply to a LoRA adapter dir",
+            hint="add --merge-lora to write the full model, or drop those options",
+        )
 
 
 def inferred_settings(tensors: tuple[TensorMeta, ...], spec: ModelSpec) -> dict[str, Any]:
@@ -166,15 +189,18 @@ def load_lora_config(config: FinalizeConfig, found: Path | None, inferred: dict[
     if found is not None:
         peft_type = read_json_object(found, SourceError, ADAPTER_CONFIG).get("peft_type")
         if peft_type not in (None, "LORA"):
-            raise SourceError(f"the adapter is {peft_type}, not LoRA", where=found,
-                              hint="only LoRA adapters are supported")  # fmt: skip
+            raise SourceError(
+                f"the adapter is {peft_type}, not LoRA", where=found, hint="only LoRA adapters are supported"
+            )
         loaded = LoraConfig.from_pretrained(str(found.parent))
         settings = {f.name: getattr(loaded, f.name) for f in dataclasses.fields(loaded) if f.init}
     else:
         if config.lora.alpha is None and config.lora.require_alpha:
-            raise SourceError("the LoRA checkpoint has no adapter_config.json, so lora_alpha is unknown",
-                              hint="pass --lora-alpha (and --lora-rslora if it was trained so), or put the "
-                              "adapter_config.json of the run beside the checkpoint")  # fmt: skip
+            raise SourceError(
+                "the LoRA checkpoint has no adapter_config.json, so lora_alpha is unknown",
+                hint="pass --lora-alpha (and --lora-rslora if it was trained so), or put the "
+                "adapter_config.json of the run beside the checkpoint",
+            )
         settings = dict(inferred)
     settings.update(config.lora.overrides)
     settings["inference_mode"] = True
@@ -198,9 +224,12 @@ def peft_model_on_meta(spec: ModelSpec, lora_config: Any, adapter: str) -> torch
             warnings.simplefilter("ignore")
             return peft.get_peft_model(base, copy.deepcopy(lora_config), adapter_name=adapter)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise SourceError("peft cannot apply the LoRA settings to config.json's model", where=spec.config_path,
-                          hint=f"{str(exc).splitlines()[0] if str(exc) else exc!r}; check target_modules "
-                          "(adapter_config.json or --lora-target-modules)") from exc  # fmt: skip
+        raise SourceError(
+            "peft cannot apply the LoRA settings to config.json's model",
+            where=spec.config_path,
+            hint=f"{str(exc).splitlines()[0] if str(exc) else exc!r}; check target_modules "
+            "(adapter_config.json or --lora-target-modules)",
+        ) from exc
 
 
 def match_names(
@@ -215,21 +244,30 @@ def match_names(
         if len(mapped) == len(tensors) and len(mapped.keys() & expected.keys()) > len(best.keys() & expected.keys()):
             best = mapped
     unknown = [n for n in best if n not in expected] if best else [t.name for t in tensors]
-    wrong = [f"{n} {list(t.shape)} (expected {list(expected[n].shape)})" for n, t in best.items()
-             if n in expected and tuple(t.shape) != tuple(expected[n].shape)]  # fmt: skip
+    wrong = [
+        f"{n} {list(t.shape)} (expected {list(expected[n].shape)})"
+        for n, t in best.items()
+        if n in expected and tuple(t.shape) != tuple(expected[n].shape)
+    ]
     if unknown or wrong:
         what = f"{len(unknown)} tensor(s) unknown to it, e.g. {_sample(unknown)}" if unknown else ""
         what += ("; " if what else "") + (f"wrong shapes: {_sample(wrong)}" if wrong else "")
-        raise KeyMappingError(f"the LoRA checkpoint does not match the PEFT model its settings describe ({what})",
-                              where=spec.config_path, hint="check r, target_modules and modules_to_save "
-                              "(adapter_config.json, or --lora-r / --lora-target-modules)")  # fmt: skip
+        raise KeyMappingError(
+            f"the LoRA checkpoint does not match the PEFT model its settings describe ({what})",
+            where=spec.config_path,
+            hint="check r, target_modules and modules_to_save "
+            "(adapter_config.json, or --lora-r / --lora-target-modules)",
+        )
     return best, expected
 
 
 def adapter_tensors(
-    model: torch.nn.Module, mapped: dict[str, TensorMeta], expected: dict[str, torch.Tensor], adapter: str,
+    model: torch.nn.Module,
+    mapped: dict[str, TensorMeta],
+    expected: dict[str, torch.Tensor],
+    adapter: str,
     source: Source,
-) -> tuple[tuple[TensorMeta, ...], list[tuple[str, str]]]:  # fmt: skip
+) -> tuple[tuple[TensorMeta, ...], list[tuple[str, str]]]:
     """The adapter's tensors, named as peft's get_peft_model_state_dict names them for save_pretrained (its "auto"
     embedding rule included), and the frozen base tensors it names that the checkpoint lacks: (save name,
     Hugging Face name) pairs."""
@@ -251,16 +289,22 @@ def adapter_tensors(
         else:
             frozen.append((save_name, merged_name(name, adapter)))
     if missing:
-        raise SourceError(f"the LoRA checkpoint lacks {len(missing)} adapter tensor(s), e.g. {_sample(missing)}",
-                          where=source.info.path, hint="the checkpoint is incomplete, or the LoRA settings do not "
-                          "belong to it")  # fmt: skip
+        raise SourceError(
+            f"the LoRA checkpoint lacks {len(missing)} adapter tensor(s), e.g. {_sample(missing)}",
+            where=source.info.path,
+            hint="the checkpoint is incomplete, or the LoRA settings do not belong to it",
+        )
     return tuple(out), frozen
 
 
 def merged_tensors(
-    mapped: dict[str, TensorMeta], expected: dict[str, torch.Tensor], adapter: str, spec: ModelSpec,
-    base_model: Path | None, source: Source,
-):  # fmt: skip
+    mapped: dict[str, TensorMeta],
+    expected: dict[str, torch.Tensor],
+    adapter: str,
+    spec: ModelSpec,
+    base_model: Path | None,
+    source: Source,
+):
     """The merged model's tensors under Hugging Face names: each from the checkpoint when it is there (the trained
     copy of a modules_to_save module), else from --base-model. Returns (tensors, the base dir or None)."""
     tensors: list[TensorMeta] = []
@@ -277,29 +321,40 @@ def merged_tensors(
     if not wanted:
         return tuple(tensors), None
     if base_model is None:
-        raise SourceError(f"--merge-lora needs the base weights, and the checkpoint lacks {len(wanted)} of them "
-                          f"(e.g. {_sample(wanted)}): it holds the adapter only", where=source.info.path,
-                          hint="pass --base-model DIR, a local Hugging Face dir of the base model")  # fmt: skip
+        raise SourceError(
+            f"--merge-lora needs the base weights, and the checkpoint lacks {len(wanted)} of them "
+            f"(e.g. {_sample(wanted)}): it holds the adapter only",
+            where=source.info.path,
+            hint="pass --base-model DIR, a local Hugging Face dir of the base model",
+        )
     base = HFModelDir(base_model)
     absent = [n for n in wanted if n not in base.tensors]
     if absent:
-        raise SourceError(f"--base-model lacks {len(absent)} tensor(s) the merge needs, e.g. {_sample(absent)}",
-                          where=base_model, hint="pass the base model this adapter was trained on")  # fmt: skip
+        raise SourceError(
+            f"--base-model lacks {len(absent)} tensor(s) the merge needs, e.g. {_sample(absent)}",
+            where=base_model,
+            hint="pass the base model this adapter was trained on",
+        )
     tensors += [base.tensors[n] for n in wanted]
     return tuple(tensors), base
 
 
 def layer_merges(
-    model: torch.nn.Module, mapped: dict[str, TensorMeta], adapter: str, by_name: dict[str, TensorMeta],
+    model: torch.nn.Module,
+    mapped: dict[str, TensorMeta],
+    adapter: str,
+    by_name: dict[str, TensorMeta],
     spec: ModelSpec,
-) -> dict[str, LoraMerge]:  # fmt: skip
+) -> dict[str, LoraMerge]:
     """For each adapted layer: its base weight's source key -> A, B and the scale peft computed for the layer."""
     from peft.tuners.lora import Embedding, Linear, LoraLayer
 
     lora_config = model.peft_config[adapter]
     if lora_config.use_dora or lora_config.lora_bias:
-        raise UsageError("--merge-lora does not support DoRA or lora_bias adapters",
-                         hint="drop --merge-lora to write the adapter, and merge it with peft")  # fmt: skip
+        raise UsageError(
+            "--merge-lora does not support DoRA or lora_bias adapters",
+            hint="drop --merge-lora to write the adapter, and merge it with peft",
+        )
     merges: dict[str, LoraMerge] = {}
     for name, layer in model.named_modules():
         if not isinstance(layer, LoraLayer) or adapter not in layer.scaling:
@@ -309,16 +364,22 @@ def layer_merges(
         elif isinstance(layer, Linear):
             a, b = f"{name}.lora_A.{adapter}.weight", f"{name}.lora_B.{adapter}.weight"
         else:
-            raise UsageError(f"--merge-lora supports LoRA on Linear and Embedding layers, not {type(layer).__name__}",
-                             where=name, hint="drop --merge-lora to write the adapter")  # fmt: skip
+            raise UsageError(
+                f"--merge-lora supports LoRA on Linear and Embedding layers, not {type(layer).__name__}",
+                where=name,
+                hint="drop --merge-lora to write the adapter",
+            )
         weight = merged_name(f"{name}.base_layer.weight", adapter)
         if weight in spec.tied or weight not in by_name:
-            raise UsageError(f"--merge-lora cannot merge into {weight}: it is tied to {spec.tied.get(weight)}",
-                             hint="drop --merge-lora to write the adapter")  # fmt: skip
+            raise UsageError(
+                f"--merge-lora cannot merge into {weight}: it is tied to {spec.tied.get(weight)}",
+                hint="drop --merge-lora to write the adapter",
+            )
         base = by_name[weight]
         transpose = isinstance(layer, Embedding) or bool(getattr(layer, "fan_in_fan_out", False))
-        merges[base.key] = LoraMerge(mapped[a].key, mapped[b].key, float(layer.scaling[adapter]), transpose,
-                                     mapped[a].nbytes + mapped[b].nbytes)  # fmt: skip
+        merges[base.key] = LoraMerge(
+            mapped[a].key, mapped[b].key, float(layer.scaling[adapter]), transpose, mapped[a].nbytes + mapped[b].nbytes
+        )
     return merges
 
 

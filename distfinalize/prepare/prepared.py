@@ -72,8 +72,9 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
     search = search_dirs(located.path, config.src)
     if config.base_model is not None:
         if not (config.base_model / "config.json").is_file():
-            raise SourceError("--base-model has no config.json", where=config.base_model,
-                              hint="pass a local Hugging Face model dir")  # fmt: skip
+            raise SourceError(
+                "--base-model has no config.json", where=config.base_model, hint="pass a local Hugging Face model dir"
+            )
         search.append(config.base_model.resolve())
     config_path = find_model_config(located.path, config.src)
     if config_path is None and config.base_model is not None:
@@ -85,14 +86,20 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
     lora = None
     if is_lora_checkpoint(t.name for t in source.tensors):
         if config.key_map is not None:
-            raise UsageError("--key-map does not apply to LoRA checkpoints: their names are matched to the PEFT model "
-                             "that config.json and the adapter settings describe", where=located.path,
-                             hint="drop --key-map")  # fmt: skip
+            raise UsageError(
+                "--key-map does not apply to LoRA checkpoints: their names are matched to the PEFT model "
+                "that config.json and the adapter settings describe",
+                where=located.path,
+                hint="drop --key-map",
+            )
         lora = prepare_lora(config, source, spec, search_dirs(located.path, config.src))
         source = lora.source
     elif config.lora.merge:
-        raise SourceError("--merge-lora: the checkpoint holds no LoRA weights (lora_A / lora_B)",
-                          where=located.path, hint="drop --merge-lora")  # fmt: skip
+        raise SourceError(
+            "--merge-lora: the checkpoint holds no LoRA weights (lora_A / lora_B)",
+            where=located.path,
+            hint="drop --merge-lora",
+        )
     check_strategy(config, source, lora, located.path)
     if lora is not None and not lora.merge:  # the adapter's own tensors, under PEFT's names, as stored or --dtype
         dtype, reason = choose_dtype(config, None, lora.tensors)
@@ -108,8 +115,18 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
 
         check_requirement(get_recipe(config.quantize), device, dtype, where=f"device {device}")
     merges = {t.name: lora.merges[t.key] for t in mapped.tensors if t.key in lora.merges} if lora else {}
-    return Prepared(source, spec, config_path, mapped.tensors, dtype, reason, tuple(search), mapped.rope_heads,
-                    lora=lora, merges=merges)  # fmt: skip
+    return Prepared(
+        source,
+        spec,
+        config_path,
+        mapped.tensors,
+        dtype,
+        reason,
+        tuple(search),
+        mapped.rope_heads,
+        lora=lora,
+        merges=merges,
+    )
 
 
 def check_strategy(config: FinalizeConfig, source: Source, lora: LoraLayout | None, where: Path) -> None:
@@ -117,21 +134,33 @@ def check_strategy(config: FinalizeConfig, source: Source, lora: LoraLayout | No
     if config.strategy != "exchange":
         return
     if lora is not None and lora.merge:
-        raise UsageError("--strategy exchange cannot merge LoRA adapters yet (a merged weight needs three tensors)",
-                         where=where, hint="use --strategy read (the default) with --merge-lora")  # fmt: skip
+        raise UsageError(
+            "--strategy exchange cannot merge LoRA adapters yet (a merged weight needs three tensors)",
+            where=where,
+            hint="use --strategy read (the default) with --merge-lora",
+        )
     if config.base_model is not None and lora is not None:
-        raise UsageError("--strategy exchange cannot move tensors read from --base-model", where=config.base_model,
-                         hint="use --strategy read (the default)")  # fmt: skip
+        raise UsageError(
+            "--strategy exchange cannot move tensors read from --base-model",
+            where=config.base_model,
+            hint="use --strategy read (the default)",
+        )
     if not format_of(source).chunked:
-        raise SourceError(f"--strategy exchange supports DCP checkpoints, not {source.info.format}",
-                          where=where, hint="use --strategy read (the default)")  # fmt: skip
+        raise SourceError(
+            f"--strategy exchange supports DCP checkpoints, not {source.info.format}",
+            where=where,
+            hint="use --strategy read (the default)",
+        )
 
 
 def check_readable(src: Path) -> None:
     """SRC (when it exists) must be readable and listable by this process."""
     if src.is_dir() and not os.access(src, os.R_OK | os.X_OK):
-        raise SourceError("source is not readable (permission denied)", where=src,
-                          hint="run as a user who can read it, or fix its permissions")  # fmt: skip
+        raise SourceError(
+            "source is not readable (permission denied)",
+            where=src,
+            hint="run as a user who can read it, or fix its permissions",
+        )
 
 
 def check_destination(dest: Path, src: Path, inputs: Sequence[tuple[str, Path | None]] = ()) -> None:
@@ -140,19 +169,26 @@ def check_destination(dest: Path, src: Path, inputs: Sequence[tuple[str, Path | 
     one (it would be written into a tree that is only read) and none may lie inside the staging dir (a failed run
     removes it). Paths are compared resolved, symlinked parents followed. Runs on: all ranks."""
     if dest.exists() or dest.is_symlink():
-        raise DestinationError("destination already exists", where=dest,
-                               hint="choose a new DEST; distfinalize never overwrites")  # fmt: skip
+        raise DestinationError(
+            "destination already exists", where=dest, hint="choose a new DEST; distfinalize never overwrites"
+        )
     target, staging = dest.resolve(), staging_path(dest).resolve()
     for what, path in (("the source", src), *inputs):
         if path is None or not path.exists():
             continue
         real = path.resolve()
         if target.is_relative_to(real) or staging.is_relative_to(real):
-            raise DestinationError(f"destination lies inside {what} ({real})", where=dest,
-                                   hint="inputs are only ever read; choose a DEST outside them")  # fmt: skip
+            raise DestinationError(
+                f"destination lies inside {what} ({real})",
+                where=dest,
+                hint="inputs are only ever read; choose a DEST outside them",
+            )
         if real.is_relative_to(staging):
-            raise DestinationError(f"{what} lies inside the destination's staging dir ({staging})", where=path,
-                                   hint="a failed run removes that dir; choose another DEST")  # fmt: skip
+            raise DestinationError(
+                f"{what} lies inside the destination's staging dir ({staging})",
+                where=path,
+                hint="a failed run removes that dir; choose another DEST",
+            )
 
 
 def input_paths(config: FinalizeConfig, checkpoint_folder: Path) -> list[tuple[str, Path | None]]:
@@ -160,8 +196,12 @@ def input_paths(config: FinalizeConfig, checkpoint_folder: Path) -> list[tuple[s
     given = config.checkpoint
     if given is not None and not given.is_absolute() and not given.exists():
         given = config.src / given  # as locate() reads --checkpoint
-    return [("the checkpoint folder", checkpoint_folder), ("--checkpoint", given),
-            ("--base-model", config.base_model), ("--tokenizer", config.tokenizer.path)]  # fmt: skip
+    return [
+        ("the checkpoint folder", checkpoint_folder),
+        ("--checkpoint", given),
+        ("--base-model", config.base_model),
+        ("--tokenizer", config.tokenizer.path),
+    ]
 
 
 def choose_dtype(

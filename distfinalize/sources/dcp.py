@@ -126,9 +126,17 @@ def stored_chunks(metadata: Metadata, keys: set[str]) -> dict[str, tuple[SourceC
         position = next(i for i, c in enumerate(md.chunks) if tuple(c.offsets) == tuple(index.offset))
         sizes = tuple(md.chunks[position].sizes)
         match = RANK_FILE.search(info.relative_path)
-        out[index.fqn].append(SourceChunk(index.fqn, position, info.relative_path,
-                                          int(match.group(1)) if match else None, tuple(index.offset), sizes,
-                                          torch.Size(sizes).numel() * md.properties.dtype.itemsize))  # fmt: skip
+        out[index.fqn].append(
+            SourceChunk(
+                index.fqn,
+                position,
+                info.relative_path,
+                int(match.group(1)) if match else None,
+                tuple(index.offset),
+                sizes,
+                torch.Size(sizes).numel() * md.properties.dtype.itemsize,
+            )
+        )
     return {key: tuple(sorted(chunks, key=lambda c: c.index)) for key, chunks in out.items()}
 
 
@@ -154,8 +162,11 @@ class DcpTensorReader:
     def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """Fetch `keys` (stored dtype, CPU), reading only the chunks they cover. A tensor stored as one chunk
         is a view of the bytes read; the others are put together from their chunks, one chunk held at a time."""
-        wanted = [SourceChunk(key, i, "", None, tuple(c.offsets), tuple(c.sizes), 0)
-                  for key in keys for i, c in enumerate(self.metadata.state_dict_metadata[key].chunks)]  # fmt: skip
+        wanted = [
+            SourceChunk(key, i, "", None, tuple(c.offsets), tuple(c.sizes), 0)
+            for key in keys
+            for i, c in enumerate(self.metadata.state_dict_metadata[key].chunks)
+        ]
         out: dict[str, torch.Tensor] = {}
         for number, data in self.load_chunks(wanted):
             chunk = wanted[number]
@@ -184,9 +195,11 @@ class DcpTensorReader:
         for number, c in enumerate(chunks):
             info = (self.metadata.storage_data or {}).get(MetadataIndex(c.key, c.offsets))
             if info is None:
-                raise SourceError("DCP metadata lists a chunk it has no storage entry for",
-                                  where=self.path / ".metadata",
-                                  hint=f"{c.key} at {list(c.offsets)}: the file is corrupt")  # fmt: skip
+                raise SourceError(
+                    "DCP metadata lists a chunk it has no storage entry for",
+                    where=self.path / ".metadata",
+                    hint=f"{c.key} at {list(c.offsets)}: the file is corrupt",
+                )
             located.append((info.relative_path, info.offset, number, info))
         files = {relative: data_file(self.path, relative) for relative, *_ in located}  # inside the checkpoint
         with self._read_errors([c.key for c in chunks]):
@@ -199,8 +212,10 @@ class DcpTensorReader:
                         file, opened = open(files[relative], "rb", buffering=0), relative  # noqa: SIM115
                     where = f"{relative} bytes {offset}-{offset + info.length}"
                     if info.transform_descriptors:
-                        raise ChunkError(f"{where}: stored with DCP transforms {list(info.transform_descriptors)}, "
-                                         "which distfinalize does not read")  # fmt: skip
+                        raise ChunkError(
+                            f"{where}: stored with DCP transforms {list(info.transform_descriptors)}, "
+                            "which distfinalize does not read"
+                        )
                     md = self.metadata.state_dict_metadata[chunks[number].key]
                     buffer = read_chunk(file, offset, info.length, where)
                     yield number, load_chunk(buffer, where, md.properties.dtype, tuple(chunks[number].sizes))

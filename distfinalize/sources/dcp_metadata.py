@@ -31,8 +31,16 @@ METADATA_FILE = ".metadata"
 # FileSystemWriter's names: f"{prefix}{file_count}.distcp" with prefix f"__{rank}_" (no leading zeros, no path).
 DATA_FILE = re.compile(r"__(0|[1-9]\d*)_(0|[1-9]\d*)\.distcp")
 
-_DCP_CLASSES = ("Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata",
-                "BytesStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")  # fmt: skip
+_DCP_CLASSES = (
+    "Metadata",
+    "MetadataIndex",
+    "ChunkStorageMetadata",
+    "TensorStorageMetadata",
+    "BytesStorageMetadata",
+    "TensorProperties",
+    "StorageMeta",
+    "_MEM_FORMAT_ENCODING",
+)
 _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
 _PATHS = ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")
 
@@ -117,14 +125,20 @@ def check_storage_entry(index: object, info: object, path: Path) -> None:
     """One entry of the storage index: a chunk key, and a bare DCP data file name with a byte range."""
     where = f"{path} (entry {getattr(index, 'fqn', index)!r})"
     if not isinstance(index, metadata.MetadataIndex) or not isinstance(info, filesystem._StorageInfo):
-        raise SourceError("DCP metadata has a malformed storage entry", where=where,
-                          hint="the file is corrupt; pick another checkpoint with --checkpoint")  # fmt: skip
+        raise SourceError(
+            "DCP metadata has a malformed storage entry",
+            where=where,
+            hint="the file is corrupt; pick another checkpoint with --checkpoint",
+        )
     check_data_file_name(info.relative_path, path)
     for field in ("offset", "length"):
         value = getattr(info, field, None)
         if type(value) is not int or value < 0:
-            raise SourceError(f"DCP metadata gives a chunk the {field} {value!r}", where=where,
-                              hint="the file is corrupt; pick another checkpoint with --checkpoint")  # fmt: skip
+            raise SourceError(
+                f"DCP metadata gives a chunk the {field} {value!r}",
+                where=where,
+                hint="the file is corrupt; pick another checkpoint with --checkpoint",
+            )
 
 
 def check_data_file_name(name: object, where: object) -> str:

@@ -104,8 +104,13 @@ def load_chunk(buffer: torch.Tensor, where: str, dtype: torch.dtype, shape: tupl
         raise ChunkError(f"{where}: holds {found} where .metadata says {dtype} {list(shape)}")
     storages = [r for r in records if STORAGE_RECORD.search(r.name)]
     nbytes = header.numel() * dtype.itemsize
-    if (len(storages) == 1 and storages[0].size == nbytes and header.is_contiguous()
-            and header.storage_offset() == 0 and storages[0].start % dtype.itemsize == 0):  # fmt: skip
+    if (
+        len(storages) == 1
+        and storages[0].size == nbytes
+        and header.is_contiguous()
+        and header.storage_offset() == 0
+        and storages[0].start % dtype.itemsize == 0
+    ):
         start = storages[0].start
         return buffer[start : start + nbytes].view(dtype).view(shape)
     return torch.load(BufferFile(view), map_location="cpu", weights_only=True)  # an unusual layout: a copy

@@ -67,9 +67,11 @@ def weight_files(path: Path) -> dict[str, str]:
     if (path / SINGLE_FILE).is_file():
         with safe_open(str(path / SINGLE_FILE), framework="pt") as f:
             return dict.fromkeys(f.keys(), SINGLE_FILE)
-    raise SourceError("--base-model has no safetensors weights", where=path,
-                      hint=f"expected {SINGLE_FILE} or {INDEX_FILE} in it (save the base model with "
-                      "save_pretrained)")  # fmt: skip
+    raise SourceError(
+        "--base-model has no safetensors weights",
+        where=path,
+        hint=f"expected {SINGLE_FILE} or {INDEX_FILE} in it (save the base model with save_pretrained)",
+    )
 
 
 class WithBaseModel:

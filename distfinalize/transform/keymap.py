@@ -91,8 +91,9 @@ def llama_rope_heads(name: str, config: Mapping[str, object]) -> int | None:
     return None
 
 
-register_key_map(KeyMap("torchtitan-llama", torchtitan_llama_name, "torchtitan's Llama 3 names and q/k layout",
-                        llama_rope_heads))  # fmt: skip
+register_key_map(
+    KeyMap("torchtitan-llama", torchtitan_llama_name, "torchtitan's Llama 3 names and q/k layout", llama_rope_heads)
+)
 
 
 @dataclass(frozen=True)
@@ -173,9 +174,10 @@ def resolve_key_map(value: str | None) -> str | KeyMapRules | None:
     path = Path(value)
     if path.is_file() or path.suffix in (".yaml", ".yml", ".json") or "/" in value:
         return load_key_map_file(path)
-    raise UsageError(f"unknown key map {value!r}",
-                     hint=f"choose one of {', '.join(sorted(KEY_MAPS))}, or pass a YAML file of renames "
-                          f"({KEY_MAP_FILE_HINT})")  # fmt: skip
+    raise UsageError(
+        f"unknown key map {value!r}",
+        hint=f"choose one of {', '.join(sorted(KEY_MAPS))}, or pass a YAML file of renames ({KEY_MAP_FILE_HINT})",
+    )
 
 
 @dataclass(frozen=True)
@@ -206,8 +208,10 @@ def map_names(
         chosen = maps[0]
         renamed = _rename(tensors, chosen, "")
         if renamed is None:
-            raise KeyMappingError(f"key map {chosen.name!r} gives two checkpoint tensors the same name",
-                                  hint="make the renames of --key-map FILE distinct")  # fmt: skip
+            raise KeyMappingError(
+                f"key map {chosen.name!r} gives two checkpoint tensors the same name",
+                hint="make the renames of --key-map FILE distinct",
+            )
         return MappedTensors(tuple(renamed), chosen.name, "", ())
     best: tuple[int, list[TensorMeta], KeyMap, str] | None = None
     for candidate in maps:
@@ -221,8 +225,10 @@ def map_names(
             if score == len(renamed) and _missing(renamed, spec) == []:
                 return _finish(renamed, spec, candidate, prefix)
     if best is None:
-        raise KeyMappingError(f"key map {maps[0].name!r} gives two checkpoint tensors the same name",
-                              hint="make the renames of --key-map FILE distinct")  # fmt: skip
+        raise KeyMappingError(
+            f"key map {maps[0].name!r} gives two checkpoint tensors the same name",
+            hint="make the renames of --key-map FILE distinct",
+        )
     _, renamed, candidate, _ = best
     raise _mismatch_error(renamed, spec, candidate)
 

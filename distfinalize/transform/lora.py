@@ -24,8 +24,10 @@ TRAINED_COPY = re.compile(r"\.modules_to_save\.([^.]+)\.")
 
 def is_lora_checkpoint(names: Iterable[str]) -> bool:
     """Whether tensor names hold LoRA weights (lora_A/lora_B or lora_embedding_A/B)."""
-    return any((m := LORA_WEIGHT.search(strip_wrappers(n))) is not None and m.group(1) != "lora_magnitude_vector"
-               for n in names)  # fmt: skip
+    return any(
+        (m := LORA_WEIGHT.search(strip_wrappers(n))) is not None and m.group(1) != "lora_magnitude_vector"
+        for n in names
+    )
 
 
 def adapter_names(names: Iterable[str]) -> set[str]:

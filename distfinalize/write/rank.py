@@ -80,8 +80,15 @@ def write_rank_files(
         reader, tensors = source.reader(), [s.tensor for s in steps]
         feed = lambda failed: read_feed(tensors, reader, path.read_batch_bytes, failed)  # noqa: E731
     written: dict[str, WrittenFile] = {}
-    with tqdm(total=plan.bytes_for(ctx.rank), unit="B", unit_scale=True, unit_divisor=1024,
-              desc=f"rank {ctx.rank} writing", disable=not (progress and files), mininterval=1.0) as bar:  # fmt: skip
+    with tqdm(
+        total=plan.bytes_for(ctx.rank),
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"rank {ctx.rank} writing",
+        disable=not (progress and files),
+        mininterval=1.0,
+    ) as bar:
         bar.update(sum(f.nbytes for f in files if f.filename in reused))
         writers = LaneWriters(todo, directory, bar, written, progress_dir, plan.metadata)
         Stages(steps, 2 * path.read_batch_bytes, ctx.device).run(
@@ -96,8 +103,11 @@ def exchange_plan_feed(plan: Plan, ctx: DistContext, source: Source, path: DataP
     """The exchange feed: every rank's needs (skipping every rank's reused files), scheduled alike everywhere."""
     skipped = ctx.run_step("exchange plan", lambda: reused)
     schedule = exchange_schedule(plan, source, path, skipped)
-    log.debug("exchange: %d round(s), %d file(s) read here", len(schedule.rounds),
-              sum(1 for r in schedule.readers.values() if r == ctx.rank))  # fmt: skip
+    log.debug(
+        "exchange: %d round(s), %d file(s) read here",
+        len(schedule.rounds),
+        sum(1 for r in schedule.readers.values() if r == ctx.rank),
+    )
     reader = source.reader()
     return lambda failed: exchange_feed(schedule, ctx, reader, ctx.device, failed)
 
@@ -126,8 +136,15 @@ def file_layout(file: FilePlan, metadata: Mapping[str, str] | None = None) -> Fi
 class LaneWriters:
     """Writes the items of each lane into their files, one file at a time per lane. Runs on: writer threads."""
 
-    def __init__(self, files: Sequence[FilePlan], directory: Path, bar: tqdm, written: dict[str, WrittenFile],
-                 progress_dir: Path | None, metadata: Mapping[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        files: Sequence[FilePlan],
+        directory: Path,
+        bar: tqdm,
+        written: dict[str, WrittenFile],
+        progress_dir: Path | None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         self.files, self.directory, self.bar, self.written = files, directory, bar, written
         self.progress_dir, self.metadata = progress_dir, metadata
 
@@ -167,8 +184,11 @@ class LaneWriters:
         self.written[file.filename] = finished
 
     def _error(self, file: FilePlan, exc: OSError) -> DestinationError:
-        return DestinationError(f"cannot write {file.filename}", where=self.directory,
-                                hint=f"{exc.strerror or exc}; free space or choose another DEST")  # fmt: skip
+        return DestinationError(
+            f"cannot write {file.filename}",
+            where=self.directory,
+            hint=f"{exc.strerror or exc}; free space or choose another DEST",
+        )
 
 
 def record_progress(progress_dir: Path, written: WrittenFile) -> None:

@@ -36,10 +36,20 @@ VARIANTS = ("lora-full", "lora-adapter-only")
 def lora_config(variant: str) -> LoraConfig:
     """The adapter each variant trains (its r, alpha and targets are what a finalize must recover)."""
     if variant == "lora-full":
-        return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                          modules_to_save=["lm_head"], task_type="CAUSAL_LM")  # fmt: skip
-    return LoraConfig(r=8, lora_alpha=16, use_rslora=True, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "o_proj", "gate_proj", "embed_tokens"])  # fmt: skip
+        return LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            modules_to_save=["lm_head"],
+            task_type="CAUSAL_LM",
+        )
+    return LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "o_proj", "gate_proj", "embed_tokens"],
+    )
 
 
 def build_peft_model(variant: str) -> torch.nn.Module:
@@ -60,8 +70,10 @@ def train_and_save(out: Path, variant: str, steps: int, world: int) -> None:
 
     ckpt = run / "checkpoints" / f"checkpoint-{steps}"
     adapter_only = variant == "lora-adapter-only"
-    dcp.save(get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=adapter_only)),
-             checkpoint_id=str(ckpt))  # fmt: skip
+    dcp.save(
+        get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=adapter_only)),
+        checkpoint_id=str(ckpt),
+    )
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         save_references(run, variant, full)

@@ -21,8 +21,22 @@ def finalize_both(src: Path, tmp_path: Path, nproc: int, *args: str) -> tuple[Pa
     """The same finalize with each strategy; the dirs share a name (the model card names its dir)."""
     read, exchange = tmp_path / "read" / "model", tmp_path / "exchange" / "model"
     check_ok(finalize(src, read, "--max-shard-size", SHARD, *args, nproc=nproc))
-    result = check_ok(finalize(src, exchange, "--max-shard-size", SHARD, "--strategy", "exchange",
-                               "--read-batch", "20KB", "--log-level", "debug", *args, nproc=nproc))  # fmt: skip
+    result = check_ok(
+        finalize(
+            src,
+            exchange,
+            "--max-shard-size",
+            SHARD,
+            "--strategy",
+            "exchange",
+            "--read-batch",
+            "20KB",
+            "--log-level",
+            "debug",
+            *args,
+            nproc=nproc,
+        )
+    )
     assert "exchange: " in result.stderr and "round(s)" in result.stderr
     return read, exchange
 
@@ -53,8 +67,7 @@ def test_exchange_corrupt_chunk_is_one_error(fsdp2_runs: Path, tmp_path: Path) -
     flip_tensor_bytes(run)
     before = tree_digest(run)
     dest = tmp_path / "out"
-    result = finalize(run, dest, "--max-shard-size", SHARD, "--strategy", "exchange", "--read-batch", "20KB",
-                      nproc=2)  # fmt: skip
+    result = finalize(run, dest, "--max-shard-size", SHARD, "--strategy", "exchange", "--read-batch", "20KB", nproc=2)
     assert result.returncode == 1, result.stderr
     lines = error_lines(result.stderr)
     assert len(lines) == 1, result.stderr

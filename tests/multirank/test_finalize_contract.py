@@ -49,10 +49,26 @@ def test_tokens_added_rows_and_everything_loads(run_without_pad: Path, tmp_path:
     (tmp_path / "tokens.yaml").write_text(ADD_TOKENS)
     (tmp_path / "chat.jinja").write_text(TEMPLATE)
     dest = tmp_path / "out"
-    args = ["--max-shard-size", "60KB", "--add-tokens", str(tmp_path / "tokens.yaml"), "--chat-template",
-            str(tmp_path / "chat.jinja"), "--pad-vocab-to-multiple-of", "8", "--base-model-id", "org/base",
-            "--dataset", "org/data1", "--dataset", "org/data2", "--training-method", "sft",
-            "--log-url", "https://wandb.example/run/1"]  # fmt: skip
+    args = [
+        "--max-shard-size",
+        "60KB",
+        "--add-tokens",
+        str(tmp_path / "tokens.yaml"),
+        "--chat-template",
+        str(tmp_path / "chat.jinja"),
+        "--pad-vocab-to-multiple-of",
+        "8",
+        "--base-model-id",
+        "org/base",
+        "--dataset",
+        "org/data1",
+        "--dataset",
+        "org/data2",
+        "--training-method",
+        "sft",
+        "--log-url",
+        "https://wandb.example/run/1",
+    ]
     before = tree_digest(run)
     check_ok(finalize(run, dest, *args, nproc=2))
     assert tree_digest(run) == before
@@ -205,8 +221,19 @@ def test_push_to_hub_fakes_only_the_network(fsdp2_runs: Path, tmp_path: Path, mo
 
     monkeypatch.setattr(HfApi, "upload_folder", record("upload_folder", Commit()))
     dest = tmp_path / "out"
-    code = main([str(fsdp2_runs / "tied-model"), str(dest), "--push-to-hub", "org/tiny", "--private",
-                 "--revision", "v1", "--commit-message", "first"])  # fmt: skip
+    code = main(
+        [
+            str(fsdp2_runs / "tied-model"),
+            str(dest),
+            "--push-to-hub",
+            "org/tiny",
+            "--private",
+            "--revision",
+            "v1",
+            "--commit-message",
+            "first",
+        ]
+    )
     assert code == 0
     assert [name for name, _ in calls] == ["create_repo", "create_branch", "upload_folder"]
     repo, branch, upload = (kwargs for _, kwargs in calls)

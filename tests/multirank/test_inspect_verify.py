@@ -262,8 +262,9 @@ def test_verify_finds_an_edited_index(damaged: Path, how: str, message: str) -> 
 def test_verify_without_manifest_or_config(fsdp2_runs: Path, damaged: Path) -> None:
     (damaged / "distfinalize-manifest.json").unlink()
     (damaged / "config.json").unlink()
-    found = check_failure(cli("verify", damaged, "--source", fsdp2_runs / "untied-optim", "--json"),
-                          {"manifest", "config.json"})  # fmt: skip
+    found = check_failure(
+        cli("verify", damaged, "--source", fsdp2_runs / "untied-optim", "--json"), {"manifest", "config.json"}
+    )
     assert found["checksums"]["status"] == "skip" and found["dtype"]["status"] == "skip"
     assert found["source tensors"]["status"] == "pass"  # names mapped through the source's own config.json
 
@@ -278,8 +279,9 @@ def test_verify_with_another_dtype(fsdp2_runs: Path, tmp_path: Path) -> None:
     assert rows(check_ok(cli("verify", half, "--source", run, "--json")))["dtype"]["detail"].startswith(
         "every floating tensor is bfloat16"
     )
-    found = check_failure(cli("verify", half, "--source", run, "--dtype", "float32", "--json"),
-                          {"dtype", "source tensors"})  # fmt: skip
+    found = check_failure(
+        cli("verify", half, "--source", run, "--dtype", "float32", "--json"), {"dtype", "source tensors"}
+    )
     assert "'lm_head.weight' is bfloat16, expected float32" in found["source tensors"]["detail"]
 
     shutil.copy(half / "model.safetensors", full / "model.safetensors")
@@ -306,8 +308,19 @@ def quantized(fsdp2_runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     """int8 output of 2 ranks, with one user --quantize-ignore pattern the manifest must carry to verify."""
     pytest.importorskip("torchao", reason="torchao is the `quant` extra: pip install 'distfinalize[quant]'")
     dest = tmp_path_factory.mktemp("quantized") / "out"
-    check_ok(finalize(fsdp2_runs / "untied-optim", dest, "--quantize", "int8", "--quantize-ignore", r"\.1\.mlp",
-                      "--max-shard-size", SHARD, nproc=2))  # fmt: skip
+    check_ok(
+        finalize(
+            fsdp2_runs / "untied-optim",
+            dest,
+            "--quantize",
+            "int8",
+            "--quantize-ignore",
+            r"\.1\.mlp",
+            "--max-shard-size",
+            SHARD,
+            nproc=2,
+        )
+    )
     return dest
 
 
@@ -326,8 +339,9 @@ def test_verify_torchao_output(fsdp2_runs: Path, tmp_path: Path) -> None:
     """torchao's serialization (tensor-subclass fields, header metadata), finalized in bfloat16 by 2 ranks."""
     pytest.importorskip("torchao", reason="torchao is the `quant` extra: pip install 'distfinalize[quant]'")
     run, dest = fsdp2_runs / "untied-optim", tmp_path / "out"
-    check_ok(finalize(run, dest, "--quantize", "torchao-int8", "--dtype", "bfloat16", "--max-shard-size", SHARD,
-                      nproc=2))  # fmt: skip
+    check_ok(
+        finalize(run, dest, "--quantize", "torchao-int8", "--dtype", "bfloat16", "--max-shard-size", SHARD, nproc=2)
+    )
     found = rows(check_ok(cli("verify", dest, "--source", run, "--json", nproc=2)))
     assert all(row["status"] == "pass" for row in found.values()), found
     assert found["source tensors"]["detail"].startswith(

@@ -24,8 +24,14 @@ from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.dist
 
-ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "distfinalize-manifest.json",
-                 "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
+ADAPTER_FILES = [
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "distfinalize-manifest.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
 EPS = torch.finfo(torch.float32).eps
 
 
@@ -72,7 +78,11 @@ def test_adapter_dir(lora_runs: Path, tmp_path: Path, variant: str, nproc: int) 
     config = read_json(dest / "adapter_config.json")
     want = fsdp2_lora.lora_config(variant)
     assert (config["peft_type"], config["r"], config["lora_alpha"], config["use_rslora"]) == (
-        "LORA", want.r, want.lora_alpha, want.use_rslora)  # fmt: skip
+        "LORA",
+        want.r,
+        want.lora_alpha,
+        want.use_rslora,
+    )
     assert set(config["target_modules"]) == set(want.target_modules)
     assert config["modules_to_save"] == (sorted(want.modules_to_save) if want.modules_to_save else None)
     assert config["inference_mode"] is True and config["task_type"] == "CAUSAL_LM"

@@ -21,8 +21,15 @@ from safetensors import safe_open  # noqa: E402
 
 from distfinalize.transform.quant.recipes import get_recipe  # noqa: E402
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-           "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 @pytest.mark.parametrize(("recipe", "nproc"), [("fp8", 2), ("int8", 3), ("torchao-fp8", 2)])
@@ -42,8 +49,12 @@ def test_quantized_output_loads_and_matches(fsdp2_runs: Path, tmp_path: Path, re
             assert len({where[k] for k in outputs}) == 1  # a weight and its scales share a file
             error = (quant.dequantize(got) - reference[name].float()).abs()
             assert bool((error <= quant.error_bound(reference[name].float(), got)).all()), name
-    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
-                 "model.layers.0.input_layernorm.weight"):  # fmt: skip
+    for name in (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.layers.0.input_layernorm.weight",
+    ):
         assert torch.equal(tensors[name], reference[name]), name  # left unquantized, bit for bit
     block = read_json(dest / "config.json")["quantization_config"]
     assert block == quant.config_block(["lm_head"])

@@ -29,8 +29,21 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def kill_after_files(src: Path, dest: Path, files: int) -> None:
     """Start a 2-rank finalize, SIGKILL the whole job once `files` output files are recorded as finished."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "distfinalize", str(src), str(dest), "--max-shard-size", SHARD, "--log-level", "warning"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "distfinalize",
+        str(src),
+        str(dest),
+        "--max-shard-size",
+        SHARD,
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = dest.with_name(dest.name + ".distfinalize-staging") / ".progress"
     deadline = time.monotonic() + 300

@@ -32,8 +32,11 @@ def to_torchtitan_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 def torchtitan_state(hf: dict[str, torch.Tensor], new_names: bool) -> dict[str, torch.Tensor]:
     """The Hugging Face state dict in torchtitan's names (0.3's qkv_linear/lm_head, or the older wq/output)."""
     qkv = "attention.qkv_linear." if new_names else "attention."
-    out = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
-           ("lm_head.weight" if new_names else "output.weight"): hf["lm_head.weight"]}  # fmt: skip
+    out = {
+        "tok_embeddings.weight": hf["model.embed_tokens.weight"],
+        "norm.weight": hf["model.norm.weight"],
+        ("lm_head.weight" if new_names else "output.weight"): hf["lm_head.weight"],
+    }
     for i in range(2):
         p, t = f"model.layers.{i}.", f"layers.{i}."
         out[t + qkv + "wq.weight"] = to_torchtitan_rows(hf[p + "self_attn.q_proj.weight"], HEADS)
@@ -97,8 +100,9 @@ def test_torchtitan_checkpoint_finalizes_to_hf(tmp_path: Path, new_names: bool) 
     hf = {k: v.detach().clone() for k, v in model.state_dict().items()}
     run = tmp_path / "torchtitan-run"
     state = {**torchtitan_state(hf, new_names), "freqs_cis": torch.randn(64, 8)}
-    dcp.save({"model": state, "train_state": {"step": 10}}, checkpoint_id=str(run / "checkpoint" / "step-10"),
-             no_dist=True)  # fmt: skip
+    dcp.save(
+        {"model": state, "train_state": {"step": 10}}, checkpoint_id=str(run / "checkpoint" / "step-10"), no_dist=True
+    )
     common.tiny_config(tie=False).save_pretrained(run)
     dest = tmp_path / "out"
     result = check_ok(finalize(run, dest, "--max-shard-size", "100KB", nproc=2))

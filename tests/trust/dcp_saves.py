@@ -26,15 +26,29 @@ def values() -> dict:
     """Every kind of value a state dict holds (the same on every rank: DCP dedupes replicated entries)."""
     dtypes = (torch.bfloat16, torch.float16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.float64)
     return {
-        "model": {"w": torch.ones(3, 2), "t": torch.ones(4, 4).t(), "empty": torch.empty(0, 3),
-                  "scalar": torch.tensor(2.0)},
-        "optim": {"state": {"w": {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3, 2)}},
-                  "param_groups": [{"lr": 0.01, "betas": (0.9, 0.99), "params": ["w"], "name": None}]},
-        "extra": {"i": 3, "f": 1.5, "s": "x", "n": None, "list": [1, 2, torch.arange(3)], "tuple": (1, "a"),
-                  "bytes": io.BytesIO(b"abc"), "ordered": OrderedDict(a=torch.zeros(1)),
-                  **{str(d).removeprefix("torch."): torch.ones(2, dtype=d) for d in dtypes},
-                  "float8": torch.ones(2).to(torch.float8_e4m3fn)},
-    }  # fmt: skip
+        "model": {
+            "w": torch.ones(3, 2),
+            "t": torch.ones(4, 4).t(),
+            "empty": torch.empty(0, 3),
+            "scalar": torch.tensor(2.0),
+        },
+        "optim": {
+            "state": {"w": {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3, 2)}},
+            "param_groups": [{"lr": 0.01, "betas": (0.9, 0.99), "params": ["w"], "name": None}],
+        },
+        "extra": {
+            "i": 3,
+            "f": 1.5,
+            "s": "x",
+            "n": None,
+            "list": [1, 2, torch.arange(3)],
+            "tuple": (1, "a"),
+            "bytes": io.BytesIO(b"abc"),
+            "ordered": OrderedDict(a=torch.zeros(1)),
+            **{str(d).removeprefix("torch."): torch.ones(2, dtype=d) for d in dtypes},
+            "float8": torch.ones(2).to(torch.float8_e4m3fn),
+        },
+    }
 
 
 def main() -> None:
@@ -42,8 +56,11 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    model = FullyShardedDataParallel(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)),
-                                     device_id=torch.device("cpu"), use_orig_params=True)  # fmt: skip
+    model = FullyShardedDataParallel(
+        torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)),
+        device_id=torch.device("cpu"),
+        use_orig_params=True,
+    )
     optim = torch.optim.AdamW(model.parameters())
     model(torch.randn(2, 8)).sum().backward()
     optim.step()

@@ -31,8 +31,9 @@ def run(fsdp2_runs: Path, tmp_path: Path) -> Path:
     return out
 
 
-def assert_clean_failure(result: subprocess.CompletedProcess, dest: Path, src: Path, before: dict, *words: str,
-                         code: int | None = None) -> None:  # fmt: skip
+def assert_clean_failure(
+    result: subprocess.CompletedProcess, dest: Path, src: Path, before: dict, *words: str, code: int | None = None
+) -> None:
     assert result.returncode != 0 if code is None else result.returncode == code, result.stderr
     lines = error_lines(result.stderr)
     assert len(lines) == 1, result.stderr
@@ -154,10 +155,18 @@ def test_unreadable_source(fsdp2_runs: Path) -> None:
         before = tree_digest(src)
         dest = base / "out"
         child_env = {**env(), "HOME": str(base), "HF_HOME": str(base / "hf")}
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "distfinalize",
-               str(src), str(dest)]  # fmt: skip
-        result = subprocess.run(cmd, capture_output=True, text=True, env=child_env, cwd=REPO, timeout=300,
-                                check=False)  # fmt: skip
+        cmd = [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-m",
+            "distfinalize",
+            str(src),
+            str(dest),
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=child_env, cwd=REPO, timeout=300, check=False)
         assert_clean_failure(result, dest, src, before, "source is not readable (permission denied)")
     finally:
         shutil.rmtree(base)

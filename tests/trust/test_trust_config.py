@@ -56,8 +56,9 @@ def test_truncated_config_json_is_an_error(run: Path, tmp_path: Path) -> None:
     before = tree_digest(run)
     dest = tmp_path / "out"
     result = finalize(run, dest)
-    assert_one_error(result, dest, "config.json is not valid JSON", str(run / "config.json"),
-                     f"line {line} column {column}")  # fmt: skip
+    assert_one_error(
+        result, dest, "config.json is not valid JSON", str(run / "config.json"), f"line {line} column {column}"
+    )
     assert tree_digest(run) == before
 
 
@@ -65,8 +66,9 @@ def test_truncated_config_json_is_an_error(run: Path, tmp_path: Path) -> None:
 def test_config_json_not_an_object_is_an_error(run: Path, tmp_path: Path) -> None:
     (run / "config.json").write_text('["LlamaForCausalLM"]\n')
     dest = tmp_path / "out"
-    assert_one_error(finalize(run, dest, "--dry-run"), dest, "config.json is not a JSON object",
-                     str(run / "config.json"), "list")  # fmt: skip
+    assert_one_error(
+        finalize(run, dest, "--dry-run"), dest, "config.json is not a JSON object", str(run / "config.json"), "list"
+    )
 
 
 @pytest.mark.dist

@@ -115,9 +115,17 @@ def test_malformed_layout_is_one_clear_error(trained: Path, tmp_path: Path, case
     rewrite(src / TAG / name, edit)
     before = tree_digest(src)
     dest = tmp_path / "dest"
-    for result in (finalize(src, dest, nproc=2 if variant == "zero3-frozen" else 1),
-                   subprocess.run([sys.executable, "-m", "distfinalize", "inspect", str(src)], capture_output=True,
-                                  text=True, env=env(), timeout=TIMEOUT_S, check=False)):  # fmt: skip
+    for result in (
+        finalize(src, dest, nproc=2 if variant == "zero3-frozen" else 1),
+        subprocess.run(
+            [sys.executable, "-m", "distfinalize", "inspect", str(src)],
+            capture_output=True,
+            text=True,
+            env=env(),
+            timeout=TIMEOUT_S,
+            check=False,
+        ),
+    ):
         lines = error_lines(result.stderr)
         assert result.returncode == 1 and len(lines) == 1, f"exit {result.returncode}\n{result.stderr}"
         assert "internal error" not in lines[0] and field in lines[0], lines[0]

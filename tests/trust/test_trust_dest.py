@@ -31,8 +31,9 @@ def hf_dir(run: Path, where: Path) -> Path:
     return where
 
 
-def assert_refused(result: subprocess.CompletedProcess, dest: Path, trees: list[Path], before: list[dict],
-                   *words: str) -> None:  # fmt: skip
+def assert_refused(
+    result: subprocess.CompletedProcess, dest: Path, trees: list[Path], before: list[dict], *words: str
+) -> None:
     assert result.returncode == 1, result.stderr
     lines = error_lines(result.stderr)
     assert len(lines) == 1, result.stderr

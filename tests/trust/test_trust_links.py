@@ -50,8 +50,9 @@ def secret_like(run: Path, name: str, marker: str, secret_dir: Path) -> Path:
         data = json.loads((run / name).read_text())
         data["secret_note"] = marker
         if name == "tokenizer.json":
-            data["added_tokens"].append({**data["added_tokens"][-1], "id": len(data["model"]["vocab"]) + 999,
-                                         "content": marker})  # fmt: skip
+            data["added_tokens"].append(
+                {**data["added_tokens"][-1], "id": len(data["model"]["vocab"]) + 999, "content": marker}
+            )
         target.write_text(json.dumps(data))
     return target
 
@@ -125,5 +126,7 @@ def test_symlinks_inside_source_are_read_as_regular_files(run: Path, tmp_path: P
     assert not [p for p in dest.rglob("*") if p.is_symlink()]
     assert (dest / "modeling_tiny.py").read_bytes() == (shared / "modeling_tiny.py").read_bytes()
     assert "A card kept in the run's shared dir." in (dest / "README.md").read_text()
-    assert json.loads((dest / "tokenizer.json").read_text())["model"] == json.loads(
-        (shared / "tokenizer.json").read_text())["model"]  # fmt: skip
+    assert (
+        json.loads((dest / "tokenizer.json").read_text())["model"]
+        == json.loads((shared / "tokenizer.json").read_text())["model"]
+    )

@@ -19,8 +19,7 @@ SRC = "untied-model"
 
 def finalize_alone(src: Path, dest: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "distfinalize", str(src), str(dest), *ARGS, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=bare_env(), cwd=REPO, timeout=TIMEOUT_S,
-                          check=False)  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=bare_env(), cwd=REPO, timeout=TIMEOUT_S, check=False)
 
 
 def test_second_run_is_refused_while_the_first_writes(fsdp2_runs: Path, tmp_path: Path) -> None:

@@ -113,9 +113,16 @@ def test_allowlist_holds_no_callable_that_reaches_code() -> None:
     functions = {f"{m}.{n}" for (m, n), v in ALLOWED_GLOBALS.items() if not isinstance(v, type) and callable(v)}
     assert functions == {"torch.serialization._get_layout"}
     modules = {m for m, _ in ALLOWED_GLOBALS}
-    assert modules <= {"torch", "torch.serialization", "torch.distributed.checkpoint.metadata",
-                       "torch.distributed.checkpoint.filesystem", "pathlib", "pathlib._local", "collections",
-                       "builtins"}  # fmt: skip
+    assert modules <= {
+        "torch",
+        "torch.serialization",
+        "torch.distributed.checkpoint.metadata",
+        "torch.distributed.checkpoint.filesystem",
+        "pathlib",
+        "pathlib._local",
+        "collections",
+        "builtins",
+    }
     assert {n for m, n in ALLOWED_GLOBALS if m == "builtins"} == {"set", "frozenset", "complex"}
 
 
@@ -150,8 +157,11 @@ def test_real_metadata_loads_as_pickle_loads_it(
 ) -> None:
     """Every `.metadata` of FSDP2 (model, model + optim), DTensor, Accelerate (model and optimizer_0), peft LoRA,
     FSDP1 ShardedTensor, every value kind and no_dist saves: the safe loader gives what pickle gives."""
-    found = [p for root in (fsdp2_runs, dtensor_run, accelerate_runs, lora_runs, other_saves)
-             for p in sorted(root.rglob(".metadata"))]  # fmt: skip
+    found = [
+        p
+        for root in (fsdp2_runs, dtensor_run, accelerate_runs, lora_runs, other_saves)
+        for p in sorted(root.rglob(".metadata"))
+    ]
     assert len(found) >= 4 + 1 + 4 + 2 + 3, found
     for meta_path in found:
         with open(meta_path, "rb") as f:

@@ -50,8 +50,9 @@ def test_nonfinite_weight_fails_quantize(nan_run: Path, tmp_path: Path) -> None:
 
 def test_skip_nonfinite_writes_that_weight_unquantized(nan_run: Path, tmp_path: Path) -> None:
     dest = tmp_path / "out"
-    result = check_ok(finalize(nan_run, dest, "--quantize", "fp8", "--quantize-skip-nonfinite",
-                               "--max-shard-size", "60KB", nproc=2))  # fmt: skip
+    result = check_ok(
+        finalize(nan_run, dest, "--quantize", "fp8", "--quantize-skip-nonfinite", "--max-shard-size", "60KB", nproc=2)
+    )
     assert WEIGHT in result.stderr  # the warning names it
     source = torch.load(nan_run / f"{WEIGHT}.pt")
     tensors, _ = read_output(dest)
@@ -98,8 +99,20 @@ def test_every_recipe_refuses_nonfinite(recipe: str) -> None:
 def test_skip_nonfinite_with_exchange(nan_run: Path, tmp_path: Path) -> None:
     """--strategy exchange (node-local files): each rank scans the chunks of the files it reads."""
     dest = tmp_path / "out"
-    check_ok(finalize(nan_run, dest, "--quantize", "fp8", "--quantize-skip-nonfinite", "--strategy", "exchange",
-                      "--max-shard-size", "60KB", nproc=2))  # fmt: skip
+    check_ok(
+        finalize(
+            nan_run,
+            dest,
+            "--quantize",
+            "fp8",
+            "--quantize-skip-nonfinite",
+            "--strategy",
+            "exchange",
+            "--max-shard-size",
+            "60KB",
+            nproc=2,
+        )
+    )
     tensors, _ = read_output(dest)
     assert torch.equal(bits(tensors[WEIGHT]), bits(torch.load(nan_run / f"{WEIGHT}.pt")))
     assert read_json(dest / "distfinalize-manifest.json")["quantization"]["nonfinite"] == [WEIGHT]

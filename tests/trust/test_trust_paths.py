@@ -40,10 +40,24 @@ def test_names_dcp_writes_are_taken(name: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["../../../../ESCAPED_0.distcp", "../__0_0.distcp", "/etc/__0_0.distcp", "sub/__0_0.distcp", "__0_0.distcp/x",
-     "./__0_0.distcp", "__01_0.distcp", "__0_0.distcp\n", "__0_0.distcp\x00", "model.safetensors", "", ".metadata",
-     None, 3, b"__0_0.distcp"],
-)  # fmt: skip
+    [
+        "../../../../ESCAPED_0.distcp",
+        "../__0_0.distcp",
+        "/etc/__0_0.distcp",
+        "sub/__0_0.distcp",
+        "__0_0.distcp/x",
+        "./__0_0.distcp",
+        "__01_0.distcp",
+        "__0_0.distcp\n",
+        "__0_0.distcp\x00",
+        "model.safetensors",
+        "",
+        ".metadata",
+        None,
+        3,
+        b"__0_0.distcp",
+    ],
+)
 def test_any_other_name_is_refused(name: object, tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=r"not a file name torch\.distributed\.checkpoint writes"):
         check_data_file_name(name, tmp_path)
@@ -105,8 +119,11 @@ def test_copy_refuses_names_and_symlinks_it_did_not_make(tmp_path: Path) -> None
     victim.write_bytes(b"precious")
     good = FileCopy("__0_0.distcp", (ByteRange(2, 0, 4),), "__0_0.distcp")
     copy = OptimizerCopy(src, (good,), _metadata_with(_StorageInfo("__0_0.distcp", 0, 4)))
-    for bad in (replace(good, source="../victim"), replace(good, target="../victim"),
-                replace(good, target=str(victim))):  # fmt: skip
+    for bad in (
+        replace(good, source="../victim"),
+        replace(good, target="../victim"),
+        replace(good, target=str(victim)),
+    ):
         with pytest.raises(SourceError, match="not a file name"):
             copy_optimizer_files(copy, (bad,), dest)
     (dest / "__0_0.distcp").symlink_to(victim)  # a symlink planted where the copy goes is not followed

@@ -87,8 +87,9 @@ def test_sigint_in_the_shutdown_barrier_no_traceback(fsdp2_runs: Path, tmp_path:
 def test_rank_failing_before_the_group_forms_says_why_under_torchrun(tmp_path: Path) -> None:
     """Only rank 1 fails, before any process group exists: its own line, rank-prefixed; the job ends (torchrun
     stops rank 0, which waits to form the group)."""
-    code, out = run(tmp_path / "no-such-src", tmp_path / "out", "--timeout", "10", fail_at="1:startup",
-                    log=tmp_path / "log")  # fmt: skip
+    code, out = run(
+        tmp_path / "no-such-src", tmp_path / "out", "--timeout", "10", fail_at="1:startup", log=tmp_path / "log"
+    )
     assert code != 0, out
     lines = error_lines(out)
     assert "[rank1] distfinalize: error: injected failure (DISTFINALIZE_FAIL_AT=1:startup)" in lines[0], out
@@ -101,9 +102,16 @@ def test_rank_failing_before_the_group_forms_says_why_under_srun(tmp_path: Path)
     job_id = free_port() - 20000 + 70000
     procs = []
     for rank in range(2):
-        task_env = bare_env(SLURM_JOB_ID=str(job_id), SLURM_STEP_ID="0", SLURM_PROCID=str(rank),
-                            SLURM_LOCALID=str(rank), SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2",
-                            SLURM_JOB_NODELIST="localhost", DISTFINALIZE_FAIL_AT="1:startup")  # fmt: skip
+        task_env = bare_env(
+            SLURM_JOB_ID=str(job_id),
+            SLURM_STEP_ID="0",
+            SLURM_PROCID=str(rank),
+            SLURM_LOCALID=str(rank),
+            SLURM_NTASKS="2",
+            SLURM_STEP_NUM_TASKS="2",
+            SLURM_JOB_NODELIST="localhost",
+            DISTFINALIZE_FAIL_AT="1:startup",
+        )
         cmd = [sys.executable, "-m", "distfinalize", str(tmp_path / "src"), str(tmp_path / "out"), "--timeout", "5"]
         procs.append(subprocess.Popen(cmd, env=task_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     (code0, _, err0), (code1, _, err1) = wait_all(procs, timeout=120)
@@ -125,10 +133,18 @@ def test_unreadable_checkpoint_file_is_a_permission_error(fsdp2_runs: Path) -> N
         data = max(src.rglob("*.distcp"), key=lambda p: p.stat().st_size)
         data.chmod(0o600)  # root's; the folder and .metadata stay readable
         child_env = {**env(), "HOME": str(base), "HF_HOME": str(base / "hf")}
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "distfinalize",
-               str(src), str(base / "out")]  # fmt: skip
-        result = subprocess.run(cmd, capture_output=True, text=True, env=child_env, cwd=REPO, timeout=300,
-                                check=False)  # fmt: skip
+        cmd = [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-m",
+            "distfinalize",
+            str(src),
+            str(base / "out"),
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=child_env, cwd=REPO, timeout=300, check=False)
         assert result.returncode == 1, result.stderr
         line = one_error_line(result.stderr)
         assert "permission denied" in line and data.name in line and "corrupt" not in line, line

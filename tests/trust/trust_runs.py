@@ -66,11 +66,22 @@ class Run:
 def start(src: Path, dest: Path, *args: str, nproc: int = 2, fail_at: str | None = None, log: Path) -> Run:
     """`torchrun --nproc_per_node=nproc -m distfinalize SRC DEST ARGS` in the background (its own session)."""
     extra = {"DISTFINALIZE_FAIL_AT": fail_at} if fail_at else {}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-           "distfinalize", str(src), str(dest), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "distfinalize",
+        str(src),
+        str(dest),
+        *args,
+    ]
     out = log.open("w")
-    proc = subprocess.Popen(cmd, env=bare_env(**extra), stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=bare_env(**extra), stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+    )
     out.close()
     return Run(proc, log)
 
@@ -112,8 +123,7 @@ def finished_records(dest: Path) -> int:
 def verify(dest: Path, *args: str) -> subprocess.CompletedProcess:
     """`distfinalize verify DEST ARGS`, a plain process."""
     cmd = [sys.executable, "-m", "distfinalize", "verify", str(dest), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=bare_env(), cwd=REPO, timeout=TIMEOUT_S,
-                          check=False)  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=bare_env(), cwd=REPO, timeout=TIMEOUT_S, check=False)
 
 
 def one_error_line(output: str) -> str:

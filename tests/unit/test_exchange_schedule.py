@@ -26,8 +26,11 @@ def layouts(draw: st.DrawFn):
         start, parts = 0, []
         for index, end in enumerate(cuts):
             writer = draw(st.integers(0, saved - 1))
-            parts.append(SourceChunk(f"k{i}", index, f"__{writer}_0.distcp", writer, (start, 0), (end - start, 3),
-                                     (end - start) * 3 * 4))  # fmt: skip
+            parts.append(
+                SourceChunk(
+                    f"k{i}", index, f"__{writer}_0.distcp", writer, (start, 0), (end - start, 3), (end - start) * 3 * 4
+                )
+            )
             start = end
         tensors.append(TensorPlan(f"w{i}", f"k{i}", (rows, 3), torch.float32, torch.float32))
         chunks[f"k{i}"] = tuple(parts)
@@ -95,11 +98,17 @@ def test_files_go_to_the_ranks_on_their_node(writers: dict, world: int, expected
 
 def test_lane_order_interleaves_open_files() -> None:
     def file(name: str, n: int) -> FilePlan:
-        return FilePlan(name, 0, tuple(TensorPlan(f"{name}{i}", "k", (1,), torch.float32, torch.float32)
-                                       for i in range(n)))  # fmt: skip
+        return FilePlan(
+            name, 0, tuple(TensorPlan(f"{name}{i}", "k", (1,), torch.float32, torch.float32) for i in range(n))
+        )
 
     files = [file("a", 2), file("b", 1), file("c", 2)]
     steps = lane_order(files, 2, lambda f: list(f.tensors))
     assert [(s.lane, s.tensor.name) for s in steps] == [(0, "a0"), (1, "b0"), (0, "a1"), (1, "c0"), (1, "c1")]
     assert [(s.lane, s.tensor.name) for s in lane_order(files, 1, lambda f: list(f.tensors))] == [
-        (0, "a0"), (0, "a1"), (0, "b0"), (0, "c0"), (0, "c1")]  # fmt: skip
+        (0, "a0"),
+        (0, "a1"),
+        (0, "b0"),
+        (0, "c0"),
+        (0, "c1"),
+    ]

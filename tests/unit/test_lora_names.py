@@ -31,8 +31,10 @@ def test_detects_lora_names() -> None:
 
 def test_peft_and_merged_names() -> None:
     assert peft_name(f"model.{Q}.base_layer.weight", "") == f"{Q}.base_layer.weight"  # a {"model": ...} container
-    assert peft_name(f"{Q.replace('.self_attn', '._checkpoint_wrapped_module.self_attn')}.lora_A.default.weight",
-                     "") == f"{Q}.lora_A.default.weight"  # fmt: skip
+    assert (
+        peft_name(f"{Q.replace('.self_attn', '._checkpoint_wrapped_module.self_attn')}.lora_A.default.weight", "")
+        == f"{Q}.lora_A.default.weight"
+    )
     injected = "module.model.layers.0.self_attn.q_proj.lora_A.default.weight"  # no PeftModel wrapper, DDP prefix
     assert peft_name(injected, "module.") == f"{Q}.lora_A.default.weight"
     assert merged_name(f"{Q}.base_layer.weight", "default") == "model.layers.0.self_attn.q_proj.weight"
@@ -59,21 +61,35 @@ def test_merge_matches_peft(rslora: bool) -> None:
                 p.copy_(torch.randn_like(p))
     inner = model.base_model.model
     cases = {
-        "proj": (inner.proj.base_layer.weight, inner.proj.lora_A["default"].weight, inner.proj.lora_B["default"].weight,
-                 inner.proj.scaling["default"], False),
-        "emb": (inner.emb.base_layer.weight, inner.emb.lora_embedding_A["default"],
-                inner.emb.lora_embedding_B["default"], inner.emb.scaling["default"], True),
-    }  # fmt: skip
-    ours = {k: merge_lora(w.detach(), a.detach(), b.detach(), LoraMerge("a", "b", s, t))
-            for k, (w, a, b, s, t) in cases.items()}  # fmt: skip
+        "proj": (
+            inner.proj.base_layer.weight,
+            inner.proj.lora_A["default"].weight,
+            inner.proj.lora_B["default"].weight,
+            inner.proj.scaling["default"],
+            False,
+        ),
+        "emb": (
+            inner.emb.base_layer.weight,
+            inner.emb.lora_embedding_A["default"],
+            inner.emb.lora_embedding_B["default"],
+            inner.emb.scaling["default"],
+            True,
+        ),
+    }
+    ours = {
+        k: merge_lora(w.detach(), a.detach(), b.detach(), LoraMerge("a", "b", s, t))
+        for k, (w, a, b, s, t) in cases.items()
+    }
     assert cases["proj"][3] == pytest.approx(7 / 3**0.5 if rslora else 7 / 3)
     merged = model.merge_and_unload()
     assert torch.equal(ours["proj"], merged.proj.weight) and torch.equal(ours["emb"], merged.emb.weight)
 
 
 def test_lora_options() -> None:
-    assert LoraOptions(alpha=16.0, target_modules=("q_proj",)).overrides == {"lora_alpha": 16,
-                                                                             "target_modules": ["q_proj"]}  # fmt: skip
+    assert LoraOptions(alpha=16.0, target_modules=("q_proj",)).overrides == {
+        "lora_alpha": 16,
+        "target_modules": ["q_proj"],
+    }
     assert LoraOptions(alpha=0.5, use_rslora=True).overrides == {"lora_alpha": 0.5, "use_rslora": True}
     with pytest.raises(ValueError, match="--lora-r"):
         LoraOptions(r=0)

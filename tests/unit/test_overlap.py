@@ -12,9 +12,17 @@ from distfinalize.write.overlap import ByteBudget, Stages, in_flight, lane_order
 
 
 def files(count: int, per_file: int, rows: int = 64) -> list[FilePlan]:
-    return [FilePlan(f"f{i}", 0, tuple(TensorPlan(f"f{i}.t{j}", f"f{i}.t{j}", (rows, 4), torch.float32,
-                                                  torch.bfloat16) for j in range(per_file)))
-            for i in range(count)]  # fmt: skip
+    return [
+        FilePlan(
+            f"f{i}",
+            0,
+            tuple(
+                TensorPlan(f"f{i}.t{j}", f"f{i}.t{j}", (rows, 4), torch.float32, torch.bfloat16)
+                for j in range(per_file)
+            ),
+        )
+        for i in range(count)
+    ]
 
 
 def feed_of(steps):

@@ -44,8 +44,15 @@ SHAPES = {
 }
 # TIGHT: max |loaded - float64 dequantized model| / max |logits|; LOOSE: relative RMS vs the unquantized model
 TIGHT = 1e-4
-LOOSE = {"fp8": 0.3, "fp8-block": 0.2, "int8": 0.06, "int4": 0.75, "torchao-int8": 0.06, "torchao-fp8": 0.2,
-         "torchao-int4": 0.75}  # fmt: skip
+LOOSE = {
+    "fp8": 0.3,
+    "fp8-block": 0.2,
+    "int8": 0.06,
+    "int4": 0.75,
+    "torchao-int8": 0.06,
+    "torchao-fp8": 0.2,
+    "torchao-int4": 0.75,
+}
 
 
 def weight(shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -160,16 +167,26 @@ def test_fp8_config_block_is_the_documented_schema() -> None:
     group = RECIPES["fp8"].config_block([])["config_groups"]["group_0"]
     assert group["targets"] == ["Linear"]
     assert {k: group["weights"][k] for k in ("num_bits", "type", "strategy", "symmetric", "dynamic")} == {
-        "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False,
-    }  # fmt: skip
+        "num_bits": 8,
+        "type": "float",
+        "strategy": "channel",
+        "symmetric": True,
+        "dynamic": False,
+    }
     assert {k: group["input_activations"][k] for k in ("num_bits", "type", "strategy", "dynamic")} == {
-        "num_bits": 8, "type": "float", "strategy": "token", "dynamic": True,
-    }  # fmt: skip
+        "num_bits": 8,
+        "type": "float",
+        "strategy": "token",
+        "dynamic": True,
+    }
     assert RECIPES["int4"].config_block([])["config_groups"]["group_0"]["weights"]["group_size"] == 128
     assert RECIPES["fp8-block"].config_block(["lm_head"]) == {
-        "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
-        "modules_to_not_convert": ["lm_head"], "ignored_layers": ["lm_head"],
-    }  # fmt: skip
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+        "modules_to_not_convert": ["lm_head"],
+        "ignored_layers": ["lm_head"],
+    }
 
 
 def test_what_stays_unquantized() -> None:
@@ -191,12 +208,18 @@ def test_what_stays_unquantized() -> None:
     assert not q("model.layers.0.mlp.up_proj.weight", (512, 256), ignore=[r"layers\.0\.mlp"])
     assert not q("model.layers.0.mlp.up_proj.weight", (512, 256), tied=["model.layers.0.mlp.up_proj.weight"])
     assert not quantizable("model.tok.weight", (320, 256), None, recipe=int4, spec_input_embedding="model.tok.weight")
-    tensors = [("model.embed_tokens.weight", (320, 256)), ("model.layers.0.mlp.up_proj.weight", (512, 256)),
-               ("model.layers.0.mlp.down_proj.weight", (256, 200)), ("model.norm.weight", (256,)),
-               ("lm_head.weight", (320, 256))]  # fmt: skip
+    tensors = [
+        ("model.embed_tokens.weight", (320, 256)),
+        ("model.layers.0.mlp.up_proj.weight", (512, 256)),
+        ("model.layers.0.mlp.down_proj.weight", (256, 200)),
+        ("model.norm.weight", (256,)),
+        ("lm_head.weight", (320, 256)),
+    ]
     assert ignored_modules(tensors, "lm_head.weight", recipe=int4) == [
-        "model.embed_tokens", "model.layers.0.mlp.down_proj", "lm_head",
-    ]  # fmt: skip
+        "model.embed_tokens",
+        "model.layers.0.mlp.down_proj",
+        "lm_head",
+    ]
 
 
 def test_unknown_recipe_names_the_allowed_ones() -> None:
@@ -211,9 +234,16 @@ def tiny_config():
     import transformers
 
     return transformers.LlamaConfig(
-        vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, dtype="float32",
-    )  # fmt: skip
+        vocab_size=320,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -117,9 +117,16 @@ def tiny(tmp_path: Path) -> tuple[torch.nn.Module, dict]:
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=160, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False, dtype="float32",
-    )  # fmt: skip
+        vocab_size=160,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
     torch.manual_seed(1)
     return transformers.LlamaForCausalLM(config).eval(), config.to_dict()
 
@@ -131,9 +138,10 @@ def write_shards(tmp_path: Path, name: str, per_file_metadata: bool) -> tuple[to
     state = model.state_dict()
     embedding = "model.embed_tokens.weight"
     quantized = {
-        n for n, t in state.items()
+        n
+        for n, t in state.items()
         if quantizable(n, tuple(t.shape), "lm_head.weight", recipe=recipe, spec_input_embedding=embedding)
-    }  # fmt: skip
+    }
     assert len(quantized) == 14
     described = [(n, tuple(t.shape), t.dtype, n in quantized) for n, t in state.items()]
     names = list(state)
@@ -228,11 +236,18 @@ def test_check_requirement_is_one_clear_error() -> None:
 
 
 def test_card_groups_unquantized_modules() -> None:
-    names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "model.layers.11.mlp.down_proj",
-             "model.layers.3.self_attn.o_proj", "lm_head"]  # fmt: skip
+    names = [
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.11.mlp.down_proj",
+        "model.layers.3.self_attn.o_proj",
+        "lm_head",
+    ]
     assert group_modules(names) == [
-        ("model.layers.*.mlp.down_proj", 3), ("model.layers.3.self_attn.o_proj", 1), ("lm_head", 1),
-    ]  # fmt: skip
+        ("model.layers.*.mlp.down_proj", 3),
+        ("model.layers.3.self_attn.o_proj", 1),
+        ("lm_head", 1),
+    ]
     lines = quantization_lines("torchao-int4", tuple(names))
     assert lines[0].startswith("- Quantization: torchao-int4, W4A16: torchao IntxWeightOnlyConfig")
     assert lines[1] == (

@@ -27,8 +27,10 @@ def test_chunks_pair_by_place() -> None:
 def test_under_exchange_a_pair_read_by_two_ranks_is_not_tied_and_nothing_is_read() -> None:
     head = [chunk("h", "__0_0.distcp", 0), chunk("h", "__1_0.distcp", 4)]
     swapped = [chunk("e", "__1_0.distcp", 0), chunk("e", "__0_0.distcp", 4)]  # same places, other files
-    metas = (TensorMeta("h", "lm_head.weight", (8, 8), torch.float32),
-             TensorMeta("e", "model.embed_tokens.weight", (8, 8), torch.float32))  # fmt: skip
+    metas = (
+        TensorMeta("h", "lm_head.weight", (8, 8), torch.float32),
+        TensorMeta("e", "model.embed_tokens.weight", (8, 8), torch.float32),
+    )
     assert tie_share([metas], {"h": head, "e": swapped}, None, rank=0, world_size=2) == [False]
 
 

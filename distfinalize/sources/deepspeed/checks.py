@@ -89,26 +89,54 @@ def _check_field(
         return
     shown = repr(value)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    raise SourceError(f"malformed DeepSpeed checkpoint: {key!r} is {type(value).__name__} {shown}, expected {expected}",
-                      where=path, hint=CORRUPT_HINT)  # fmt: skip
+    raise SourceError(
+        f"malformed DeepSpeed checkpoint: {key!r} is {type(value).__name__} {shown}, expected {expected}",
+        where=path,
+        hint=CORRUPT_HINT,
+    )
 
 
 def _check_model_fields(model: dict, path: Path) -> None:
     """The model states fields the layout is worked out from. Runs on: all ranks."""
     c = constants()
     _check_field(model, MODULE_KEY, path, "a dict of tensors by name", _is_named)
-    _check_field(model, c.PARAM_SHAPES, path, "a list of {name: shape} dicts, one per param group",
-                 lambda v: isinstance(v, list) and all(_is_shapes(group) for group in v))  # fmt: skip
-    _check_field(model, c.BUFFER_NAMES, path, "a list of names",
-                 lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v))  # fmt: skip
+    _check_field(
+        model,
+        c.PARAM_SHAPES,
+        path,
+        "a list of {name: shape} dicts, one per param group",
+        lambda v: isinstance(v, list) and all(_is_shapes(group) for group in v),
+    )
+    _check_field(
+        model,
+        c.BUFFER_NAMES,
+        path,
+        "a list of names",
+        lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+    )
     _check_field(model, c.FROZEN_PARAM_SHAPES, path, "a {name: shape} dict", _is_shapes, optional=True)
     _check_field(model, c.FROZEN_PARAM_FRAGMENTS, path, "a dict of tensors by name", _is_named, optional=True)
-    _check_field(model, SHARED_PARAMS_KEY, path, "a {alias: name} dict",
-                 lambda v: _is_named(v) and all(isinstance(t, str) for t in v.values()), optional=True)  # fmt: skip
-    _check_field(model, c.CHECKPOINT_PARALLEL_DIMS, path, "a dict of parallel degrees",
-                 lambda v: isinstance(v, dict) and all(v.get(k) is None or _is_count(v.get(k), 1)
-                                                       for k in (c.CHECKPOINT_TP_DEGREE, c.CHECKPOINT_PP_DEGREE)),
-                 optional=True)  # fmt: skip
+    _check_field(
+        model,
+        SHARED_PARAMS_KEY,
+        path,
+        "a {alias: name} dict",
+        lambda v: _is_named(v) and all(isinstance(t, str) for t in v.values()),
+        optional=True,
+    )
+    _check_field(
+        model,
+        c.CHECKPOINT_PARALLEL_DIMS,
+        path,
+        "a dict of parallel degrees",
+        lambda v: (
+            isinstance(v, dict)
+            and all(
+                v.get(k) is None or _is_count(v.get(k), 1) for k in (c.CHECKPOINT_TP_DEGREE, c.CHECKPOINT_PP_DEGREE)
+            )
+        ),
+        optional=True,
+    )
     _check_field(model, MP_WORLD_SIZE_KEY, path, "a positive int", lambda v: _is_count(v, 1), optional=True)
     _check_field(model, GLOBAL_STEPS_KEY, path, "a step number", _is_count, optional=True)
 
@@ -117,20 +145,36 @@ def _check_optim_fields(optim: dict, path: Path, stage: int, groups: int) -> Non
     """One rank's optimizer states fields: partition counts, its master partitions (one per param group for
     ZeRO 1/2, like param_shapes) and their alignment paddings. Runs on: all ranks."""
     c = constants()
-    _check_field(optim, c.PARTITION_COUNT, path, "a positive int or a list of them",
-                 lambda v: _is_count(v, 1) or (isinstance(v, list) and bool(v) and all(_is_count(n, 1) for n in v)),
-                 optional=True)  # fmt: skip
+    _check_field(
+        optim,
+        c.PARTITION_COUNT,
+        path,
+        "a positive int or a list of them",
+        lambda v: _is_count(v, 1) or (isinstance(v, list) and bool(v) and all(_is_count(n, 1) for n in v)),
+        optional=True,
+    )
     if stage > 2:
         return
     partitions = len(_partitions_of(optim, stage, path))
     if partitions != groups:
-        raise SourceError(f"malformed DeepSpeed checkpoint: {c.SINGLE_PARTITION_OF_FP32_GROUPS!r} holds {partitions} "
-                          f"partition(s) but the model states' {c.PARAM_SHAPES!r} has {groups} param group(s)",
-                          where=path, hint=CORRUPT_HINT)  # fmt: skip
-    _check_field(optim, c.PARAM_ALIGNMENT_PADDINGS, path, f"a list of {groups} lists of non-negative ints",
-                 lambda v: isinstance(v, list) and len(v) == groups
-                 and all(isinstance(g, list) and all(_is_count(n) for n in g) for g in v),
-                 optional=True)  # fmt: skip
+        raise SourceError(
+            f"malformed DeepSpeed checkpoint: {c.SINGLE_PARTITION_OF_FP32_GROUPS!r} holds {partitions} "
+            f"partition(s) but the model states' {c.PARAM_SHAPES!r} has {groups} param group(s)",
+            where=path,
+            hint=CORRUPT_HINT,
+        )
+    _check_field(
+        optim,
+        c.PARAM_ALIGNMENT_PADDINGS,
+        path,
+        f"a list of {groups} lists of non-negative ints",
+        lambda v: (
+            isinstance(v, list)
+            and len(v) == groups
+            and all(isinstance(g, list) and all(_is_count(n) for n in g) for g in v)
+        ),
+        optional=True,
+    )
 
 
 def _check_world(optim: dict, found: TagFiles, stage: int) -> None:

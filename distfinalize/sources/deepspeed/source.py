@@ -141,8 +141,11 @@ class DeepSpeedSource:
         ]
         dtypes = {f.dtype for flats in partitions for f in flats}
         if len(dtypes) != 1:
-            raise SourceError(f"the fp32 master partitions mix dtypes {sorted(map(str, dtypes))}", where=self.path,
-                              hint=f"the tag folder mixes files of different saves; {CORRUPT_HINT}")  # fmt: skip
+            raise SourceError(
+                f"the fp32 master partitions mix dtypes {sorted(map(str, dtypes))}",
+                where=self.path,
+                hint=f"the tag folder mixes files of different saves; {CORRUPT_HINT}",
+            )
         if self.stage <= 2:
             fragments = model.get(c.FROZEN_PARAM_FRAGMENTS) or {}
             layouts.update({n: self._frozen12(n, s, fragments, model_file, model_path) for n, s in frozen.items()})

@@ -218,5 +218,3 @@ def _float8(weight: torch.Tensor, block: list[int]) -> tuple[torch.Tensor, torch
 
 
 _FP8_TOKEN_ACTS = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}
-
-

@@ -140,9 +140,17 @@ class PackedInt(Recipe):
         qmin, qmax = self._qrange
         hp = weight.float()  # scale = amax / ((qmax - qmin) / 2), computed in float32
         scale, zero = primitives.choose_qparams_affine(
-            hp, primitives.MappingType.SYMMETRIC, block, torch.int8, qmin, qmax, eps=SCALE_FLOOR,
-            scale_dtype=torch.float32, zero_point_dtype=torch.int8, keepdim=True,
-        )  # fmt: skip
+            hp,
+            primitives.MappingType.SYMMETRIC,
+            block,
+            torch.int8,
+            qmin,
+            qmax,
+            eps=SCALE_FLOOR,
+            scale_dtype=torch.float32,
+            zero_point_dtype=torch.int8,
+            keepdim=True,
+        )
         q = primitives.quantize_affine(hp, block, scale, zero, torch.int8, qmin, qmax)
         return q, scale.reshape(n, -1)
 

@@ -60,8 +60,11 @@ def quantized_tensors(config: FinalizeConfig, prepared: Prepared) -> dict[str, s
 
     rules = quantization_rules(config, prepared)
     output_embedding = rules.pop("spec_output_embedding")
-    return {t.name: config.quantize for t in prepared.tensors
-            if quantizable(t.name, tuple(t.shape), output_embedding, **rules)}  # fmt: skip
+    return {
+        t.name: config.quantize
+        for t in prepared.tensors
+        if quantizable(t.name, tuple(t.shape), output_embedding, **rules)
+    }
 
 
 def quantization_config(config: FinalizeConfig, prepared: Prepared) -> dict | None:

@@ -108,8 +108,10 @@ class TorchAoRecipe(Recipe):
 
         `tensors`: (name, shape, dtype, quantized) of every tensor the model writes, in order. Pure (meta tensors).
         """
-        out = {name: _layout(self, tuple(shape), dtype)[1] if quantized else PLAIN
-               for name, shape, dtype, quantized in tensors}  # fmt: skip
+        out = {
+            name: _layout(self, tuple(shape), dtype)[1] if quantized else PLAIN
+            for name, shape, dtype, quantized in tensors
+        }
         out["tensor_names"] = json.dumps([name for name, *_ in tensors])
         return out
 
