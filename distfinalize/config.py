@@ -125,7 +125,7 @@ class FinalizeConfig:
     """What to finalize, where to, and how. Identical on every rank."""
 
     src: Path
-    dest: Path
+    dest: Path | None = None  # None: nothing is to be written (inspect, verify --source)
     checkpoint: Path | None = None
     tag: str | None = None  # DeepSpeed tag (a global_stepN folder) instead of the one in `latest`
     dtype: str | None = None

@@ -22,7 +22,7 @@ import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distfinalize.artifacts.card import card_preview
 from distfinalize.artifacts.code import model_code_files
@@ -30,6 +30,7 @@ from distfinalize.artifacts.config import output_config
 from distfinalize.artifacts.generation import find_generation_config, generation_config
 from distfinalize.artifacts.tokenizer import (
     DEFAULT_PAD,
+    FinalTokenizer,
     TokenizerOutcome,
     is_tokenizer_dir,
     parse_token_requests,
@@ -66,7 +67,7 @@ from distfinalize.prepare.nonfinite import skip_nonfinite
 from distfinalize.prepare.peft import (
     adapter_config_preview,
 )
-from distfinalize.prepare.prepared import Prepared, prepare
+from distfinalize.prepare.prepared import Prepared, check_destination, input_paths, prepare
 from distfinalize.sources import SourceInfo
 from distfinalize.sources.formats import format_of
 from distfinalize.startup import imports_done
@@ -74,6 +75,9 @@ from distfinalize.transform.quant.selection import embedding_names, quantized_te
 from distfinalize.transform.vocab import plan_resizes
 from distfinalize.write.exchange import describe as describe_exchange
 from distfinalize.write.rank import DataPath, WrittenFile, exchange_schedule, write_rank_files
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +96,14 @@ class Outcome:
 
 def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     """Finalize config.src into config.dest with every rank of `ctx`. Runs on: all ranks."""
-    prepared = ctx.run_step("prepare", lambda: prepare(config, ctx.device))[ctx.rank]
+    prepared = ctx.run_step("prepare", lambda: prepare_step(config, ctx.device))[ctx.rank]
     prepared = skip_nonfinite(config, prepared, ctx)  # --quantize-skip-nonfinite only
     imports_done()
     tied_head = check_tied(config, prepared, ctx)
     if tied_head is not None:
         prepared = replace(prepared, tensors=tuple(t for t in prepared.tensors if t.name != tied_head), tied=True)
-    kept_tokenizer: list[Any] = []  # rank 0 keeps the tokenizer object to save it at commit
-    tokenizer = ctx.run_step("tokenizer", lambda: final_tokenizer(config, prepared, kept_tokenizer), ranks="rank0")[0]
+    final = ctx.run_step("tokenizer", lambda: final_tokenizer(config, prepared), ranks="rank0")[0]
+    tokenizer = final.outcome
     resizes = plan_resizes(
         prepared.tensors,
         embedding_names(prepared),
@@ -142,16 +146,15 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
             ctx.run_step(
                 "finish",
                 lambda: finish(
-                    config,
-                    plan,
-                    prepared,
-                    tokenizer,
-                    kept_tokenizer,
-                    vocab_size,
-                    files,
-                    staging,
-                    weights_dir,
-                    optimizer,
+                    config=config,
+                    plan=plan,
+                    prepared=prepared,
+                    tokenizer=final,
+                    vocab_size=vocab_size,
+                    files=files,
+                    staging=staging,
+                    weights_dir=weights_dir,
+                    optimizer=optimizer,
                 ),
                 ranks="rank0",
             )
@@ -171,6 +174,17 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     return Outcome(config.dest, plan, prepared.source.info, files, False, report)
 
 
+def prepare_step(config: FinalizeConfig, device: torch.device) -> Prepared:
+    """DEST checked against SRC (cheap, first), the source opened, then DEST checked against every input the
+    source named (the checkpoint folder, --checkpoint, --base-model, --tokenizer). Runs on: all ranks."""
+    if config.dest is not None:
+        check_destination(config.dest, config.src)
+    prepared = prepare(config, device)
+    if config.dest is not None and prepared.folder is not None:
+        check_destination(config.dest, config.src, input_paths(config, prepared.folder))
+    return prepared
+
+
 def check_tied(config: FinalizeConfig, prepared: Prepared, ctx: DistContext) -> str | None:
     """The lm_head name to drop as tied to the embedding (see tie.py): rank 0 reads both, or with
     `--strategy exchange` every rank compares the chunks of its own files. Runs on: all ranks."""
@@ -186,8 +200,8 @@ def check_tied(config: FinalizeConfig, prepared: Prepared, ctx: DistContext) -> 
     return tie.combine(pairs, shares)
 
 
-def final_tokenizer(config: FinalizeConfig, prepared: Prepared, kept: list[Any]) -> TokenizerOutcome:
-    """Find, extend and template the tokenizer; keep the object in `kept`. Runs on: rank 0."""
+def final_tokenizer(config: FinalizeConfig, prepared: Prepared) -> FinalTokenizer:
+    """Find, extend and template the tokenizer. Runs on: rank 0."""
     options = config.tokenizer
     path = options.path
     if path is not None and not is_tokenizer_dir(path):
@@ -203,8 +217,7 @@ def final_tokenizer(config: FinalizeConfig, prepared: Prepared, kept: list[Any])
     if options.add_tokens is not None:
         requests = (*requests, *parse_token_requests(options.add_tokens))
     tokenizer, outcome = prepare_tokenizer(path, requests, options.chat_template)
-    kept.append(tokenizer)
-    return outcome
+    return FinalTokenizer(outcome, tokenizer)
 
 
 def plan_optimizer(config: FinalizeConfig, prepared: Prepared) -> OptimizerCopy | None:

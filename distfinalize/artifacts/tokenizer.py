@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from distfinalize.errors import SourceError, UsageError
 from distfinalize.hfnames import read_json_object
@@ -58,6 +59,22 @@ class TokenizerOutcome:
 
     def token_id(self, token: str) -> int | None:
         return self.vocab.get(token)
+
+
+@dataclass(frozen=True)
+class FinalTokenizer:
+    """The tokenizer step's result: the outcome every rank needs, and on rank 0 the tokenizer object itself,
+    saved at the commit. Sent to the other ranks without the object (it can be large, and they never use it)."""
+
+    outcome: TokenizerOutcome
+    tokenizer: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"outcome": self.outcome, "tokenizer": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        object.__setattr__(self, "outcome", state["outcome"])
+        object.__setattr__(self, "tokenizer", state["tokenizer"])
 
 
 def is_tokenizer_dir(path: Path) -> bool:

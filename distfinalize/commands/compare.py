@@ -13,8 +13,6 @@ their dequantized value must lie within the recipe's round-to-nearest bound of t
 
 from __future__ import annotations
 
-import tempfile
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -76,8 +74,6 @@ def open_source(
     ):
         checkpoint = recorded
     quant = recorded_quantization(found.manifest)
-    # prepare() refuses an existing DEST; nothing is written, so it gets a name that is never created.
-    phantom = Path(tempfile.gettempdir()) / f"distfinalize-verify-{uuid.uuid4().hex}"
     base_model = found.dest if (found.dest / "config.json").is_file() else None
     lora = LoraOptions()
     record = found.manifest.get("lora") if found.manifest else None
@@ -85,7 +81,6 @@ def open_source(
         lora, base_model = recorded_options(record, src)
     config = FinalizeConfig(
         src=src,
-        dest=phantom,
         checkpoint=checkpoint,
         tag=tag,
         base_model=base_model,

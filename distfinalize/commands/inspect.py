@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tempfile
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -103,11 +101,9 @@ def replan(plan: Plan, world_size: int) -> Plan:
 
 
 def finalize_config(options: Options) -> FinalizeConfig:
-    """The finalize a plain `distfinalize SRC DEST` would run, as a dry run into a DEST that is never created."""
-    phantom = Path(tempfile.gettempdir()) / f"distfinalize-inspect-{uuid.uuid4().hex}"
+    """The finalize a plain `distfinalize SRC DEST` would run, as a dry run with no DEST."""
     return FinalizeConfig(
         src=options.src,
-        dest=phantom,
         checkpoint=options.checkpoint,
         tag=options.tag,
         dtype=options.dtype,

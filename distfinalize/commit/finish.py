@@ -6,14 +6,14 @@ DistContext.run_commit): the atomic rename of the staging dir to DEST.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from distfinalize.artifacts.card import LIBRARY_NAME, CardInfo, write_model_card
 from distfinalize.artifacts.code import copy_model_code, model_code_files
 from distfinalize.artifacts.config import ConfigUpdates, output_config, write_config
 from distfinalize.artifacts.generation import find_generation_config, generation_config, write_generation_config
 from distfinalize.artifacts.index import write_index
-from distfinalize.artifacts.tokenizer import TokenizerOutcome
+from distfinalize.artifacts.tokenizer import FinalTokenizer, TokenizerOutcome
 from distfinalize.commit.keep import OptimizerCopy, link_into_root, write_optimizer_metadata
 from distfinalize.commit.manifest import MANIFEST, manifest_record, write_manifest
 from distfinalize.config import FinalizeConfig
@@ -80,11 +80,11 @@ def existing_card(prepared: Prepared) -> Path | None:
 
 
 def finish(
+    *,
     config: FinalizeConfig,
     plan: Plan,
     prepared: Prepared,
-    tokenizer: TokenizerOutcome,
-    kept_tokenizer: list[Any],
+    tokenizer: FinalTokenizer,
     vocab_size: int | None,
     files: tuple[WrittenFile, ...],
     staging: Path,
@@ -94,7 +94,15 @@ def finish(
     """Everything written once, into the staging dir; the commit comes after every rank agreed. Runs on: rank 0."""
     try:
         write_once(
-            config, plan, prepared, tokenizer, kept_tokenizer, vocab_size, files, staging, weights_dir, optimizer
+            config=config,
+            plan=plan,
+            prepared=prepared,
+            tokenizer=tokenizer,
+            vocab_size=vocab_size,
+            files=files,
+            staging=staging,
+            weights_dir=weights_dir,
+            optimizer=optimizer,
         )
     except OSError as exc:
         raise DestinationError(
@@ -105,11 +113,11 @@ def finish(
 
 
 def write_once(
+    *,
     config: FinalizeConfig,
     plan: Plan,
     prepared: Prepared,
-    tokenizer: TokenizerOutcome,
-    kept_tokenizer: list[Any],
+    tokenizer: FinalTokenizer,
     vocab_size: int | None,
     files: tuple[WrittenFile, ...],
     staging: Path,
@@ -129,19 +137,21 @@ def write_once(
         write_adapter_config(prepared.lora, staging)  # no config.json, generation config or model code
         model_config = None
     elif prepared.config_path is not None:
-        write_config(prepared.config_path, staging, config_updates(config, prepared, tokenizer, vocab_size))
-        model_config = output_config(prepared.config_path, config_updates(config, prepared, tokenizer, vocab_size))
+        write_config(prepared.config_path, staging, config_updates(config, prepared, tokenizer.outcome, vocab_size))
+        model_config = output_config(
+            prepared.config_path, config_updates(config, prepared, tokenizer.outcome, vocab_size)
+        )
     else:
         model_config = {}
     generation = None
     if model_config is not None:
         generation = generation_config(
-            find_generation_config(prepared.config_path), tokenizer, model_config, config.generation
+            find_generation_config(prepared.config_path), tokenizer.outcome, model_config, config.generation
         )
     if generation:
         write_generation_config(staging, generation)
-    if kept_tokenizer and kept_tokenizer[0] is not None:
-        kept_tokenizer[0].save_pretrained(str(staging))
+    if tokenizer.tokenizer is not None:
+        tokenizer.tokenizer.save_pretrained(str(staging))
     write_model_card(staging, card_info(config, prepared), existing_card(prepared))
     if prepared.config_path is not None and not prepared.adapter:
         copy_model_code(model_code_files(prepared.config_path.parent), staging)

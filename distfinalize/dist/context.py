@@ -175,7 +175,8 @@ class DistContext:
     def run_step(self, step: str, fn: Callable[[], T], *, ranks: str = "all") -> list[T]:
         """Run `fn` (on every rank, or only rank 0 with ranks="rank0") and agree on the outcome.
 
-        Returns every rank's result in rank order. When any rank raised, every rank raises: the failing
+        Returns every rank's result in rank order (this rank's own as `fn` returned it, the others' as they
+        arrived). When any rank raised, every rank raises: the failing
         rank its own error, the others a RankFailure naming the failed rank and step. When a rank died or
         hung (the collective failed or timed out), the others raise a RankFailure naming the ranks that never
         checked in. Runs on: all ranks.
@@ -210,7 +211,9 @@ class DistContext:
             raise Terminated(stop)  # the job is being stopped, here or by a peer (a peer's real error would win)
         if failed:
             raise _peer_failure(step, failed)
-        return [o.value for o in outcomes]
+        values = [o.value for o in outcomes]
+        values[self.rank] = outcome.value
+        return values
 
     def run_commit(self, rename: Callable[[], None], landed: Callable[[], bool]) -> CommitOutcome:
         """The point of no return, taken once every rank agreed that everything was written (the step before).

@@ -54,6 +54,7 @@ class Prepared:
     lora: LoraLayout | None = None  # a LoRA checkpoint
     merges: Mapping[str, LoraMerge] = field(default_factory=dict)  # --merge-lora, by output name
     nonfinite: frozenset[str] = frozenset()  # weights holding NaN/Inf that --quantize leaves (nonfinite.py)
+    folder: Path | None = None  # the checkpoint folder that was located (DEST must stay out of it)
 
     @property
     def adapter(self) -> bool:
@@ -64,10 +65,8 @@ class Prepared:
 def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepared:
     """Locate and open the checkpoint, read config.json, map names, choose the dtype; refuse a --quantize recipe
     this rank's `device` cannot run. Runs on: all ranks."""
-    check_destination(config.dest, config.src)
     check_readable(config.src)
     located = locate(config.src, config.checkpoint, config.tag)
-    check_destination(config.dest, config.src, input_paths(config, located.path))
     source = located.format.open(located.path, located.step)
     search = search_dirs(located.path, config.src)
     if config.base_model is not None:
@@ -103,7 +102,9 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
     check_strategy(config, source, lora, located.path)
     if lora is not None and not lora.merge:  # the adapter's own tensors, under PEFT's names, as stored or --dtype
         dtype, reason = choose_dtype(config, None, lora.tensors)
-        return Prepared(source, spec, config_path, lora.tensors, dtype, reason, tuple(search), lora=lora)
+        return Prepared(
+            source, spec, config_path, lora.tensors, dtype, reason, tuple(search), lora=lora, folder=located.path
+        )
     if spec is None:
         message = "no config.json found in %s or its parents: names are written as stored, with no config.json"
         log_rank0(log, message + " (pass --base-model DIR)", located.path, level=logging.WARNING)
@@ -126,6 +127,7 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
         mapped.rope_heads,
         lora=lora,
         merges=merges,
+        folder=located.path,
     )
 
 

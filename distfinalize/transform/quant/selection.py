@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,21 +29,47 @@ def embedding_names(prepared: Prepared) -> list[str]:
     return [name for pair in TIE_CANDIDATES for name in reversed(pair)]
 
 
-def quantization_rules(config: FinalizeConfig, prepared: Prepared) -> dict[str, Any]:
-    """The keyword arguments of quantize.quantizable / ignored_modules for this model."""
+@dataclass(frozen=True)
+class QuantSelection:
+    """Which weights a --quantize run quantizes: the recipe, and what it leaves as it is. Pure."""
+
+    recipe: Recipe
+    output_embedding: str | None
+    input_embedding: str | None = None
+    tied: frozenset[str] = frozenset()  # aliases and what they alias: nothing tied is quantized
+    ignore: tuple[str, ...] = ()  # module-name regexes: --quantize-ignore, then weights holding NaN/Inf
+
+    def quantizes(self, name: str, shape: tuple[int, ...]) -> bool:
+        return quantizable(name, shape, self.output_embedding, **self._rules())
+
+    def ignored(self, tensors: Iterable[tuple[str, tuple[int, ...]]]) -> list[str]:
+        """Module names of the 2-D weights left unquantized (config block and card)."""
+        return ignored_modules(tensors, self.output_embedding, **self._rules())
+
+    def _rules(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe,
+            "spec_input_embedding": self.input_embedding,
+            "tied": self.tied,
+            "ignore": self.ignore,
+        }
+
+
+def quant_selection(config: FinalizeConfig, prepared: Prepared) -> QuantSelection:
+    """The selection for this model: its embeddings, its tied weights, the user's and the NaN/Inf ignores."""
     from distfinalize.transform.quant.recipes import get_recipe
 
     spec = prepared.spec
     tied = set(spec.tied) | set(spec.tied.values()) if spec is not None else set()
     if prepared.tied:
         tied |= set(embedding_names(prepared))
-    return {
-        "spec_output_embedding": spec.output_embedding if spec is not None else TIE_CANDIDATES[0][0],
-        "recipe": get_recipe(config.quantize),
-        "spec_input_embedding": spec.input_embedding if spec is not None else TIE_CANDIDATES[0][1],
-        "tied": tied,
-        "ignore": (*config.quantize_ignore, *nonfinite_patterns(prepared.nonfinite)),
-    }
+    return QuantSelection(
+        recipe=get_recipe(config.quantize),
+        output_embedding=spec.output_embedding if spec is not None else TIE_CANDIDATES[0][0],
+        input_embedding=spec.input_embedding if spec is not None else TIE_CANDIDATES[0][1],
+        tied=frozenset(tied),
+        ignore=(*config.quantize_ignore, *nonfinite_patterns(prepared.nonfinite)),
+    )
 
 
 def nonfinite_patterns(names: Iterable[str]) -> list[str]:
@@ -58,13 +85,8 @@ def quantized_tensors(config: FinalizeConfig, prepared: Prepared) -> dict[str, s
     if config.quantize is None:
         return {}
 
-    rules = quantization_rules(config, prepared)
-    output_embedding = rules.pop("spec_output_embedding")
-    return {
-        t.name: config.quantize
-        for t in prepared.tensors
-        if quantizable(t.name, tuple(t.shape), output_embedding, **rules)
-    }
+    selection = quant_selection(config, prepared)
+    return {t.name: config.quantize for t in prepared.tensors if selection.quantizes(t.name, tuple(t.shape))}
 
 
 def quantization_config(config: FinalizeConfig, prepared: Prepared) -> dict | None:
@@ -81,14 +103,12 @@ def unquantized_modules(config: FinalizeConfig, prepared: Prepared) -> list[str]
     if config.quantize is None:
         return []
 
-    rules = quantization_rules(config, prepared)
-    output_embedding = rules.pop("spec_output_embedding")
+    selection = quant_selection(config, prepared)
     tensors = [(t.name, tuple(t.shape)) for t in prepared.tensors]
-    if prepared.tied and output_embedding not in {name for name, _ in tensors}:
-        tensors.append((output_embedding, ()))  # written once as the input embedding; listed as ignored too
-    input_embedding = rules["spec_input_embedding"]
-    linears = [(n, s) for n, s in tensors if s and n != input_embedding]  # an embedding is not a Linear
-    return ignored_modules(linears, output_embedding, **rules)
+    if prepared.tied and selection.output_embedding not in {name for name, _ in tensors}:
+        tensors.append((selection.output_embedding, ()))  # written once as the input embedding; ignored too
+    linears = [(n, s) for n, s in tensors if s and n != selection.input_embedding]  # an embedding is no Linear
+    return selection.ignored(linears)
 
 
 def check_requirement(recipe: Recipe, device: torch.device, dtype: torch.dtype | None, where: str) -> None:
