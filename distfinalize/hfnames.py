@@ -1,4 +1,5 @@
-"""JSON files: read as an object with one clear error, written the way transformers writes them."""
+"""The leaf every stage may import: Hugging Face file names, dtype tables, and JSON io (a file read as an object
+with one clear error, written the way transformers writes them)."""
 
 from __future__ import annotations
 
@@ -40,16 +41,9 @@ def read_json_object(path: Path, error: type[DistfinalizeError], what: str) -> d
 
 
 SINGLE_FILE = "model.safetensors"
-
-
 INDEX_FILE = "model.safetensors.index.json"
-
-
 ADAPTER_FILE = "adapter_model.safetensors"  # a PEFT adapter dir's one weight file
-
-
 ADAPTER_CONFIG = "adapter_config.json"
-
 
 # safetensors dtype codes (safetensors/src/tensor.rs), checked against the library in the unit tests.
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {

@@ -25,8 +25,6 @@ PASS, FAIL, SKIP = "pass", "fail", "skip"
 
 
 MAX_DETAILS = 4  # problems named in a row's detail; the rest are counted
-
-
 TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 
 

@@ -60,7 +60,6 @@ CPU = torch.device("cpu")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 REPEAT_GRACE_S = 2.0  # a signal repeated sooner than this is the same stop; later, it kills the process
 
-
 # --------------------------------------------------------------------------------------------------------------
 # Launch environment: pure functions of the environment
 

@@ -14,14 +14,8 @@ from distfinalize.sources.deepspeed.meta import (
 )
 
 TP_FILE = re.compile(r"mp_rank_(\d+)")
-
-
 PIPELINE_FILE = re.compile(r"^layer_\d+-model_\d+-model_states\.pt$")
-
-
 EXPERT_FILE = re.compile(r"^(?:expp_rank_\d+|layer_\d+_expert_\d+)_")
-
-
 MAX_NAMES_IN_ERROR = 4
 
 

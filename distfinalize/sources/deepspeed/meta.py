@@ -54,17 +54,9 @@ FALLBACK_CONSTANTS = {
 
 # Keys DeepSpeed writes that deepspeed.checkpoint.constants has no name for.
 MODULE_KEY = "module"
-
-
 SHARED_PARAMS_KEY = "shared_params"
-
-
 DS_CONFIG_KEY = "ds_config"
-
-
 MP_WORLD_SIZE_KEY = "mp_world_size"
-
-
 GLOBAL_STEPS_KEY = "global_steps"
 
 
