@@ -3,22 +3,25 @@
 Real ZeRO 1/2/3 checkpoints are trained here (examples/trainers/deepspeed_zero.py, 2 CPU/gloo ranks), then one
 field of one pickle is rewritten (torch.load with weights_only=False, mutate, torch.save: fine in a test, with
 the test's own files) to a wrong type, a negative or mismatched size, or nothing. finalize must exit 1 with one
-line naming the file and the field, no traceback, no DEST, SRC unchanged; `inspect` must say the same. Marked
-`dist`.
+line naming the file and the field, no traceback, no DEST, SRC unchanged; `inspect` must say the same. Every
+case runs through the command line's main in this process; one also runs under torchrun. Marked `dist`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from support import TIMEOUT_S, TRAINERS, check_ok, env, error_lines, finalize, no_traceback, torchrun, tree_digest
+
+from distfinalize.cli import main
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # for the trainer, and for torch.load of DeepSpeed's own classes
 
@@ -107,32 +110,60 @@ def rewrite(path: Path, edit: Callable[[dict], None]) -> None:
     torch.save(state, path)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_malformed_layout_is_one_clear_error(trained: Path, tmp_path: Path, case: str) -> None:
+def broken_copy(trained: Path, tmp_path: Path, case: str) -> tuple[Path, str, str]:
+    """A copy of the case's checkpoint with its one field rewritten: (the copy, the field, the file to name)."""
     variant, name, edit, field = CASES[case]
     src = tmp_path / "run"
     shutil.copytree(trained / variant, src)
     rewrite(src / TAG / name, edit)
+    return src, field, f"{src / TAG / ELSEWHERE.get(case, name)}".rstrip("/")
+
+
+def assert_one_clear_line(code: int, stderr: str, field: str, where: str) -> None:
+    lines = error_lines(stderr)
+    assert code == 1 and len(lines) == 1, f"exit {code}\n{stderr}"
+    assert "internal error" not in lines[0] and field in lines[0] and where in lines[0], lines[0]
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """cli.main configures the `distfinalize` logger for a process; put it back for the other tests."""
+    logger = logging.getLogger("distfinalize")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_malformed_layout_is_one_clear_error(
+    trained: Path, tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    """Every case through the command line's main, in this process: finalize, then inspect."""
+    src, field, where = broken_copy(trained, tmp_path, case)
     before = tree_digest(src)
     dest = tmp_path / "dest"
-    for result in (
-        finalize(src, dest, nproc=2 if variant == "zero3-frozen" else 1),
-        subprocess.run(
-            [sys.executable, "-m", "distfinalize", "inspect", str(src)],
-            capture_output=True,
-            text=True,
-            env=env(),
-            timeout=TIMEOUT_S,
-            check=False,
-        ),
-    ):
-        lines = error_lines(result.stderr)
-        assert result.returncode == 1 and len(lines) == 1, f"exit {result.returncode}\n{result.stderr}"
-        assert "internal error" not in lines[0] and field in lines[0], lines[0]
-        assert f"{src / TAG / ELSEWHERE.get(case, name)}".rstrip("/") in lines[0], lines[0]
-        assert no_traceback(result), result.stderr
+    for argv in ([str(src), str(dest)], ["inspect", str(src)]):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert_one_clear_line(code, err, field, where)
+        assert "Traceback" not in err, err
     assert not dest.exists() and not list(tmp_path.glob("dest*"))
     assert tree_digest(src) == before
+
+
+def test_malformed_layout_under_torchrun(trained: Path, tmp_path: Path) -> None:
+    """The same through real processes: a ZeRO-3 shape broken in rank 0's file, finalized by 2 ranks, inspected."""
+    src, field, where = broken_copy(trained, tmp_path, "a shape is negative")
+    before = tree_digest(src)
+    dest = tmp_path / "dest"
+    inspect = [sys.executable, "-m", "distfinalize", "inspect", str(src)]
+    for result in (
+        finalize(src, dest, nproc=2),
+        subprocess.run(inspect, capture_output=True, text=True, env=env(), timeout=TIMEOUT_S, check=False),
+    ):
+        assert_one_clear_line(result.returncode, result.stderr, field, where)
+        assert no_traceback(result), result.stderr
+    assert not dest.exists() and tree_digest(src) == before
 
 
 def test_the_unmodified_checkpoints_still_finalize(trained: Path, tmp_path: Path) -> None:
