@@ -99,27 +99,6 @@ def test_unmatched_names_point_to_the_option(custom_run: tuple[Path, torch.nn.Mo
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("rename:\n  - ['^head\\.(', 'lm_head.']\n", "is not a regular expression"),
-        ("rename: ['^head']\n", "'rename' must be a list of [PATTERN, REPLACEMENT] string pairs"),
-        ("renames: []\n", "a key map file holds a mapping with 'rename'"),
-        ("rename: [\n", "cannot read the --key-map file"),
-    ],
-    ids=["bad-regex", "not-pairs", "unknown-key", "not-yaml"],
-)
-def test_bad_key_map_file_is_a_usage_error(
-    custom_run: tuple[Path, torch.nn.Module, Path], tmp_path: Path, text: str, message: str
-) -> None:
-    run, _, _ = custom_run
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(text)
-    result = finalize(run, tmp_path / "out", "--key-map", str(bad))
-    assert result.returncode == 2 and message in result.stderr and not our_traceback(result.stderr)
-    assert not (tmp_path / "out").exists()
-
-
 def test_key_map_rules_collision(custom_run: tuple[Path, torch.nn.Module, Path], tmp_path: Path) -> None:
     run, _, _ = custom_run
     bad = tmp_path / "collide.yaml"

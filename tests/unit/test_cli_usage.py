@@ -57,6 +57,28 @@ def test_bad_options_are_usage_errors(
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("rename:\n  - ['^head\\.(', 'lm_head.']\n", "is not a regular expression"),
+        ("rename: ['^head']\n", "'rename' must be a list of [PATTERN, REPLACEMENT] string pairs"),
+        ("renames: []\n", "a key map file holds a mapping with 'rename'"),
+        ("rename: [\n", "cannot read the --key-map file"),
+    ],
+    ids=["bad-regex", "not-pairs", "unknown-key", "not-yaml"],
+)
+def test_bad_key_map_file_is_a_usage_error(
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(SystemExit) as exited:
+        main([str(src), str(tmp_path / "out"), "--key-map", str(bad)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", [["inspect"], ["verify"]])
 def test_subcommand_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
     with pytest.raises(SystemExit) as exited:
