@@ -56,7 +56,7 @@ def format_bytes(size: float) -> str:
 GENERATION_MODES = ("carry", "none")  # or a path to a preset JSON
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TokenizerOptions:
     """--tokenizer, --chat-template, --add-tokens, --skip-default-tokens, --pad-vocab-to-multiple-of."""
 
@@ -71,7 +71,7 @@ class TokenizerOptions:
             raise ValueError(f"--pad-vocab-to-multiple-of must be positive, got {self.pad_vocab_multiple}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GenerationOptions:
     """--generation-config (carry | none | a preset path), --stop-tokens, --no-auto-stop-tokens."""
 
@@ -84,7 +84,7 @@ class GenerationOptions:
         return None if self.mode in GENERATION_MODES else Path(self.mode)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CardOptions:
     """Model card metadata: --base-model-id, --dataset, --training-method, --log-url."""
 
@@ -94,7 +94,7 @@ class CardOptions:
     log_urls: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoraOptions:
     """--merge-lora and the adapter settings that override (or stand in for) the source's adapter_config.json."""
 
@@ -120,7 +120,7 @@ class LoraOptions:
         return {k: v for k, v in out.items() if v is not None}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FinalizeConfig:
     """What to finalize, where to, and how. Identical on every rank."""
 
