@@ -5,6 +5,8 @@ DistContext.run_commit): the atomic rename of the staging dir to DEST.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,72 +93,53 @@ def finish(
     weights_dir: Path,
     optimizer: OptimizerCopy | None,
 ) -> None:
-    """Everything written once, into the staging dir; the commit comes after every rank agreed. Runs on: rank 0."""
+    """Everything written once, into the staging dir: index, checksums, config, generation config, tokenizer, card,
+    code, kept checkpoint. The commit comes after every rank agreed. Runs on: rank 0."""
+    with output_errors(staging):
+        planned = {f.filename for f in plan.files}
+        got = {f.filename for f in files}
+        if got != planned:
+            raise DestinationError(
+                "ranks did not write every planned file", where=staging, hint=f"missing: {sorted(planned - got)[:4]}"
+            )
+        index = write_index(plan, weights_dir)
+        write_checksums(staging, weights_dir, files, prepared, config)
+        if prepared.adapter:
+            write_adapter_config(prepared.lora, staging)  # no config.json, generation config or model code
+            model_config = None
+        elif prepared.config_path is not None:
+            updates = config_updates(config, prepared, tokenizer.outcome, vocab_size)
+            write_config(prepared.config_path, staging, updates)
+            model_config = output_config(prepared.config_path, updates)
+        else:
+            model_config = {}
+        generation = None
+        if model_config is not None:
+            generation = generation_config(
+                find_generation_config(prepared.config_path), tokenizer.outcome, model_config, config.generation
+            )
+        if generation:
+            write_generation_config(staging, generation)
+        if tokenizer.tokenizer is not None:
+            tokenizer.tokenizer.save_pretrained(str(staging))
+        write_model_card(staging, card_info(config, prepared), existing_card(prepared))
+        if prepared.config_path is not None and not prepared.adapter:
+            copy_model_code(model_code_files(prepared.config_path.parent), staging)
+        if config.keep_checkpoint:
+            keep_checkpoint(config, plan, prepared, staging, weights_dir, index, optimizer)
+
+
+@contextmanager
+def output_errors(staging: Path) -> Iterator[None]:
+    """An OSError while writing the output files becomes one DestinationError naming the file."""
     try:
-        write_once(
-            config=config,
-            plan=plan,
-            prepared=prepared,
-            tokenizer=tokenizer,
-            vocab_size=vocab_size,
-            files=files,
-            staging=staging,
-            weights_dir=weights_dir,
-            optimizer=optimizer,
-        )
+        yield
     except OSError as exc:
         raise DestinationError(
             "cannot write the output files",
             where=getattr(exc, "filename", None) or staging,
             hint=f"{exc.strerror or exc}; free space or choose another DEST",
         ) from exc
-
-
-def write_once(
-    *,
-    config: FinalizeConfig,
-    plan: Plan,
-    prepared: Prepared,
-    tokenizer: FinalTokenizer,
-    vocab_size: int | None,
-    files: tuple[WrittenFile, ...],
-    staging: Path,
-    weights_dir: Path,
-    optimizer: OptimizerCopy | None,
-) -> None:
-    """Index, checksums, config, generation config, tokenizer, card, code, kept checkpoint. Runs on: rank 0."""
-    planned = {f.filename for f in plan.files}
-    got = {f.filename for f in files}
-    if got != planned:
-        raise DestinationError(
-            "ranks did not write every planned file", where=staging, hint=f"missing: {sorted(planned - got)[:4]}"
-        )
-    index = write_index(plan, weights_dir)
-    write_checksums(staging, weights_dir, files, prepared, config)
-    if prepared.adapter:
-        write_adapter_config(prepared.lora, staging)  # no config.json, generation config or model code
-        model_config = None
-    elif prepared.config_path is not None:
-        write_config(prepared.config_path, staging, config_updates(config, prepared, tokenizer.outcome, vocab_size))
-        model_config = output_config(
-            prepared.config_path, config_updates(config, prepared, tokenizer.outcome, vocab_size)
-        )
-    else:
-        model_config = {}
-    generation = None
-    if model_config is not None:
-        generation = generation_config(
-            find_generation_config(prepared.config_path), tokenizer.outcome, model_config, config.generation
-        )
-    if generation:
-        write_generation_config(staging, generation)
-    if tokenizer.tokenizer is not None:
-        tokenizer.tokenizer.save_pretrained(str(staging))
-    write_model_card(staging, card_info(config, prepared), existing_card(prepared))
-    if prepared.config_path is not None and not prepared.adapter:
-        copy_model_code(model_code_files(prepared.config_path.parent), staging)
-    if config.keep_checkpoint:
-        keep_checkpoint(config, plan, prepared, staging, weights_dir, index, optimizer)
 
 
 def write_checksums(
