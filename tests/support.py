@@ -89,3 +89,13 @@ def no_traceback(result: subprocess.CompletedProcess) -> bool:
     """No traceback from distfinalize; under torchrun, the launcher's own report of a failed rank aside."""
     launcher = "torch.distributed.run" in map(str, result.args)
     return not our_traceback(result.stderr) and (launcher or "Traceback" not in result.stderr)
+
+
+def run_as_nobody(base: Path, *args: str | os.PathLike) -> subprocess.CompletedProcess:
+    """`python -m distfinalize ARGS` as the `nobody` user: a real permission check (the tests run as root). `base`
+    is its HOME."""
+    child_env = {**env(), "HOME": str(base), "HF_HOME": str(base / "hf")}
+    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "distfinalize"]
+    return subprocess.run(
+        [*cmd, *map(str, args)], capture_output=True, text=True, env=child_env, cwd=REPO, timeout=TIMEOUT_S, check=False
+    )

@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import REPO, env, error_lines, finalize, our_traceback, read_json, tree_digest
+from support import error_lines, finalize, our_traceback, read_json, run_as_nobody, tree_digest
 
 pytestmark = pytest.mark.dist
 
@@ -154,19 +153,7 @@ def test_unreadable_source(fsdp2_runs: Path) -> None:
         src.chmod(0o700)
         before = tree_digest(src)
         dest = base / "out"
-        child_env = {**env(), "HOME": str(base), "HF_HOME": str(base / "hf")}
-        cmd = [
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            sys.executable,
-            "-m",
-            "distfinalize",
-            str(src),
-            str(dest),
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True, env=child_env, cwd=REPO, timeout=300, check=False)
+        result = run_as_nobody(base, str(src), str(dest))
         assert_clean_failure(result, dest, src, before, "source is not readable (permission denied)")
     finally:
         shutil.rmtree(base)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from launching import bare_env, free_port, wait_all
-from support import REPO, env, error_lines, our_traceback
+from support import error_lines, our_traceback, run_as_nobody
 from trust_runs import ARGS, finished_records, one_error_line, run, staging_of, start
 
 pytestmark = pytest.mark.dist
@@ -132,19 +132,7 @@ def test_unreadable_checkpoint_file_is_a_permission_error(fsdp2_runs: Path) -> N
         shutil.copytree(fsdp2_runs / SRC, src)
         data = max(src.rglob("*.distcp"), key=lambda p: p.stat().st_size)
         data.chmod(0o600)  # root's; the folder and .metadata stay readable
-        child_env = {**env(), "HOME": str(base), "HF_HOME": str(base / "hf")}
-        cmd = [
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            sys.executable,
-            "-m",
-            "distfinalize",
-            str(src),
-            str(base / "out"),
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True, env=child_env, cwd=REPO, timeout=300, check=False)
+        result = run_as_nobody(base, str(src), str(base / "out"))
         assert result.returncode == 1, result.stderr
         line = one_error_line(result.stderr)
         assert "permission denied" in line and data.name in line and "corrupt" not in line, line
