@@ -93,9 +93,11 @@ def report(exc: DistfinalizeError, rank: int, log_level: str) -> None:
 
 def emit(text: str) -> None:
     """A command's result on stdout (plans, tables, JSON): the one place the package prints results."""
-    print(text, flush=True)
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def report_line(message: str, rank: int) -> None:
     prefix = f"[rank{rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    print(f"{prefix}{PROG}: error: {message}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"{prefix}{PROG}: error: {message}\n")
+    sys.stderr.flush()
