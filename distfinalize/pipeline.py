@@ -1,13 +1,14 @@
 """run(): the numbered steps of a finalize, each agreed on by every rank.
 
-1. prepare    every rank: find the checkpoint, read its metadata and config.json, map names
+1. prepare    every rank: check DEST, find the checkpoint, read its metadata and config.json, map names
+   (non-finite scan: with --quantize-skip-nonfinite, each rank checks a share of the weights to quantize)
 2. tie check  rank 0 (every rank, on its own files, with --strategy exchange): does lm_head hold exactly
                embed_tokens' data?
 3. tokenizer  rank 0: load it, add tokens, apply the chat template; every rank gets the outcome as data
 4. plan       every rank: the same pure plan (files, ranks, dtypes, vocabulary resize)
 5. stage      rank 0: create the staging dir beside DEST
 6. write      every rank: its own files (and its share of a kept optimizer state), into staging
-7. finish     rank 0 (finish.py): index, manifest, config, generation config, tokenizer, card, code, into staging
+7. finish     rank 0 (commit/finish.py): index, manifest, config, generation config, tokenizer, card, code, into staging
 8. commit     every rank agreed that 6 and 7 succeeded: rank 0 renames the staging dir to DEST
                (DistContext.run_commit); after the rename the run reports DEST as complete, whatever happens
 9. push       rank 0: upload DEST to the Hub, when asked
@@ -186,7 +187,7 @@ def prepare_step(config: FinalizeConfig, device: torch.device) -> Prepared:
 
 
 def check_tied(config: FinalizeConfig, prepared: Prepared, ctx: DistContext) -> str | None:
-    """The lm_head name to drop as tied to the embedding (see tie.py): rank 0 reads both, or with
+    """The lm_head name to drop as tied to the embedding (see prepare/tie.py): rank 0 reads both, or with
     `--strategy exchange` every rank compares the chunks of its own files. Runs on: all ranks."""
     pairs = tie.candidates(prepared.tensors, prepared.merges)
     if not pairs:
