@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -34,11 +37,30 @@ def torchrun(nproc: int, *args: str | os.PathLike, cwd: Path | None = None) -> s
 
 
 def finalize(src: Path, dest: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    """Run distfinalize with `nproc` ranks (a plain process when 1)."""
+    """Run distfinalize with `nproc` ranks: under torchrun, or for one rank in this process (run_cli)."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "distfinalize", str(src), str(dest), *args]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=TIMEOUT_S, check=False)
+        return run_cli(src, dest, *args)
     return torchrun(nproc, "-m", "distfinalize", src, dest, *args)
+
+
+def run_cli(*args: str | os.PathLike) -> subprocess.CompletedProcess:
+    """`python -m distfinalize ARGS` as one process, run in this one through the command line's main, with its
+    stdout and stderr captured and its exit code (argparse's included) returned: the same contract, without an
+    interpreter start per case. What main sets up for a process (the `distfinalize` logger) is put back."""
+    from distfinalize.cli import main
+
+    logger = logging.getLogger("distfinalize")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+    return subprocess.CompletedProcess(["distfinalize", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def check_ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
