@@ -87,7 +87,7 @@ log = logging.getLogger(__name__)
 class Outcome:
     """What a finalize did or, with --dry-run, would do (rank 0's view)."""
 
-    dest: Path
+    dest: Path | None  # None for inspect's dry run
     plan: Plan
     info: SourceInfo
     files: tuple[WrittenFile, ...]

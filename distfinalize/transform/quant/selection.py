@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -40,19 +40,26 @@ class QuantSelection:
     ignore: tuple[str, ...] = ()  # module-name regexes: --quantize-ignore, then weights holding NaN/Inf
 
     def quantizes(self, name: str, shape: tuple[int, ...]) -> bool:
-        return quantizable(name, shape, self.output_embedding, **self._rules())
+        return quantizable(
+            name,
+            shape,
+            self.output_embedding,
+            recipe=self.recipe,
+            spec_input_embedding=self.input_embedding,
+            tied=self.tied,
+            ignore=self.ignore,
+        )
 
     def ignored(self, tensors: Iterable[tuple[str, tuple[int, ...]]]) -> list[str]:
         """Module names of the 2-D weights left unquantized (config block and card)."""
-        return ignored_modules(tensors, self.output_embedding, **self._rules())
-
-    def _rules(self) -> dict[str, Any]:
-        return {
-            "recipe": self.recipe,
-            "spec_input_embedding": self.input_embedding,
-            "tied": self.tied,
-            "ignore": self.ignore,
-        }
+        return ignored_modules(
+            tensors,
+            self.output_embedding,
+            recipe=self.recipe,
+            spec_input_embedding=self.input_embedding,
+            tied=self.tied,
+            ignore=self.ignore,
+        )
 
 
 def quant_selection(config: FinalizeConfig, prepared: Prepared) -> QuantSelection:
