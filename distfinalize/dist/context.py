@@ -285,8 +285,8 @@ class DistContext:
             self._holding = held
 
     def interruption(self, exc: BaseException, outcome: str) -> DistfinalizeError:
-        """The one error a signal becomes: "interrupted by SIGTERM during write: <outcome>", or "rank N died
-        during write" when a peer's process is gone without saying goodbye (SIGKILL, the OOM killer). Its
+        """The one error a signal becomes: "interrupted by SIGTERM during write: <outcome>", or "rank N failed
+        during write: it died" when a peer's process is gone without saying goodbye (SIGKILL, the OOM killer). Its
         `report_rank` is the lowest rank still alive, so the job prints one line. Runs on: every rank signalled.
         """
         self.signal = self.signal or getattr(exc, "signal", None) or "SIGINT"
@@ -296,8 +296,8 @@ class DistContext:
         error: DistfinalizeError
         if dead:
             others = f" (and rank(s) {', '.join(map(str, dead[1:]))})" if len(dead) > 1 else ""
-            error = RankFailure(f"rank {dead[0]} died during {self.step}{others}",
-                                where="its process is gone (killed by a signal, or out of memory?)",
+            error = RankFailure(f"rank {dead[0]} failed during {self.step}{others}",
+                                where="it died: its process is gone (killed by a signal, or out of memory?)",
                                 hint=f"see that rank's own output and the launcher's report; {outcome}")
         else:
             error = Interrupted(f"interrupted by {self.signal} during {self.step}", where=outcome)

@@ -66,7 +66,7 @@ def test_sigkilled_rank_is_named_not_interrupted(fsdp2_runs: Path, tmp_path: Pat
     code, out = job.finish(timeout=120)
     assert code != 0 and not dest.exists(), out
     line = one_error_line(out)
-    assert line.startswith("[rank0] ") and "rank 1 died during write" in line, line
+    assert line.startswith("[rank0] ") and "rank 1 failed during write: it died" in line, line
     assert "interrupted" not in line, line
     assert "--resume will reuse the 5 finished file(s)" in line and not our_traceback(out), line
 
