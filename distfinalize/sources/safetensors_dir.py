@@ -75,10 +75,25 @@ def weight_files(path: Path) -> tuple[list[str], dict[str, str] | None]:
         return [SINGLE_FILE], None
     shards = sorted(p.name for p in path.iterdir() if DCP_SHARD_FILE.match(p.name))
     if shards:
+        check_writers(path, shards)
         return shards, None
     raise SourceError(
         "no safetensors weights", where=path, hint=f"expected {SINGLE_FILE}, {INDEX_FILE} or DCP shard files"
     )
+
+
+def check_writers(path: Path, shards: Sequence[str]) -> None:
+    """Every saving rank up to the highest one named must have left files (shard-0000R-..., R from 1). A missing
+    last rank leaves no trace in the names: its tensors then come out short, which config.json's shapes catch."""
+    writers = {int(m.group(1)) for name in shards if (m := DCP_SHARD_FILE.match(name))}
+    missing = sorted(set(range(1, max(writers) + 1)) - writers)
+    if missing:
+        shown = ", ".join(f"shard-{r:05d}-*.safetensors" for r in missing[:4])
+        raise SourceError(
+            f"the per-rank safetensors files of {len(missing)} saving rank(s) are missing ({shown})",
+            where=path,
+            hint="the checkpoint is incomplete; restore the missing files or finalize another checkpoint",
+        )
 
 
 def read_index(path: Path) -> dict[str, str]:
