@@ -10,7 +10,7 @@ from pathlib import Path
 import common
 import pytest
 import torch
-from support import check_ok, finalize, read_json, read_output, tree_digest
+from support import check_ok, finalize, read_json, read_output, run_cli, tree_digest
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 pytestmark = pytest.mark.dist
@@ -62,6 +62,7 @@ def test_model_dirs(hf_trainer_runs: Path, tmp_path: Path, variant: str, tied: b
     assert found in result.stderr
     check_exact(run, dest, tied)
     assert tree_digest(run) == before
+    assert "tensors bit-exact" in check_ok(run_cli("verify", dest, "--source", run)).stdout
     assert AutoTokenizer.from_pretrained(dest).pad_token == "<pad>"
 
 
@@ -77,6 +78,7 @@ def test_dcp_hf_storage(hf_storage_runs: Path, tmp_path: Path, variant: str, npr
     if variant == "sharded":
         assert "saved by 2 rank(s)" in result.stderr
     check_exact(run, dest, tied=False)
+    assert "21 tensors bit-exact" in check_ok(run_cli("verify", dest, "--source", run)).stdout
 
 
 def test_transforms_on_a_model_dir(hf_trainer_runs: Path, tmp_path: Path) -> None:
