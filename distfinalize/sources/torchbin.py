@@ -1,12 +1,12 @@
 """A Hugging Face model dir saved with torch.save: pytorch_model.bin, or shards and pytorch_model.bin.index.json
-(save_pretrained(safe_serialization=False), the Trainer's `save_safetensors=False`).
+(save_pretrained(safe_serialization=False), the Trainer's `save_safetensors=False` in transformers 4.x).
 
 Each file is a torch.save zip. It is only ever opened with `weights_only=True`, which unpickles tensors, plain
 containers and numbers, and refuses any other object the pickle names (a file holding one is refused, naming
-the class). The description comes from `torch.load(map_location="meta")`: the pickle alone, no tensor data. A
-reader maps a file with `torch.load(mmap=True)` and touches only the pages of the tensors it was asked for; a
-rank opens only the files that hold its tensors. Runs on: all ranks (description), each rank for its own
-tensors (reads).
+the class). Legacy (pre-zip) torch.save files, which cannot be mapped, are refused. The description comes from
+`torch.load(map_location="meta")`: the pickle alone, no tensor data. A reader maps a file with
+`torch.load(mmap=True)` and touches only the pages of the tensors it was asked for; a rank opens only the files
+that hold its tensors. Runs on: all ranks (description), each rank for its own tensors (reads).
 """
 
 from __future__ import annotations
@@ -86,7 +86,14 @@ class TorchBinSource:
         self.files: dict[str, str] = {}
         tensors, skipped = [], 0
         for file in files:
-            for name, value in load_weights(path / file, "meta", mmap=False).items():
+            weights = load_weights(path / file, "meta", mmap=False)
+            if not zipfile.is_zipfile(path / file):
+                raise SourceError(
+                    "a legacy (non-zip) torch.save file, which cannot be memory-mapped",
+                    where=path / file,
+                    hint="load it and save it again with a torch newer than 1.6, or with save_pretrained",
+                )
+            for name, value in weights.items():
                 if not isinstance(value, torch.Tensor) or not isinstance(name, str):
                     skipped += 1
                     continue

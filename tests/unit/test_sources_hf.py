@@ -74,3 +74,20 @@ def test_bin_maps_only_the_files_it_needs(model_dir: Path, monkeypatch: pytest.M
     got = source.reader().read(["layers.1.weight"])
     assert torch.equal(got["layers.1.weight"], state()["layers.1.weight"])
     assert loads == [(source.files["layers.1.weight"], "cpu", True)]
+
+
+def test_bin_refusals(tmp_path: Path) -> None:
+    """A legacy (non-zip) torch.save file, and one pickling an object besides tensors: one SourceError each,
+    naming the file (and the class)."""
+    from distfinalize.errors import SourceError
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    torch.save(state(), legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(SourceError, match=r"legacy \(non-zip\) torch.save file"):
+        TorchBinSource(legacy)
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    torch.save({**state(), "path": Path("/etc")}, hostile / "pytorch_model.bin")
+    with pytest.raises(SourceError, match="holds an object of class pathlib"):
+        TorchBinSource(hostile)
