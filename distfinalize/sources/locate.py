@@ -60,8 +60,8 @@ def locate(src: Path, checkpoint: Path | None = None, tag: str | None = None) ->
             raise SourceError(
                 "--checkpoint is not a checkpoint folder",
                 where=path,
-                hint="expected a DCP folder (.metadata + *.distcp), a DeepSpeed tag folder (global_stepN) or one "
-                "holding pytorch_model_fsdp_0/ or a DeepSpeed `latest` file",
+                hint="expected a DCP folder (.metadata + *.distcp), a DeepSpeed tag folder (global_stepN), one "
+                "holding pytorch_model_fsdp_0/ or a DeepSpeed `latest` file, or a Hugging Face model dir",
             )
         return found
     if tag is not None:
