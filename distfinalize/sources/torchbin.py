@@ -128,6 +128,13 @@ class TorchBinReader:
         self.path = path
         self.files = files
         self.meta = meta
+        self.mapped: tuple[str, dict] | None = None  # the last file mapped: consecutive read batches reuse it
+
+    def _map(self, file: str) -> dict:
+        if self.mapped is None or self.mapped[0] != file:
+            self.mapped = None
+            self.mapped = (file, load_weights(self.path / file, "cpu", mmap=True))
+        return self.mapped[1]
 
     def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """Fetch `keys` (stored dtype, CPU), checked against the description."""
@@ -136,7 +143,7 @@ class TorchBinReader:
             by_file.setdefault(self.files[key], []).append(key)
         out: dict[str, torch.Tensor] = {}
         for file, group in by_file.items():
-            loaded = load_weights(self.path / file, "cpu", mmap=True)
+            loaded = self._map(file)
             for key in group:
                 tensor, meta = loaded.get(key), self.meta[key]
                 if not isinstance(tensor, torch.Tensor) or (tensor.dtype, tuple(tensor.shape)) != (
@@ -147,7 +154,6 @@ class TorchBinReader:
                         f"{key!r} changed since the checkpoint was opened", where=self.path / file, hint="run again"
                     )
                 out[key] = tensor
-            del loaded
         return out
 
 
