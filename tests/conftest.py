@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from support import TRAINERS, check_ok, torchrun
+from support import TIMEOUT_S, TRAINERS, check_ok, env, torchrun
 
 FSDP2_VARIANTS = ("tied-model", "untied-model", "tied-optim", "untied-optim")
 
@@ -41,4 +43,23 @@ def lora_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     an adapter-only one (with the base model saved beside it)."""
     out = tmp_path_factory.mktemp("lora")
     check_ok(torchrun(2, TRAINERS / "fsdp2_lora.py", out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_trainer_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The transformers Trainer on CPU (one process), 4 steps, tied and untied: its checkpoint-N dirs, and the
+    sharded safetensors / .bin model dirs made from the trained models (examples/trainers/hf_trainer.py)."""
+    out = tmp_path_factory.mktemp("hf_trainer")
+    cmd = [sys.executable, str(TRAINERS / "hf_trainer.py"), str(out)]
+    check_ok(subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=TIMEOUT_S, check=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_storage_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FSDP2 on 2 gloo ranks saved by dcp.save with torch's HuggingFaceStorageWriter: per-rank shards, and the
+    consolidated variant (shards under sharded/ + whole tensors + index)."""
+    out = tmp_path_factory.mktemp("hf_storage")
+    check_ok(torchrun(2, TRAINERS / "fsdp2_hf_storage.py", out))
     return out

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,28 +14,14 @@ from typing import Any
 
 from distfinalize.commit.manifest import MANIFEST
 from distfinalize.errors import DestinationError
-from distfinalize.hfnames import ADAPTER_CONFIG, ADAPTER_FILE, DTYPES, INDEX_FILE, ITEMSIZE, SINGLE_FILE
-
-MAX_HEADER_SIZE = 100_000_000  # the safetensors library refuses larger headers
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of a safetensors header."""
-
-    dtype: str  # the safetensors code: F32, BF16, ...
-    shape: tuple[int, ...]
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class Header:
-    tensors: Mapping[str, TensorEntry]
-    metadata: Mapping[str, str]
-
-
-class HeaderError(ValueError):
-    """A safetensors header that does not parse, or does not describe its file."""
+from distfinalize.hfnames import ADAPTER_CONFIG, ADAPTER_FILE, DTYPES, INDEX_FILE, SINGLE_FILE
+from distfinalize.sources.safetensors_header import (  # noqa: F401  (re-exported for verify, inspect, compare)
+    Header,
+    HeaderError,
+    TensorEntry,
+    read_header,
+    unique_pairs,
+)
 
 
 @dataclass(frozen=True)
@@ -66,80 +51,7 @@ class Survey:
 
 def read_json_strict(path: Path) -> Any:
     """JSON where a key given twice is an error (json.loads would keep the last one silently)."""
-    return json.loads(path.read_text(), object_pairs_hook=_unique_pairs)
-
-
-def read_header(path: Path) -> Header:
-    """Parse a safetensors header strictly, then let the library open the file. Raises HeaderError."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise HeaderError(f"{size} bytes: too short for a safetensors file")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > min(MAX_HEADER_SIZE, size - 8):
-                raise HeaderError(f"header length {length} runs past the {size}-byte file")
-            raw = f.read(length)
-        entries = json.loads(raw, object_pairs_hook=_unique_pairs)
-    except OSError as exc:
-        raise HeaderError(f"cannot read: {exc.strerror or exc}") from exc
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HeaderError(f"header is not JSON ({exc})") from exc
-    header = _header_entries(entries, size - 8 - length)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            names = set(f.keys())
-    except (SafetensorError, OSError) as exc:
-        raise HeaderError(f"safetensors refuses it ({exc})") from exc
-    if names != set(header.tensors):
-        raise HeaderError("safetensors reads other tensor names than the header holds")
-    return header
-
-
-def _unique_pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in items:
-        if key in out:
-            raise ValueError(f"{key!r} appears twice")
-        out[key] = value
-    return out
-
-
-def _header_entries(entries: object, data_size: int) -> Header:
-    """Validate the parsed header against the data that follows it. Pure."""
-    if not isinstance(entries, dict):
-        raise HeaderError("header is not a JSON object")
-    metadata = entries.get("__metadata__") or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise HeaderError("__metadata__ is not a mapping of strings")
-    tensors, spans = {}, []
-    for name, entry in entries.items():
-        if name == "__metadata__":
-            continue
-        try:
-            code, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            if not all(isinstance(d, int) and d >= 0 for d in (*shape, start, end)) or end < start:
-                raise ValueError
-        except (KeyError, TypeError, ValueError):
-            raise HeaderError(f"tensor {name!r} has a malformed entry") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        if code in ITEMSIZE and end - start != numel * ITEMSIZE[code]:
-            raise HeaderError(f"tensor {name!r} is {code} {list(shape)} but spans {end - start} bytes")
-        tensors[name] = TensorEntry(code, shape, end - start)
-        spans.append((start, end, name))
-    position = 0
-    for start, end, name in sorted(spans):
-        if start != position:
-            raise HeaderError(f"tensor {name!r} starts at byte {start} of the data, expected {position}")
-        position = end
-    if position != data_size:
-        raise HeaderError(f"the tensors cover {position} bytes but the file holds {data_size} bytes of data")
-    return Header(tensors, metadata)
+    return json.loads(path.read_text(), object_pairs_hook=unique_pairs)
 
 
 def survey(dest: Path) -> Survey:

@@ -49,7 +49,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT_NAMES = {"dcp": "DCP (torch.distributed.checkpoint)", "deepspeed": "DeepSpeed", "hf": "Hugging Face model dir"}
+FORMAT_NAMES = {
+    "dcp": "DCP (torch.distributed.checkpoint)",
+    "deepspeed": "DeepSpeed",
+    "hf": "Hugging Face model dir",
+    "safetensors": "Hugging Face model dir or DCP safetensors (safetensors)",
+    "pytorch-bin": "Hugging Face model dir (pytorch_model.bin)",
+}
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
@@ -73,18 +79,22 @@ class Options:
 
 
 def source_kind(options: Options) -> str:
-    """Whether SRC holds a checkpoint finalize would use ("checkpoint") or is a model dir ("hf").
+    """Whether SRC holds a checkpoint finalize would use ("checkpoint") or is itself a safetensors model dir ("hf",
+    which finalize also reads, to reshard, cast or quantize it).
 
     Raises locate's SourceError when it is neither. Runs on: every rank.
     """
     from distfinalize.sources.locate import locate
 
     try:
-        locate(options.src, options.checkpoint, options.tag)
+        found = locate(options.src, options.checkpoint, options.tag)
     except SourceError:
         if options.checkpoint is None and options.tag is None and has_weights(options.src):
             return "hf"
         raise
+    chosen = options.checkpoint is not None or options.tag is not None
+    if found.format.fallback and found.path == options.src and not chosen and has_weights(options.src):
+        return "hf"  # SRC is itself a model dir (e.g. a finalized DEST): reported as one
     return "checkpoint"
 
 

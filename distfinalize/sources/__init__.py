@@ -85,3 +85,4 @@ class SourceFormat:
     open: Callable[[Path, int | None], Source]  # (checkpoint folder, step) -> Source
     chunked: bool = False  # its sources have chunks(): stored chunks that --strategy exchange can move
     optimizer: bool = False  # its sources have metadata that --keep-optimizer copies the optimizer state from
+    fallback: bool = False  # a folder's saved model weights: used only when no sharded checkpoint is there

@@ -2,9 +2,11 @@
 
 SRC may be the checkpoint folder itself, a training output dir with checkpoints/checkpoint-N,
 a Trainer dir with checkpoint-N, a torchtitan dir with (checkpoint/)step-N, an Accelerate save dir
-with pytorch_model_fsdp_0, or a DeepSpeed save dir (a `latest` file naming a global_stepN tag folder),
-also inside a Trainer's checkpoint-N. The latest step wins unless --checkpoint names one; for DeepSpeed
-the tag in `latest`, unless --tag names another. Runs on: all ranks.
+with pytorch_model_fsdp_0, a DeepSpeed save dir (a `latest` file naming a global_stepN tag folder),
+also inside a Trainer's checkpoint-N, or a Hugging Face model dir (the weights a Trainer's checkpoint-N or
+save_pretrained holds). The latest step wins unless --checkpoint names one; for DeepSpeed the tag in `latest`,
+unless --tag names another. Failing all that, the one checkpoint folder up to two levels below SRC, whatever
+its name, is used; several are listed, for --checkpoint to pick one. Runs on: all ranks.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ STEP_PARENTS = ("", "checkpoints", "checkpoint")
 NESTED_CHECKPOINTS = ("pytorch_model_fsdp_0",)  # Accelerate's FSDP SHARDED_STATE_DICT save
 LATEST_TAG_FILE = "latest"  # DeepSpeed's save dir: the name of the newest tag folder
 CONFIG_SEARCH_LEVELS_ABOVE_SRC = 2
+SEARCH_DEPTH = 2  # how many levels below SRC a checkpoint folder under any name is looked for
+MAX_LISTED = 6  # checkpoint folders named in the error when several are found
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,8 @@ def locate(src: Path, checkpoint: Path | None = None, tag: str | None = None) ->
             raise SourceError(
                 "--checkpoint is not a checkpoint folder",
                 where=path,
-                hint="expected a DCP folder (.metadata + *.distcp), a DeepSpeed tag folder (global_stepN) or one "
-                "holding pytorch_model_fsdp_0/ or a DeepSpeed `latest` file",
+                hint="expected a DCP folder (.metadata + *.distcp), a DeepSpeed tag folder (global_stepN), one "
+                "holding pytorch_model_fsdp_0/ or a DeepSpeed `latest` file, or a Hugging Face model dir",
             )
         return found
     if tag is not None:
@@ -70,28 +74,71 @@ def locate(src: Path, checkpoint: Path | None = None, tag: str | None = None) ->
         chosen = steps[-1]
         log.debug("found %d checkpoints under %s; latest is %s", len(steps), src, chosen.path)
         return chosen
+    return _search(src)
+
+
+def _search(src: Path) -> Located:
+    """The one checkpoint folder within SEARCH_DEPTH levels below SRC (the latest, when all are step folders of
+    one parent); none or several is a SourceError, the latter listing them."""
+    found = _found_below(src, SEARCH_DEPTH)
+    parents = {c.path.parent for c in found}
+    if len(found) > 1 and len(parents) == 1 and all(c.step is not None for c in found):
+        found = [max(found, key=lambda c: c.step or 0)]
+    if len(found) == 1:
+        log.info("found one checkpoint under %s: using %s", src, found[0].path.relative_to(src))
+        return found[0]
+    if found:
+        names = [str(c.path.relative_to(src)) for c in sorted(found, key=lambda c: str(c.path))]
+        more = len(names) - MAX_LISTED
+        shown = ", ".join(names[:MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
+        raise SourceError(
+            f"{len(found)} checkpoints found ({shown})",
+            where=src,
+            hint=f"pass --checkpoint {names[0]} (or another of them) to pick one",
+        )
     raise SourceError(
         "no checkpoint found",
         where=src,
-        hint="expected a DCP folder (.metadata + *.distcp), a DeepSpeed tag folder (global_stepN), or "
-        "checkpoint-N/, checkpoints/checkpoint-N/, step-N/, pytorch_model_fsdp_0/ or a DeepSpeed `latest` file "
-        "inside it; pass --checkpoint PATH to pick one",
+        hint="expected a DCP folder (.metadata + *.distcp), a DeepSpeed tag folder (global_stepN), a Hugging Face "
+        "model dir (model.safetensors, pytorch_model.bin or their index), or one of them up to two levels below "
+        "SRC; pass --checkpoint PATH to pick one",
     )
 
 
+def _found_below(directory: Path, depth: int) -> list[Located]:
+    """Checkpoint folders below `directory`, at most `depth` levels down, not looking inside one found."""
+    found: list[Located] = []
+    if depth <= 0:
+        return found
+    try:
+        children = sorted(c for c in directory.iterdir() if c.is_dir() and not c.name.startswith("."))
+    except OSError:
+        return found
+    for child in children:
+        located = _resolve(child)
+        if located is not None:
+            found.append(located)
+        else:
+            found += _found_below(child, depth - 1)
+    return found
+
+
 def _resolve(path: Path) -> Located | None:
-    """`path` itself, the DeepSpeed tag its `latest` file names, or Accelerate's pytorch_model_fsdp_0 inside it."""
+    """`path` itself, the DeepSpeed tag its `latest` file names, or Accelerate's pytorch_model_fsdp_0 inside it;
+    else the model weights saved in `path` (a Hugging Face model dir): a Trainer's checkpoint-N under DeepSpeed
+    holds both, and the ZeRO tag (the fp32 master weights) wins."""
     latest = _latest_tag(path)
     nested = (path / latest,) if latest else ()
     for candidate in (path, *nested, *(path / n for n in NESTED_CHECKPOINTS)):
         if not candidate.is_dir():
             continue
-        fmt = detect_format(candidate)
+        fmt = detect_format(candidate, fallback=False)
         if fmt is not None:
             return Located(candidate, fmt, _step_of(candidate))
     if latest:
         log.warning("%s names tag %r, which is not a checkpoint folder there", path / LATEST_TAG_FILE, latest)
-    return None
+    fmt = detect_format(path, fallback=True) if path.is_dir() else None
+    return Located(path, fmt, _step_of(path)) if fmt is not None else None
 
 
 def _latest_tag(path: Path) -> str | None:

@@ -156,3 +156,84 @@ def test_unknown_tag_lists_the_tags_found(tmp_path: Path) -> None:
     assert "global_step5, global_step7" in str(info.value) and str(src) in str(info.value)
     with pytest.raises(SourceError, match="--tag global_step6 names no checkpoint folder"):
         locate(src, Path("global_step5"), tag="global_step6")
+
+
+def hf_dir(path: Path, weights: str = "model.safetensors") -> Path:
+    """A Hugging Face model dir (detection reads only the names), with a Trainer's other checkpoint files."""
+    path.mkdir(parents=True)
+    for name in (weights, "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
+        (path / name).write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("weights", "fmt"),
+    [
+        ("model.safetensors", "safetensors"),
+        ("model.safetensors.index.json", "safetensors"),
+        ("shard-00001-model-00001-of-00001.safetensors", "safetensors"),
+        ("pytorch_model.bin", "pytorch-bin"),
+        ("pytorch_model.bin.index.json", "pytorch-bin"),
+    ],
+)
+def test_hugging_face_dirs_and_trainer_checkpoints(tmp_path: Path, weights: str, fmt: str) -> None:
+    src = tmp_path / "out"
+    hf_dir(src / "checkpoint-4", weights)
+    hf_dir(src / "checkpoint-12", weights)
+    found = locate(src)
+    assert found.path == src / "checkpoint-12" and found.format.name == fmt and found.step == 12
+
+
+def test_safetensors_win_over_bin(tmp_path: Path) -> None:
+    src = hf_dir(tmp_path / "model", "pytorch_model.bin")
+    (src / "model.safetensors").write_bytes(b"")
+    assert locate(src).format.name == "safetensors"
+
+
+def test_deepspeed_tag_wins_over_the_16bit_model_beside_it(tmp_path: Path) -> None:
+    """A Trainer's checkpoint-N under ZeRO-3 with stage3_gather_16bit_weights_on_model_save: the fp32 masters."""
+    ckpt = hf_dir(tmp_path / "out" / "checkpoint-5")
+    ds_save_dir(ckpt, ["global_step5"], latest="global_step5")
+    found = locate(tmp_path / "out")
+    assert found.path == ckpt / "global_step5" and found.format.name == "deepspeed"
+
+
+def test_a_model_at_src_wins_over_its_checkpoints(tmp_path: Path) -> None:
+    """The Trainer's output_dir after save_model(): the final model, not its checkpoint-N folders."""
+    src = hf_dir(tmp_path / "out")
+    hf_dir(src / "checkpoint-8")
+    assert locate(src).path == src
+
+
+@pytest.mark.parametrize("where", ["run/ckpt", "saves/final", "checkpoint/dcp-export", "a/global_step_5x"])
+def test_one_checkpoint_under_any_name_two_levels_down(tmp_path: Path, where: str) -> None:
+    src = tmp_path / "src"
+    dcp_dir(src / where)
+    (src / "logs").mkdir()
+    found = locate(src)
+    assert found.path == src / where
+
+
+def test_step_folders_under_an_unknown_parent_latest_wins(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for step in (3, 30, 7):
+        hf_dir(src / "trainer_out" / f"checkpoint-{step}")
+    assert locate(src).path == src / "trainer_out" / "checkpoint-30"
+
+
+def test_several_checkpoints_are_listed_with_how_to_pick(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    dcp_dir(src / "a" / "dcp")
+    hf_dir(src / "b")
+    with pytest.raises(SourceError) as info:
+        locate(src)
+    message = str(info.value)
+    assert "2 checkpoints found (a/dcp, b)" in message and "--checkpoint a/dcp" in message
+    assert locate(src, Path("b")).path == src / "b"
+
+
+def test_three_levels_down_is_not_searched(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    dcp_dir(src / "a" / "b" / "c")
+    with pytest.raises(SourceError, match="no checkpoint found"):
+        locate(src)
