@@ -27,6 +27,7 @@ from distfinalize.config import FinalizeConfig
 from distfinalize.errors import KeyMappingError, MissingDependencyError, SourceError, UsageError
 from distfinalize.hfnames import ADAPTER_CONFIG, read_json_object
 from distfinalize.logs import log_rank0
+from distfinalize.prepare.basemodel import has_weights
 from distfinalize.prepare.model import ModelSpec, instantiate_on_meta
 from distfinalize.sources import Source, TensorMeta
 from distfinalize.sources.hf import BASE_KEY_PREFIX, HFModelDir, WithBaseModel
@@ -83,7 +84,8 @@ def prepare_lora(
         raise SourceError(
             "a LoRA checkpoint needs its base model's config.json",
             where=source.info.path,
-            hint="put config.json beside the checkpoint or pass --base-model DIR",
+            hint="put config.json beside the checkpoint or pass --base-model DIR|HUB_ID, the model the run started "
+            "from",
         )
     if not config.lora.merge:
         check_adapter_options(config)
@@ -96,7 +98,7 @@ def prepare_lora(
         )
     adapter = adapters.pop()
     found = next((d / ADAPTER_CONFIG for d in search if (d / ADAPTER_CONFIG).is_file()), None)
-    base_name = config.card.base_model_id or (str(config.base_model.resolve()) if config.base_model else None)
+    base_name = config.card.base_model_id  # a Hub id (--base-model-id, or --base-model's); never a local path
     lora_config = load_lora_config(config, found, inferred_settings(source.tensors, spec), base_name)
     model = peft_model_on_meta(spec, lora_config, adapter)
     mapped, expected = match_names(source.tensors, model, spec, adapter)
@@ -125,7 +127,7 @@ def adapter_output(
     """The adapter file's tensors, with the frozen base tensors peft would add taken from --base-model (when the
     checkpoint lacks them), and the source to read them all from."""
     tensors, frozen = adapter_tensors(model, mapped, expected, adapter, source)
-    base = HFModelDir(base_model) if frozen and base_model is not None else None
+    base = HFModelDir(base_model) if frozen and base_model is not None and has_weights(base_model) else None
     lacking = [name for name, hf in frozen if base is None or hf not in base.tensors]
     if base is not None and len(lacking) < len(frozen):
         tensors += tuple(replace(base.tensors[hf], name=name) for name, hf in frozen if name not in lacking)
@@ -277,9 +279,8 @@ def adapter_tensors(
     adapter: str,
     source: Source,
 ) -> tuple[tuple[TensorMeta, ...], list[tuple[str, str]]]:
-    """The adapter's tensors, named as peft's get_peft_model_state_dict names them for save_pretrained (its "auto"
-    embedding rule included), and the frozen base tensors it names that the checkpoint lacks: (save name,
-    Hugging Face name) pairs."""
+    """The adapter's tensors, named as get_peft_model_state_dict names them (its "auto" embedding rule included),
+    and the frozen base tensors it names that the checkpoint lacks: (save name, Hugging Face name) pairs."""
     out, missing, frozen = [], [], []
     for name, save_name in save_names(model, expected, adapter).items():
         t = mapped.get(name)
@@ -299,7 +300,7 @@ def adapter_tensors(
 
 
 def save_names(model: torch.nn.Module, expected: dict[str, torch.Tensor], adapter: str) -> dict[str, str]:
-    """PeftModel name -> the name peft's get_peft_model_state_dict saves it under, for the tensors it saves."""
+    """PeftModel name -> the name get_peft_model_state_dict saves it under, for the tensors it saves."""
     peft = _peft()
     model.peft_config[adapter].base_model_name_or_path = None  # "auto" then decides without a Hub lookup
     placeholders = {name: torch.empty(0, device="meta") for name in expected}

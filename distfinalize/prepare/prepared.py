@@ -72,7 +72,9 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
     if config.base_model is not None:
         if not (config.base_model / "config.json").is_file():
             raise SourceError(
-                "--base-model has no config.json", where=config.base_model, hint="pass a local Hugging Face model dir"
+                "--base-model has no config.json",
+                where=config.base_model,
+                hint="pass a Hugging Face model dir (with config.json) or a Hub id",
             )
         search.append(config.base_model.resolve())
     config_path = find_model_config(located.path, config.src)
@@ -106,8 +108,7 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
             source, spec, config_path, lora.tensors, dtype, reason, tuple(search), lora=lora, folder=located.path
         )
     if spec is None:
-        message = "no config.json found in %s or its parents: names are written as stored, with no config.json"
-        log_rank0(log, message + " (pass --base-model DIR)", located.path, level=logging.WARNING)
+        check_tensors_only(config, located.path)
     mapped = map_names(lora.tensors if lora else source.tensors, spec, config.key_map)
     dtype, reason = choose_dtype(config, spec, mapped.tensors, source.info.training_dtype)
     if config.quantize is not None and device is not None:
@@ -128,6 +129,22 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
         lora=lora,
         merges=merges,
         folder=located.path,
+    )
+
+
+def check_tensors_only(config: FinalizeConfig, folder: Path) -> None:
+    """No config.json anywhere: a model dir transformers cannot load is written only with --tensors-only (and
+    inspect / verify, which write nothing, just say so)."""
+    if config.tensors_only or config.dest is None:
+        message = "no config.json found for %s: names are written as stored, with no config.json"
+        log_rank0(log, message, folder, level=logging.WARNING)
+        return
+    raise SourceError(
+        "no config.json found (looked in the checkpoint folder, its parents up to SRC and two levels above)",
+        where=folder,
+        hint="pass --base-model DIR|HUB_ID, the model the run started from (its config.json, tokenizer and "
+        "generation config are used), or --tensors-only to write the tensors as stored, without a config.json "
+        "(transformers cannot load that dir)",
     )
 
 
