@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from distfinalize.artifacts.adapter import adapter_config_preview
 from distfinalize.artifacts.card import card_preview
 from distfinalize.artifacts.code import model_code_files
 from distfinalize.artifacts.config import output_config
@@ -66,7 +67,6 @@ from distfinalize.hfnames import ADAPTER_FILE
 from distfinalize.plan import Plan, build_plan, describe, fingerprint
 from distfinalize.prepare import basemodel, tie
 from distfinalize.prepare.nonfinite import skip_nonfinite
-from distfinalize.prepare.peft import adapter_config_preview
 from distfinalize.prepare.prepared import Prepared, check_destination, input_paths, prepare
 from distfinalize.sources import SourceInfo
 from distfinalize.sources.formats import format_of

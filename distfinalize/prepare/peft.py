@@ -397,16 +397,6 @@ def layer_merges(
     return merges
 
 
-def adapter_config_preview(layout: LoraLayout) -> dict[str, Any]:
-    """adapter_config.json as data (sets as sorted lists), for --dry-run."""
-    return {k: sorted(v) if isinstance(v, set) else v for k, v in layout.config.to_dict().items()}
-
-
-def write_adapter_config(layout: LoraLayout, directory: Path) -> None:
-    """adapter_config.json, written by peft's own LoraConfig.save_pretrained. Runs on: rank 0."""
-    layout.config.save_pretrained(str(directory))
-
-
 def _peft():
     try:
         import peft

@@ -15,7 +15,8 @@ and, from rank 0, into OUT/:
   lora_config.json                     the LoraConfig trained with (what a finalize must be told or recover)
 
 With --finalize DEST, a `distfinalize.FinalizeCallback(DEST, ...)` finalizes the last checkpoint on every rank
-when training ends (--finalize-arg: options as `name=value`, e.g. base_model=OUT/base-model).
+when training ends, in the training job's own process group, which the script then goes on using
+(--finalize-arg: more options as `name=value`, e.g. max_shard_size=100KB).
 
 Accelerate turns FSDP on only for accelerator device types (MULTI_GPU, MULTI_XPU, ...): on a CPU-only host
 `AcceleratorState` picks MULTI_CPU and drops the FSDP plugin that the Trainer built from `fsdp_config`, so the
@@ -144,6 +145,8 @@ def main() -> None:
         callbacks=finalize_callbacks(args.finalize, args.finalize_arg),
     )
     trainer.train()
+    if not dist.is_initialized():
+        raise RuntimeError("the training job's process group is gone after training")
     full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         save_references(args.out, full)
