@@ -65,6 +65,11 @@ def snapshot_id(path: Path | None) -> str | None:
     return match.group("repo").replace("--", "/") if match else None
 
 
+def snapshot_repo(path: Path | None) -> Path | None:
+    """The cache's repo dir (models--org--name) of a snapshot dir: its files link into the repo's blobs/."""
+    return path.resolve().parent.parent if snapshot_id(path) else None
+
+
 def has_weights(path: Path) -> bool:
     """Whether a base model dir holds safetensors weights (a Hub snapshot fetched without them does not)."""
     return (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file()

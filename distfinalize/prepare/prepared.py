@@ -24,6 +24,7 @@ from distfinalize.commit.staging import (
 from distfinalize.config import FinalizeConfig
 from distfinalize.errors import DestinationError, SourceError, UsageError
 from distfinalize.logs import log_rank0
+from distfinalize.prepare.basemodel import snapshot_repo
 from distfinalize.prepare.model import ModelSpec, load_model_spec
 from distfinalize.prepare.peft import (
     LoraLayout,
@@ -81,7 +82,8 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
     if config_path is None and config.base_model is not None:
         config_path = config.base_model / "config.json"
     tokenizer_dir = config.tokenizer.path or next((d for d in search if is_tokenizer_dir(d)), None)
-    given = links.roots(path for _, path in [("SRC", config.src), *input_paths(config, located.path)])
+    inputs = [("SRC", config.src), *input_paths(config, located.path), ("", snapshot_repo(config.base_model))]
+    given = links.roots(path for _, path in inputs)  # a Hub cache snapshot links into its repo's blobs/
     links.check_files(links.published_inputs(config_path, search, tokenizer_dir), given)
     spec = load_model_spec(config_path) if config_path is not None else None
     lora = None

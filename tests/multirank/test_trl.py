@@ -14,6 +14,7 @@ faked; the resolution (snapshot_download, the cache, rank 0 first) is huggingfac
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import common
@@ -28,6 +29,17 @@ pytestmark = pytest.mark.dist
 
 EPS = torch.finfo(torch.float32).eps
 HUB_ID = "tiny-org/tiny-llama"
+
+
+def offline_cache(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
+    """HF_HUB_CACHE and HF_HUB_OFFLINE=1 for the torchrun ranks (environment) and for a 1-rank run in this process
+    (huggingface_hub reads both into its constants when imported)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
@@ -105,8 +117,7 @@ def test_base_model_hub_id(trl_run: Path, tmp_path: Path, monkeypatch: pytest.Mo
     cache = tmp_path / "hub"
     populate(cache, HUB_ID, trl_run / "base-model")
     assert [r.repo_id for r in scan_cache_dir(cache).repos] == [HUB_ID]
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline_cache(monkeypatch, cache)
     before = tree_digest(cache)
 
     dest = tmp_path / "adapter"
@@ -136,9 +147,7 @@ def test_no_config_anywhere(trl_run: Path, fsdp2_runs: Path, tmp_path: Path, mon
     assert not dest.parent.exists() or list(dest.parent.iterdir()) == []
 
     src = tmp_path / "plain"
-    (src / "checkpoint-3").mkdir(parents=True)
-    for path in (fsdp2_runs / "untied-model" / "checkpoints" / "checkpoint-3").iterdir():
-        (src / "checkpoint-3" / path.name).symlink_to(path)
+    shutil.copytree(fsdp2_runs / "untied-model" / "checkpoints" / "checkpoint-3", src / "checkpoint-3")
     result = finalize(src, dest)
     assert result.returncode == 1 and no_traceback(result)
     [line] = error_lines(result.stderr)
@@ -147,8 +156,7 @@ def test_no_config_anywhere(trl_run: Path, fsdp2_runs: Path, tmp_path: Path, mon
     check_ok(finalize(src, dest, "--tensors-only"))
     assert not (dest / "config.json").exists() and read_output(dest)[0]
 
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline_cache(monkeypatch, tmp_path / "empty-cache")
     result = finalize(trl_run / "run", tmp_path / "hub-out", "--base-model", "nobody/missing", "--lora-alpha", "8")
     assert result.returncode == 1 and no_traceback(result)
     [line] = error_lines(result.stderr)
