@@ -101,7 +101,7 @@ def fetch(config: FinalizeConfig, repo_id: str, *, download: bool) -> Path:
 
     weights = needs_weights(config) if download else False
     patterns = [*CONFIG_PATTERNS, *(WEIGHT_PATTERNS if weights else ())]
-    where = f"--base-model {repo_id}"
+    where = f"--base-model {repo_id} (a Hub id: no local dir has that name)"
     try:
         path = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=not download))
     except LocalEntryNotFoundError as exc:

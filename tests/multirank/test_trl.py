@@ -22,7 +22,7 @@ import pytest
 import torch
 from hubcache import populate
 from peft import PeftModel
-from support import check_ok, error_lines, finalize, no_traceback, read_json, read_output, tree_digest
+from support import check_ok, error_lines, finalize, no_traceback, read_json, read_output, run_cli, tree_digest
 from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.dist
@@ -132,6 +132,10 @@ def test_base_model_hub_id(trl_run: Path, tmp_path: Path, monkeypatch: pytest.Mo
     check_ok(finalize(trl_run / "run", merged, *args, nproc=nproc))
     check_merged(trl_run, merged)
     assert f"base_model: {HUB_ID}" in (merged / "README.md").read_text()
+    assert read_json(merged / "distfinalize-manifest.json")["lora"]["base_model_id"] == HUB_ID
+    if nproc == 2:  # verify redoes the merge with the base weights the manifest's Hub id names, from the cache
+        result = check_ok(run_cli("verify", merged, "--source", trl_run / "run"))
+        assert "6 of them merged LoRA weights" in result.stdout  # q, v, down of 2 layers
     assert tree_digest(cache) == before
 
 
