@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,6 +68,30 @@ def snapshot_id(path: Path | None) -> str | None:
 def snapshot_repo(path: Path | None) -> Path | None:
     """The cache's repo dir (models--org--name) of a snapshot dir: its files link into the repo's blobs/."""
     return path.resolve().parent.parent if snapshot_id(path) else None
+
+
+def card_base_model(dirs: Iterable[Path]) -> str | None:
+    """The Hub id a trainer's model card names as `base_model` (TRL and the Trainer write README.md into the run's
+    output_dir; a local base is left out there): the first README.md among `dirs` whose front matter has one."""
+    import yaml
+
+    for directory in dirs:
+        try:
+            text = (directory / "README.md").read_text(encoding="utf-8")[:65536]
+            data = yaml.safe_load(text.split("---", 2)[1]) if text.startswith("---") else None
+        except (OSError, ValueError, IndexError, yaml.YAMLError):
+            continue
+        base = data.get("base_model") if isinstance(data, dict) else None
+        base = base[0] if isinstance(base, list) and len(base) == 1 else base
+        if isinstance(base, str) and base and base != "None":
+            return base
+    return None
+
+
+def base_model_hint(dirs: Iterable[Path]) -> str:
+    """What to pass as --base-model: the model card's base model when there is one."""
+    named = card_base_model(dirs)
+    return f"the run's model card names base_model {named}: pass --base-model {named}" if named else ""
 
 
 def has_weights(path: Path) -> bool:

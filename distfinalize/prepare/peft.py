@@ -27,7 +27,7 @@ from distfinalize.config import FinalizeConfig
 from distfinalize.errors import KeyMappingError, MissingDependencyError, SourceError, UsageError
 from distfinalize.hfnames import ADAPTER_CONFIG, read_json_object
 from distfinalize.logs import log_rank0
-from distfinalize.prepare.basemodel import has_weights
+from distfinalize.prepare.basemodel import base_model_hint, has_weights
 from distfinalize.prepare.model import ModelSpec, instantiate_on_meta
 from distfinalize.sources import Source, TensorMeta
 from distfinalize.sources.hf import BASE_KEY_PREFIX, HFModelDir, WithBaseModel
@@ -84,8 +84,8 @@ def prepare_lora(
         raise SourceError(
             "a LoRA checkpoint needs its base model's config.json",
             where=source.info.path,
-            hint="put config.json beside the checkpoint or pass --base-model DIR|HUB_ID, the model the run started "
-            "from",
+            hint=base_model_hint(search)
+            or "put config.json beside the checkpoint or pass --base-model DIR|HUB_ID, the model the run started from",
         )
     if not config.lora.merge:
         check_adapter_options(config)

@@ -24,7 +24,7 @@ from distfinalize.commit.staging import (
 from distfinalize.config import FinalizeConfig
 from distfinalize.errors import DestinationError, SourceError, UsageError
 from distfinalize.logs import log_rank0
-from distfinalize.prepare.basemodel import snapshot_repo
+from distfinalize.prepare.basemodel import base_model_hint, snapshot_repo
 from distfinalize.prepare.model import ModelSpec, load_model_spec
 from distfinalize.prepare.peft import (
     LoraLayout,
@@ -144,9 +144,12 @@ def check_tensors_only(config: FinalizeConfig, folder: Path) -> None:
     raise SourceError(
         "no config.json found (looked in the checkpoint folder, its parents up to SRC and two levels above)",
         where=folder,
-        hint="pass --base-model DIR|HUB_ID, the model the run started from (its config.json, tokenizer and "
-        "generation config are used), or --tensors-only to write the tensors as stored, without a config.json "
-        "(transformers cannot load that dir)",
+        hint=(
+            base_model_hint(search_dirs(folder, config.src))
+            or "pass --base-model DIR|HUB_ID, the model the run started from"
+        )
+        + " (its config.json, tokenizer and generation config are used), or --tensors-only to write the tensors "
+        "as stored, without a config.json (transformers cannot load that dir)",
     )
 
 

@@ -24,6 +24,7 @@ from hubcache import populate
 from peft import PeftModel
 from support import check_ok, error_lines, finalize, no_traceback, read_json, read_output, run_cli, tree_digest
 from transformers import AutoModelForCausalLM
+from trl.trainer.utils import generate_model_card
 
 pytestmark = pytest.mark.dist
 
@@ -148,6 +149,15 @@ def test_no_config_anywhere(trl_run: Path, fsdp2_runs: Path, tmp_path: Path, mon
     assert result.returncode == 1 and no_traceback(result)
     [line] = error_lines(result.stderr)
     assert "needs its base model's config.json" in line and "--base-model DIR|HUB_ID" in line
+    assert not dest.parent.exists() or list(dest.parent.iterdir()) == []
+
+    carded = tmp_path / "carded"  # the run as TRL leaves it when the base was loaded by Hub id: its card names it
+    shutil.copytree(trl_run / "run", carded)
+    card = generate_model_card(HUB_ID, "carded", "me/carded", None, ["sft"], None, None, "SFT")
+    card.save(carded / "README.md")
+    result = finalize(carded, dest, "--lora-alpha", "8")
+    [line] = error_lines(result.stderr)
+    assert result.returncode == 1 and f"names base_model {HUB_ID}: pass --base-model {HUB_ID}" in line
     assert not dest.parent.exists() or list(dest.parent.iterdir()) == []
 
     src = tmp_path / "plain"
