@@ -141,7 +141,8 @@ class FinalizeConfig:
     read_batch_bytes: int = 256 * 2**20  # one read, or one exchange round's bytes per rank; 2x this in flight
     strategy: str = "read"
     write_threads: int = DEFAULT_WRITE_THREADS  # output files a rank writes at once
-    base_model: Path | None = None  # a local HF dir: config/tokenizer/generation config when SRC has none
+    base_model: Path | None = None  # a local HF dir (a Hub id is resolved to its snapshot dir before prepare)
+    tensors_only: bool = False  # no config.json anywhere: write the tensors as stored instead of failing
     tokenizer: TokenizerOptions = TokenizerOptions()
     generation: GenerationOptions = GenerationOptions()
     card: CardOptions = CardOptions()

@@ -1,5 +1,6 @@
 """run(): the numbered steps of a finalize, each agreed on by every rank.
 
+0. base model rank 0: a Hub id --base-model into the Hugging Face cache; every rank reads it there
 1. prepare    every rank: check DEST, find the checkpoint, read its metadata and config.json, map names
    (non-finite scan: with --quantize-skip-nonfinite, each rank checks a share of the weights to quantize)
 2. tie check  rank 0 (every rank, on its own files, with --strategy exchange): does lm_head hold exactly
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from distfinalize.artifacts.adapter import adapter_config_preview
 from distfinalize.artifacts.card import card_preview
 from distfinalize.artifacts.code import model_code_files
 from distfinalize.artifacts.config import output_config
@@ -63,11 +65,8 @@ from distfinalize.dist.context import CommitOutcome, DistContext
 from distfinalize.errors import DistfinalizeError, SourceError
 from distfinalize.hfnames import ADAPTER_FILE
 from distfinalize.plan import Plan, build_plan, describe, fingerprint
-from distfinalize.prepare import tie
+from distfinalize.prepare import basemodel, tie
 from distfinalize.prepare.nonfinite import skip_nonfinite
-from distfinalize.prepare.peft import (
-    adapter_config_preview,
-)
 from distfinalize.prepare.prepared import Prepared, check_destination, input_paths, prepare
 from distfinalize.sources import SourceInfo
 from distfinalize.sources.formats import format_of
@@ -97,6 +96,7 @@ class Outcome:
 
 def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     """Finalize config.src into config.dest with every rank of `ctx`. Runs on: all ranks."""
+    config = basemodel.resolve(config, ctx, lambda: config.dest and check_destination(config.dest, config.src))
     prepared = ctx.run_step("prepare", lambda: prepare_step(config, ctx.device))[ctx.rank]
     prepared = skip_nonfinite(config, prepared, ctx)  # --quantize-skip-nonfinite only
     imports_done()

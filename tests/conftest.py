@@ -63,3 +63,13 @@ def hf_storage_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("hf_storage")
     check_ok(torchrun(2, TRAINERS / "fsdp2_hf_storage.py", out))
     return out
+
+
+@pytest.fixture(scope="session")
+def trl_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TRL SFTTrainer + peft LoRA under Accelerate FSDP2 (SHARDED_STATE_DICT) on 2 gloo ranks, 3 steps: OUT/run/
+    checkpoint-3 (adapter-only DCP, no config.json) and OUT/base-model/; a FinalizeCallback finalized the
+    checkpoint into OUT/callback/model when training ended."""
+    out = tmp_path_factory.mktemp("trl")
+    check_ok(torchrun(2, TRAINERS / "trl_sft_lora.py", out, "--finalize", out / "callback" / "model"))
+    return out

@@ -84,7 +84,9 @@ def main() -> None:
         }
         dcp.save({"model": state, "step": 7} if nested else state, checkpoint_id=str(case / "ckpt"))
         dest = case / "out"
-        config = FinalizeConfig(src=case / "ckpt", dest=dest, max_shard_size=shard_kib * 1024, log_level="error")
+        config = FinalizeConfig(
+            src=case / "ckpt", dest=dest, max_shard_size=shard_kib * 1024, log_level="error", tensors_only=True
+        )
         run(config, ctx)
         if dist.get_rank() == 0:
             written = {}

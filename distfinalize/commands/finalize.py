@@ -153,8 +153,16 @@ def add_contract_options(parser: argparse.ArgumentParser) -> None:
     cfg.add_argument(
         "--base-model",
         type=Path,
-        metavar="DIR",
-        help="local Hugging Face dir whose config/tokenizer/generation config are used when SRC has none",
+        metavar="DIR|HUB_ID",
+        help="the model the run started from: a local Hugging Face dir or a Hub id (downloaded by rank 0 into the "
+        "Hugging Face cache; HF_HUB_OFFLINE, HF_HUB_CACHE and HF_TOKEN apply); its config, tokenizer and generation "
+        "config are used when SRC has none, and its weights by --merge-lora of an adapter-only checkpoint",
+    )
+    cfg.add_argument(
+        "--tensors-only",
+        action="store_true",
+        help="when no config.json is found, write the tensors under their stored names without one (transformers "
+        "cannot load such a dir) instead of failing",
     )
     cfg.add_argument(
         "--generation-config",
@@ -230,6 +238,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
             strategy=args.strategy,
             write_threads=args.write_threads,
             base_model=args.base_model,
+            tensors_only=args.tensors_only,
             tokenizer=TokenizerOptions(
                 path=args.tokenizer,
                 chat_template=args.chat_template,

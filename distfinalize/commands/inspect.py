@@ -257,8 +257,8 @@ def make_report(
 
 
 MISSING_HINTS = {
-    "config.json": "names are written as stored and DEST gets no config.json; pass --base-model DIR",
-    "tokenizer": "DEST gets none; pass --tokenizer PATH or --base-model DIR",
+    "config.json": "a finalize fails; pass --base-model DIR|HUB_ID, or --tensors-only to write names as stored",
+    "tokenizer": "DEST gets none; pass --tokenizer PATH or --base-model DIR|HUB_ID",
     "chat template": "pass --chat-template FILE for chat models",
     "generation_config.json": "a minimal one (bos/eos/pad ids) is written",
 }

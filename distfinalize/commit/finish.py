@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from distfinalize.artifacts.adapter import write_adapter_config
 from distfinalize.artifacts.card import LIBRARY_NAME, CardInfo, write_model_card
 from distfinalize.artifacts.code import copy_model_code, model_code_files
 from distfinalize.artifacts.config import ConfigUpdates, output_config, write_config
@@ -22,7 +23,6 @@ from distfinalize.config import FinalizeConfig
 from distfinalize.errors import DestinationError
 from distfinalize.hfnames import INDEX_FILE, write_json
 from distfinalize.plan import Plan
-from distfinalize.prepare.peft import write_adapter_config
 from distfinalize.transform.keymap import KeyMapRules
 from distfinalize.transform.quant.selection import quantization_config, unquantized_modules
 from distfinalize.write.rank import WrittenFile

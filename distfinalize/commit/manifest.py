@@ -24,10 +24,15 @@ def write_manifest(kept: Path, entries: Mapping[str, object]) -> Path:
 
 def manifest_record(layout: LoraLayout, base_model: Path | None, src: Path) -> dict[str, Any]:
     """What distfinalize-manifest.json records of a LoRA finalize: enough for `verify --source` to redo it. The
-    base model dir is recorded relative to SRC (the manifest is published; no absolute path)."""
+    base model dir is recorded relative to SRC (the manifest is published; no absolute path), or by its Hub id when
+    it is a snapshot in the Hugging Face cache."""
+    from distfinalize.prepare.basemodel import snapshot_id
+
     cfg = layout.config
     targets = sorted(cfg.target_modules) if isinstance(cfg.target_modules, set) else cfg.target_modules
-    base = os.path.relpath(base_model.resolve(), src.resolve()) if base_model else None
+    repo_id = snapshot_id(base_model)
+    base = os.path.relpath(base_model.resolve(), src.resolve()) if base_model and not repo_id else None
+    hub = {"base_model_id": repo_id} if repo_id else {}
     return {
         "merge": layout.merge,
         "r": cfg.r,
@@ -35,6 +40,7 @@ def manifest_record(layout: LoraLayout, base_model: Path | None, src: Path) -> d
         "use_rslora": cfg.use_rslora,
         "target_modules": targets,
         "base_model": Path(base).as_posix() if base else None,
+        **hub,
     }
 
 
@@ -49,7 +55,14 @@ def recorded_options(record: Mapping[str, Any], src: Path) -> tuple[LoraOptions,
         target_modules=tuple(targets) if isinstance(targets, list) else (),
         use_rslora=record.get("use_rslora"),
     )
-    base = record.get("base_model")
+    base, repo_id = record.get("base_model"), record.get("base_model_id")
+    if isinstance(repo_id, str):  # a Hub id: the snapshot the Hugging Face cache holds
+        from huggingface_hub import snapshot_download
+
+        try:
+            return options, Path(snapshot_download(repo_id, local_files_only=True))
+        except (OSError, ValueError):
+            return options, None
     return options, src / base if isinstance(base, str) else None
 
 

@@ -110,8 +110,11 @@ class DistContext:
 
     @classmethod
     def from_env(cls, device: str = "auto", timeout_s: float = 1800.0) -> DistContext:
-        """Join the job torchrun, accelerate or srun started, or stand alone. Runs on: all ranks."""
+        """Join the job torchrun, accelerate or srun started, or stand alone; a process group that is already
+        there (a training job's) is used as it is, and left to its owner. Runs on: all ranks."""
         launch = detect_launch()
+        if dist.is_initialized():  # its rank and size, whatever the environment says
+            launch = replace(launch, rank=dist.get_rank(), world_size=dist.get_world_size())
         fault = parse_fault(os.environ.get(FAULT_ENV))
         if launch.launcher == "slurm":
             os.environ.update(launch.exported())

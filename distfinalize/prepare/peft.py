@@ -27,6 +27,7 @@ from distfinalize.config import FinalizeConfig
 from distfinalize.errors import KeyMappingError, MissingDependencyError, SourceError, UsageError
 from distfinalize.hfnames import ADAPTER_CONFIG, read_json_object
 from distfinalize.logs import log_rank0
+from distfinalize.prepare.basemodel import base_model_hint, has_weights
 from distfinalize.prepare.model import ModelSpec, instantiate_on_meta
 from distfinalize.sources import Source, TensorMeta
 from distfinalize.sources.hf import BASE_KEY_PREFIX, HFModelDir, WithBaseModel
@@ -34,7 +35,9 @@ from distfinalize.transform.lora import (
     PEFT_PREFIX,
     LoraMerge,
     adapter_names,
+    is_lora_checkpoint,
     is_lora_weight,
+    is_saved_format,
     merged_name,
     peft_name,
 )
@@ -81,7 +84,8 @@ def prepare_lora(
         raise SourceError(
             "a LoRA checkpoint needs its base model's config.json",
             where=source.info.path,
-            hint="put config.json beside the checkpoint or pass --base-model DIR",
+            hint=base_model_hint(search)
+            or "put config.json beside the checkpoint or pass --base-model DIR|HUB_ID, the model the run started from",
         )
     if not config.lora.merge:
         check_adapter_options(config)
@@ -94,10 +98,10 @@ def prepare_lora(
         )
     adapter = adapters.pop()
     found = next((d / ADAPTER_CONFIG for d in search if (d / ADAPTER_CONFIG).is_file()), None)
-    base_name = config.card.base_model_id or (str(config.base_model.resolve()) if config.base_model else None)
+    base_name = config.card.base_model_id  # a Hub id (--base-model-id, or --base-model's); never a local path
     lora_config = load_lora_config(config, found, inferred_settings(source.tensors, spec), base_name)
     model = peft_model_on_meta(spec, lora_config, adapter)
-    mapped, expected = match_names(source.tensors, model, spec)
+    mapped, expected = match_names(source.tensors, model, spec, adapter)
     config_from = str(found) if found is not None else "flags and checkpoint names"
     alpha_known = found is not None or config.lora.alpha is not None
     if not config.lora.merge:
@@ -123,7 +127,7 @@ def adapter_output(
     """The adapter file's tensors, with the frozen base tensors peft would add taken from --base-model (when the
     checkpoint lacks them), and the source to read them all from."""
     tensors, frozen = adapter_tensors(model, mapped, expected, adapter, source)
-    base = HFModelDir(base_model) if frozen and base_model is not None else None
+    base = HFModelDir(base_model) if frozen and base_model is not None and has_weights(base_model) else None
     lacking = [name for name, hf in frozen if base is None or hf not in base.tensors]
     if base is not None and len(lacking) < len(frozen):
         tensors += tuple(replace(base.tensors[hf], name=name) for name, hf in frozen if name not in lacking)
@@ -164,13 +168,16 @@ def inferred_settings(tensors: tuple[TensorMeta, ...], spec: ModelSpec) -> dict[
     fully trained modules (by their last name segment), and the task type."""
     ranks: dict[str, int] = {}
     saved: set[str] = set()
+    saved_format = is_saved_format(t.name for t in tensors)
     for t in tensors:
-        name = strip_wrappers(t.name)
+        name = strip_wrappers(t.name) + "."
         for marker in (".lora_A.", ".lora_embedding_A."):
             if marker in name:
                 ranks[name.split(marker)[0].split(PEFT_PREFIX)[-1]] = t.shape[0]
         if ".modules_to_save." in name:
             saved.add(name.split(".modules_to_save.")[0].rsplit(".", 1)[-1])
+        elif saved_format and not is_lora_checkpoint([t.name]) and ".base_layer." not in name:
+            saved.add(name.rsplit(".", 2)[-3].rsplit(".", 1)[-1])  # a trained copy, saved under the module's name
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
     out: dict[str, Any] = {
         "r": r,
@@ -233,14 +240,18 @@ def peft_model_on_meta(spec: ModelSpec, lora_config: Any, adapter: str) -> torch
 
 
 def match_names(
-    tensors: tuple[TensorMeta, ...], model: torch.nn.Module, spec: ModelSpec
+    tensors: tuple[TensorMeta, ...], model: torch.nn.Module, spec: ModelSpec, adapter: str
 ) -> tuple[dict[str, TensorMeta], dict[str, torch.Tensor]]:
     """The checkpoint's tensors by their PeftModel name (container prefix chosen to match), and the PeftModel's
-    state dict (meta). Raises KeyMappingError naming unknown tensors or wrong shapes."""
+    state dict (meta). PEFT's saved format is read through the names peft's own get_peft_model_state_dict gives
+    (as set_peft_model_state_dict reads it). Raises KeyMappingError naming unknown tensors or wrong shapes."""
     expected = model.state_dict()
+    in_model: dict[str, str] = {}
+    if is_saved_format(t.name for t in tensors):
+        in_model = {save: name for name, save in save_names(model, expected, adapter).items()}
     best: dict[str, TensorMeta] = {}
     for prefix in CONTAINER_PREFIXES:
-        mapped = {peft_name(t.name, prefix): t for t in tensors}
+        mapped = {in_model.get(n, n): t for t in tensors if (n := peft_name(t.name, prefix))}
         if len(mapped) == len(tensors) and len(mapped.keys() & expected.keys()) > len(best.keys() & expected.keys()):
             best = mapped
     unknown = [n for n in best if n not in expected] if best else [t.name for t in tensors]
@@ -268,19 +279,10 @@ def adapter_tensors(
     adapter: str,
     source: Source,
 ) -> tuple[tuple[TensorMeta, ...], list[tuple[str, str]]]:
-    """The adapter's tensors, named as peft's get_peft_model_state_dict names them for save_pretrained (its "auto"
-    embedding rule included), and the frozen base tensors it names that the checkpoint lacks: (save name,
-    Hugging Face name) pairs."""
-    peft = _peft()
-    model.peft_config[adapter].base_model_name_or_path = None  # "auto" then decides without a Hub lookup
-    placeholders = {name: torch.empty(0, device="meta") for name in expected}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        saved = peft.get_peft_model_state_dict(model, state_dict=placeholders, adapter_name=adapter)
-    by_id = {id(tensor): name for name, tensor in placeholders.items()}
+    """The adapter's tensors, named as get_peft_model_state_dict names them (its "auto" embedding rule included),
+    and the frozen base tensors it names that the checkpoint lacks: (save name, Hugging Face name) pairs."""
     out, missing, frozen = [], [], []
-    for save_name, tensor in saved.items():
-        name = by_id[id(tensor)]
+    for name, save_name in save_names(model, expected, adapter).items():
         t = mapped.get(name)
         if t is not None:
             out.append(replace(t, name=save_name))
@@ -295,6 +297,18 @@ def adapter_tensors(
             hint="the checkpoint is incomplete, or the LoRA settings do not belong to it",
         )
     return tuple(out), frozen
+
+
+def save_names(model: torch.nn.Module, expected: dict[str, torch.Tensor], adapter: str) -> dict[str, str]:
+    """PeftModel name -> the name get_peft_model_state_dict saves it under, for the tensors it saves."""
+    peft = _peft()
+    model.peft_config[adapter].base_model_name_or_path = None  # "auto" then decides without a Hub lookup
+    placeholders = {name: torch.empty(0, device="meta") for name in expected}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = peft.get_peft_model_state_dict(model, state_dict=placeholders, adapter_name=adapter)
+    by_id = {id(tensor): name for name, tensor in placeholders.items()}
+    return {by_id[id(tensor)]: save_name for save_name, tensor in saved.items()}
 
 
 def merged_tensors(
@@ -381,16 +395,6 @@ def layer_merges(
             mapped[a].key, mapped[b].key, float(layer.scaling[adapter]), transpose, mapped[a].nbytes + mapped[b].nbytes
         )
     return merges
-
-
-def adapter_config_preview(layout: LoraLayout) -> dict[str, Any]:
-    """adapter_config.json as data (sets as sorted lists), for --dry-run."""
-    return {k: sorted(v) if isinstance(v, set) else v for k, v in layout.config.to_dict().items()}
-
-
-def write_adapter_config(layout: LoraLayout, directory: Path) -> None:
-    """adapter_config.json, written by peft's own LoraConfig.save_pretrained. Runs on: rank 0."""
-    layout.config.save_pretrained(str(directory))
 
 
 def _peft():

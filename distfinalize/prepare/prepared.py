@@ -24,6 +24,7 @@ from distfinalize.commit.staging import (
 from distfinalize.config import FinalizeConfig
 from distfinalize.errors import DestinationError, SourceError, UsageError
 from distfinalize.logs import log_rank0
+from distfinalize.prepare.basemodel import base_model_hint, snapshot_repo
 from distfinalize.prepare.model import ModelSpec, load_model_spec
 from distfinalize.prepare.peft import (
     LoraLayout,
@@ -72,14 +73,17 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
     if config.base_model is not None:
         if not (config.base_model / "config.json").is_file():
             raise SourceError(
-                "--base-model has no config.json", where=config.base_model, hint="pass a local Hugging Face model dir"
+                "--base-model has no config.json",
+                where=config.base_model,
+                hint="pass a Hugging Face model dir (with config.json) or a Hub id",
             )
         search.append(config.base_model.resolve())
     config_path = find_model_config(located.path, config.src)
     if config_path is None and config.base_model is not None:
         config_path = config.base_model / "config.json"
     tokenizer_dir = config.tokenizer.path or next((d for d in search if is_tokenizer_dir(d)), None)
-    given = links.roots(path for _, path in [("SRC", config.src), *input_paths(config, located.path)])
+    inputs = [("SRC", config.src), *input_paths(config, located.path), ("", snapshot_repo(config.base_model))]
+    given = links.roots(path for _, path in inputs)  # a Hub cache snapshot links into its repo's blobs/
     links.check_files(links.published_inputs(config_path, search, tokenizer_dir), given)
     spec = load_model_spec(config_path) if config_path is not None else None
     lora = None
@@ -106,8 +110,7 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
             source, spec, config_path, lora.tensors, dtype, reason, tuple(search), lora=lora, folder=located.path
         )
     if spec is None:
-        message = "no config.json found in %s or its parents: names are written as stored, with no config.json"
-        log_rank0(log, message + " (pass --base-model DIR)", located.path, level=logging.WARNING)
+        check_tensors_only(config, located.path)
     mapped = map_names(lora.tensors if lora else source.tensors, spec, config.key_map)
     dtype, reason = choose_dtype(config, spec, mapped.tensors, source.info.training_dtype)
     if config.quantize is not None and device is not None:
@@ -128,6 +131,25 @@ def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepa
         lora=lora,
         merges=merges,
         folder=located.path,
+    )
+
+
+def check_tensors_only(config: FinalizeConfig, folder: Path) -> None:
+    """No config.json anywhere: a model dir transformers cannot load is written only with --tensors-only (and
+    inspect / verify, which write nothing, just say so)."""
+    if config.tensors_only or config.dest is None:
+        message = "no config.json found for %s: names are written as stored, with no config.json"
+        log_rank0(log, message, folder, level=logging.WARNING)
+        return
+    raise SourceError(
+        "no config.json found (looked in the checkpoint folder, its parents up to SRC and two levels above)",
+        where=folder,
+        hint=(
+            base_model_hint(search_dirs(folder, config.src))
+            or "pass --base-model DIR|HUB_ID, the model the run started from"
+        )
+        + " (its config.json, tokenizer and generation config are used), or --tensors-only to write the tensors "
+        "as stored, without a config.json (transformers cannot load that dir)",
     )
 
 

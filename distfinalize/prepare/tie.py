@@ -42,7 +42,8 @@ def tied_head(pairs: Sequence[tuple[TensorMeta, TensorMeta]], source) -> str | N
 def identical(head: TensorMeta, embed: TensorMeta, reader, chunks: Mapping[str, Sequence[SourceChunk]] | None) -> bool:
     """Whether both hold the same data: chunk pair by chunk pair when both are stored at the same places (DCP),
     stopping at the first difference, so an untied model costs one chunk of each; else both read whole."""
-    paired = paired_chunks(chunks[head.key], chunks[embed.key]) if chunks is not None else None
+    both = chunks is not None and head.key in chunks and embed.key in chunks  # not from --base-model
+    paired = paired_chunks(chunks[head.key], chunks[embed.key]) if both else None
     if paired is None:
         data = reader.read([head.key, embed.key])
         return torch.equal(data[head.key], data[embed.key])

@@ -56,6 +56,10 @@ class WithBaseModel:
     def reader(self) -> TensorReader:
         return _CombinedReader(self.checkpoint.reader(), self.base)
 
+    def chunks(self):
+        """The checkpoint's chunks (a chunked format's); tensors from the base dir have none."""
+        return self.checkpoint.chunks()
+
 
 class _CombinedReader:
     def __init__(self, checkpoint: TensorReader, base: HFModelDir) -> None:

@@ -3,8 +3,10 @@
 A PeftModel's state dict (saved through FSDP2's get_model_state_dict and DCP) spells the model's own names
 under `base_model.model.`, with `base_layer.` inside adapted modules, `lora_A.<adapter>.weight` /
 `lora_B.<adapter>.weight` (`lora_embedding_A.<adapter>` for embeddings), and `modules_to_save.<adapter>.` /
-`original_module.` for fully trained copies. Name handling is pure (all ranks); `merge_lora` runs on the rank
-that writes the weight, on its device.
+`original_module.` for fully trained copies. PEFT's saved format (get_peft_model_state_dict: save_pretrained,
+and the Trainer's adapter-only FSDP saves) drops the adapter name (`lora_A.weight`, `lora_embedding_A`, a
+trained copy under the module's own name); its adapter is `default`. Name handling is pure (all ranks);
+`merge_lora` runs on the rank that writes the weight, on its device.
 """
 
 from __future__ import annotations
@@ -20,18 +22,30 @@ from distfinalize.transform.names import strip_wrappers
 PEFT_PREFIX = "base_model.model."
 LORA_WEIGHT = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.([^.]+)(?:\.|$)")
 TRAINED_COPY = re.compile(r"\.modules_to_save\.([^.]+)\.")
+SAVED_LORA_WEIGHT = re.compile(r"\.(?:lora_A|lora_B)\.(?:weight|bias)$|\.lora_embedding_[AB]$")
+SAVED_ADAPTER = "default"  # the adapter a saved-format checkpoint loads as (PeftModel.from_pretrained's default)
 
 
 def is_lora_checkpoint(names: Iterable[str]) -> bool:
     """Whether tensor names hold LoRA weights (lora_A/lora_B or lora_embedding_A/B)."""
     return any(
-        (m := LORA_WEIGHT.search(strip_wrappers(n))) is not None and m.group(1) != "lora_magnitude_vector"
+        ((m := LORA_WEIGHT.search(strip_wrappers(n))) is not None and m.group(1) != "lora_magnitude_vector")
+        or SAVED_LORA_WEIGHT.search(strip_wrappers(n)) is not None
         for n in names
     )
 
 
+def is_saved_format(names: Iterable[str]) -> bool:
+    """Whether LoRA weight names are PEFT's saved format (no adapter-name segment: `q_proj.lora_A.weight`)."""
+    return any(SAVED_LORA_WEIGHT.search(strip_wrappers(n)) for n in names)
+
+
 def adapter_names(names: Iterable[str]) -> set[str]:
-    """The adapter names in LoRA weight names (`default` for a plain get_peft_model)."""
+    """The adapter names in LoRA weight names (`default` for a plain get_peft_model, and for PEFT's saved
+    format, which has none)."""
+    names = list(names)
+    if is_saved_format(names):
+        return {SAVED_ADAPTER}
     found = {m.group(2) for n in names if (m := LORA_WEIGHT.search(strip_wrappers(n)))}
     return found | {m.group(1) for n in names if (m := TRAINED_COPY.search(strip_wrappers(n)))}
 

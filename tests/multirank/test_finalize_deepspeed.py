@@ -151,13 +151,13 @@ def test_default_dtype_is_the_training_dtype(deepspeed_runs: Path, tmp_path: Pat
 @pytest.mark.parametrize(("stage", "nproc", "dtype"), [(1, 3, "float32"), (2, 1, "float32"), (3, 2, None)])
 def test_padding_and_buffers(deepspeed_runs: Path, tmp_path: Path, stage: int, nproc: int, dtype: str | None) -> None:
     """Odd-sized parameters (ZeRO-3 partition padding, ZeRO 1/2 parameter alignment padding), an int64 and a
-    float32 persistent buffer. No config.json: names are written as stored, and without --dtype the bf16 the
-    DeepSpeed config records chooses the output dtype (integers are never cast)."""
+    float32 persistent buffer. No config.json: with --tensors-only, names are written as stored, and without --dtype
+    the bf16 the DeepSpeed config records chooses the output dtype (integers are never cast)."""
     run = deepspeed_runs / f"zero{stage}-extras"
     assert not (run / "config.json").exists()
     dest = tmp_path / "out"
     args = ("--dtype", dtype) if dtype else ()
-    result = check_ok(finalize(run, dest, "--max-shard-size", SHARD, *args, nproc=nproc))
+    result = check_ok(finalize(run, dest, "--max-shard-size", SHARD, "--tensors-only", *args, nproc=nproc))
     expected = expected_state(run)
     assert {"model.step_counter", "model.layers.1.scale"} <= set(expected)
     assert expected["model.norm.weight"].numel() % 2 == 1 and expected["model.step_counter"].dtype == torch.int64

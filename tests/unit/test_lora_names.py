@@ -111,3 +111,19 @@ def test_cuda_merge_matches_cpu() -> None:
     assert on_gpu.is_cuda and on_gpu.dtype == torch.float32
     bound = 8 * torch.finfo(torch.float32).eps * on_cpu.abs().max().item()
     assert (on_gpu.cpu() - on_cpu).abs().max().item() <= bound
+
+
+def test_peft_saved_format_names() -> None:
+    """get_peft_model_state_dict's names (no adapter segment) are LoRA names of the adapter `default`."""
+    from distfinalize.transform.lora import is_saved_format
+
+    saved = [
+        f"model.{Q}.lora_A.weight",
+        f"model.{Q}.lora_B.weight",
+        "base_model.model.model.embed_tokens.lora_embedding_A",
+    ]
+    assert is_lora_checkpoint(saved) and is_saved_format(saved) and adapter_names(saved) == {"default"}
+    assert is_lora_checkpoint(["base_model.model.model.embed_tokens.lora_embedding_B"])
+    assert not is_saved_format(
+        [f"{Q}.lora_A.default.weight", "base_model.model.model.embed_tokens.lora_embedding_A.sft"]
+    )
