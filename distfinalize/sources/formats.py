@@ -7,8 +7,9 @@ from pathlib import Path
 from distfinalize.sources import Source, SourceFormat
 from distfinalize.sources.dcp import DCP_FORMAT
 from distfinalize.sources.deepspeed.source import DEEPSPEED_FORMAT
+from distfinalize.sources.verl import VERL_FORMAT
 
-FORMATS: dict[str, SourceFormat] = {fmt.name: fmt for fmt in (DCP_FORMAT, DEEPSPEED_FORMAT)}
+FORMATS: dict[str, SourceFormat] = {fmt.name: fmt for fmt in (DCP_FORMAT, DEEPSPEED_FORMAT, VERL_FORMAT)}
 
 
 def detect_format(path: Path) -> SourceFormat | None:

@@ -1,0 +1,214 @@
+"""Per-rank `torch.save` files of a sharded state dict (verl, Accelerate without DCP): safe loading and the layout.
+
+Each file is one training rank's `model.state_dict()` under FSDP2, or FSDP1 with a device mesh and
+SHARDED_STATE_DICT: a dict of DTensors whose `_local_tensor` is that rank's piece. The whole layout follows from
+one file's metadata: every DTensor records its global shape, its placements and the device mesh (the global rank
+at each mesh coordinate), and DTensor's `Shard(dim)` splits like `torch.chunk`. So every rank plans from rank 0's
+file alone, and a reader works out which files hold the pieces of the tensors it writes.
+
+Loading is `torch.load(weights_only=True, map_location="meta")`: no tensor data is read, each storage records its
+byte offset in the file, and the pickle may name only torch's own DTensor classes (ALLOWED, through
+`torch.serialization.safe_globals`); anything else is refused (UnsafeClassError), never unpickled. The reader
+then reads each piece's bytes with positioned reads. What remains per file is the pickle itself, which
+`torch.load` parses whole: a rank parses the pickle of rank 0's file and of each file it reads pieces from, once.
+Runs on: all ranks (metadata), each rank for its own tensors (reads).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from distfinalize.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def allowed_globals() -> tuple[type, ...]:
+    """The classes a per-rank file may name beyond what weights_only always allows: a DTensor, its spec, the
+    device mesh it lives on and its placements (Shard, Replicate). DeviceMesh's unpickling runs torch's own code
+    and builds no process group."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import _dtensor_spec as spec
+
+    extra = tuple(getattr(spec, n) for n in ("ShardOrderEntry",) if hasattr(spec, n))  # newer torch only
+    return (DTensor, spec.DTensorSpec, spec.TensorMeta, DeviceMesh, Shard, Replicate, *extra)
+
+
+def load_rank_file(path: Path, hint: str) -> dict:
+    """The state dict of one file, tensors on the meta device knowing their byte offsets. Raises SourceError
+    naming the file for a missing, truncated, foreign or unsafe one (`hint` says what to do)."""
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals())), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DeviceMesh warns that it is unpickled without process groups
+            data = torch.load(str(path), map_location="meta", weights_only=True)
+    except FileNotFoundError as exc:
+        raise SourceError("a rank's checkpoint file is missing", where=path, hint=hint) from exc
+    except OSError as exc:
+        raise SourceError("cannot read checkpoint file", where=path, hint=exc.strerror or str(exc)) from exc
+    except pickle.UnpicklingError as exc:
+        first = str(exc).split("\n\n")[0].strip().splitlines()[-1] if str(exc) else ""
+        if "Unsupported global" in str(exc) or "not an allowed global" in str(exc):
+            raise SourceError(
+                "the checkpoint file names a class distfinalize does not unpickle",
+                where=path,
+                hint=f"only tensors, DTensors and their placements are read ({first}); re-save the model's "
+                "state dict alone, or finalize a checkpoint you trust with its framework's own tool",
+            ) from exc
+        raise SourceError("not a readable torch.save file", where=path, hint=f"{hint} ({first})") from exc
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SourceError("not a readable torch.save file", where=path, hint=f"{hint} ({first})") from exc
+    if not isinstance(data, dict):
+        raise SourceError(f"the checkpoint file holds a {type(data).__name__}, not a state dict", where=path)
+    return data
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One entry of a rank file: the global tensor and how it is split over the saving ranks."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    placements: tuple[tuple[str, int], ...]  # per mesh dim: ("shard", dim) or ("replicate", -1)
+    mesh: tuple[tuple[int, ...], ...] | None  # mesh shape, then the global ranks in mesh order (row-major)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of a tensor that one rank's file holds: the saving rank, and where the part sits."""
+
+    rank: int
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+def describe(value: object, path: Path, key: str) -> Stored | None:
+    """A DTensor or a plain tensor (saved whole: a replicated buffer) as Stored; None for anything else."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if isinstance(value, DTensor):
+        placements = []
+        for p in value.placements:
+            if type(p) is Shard:
+                placements.append(("shard", p.dim))
+            elif type(p) is Replicate:
+                placements.append(("replicate", -1))
+            else:
+                raise SourceError(
+                    f"tensor {key!r} is placed as {p}, which distfinalize does not read",
+                    where=path,
+                    hint="only Shard(dim) and Replicate() placements (FSDP, HSDP) are supported",
+                )
+        mesh = mesh_ranks(value.device_mesh, path, key)
+        grid = (tuple(mesh.shape), tuple(int(r) for r in mesh.flatten().tolist()))
+        return Stored(tuple(value.shape), value.dtype, tuple(placements), grid)
+    if isinstance(value, torch.Tensor):
+        return Stored(tuple(value.shape), value.dtype, (), None)
+    return None
+
+
+def mesh_ranks(mesh: object, path: Path, key: str) -> torch.Tensor:
+    """The global ranks of a meta-loaded DeviceMesh, in mesh shape: its rank map is read from the file (a few
+    bytes). Newer torch keeps `_rank_map` + `_layout`, older torch the `mesh` tensor itself."""
+    state = vars(mesh)
+    stored = state.get("_rank_map", state.get("mesh"))
+    if not isinstance(stored, torch.Tensor):
+        raise SourceError(f"tensor {key!r} has a device mesh without ranks", where=path, hint="the file is corrupt")
+    ranks = stored
+    if stored.device.type == "meta":
+        ranks = torch.empty(stored.shape, dtype=stored.dtype)
+        with open(path, "rb", buffering=0) as handle:
+            read_exact(handle, stored_offset(stored, path), memoryview(ranks.view(torch.uint8).numpy()).cast("B"), path)
+    if "_rank_map" not in state:
+        return ranks
+    full = mesh._layout.remap_to_tensor(ranks)
+    if full.size(0) != 1:
+        raise SourceError(
+            f"tensor {key!r} lives on a slice of a larger device mesh",
+            where=path,
+            hint="only whole FSDP / HSDP meshes are supported",
+        )
+    return full[0]
+
+
+def pieces(stored: Stored, own_rank: int) -> list[Piece]:
+    """The distinct non-empty pieces of a tensor, each from the first rank (in mesh order) that holds it: replicas
+    (Replicate dims, e.g. HSDP's ddp dim) are read once. A plain tensor comes whole from `own_rank`'s file. Pure."""
+    if stored.mesh is None:
+        return [Piece(own_rank, (0,) * len(stored.shape), stored.shape)]
+    mesh_shape, ranks = stored.mesh
+    out: dict[tuple[int, ...], Piece] = {}
+    for position, coordinate in enumerate(_coordinates(mesh_shape)):
+        offsets, sizes = chunk_of(stored.shape, mesh_shape, coordinate, stored.placements)
+        if all(sizes) and offsets not in out:
+            out[offsets] = Piece(ranks[position], offsets, sizes)
+    return list(out.values())
+
+
+def chunk_of(
+    shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int], placements: Sequence[tuple[str, int]]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(offsets, sizes) of the piece at a mesh coordinate: Shard(d) splits like torch.chunk, mesh dims in order
+    (torch.distributed.tensor's own rule). Pure."""
+    offsets, sizes = [0] * len(shape), list(shape)
+    for (kind, dim), n, c in zip(placements, mesh_shape, coordinate, strict=True):
+        if kind != "shard":
+            continue
+        step = -(-sizes[dim] // n)  # ceil
+        start = min(c * step, sizes[dim])
+        offsets[dim] += start
+        sizes[dim] = min(sizes[dim], start + step) - start
+    return tuple(offsets), tuple(sizes)
+
+
+def _coordinates(mesh_shape: Sequence[int]) -> Iterator[tuple[int, ...]]:
+    coordinate = [0] * len(mesh_shape)
+    total = 1
+    for n in mesh_shape:
+        total *= n
+    for _ in range(total):
+        yield tuple(coordinate)
+        for d in reversed(range(len(mesh_shape))):
+            coordinate[d] += 1
+            if coordinate[d] < mesh_shape[d]:
+                break
+            coordinate[d] = 0
+
+
+def local_of(value: object) -> torch.Tensor:
+    """The rank's own piece of a stored value (the DTensor's local tensor, or the tensor itself)."""
+    return getattr(value, "_local_tensor", value)
+
+
+def stored_offset(tensor: torch.Tensor, path: Path) -> int:
+    """Byte offset in its file of a meta-loaded tensor's first element."""
+    base = getattr(tensor.untyped_storage(), "_checkpoint_offset", None)
+    if base is None:
+        raise SourceError(
+            "this torch does not report where tensors lie in checkpoint files",
+            where=path,
+            hint=f"torch {torch.__version__} lacks meta-load storage offsets; upgrade torch",
+        )
+    return base + tensor.storage_offset() * tensor.dtype.itemsize
+
+
+def read_exact(handle, offset: int, into: memoryview, path: Path) -> None:
+    """Fill `into` from `offset` of an open file; a short file is an OSError naming it."""
+    handle.seek(offset)
+    done = 0
+    while done < len(into):
+        n = handle.readinto(into[done:])
+        if not n:
+            raise OSError(f"{path.name} ends {len(into) - done} bytes early (at byte {offset + done})")
+        done += n

@@ -1,0 +1,85 @@
+"""Finalize verl / SkyRL FSDP checkpoints (`global_step_N/actor/model_world_size_W_rank_R.pt` + `huggingface/`)
+with 1 and 2 ranks: every tensor bit-identical to the trained weights, config and tokenizer from `huggingface/`,
+transformers loads the result and gives the trained model's logits.
+
+The checkpoints come from examples/trainers/verl_fsdp.py: real FSDP2 / FSDP1 DTensor state dicts on 2 CPU/gloo
+ranks, saved with the calls and file names of verl's FSDPCheckpointManager (verl itself does not install beside
+this project's transformers; its model merger, run on these files, gives the same bf16 tensors as
+`--dtype bfloat16`). Marked `dist`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import common
+import pytest
+import torch
+from support import check_ok, finalize, read_json, read_output
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distfinalize.sources.verl import open_verl
+
+pytestmark = pytest.mark.dist
+
+STEP = 3
+
+
+def actor(run: Path) -> Path:
+    return run / f"global_step_{STEP}" / "actor"
+
+
+def check_against_reference(dest: Path, ref: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Every tensor is the trained one (cast to `dtype`), nothing more; transformers loads DEST with the same
+    logits as the trained model."""
+    reference = torch.load(ref / "reference.pt")
+    tied = read_json(ref / "config.json")["tie_word_embeddings"]
+    tensors, _ = read_output(dest)
+    assert set(tensors) == set(reference) - ({"lm_head.weight"} if tied else set())
+    for name, tensor in tensors.items():
+        assert tensor.dtype == dtype and torch.equal(tensor, reference[name].to(dtype)), name
+    if dtype == torch.float32:
+        model = AutoModelForCausalLM.from_pretrained(dest, dtype=dtype).eval()
+        with torch.no_grad():
+            logits = model(input_ids=common.reference_input()).logits
+        assert torch.equal(logits, torch.load(ref / "reference_logits.pt"))
+
+
+CASES = [("fsdp2", 1), ("fsdp2", 2), ("fsdp2-tied", 2), ("fsdp1", 1), ("fsdp1", 2), ("hsdp2", 2)]
+
+
+@pytest.mark.parametrize(("variant", "nproc"), CASES, ids=[f"{v}-{n}ranks" for v, n in CASES])
+def test_bit_identical_to_the_trained_weights(verl_runs: Path, tmp_path: Path, variant: str, nproc: int) -> None:
+    """SRC is the run dir (latest global_step_N, then its actor/); config.json and the tokenizer come from
+    actor/huggingface/ (the reference dir is elsewhere)."""
+    run, dest = verl_runs / f"verl-{variant}", tmp_path / "out"
+    result = check_ok(finalize(run, dest, nproc=nproc))
+    assert f"verl checkpoint {actor(run)}" in result.stderr
+    check_against_reference(dest, verl_runs / f"verl-{variant}-ref")
+    assert read_json(dest / "config.json")["architectures"] == ["LlamaForCausalLM"]
+    assert len(AutoTokenizer.from_pretrained(dest)) == common.VOCAB
+
+
+@pytest.mark.parametrize("where", ["step", "actor"])
+def test_step_and_actor_dirs_and_bfloat16(verl_runs: Path, tmp_path: Path, where: str) -> None:
+    """SRC may be global_step_N/ or the actor folder itself; --dtype bfloat16 casts the fp32 weights once (what
+    verl's model merger writes)."""
+    run = verl_runs / "verl-fsdp2"
+    src = actor(run) if where == "actor" else actor(run).parent
+    check_ok(finalize(src, tmp_path / "out", "--dtype", "bfloat16", nproc=2))
+    check_against_reference(tmp_path / "out", verl_runs / "verl-fsdp2-ref", torch.bfloat16)
+
+
+def test_rank_reads_only_the_pieces_it_needs(verl_runs: Path) -> None:
+    """The plan comes from rank 0's file alone; reading one tensor of a hybrid (ddp x fsdp) save opens only the
+    file of the first replica, and each piece's bytes, not the whole file."""
+    source = open_verl(actor(verl_runs / "verl-hsdp2"), STEP)
+    assert source.info.format == "verl" and source.info.saved_world_size == 2
+    reader = source.reader()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    tensor = reader.read([key])[key]
+    assert set(reader.located) == {0}  # rank 1's file holds the same replica and is never opened
+    assert torch.equal(tensor, torch.load(verl_runs / "verl-hsdp2-ref" / "reference.pt")[key])
+    fsdp = open_verl(actor(verl_runs / "verl-fsdp2"), STEP).reader()
+    fsdp.read([key])
+    assert set(fsdp.located) == {0, 1}
