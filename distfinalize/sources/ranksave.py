@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,8 @@ import torch
 from distfinalize.errors import SourceError
 
 log = logging.getLogger(__name__)
+
+UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
 @cache
@@ -57,21 +60,26 @@ def load_rank_file(path: Path, hint: str) -> dict:
     except OSError as exc:
         raise SourceError("cannot read checkpoint file", where=path, hint=exc.strerror or str(exc)) from exc
     except pickle.UnpicklingError as exc:
-        first = str(exc).split("\n\n")[0].strip().splitlines()[-1] if str(exc) else ""
-        if "Unsupported global" in str(exc) or "not an allowed global" in str(exc):
+        unsafe = UNSAFE_GLOBAL.search(str(exc))
+        if unsafe:
             raise SourceError(
-                "the checkpoint file names a class distfinalize does not unpickle",
+                f"the checkpoint file holds an object of class {unsafe.group(1)}, which distfinalize does not unpickle",
                 where=path,
-                hint=f"only tensors, DTensors and their placements are read ({first}); re-save the model's "
-                "state dict alone, or finalize a checkpoint you trust with its framework's own tool",
+                hint="only tensors, DTensors and their placements are read (torch.load weights_only=True); re-save "
+                "the model's state dict alone",
             ) from exc
-        raise SourceError("not a readable torch.save file", where=path, hint=f"{hint} ({first})") from exc
+        raise SourceError("not a readable torch.save file", where=path, hint=_damaged(exc, hint)) from exc
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SourceError("not a readable torch.save file", where=path, hint=f"{hint} ({first})") from exc
+        raise SourceError("not a readable torch.save file", where=path, hint=_damaged(exc, hint)) from exc
     if not isinstance(data, dict):
         raise SourceError(f"the checkpoint file holds a {type(data).__name__}, not a state dict", where=path)
     return data
+
+
+def _damaged(exc: BaseException, hint: str) -> str:
+    """`hint`, after the first sentence of what torch.load said."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"it is truncated or damaged ({text.split('. ')[0].rstrip('.')}); {hint}"
 
 
 @dataclass(frozen=True)
