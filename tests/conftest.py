@@ -53,3 +53,12 @@ def verl_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     variants = ("fsdp2", "fsdp2-tied", "fsdp1", "hsdp2")
     check_ok(torchrun(2, TRAINERS / "verl_fsdp.py", out, *(a for v in variants for a in ("--variant", v))))
     return out
+
+
+@pytest.fixture(scope="session")
+def accelerate_fsdp1_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Accelerate FSDP1 on 2 gloo ranks (examples/trainers/accelerate_fsdp1.py): SHARDED_STATE_DICT saved
+    without DCP (pytorch_model_fsdp_0_rank<R>.bin) and LOCAL_STATE_DICT (pytorch_model_fsdp_rank<R>.bin)."""
+    out = tmp_path_factory.mktemp("accelerate-fsdp1")
+    check_ok(torchrun(2, TRAINERS / "accelerate_fsdp1.py", out, "--variant", "sharded", "--variant", "local"))
+    return out

@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from distfinalize.sources import Source, SourceFormat
+from distfinalize.sources.accelerate_ranks import ACCELERATE_RANKS_FORMAT
 from distfinalize.sources.dcp import DCP_FORMAT
 from distfinalize.sources.deepspeed.source import DEEPSPEED_FORMAT
 from distfinalize.sources.verl import VERL_FORMAT
 
-FORMATS: dict[str, SourceFormat] = {fmt.name: fmt for fmt in (DCP_FORMAT, DEEPSPEED_FORMAT, VERL_FORMAT)}
+FORMATS: dict[str, SourceFormat] = {
+    fmt.name: fmt for fmt in (DCP_FORMAT, DEEPSPEED_FORMAT, VERL_FORMAT, ACCELERATE_RANKS_FORMAT)
+}
 
 
 def detect_format(path: Path) -> SourceFormat | None:

@@ -10,6 +10,7 @@ Runs on: all ranks (metadata), each rank for its own tensors (reads).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -61,9 +62,23 @@ class RankFilesSource:
 
 
 def _check_mesh(stored: dict[str, Stored], files: tuple[Path, ...]) -> None:
-    """Every DTensor's device mesh must hold exactly the ranks whose files are there."""
+    """Every DTensor's device mesh must hold exactly the ranks whose files are there; a ShardedTensor's shards
+    must lie in those files and tile the tensor."""
     world = len(files)
     for key, s in stored.items():
+        if s.listed is not None:
+            outside = sorted({p.rank for p in s.listed if not 0 <= p.rank < world})
+            covered = sum(math.prod(p.sizes) for p in pieces(s, 0))
+            if s.world not in (None, world) or outside or covered != math.prod(s.shape):
+                what = f"shards of {covered} of its {math.prod(s.shape)} elements"
+                what = f"a shard on rank {outside[0]}" if outside else what
+                what = f"a save by {s.world} ranks" if s.world not in (None, world) else what
+                raise SourceError(
+                    f"tensor {key!r} records {what}, but {world} rank files are here",
+                    where=files[0],
+                    hint="the folder mixes files of different saves, or some are missing; finalize another checkpoint",
+                )
+            continue
         if s.mesh is not None and sorted(s.mesh[1]) != list(range(world)):
             shape = "x".join(map(str, s.mesh[0]))
             raise SourceError(
@@ -130,12 +145,15 @@ class RankFilesReader:
             stored = describe(value, path, key) if value is not None else None
             if stored is None or stored.shape != expected.shape or stored.dtype != expected.dtype:
                 raise _mismatch(key, path, "is missing" if stored is None else "differs from rank 0's")
-            if stored.placements != expected.placements or stored.mesh != expected.mesh:
+            if stored != expected:
                 raise _mismatch(key, path, "is split differently from rank 0's")
-            local = local_of(value)
-            want = _own_sizes(stored, rank)
-            if tuple(local.shape) != want:
-                raise _mismatch(key, path, f"holds a piece of shape {list(local.shape)}, not {list(want)}")
+            local, want = local_of(value), _own_sizes(stored, rank)
+            if local is None and 0 in want:  # a ShardedTensor rank with nothing of this tensor
+                found[key] = (0, 0)
+                continue
+            if local is None or tuple(local.shape) != want:
+                have = "no piece" if local is None else f"a piece of shape {list(local.shape)}"
+                raise _mismatch(key, path, f"holds {have}, not one of shape {list(want)}")
             if local.numel() > 1 and not local.is_contiguous():
                 raise SourceError(f"tensor {key!r} is stored non-contiguous", where=path, hint=self.hint)
             found[key] = (stored_offset(local, path) if local.numel() else 0, local.numel())
@@ -145,6 +163,8 @@ class RankFilesReader:
 
 def _own_sizes(stored: Stored, rank: int) -> tuple[int, ...]:
     """The shape of the piece `rank` saved (the whole tensor for a plain one)."""
+    if stored.listed is not None:
+        return next((p.sizes for p in stored.listed if p.rank == rank), (0,) * len(stored.shape))
     if stored.mesh is None:
         return stored.shape
     mesh_shape, ranks = stored.mesh

@@ -29,6 +29,13 @@ from pathlib import Path
 import torch
 
 from distfinalize.errors import SourceError
+from distfinalize.sources.shardedtensor import (
+    SUBSTITUTES,
+    ShardedTensorRecord,
+    local_tensors,
+    saved_world_size,
+    shards_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,7 @@ def load_rank_file(path: Path, hint: str) -> dict:
     """The state dict of one file, tensors on the meta device knowing their byte offsets. Raises SourceError
     naming the file for a missing, truncated, foreign or unsafe one (`hint` says what to do)."""
     try:
-        with torch.serialization.safe_globals(list(allowed_globals())), warnings.catch_warnings():
+        with torch.serialization.safe_globals([*allowed_globals(), *SUBSTITUTES]), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DeviceMesh warns that it is unpickled without process groups
             data = torch.load(str(path), map_location="meta", weights_only=True)
     except FileNotFoundError as exc:
@@ -83,16 +90,6 @@ def _damaged(exc: BaseException, hint: str) -> str:
 
 
 @dataclass(frozen=True)
-class Stored:
-    """One entry of a rank file: the global tensor and how it is split over the saving ranks."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    placements: tuple[tuple[str, int], ...]  # per mesh dim: ("shard", dim) or ("replicate", -1)
-    mesh: tuple[tuple[int, ...], ...] | None  # mesh shape, then the global ranks in mesh order (row-major)
-
-
-@dataclass(frozen=True)
 class Piece:
     """A part of a tensor that one rank's file holds: the saving rank, and where the part sits."""
 
@@ -101,9 +98,29 @@ class Piece:
     sizes: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Stored:
+    """One entry of a rank file: the global tensor and how it is split over the saving ranks."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    placements: tuple[tuple[str, int], ...]  # per mesh dim: ("shard", dim) or ("replicate", -1)
+    mesh: tuple[tuple[int, ...], ...] | None  # mesh shape, then the global ranks in mesh order (row-major)
+    listed: tuple[Piece, ...] | None = None  # a ShardedTensor: every shard, as its metadata lists them
+    world: int | None = None  # a ShardedTensor: the world size of the group that saved it
+
+
 def describe(value: object, path: Path, key: str) -> Stored | None:
-    """A DTensor or a plain tensor (saved whole: a replicated buffer) as Stored; None for anything else."""
+    """A DTensor, a ShardedTensor or a plain tensor (saved whole: a replicated buffer) as Stored; None for anything
+    else."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if isinstance(value, ShardedTensorRecord):
+        listed = shards_of(value)
+        if listed is None:
+            raise SourceError(f"tensor {key!r} is a ShardedTensor without readable shard metadata", where=path)
+        found = tuple(Piece(s.rank, s.offsets, s.sizes) for s in listed)
+        return Stored(tuple(value.shape), value.dtype, (), None, found, saved_world_size(value))
 
     if isinstance(value, DTensor):
         placements = []
@@ -153,6 +170,8 @@ def mesh_ranks(mesh: object, path: Path, key: str) -> torch.Tensor:
 def pieces(stored: Stored, own_rank: int) -> list[Piece]:
     """The distinct non-empty pieces of a tensor, each from the first rank (in mesh order) that holds it: replicas
     (Replicate dims, e.g. HSDP's ddp dim) are read once. A plain tensor comes whole from `own_rank`'s file. Pure."""
+    if stored.listed is not None:
+        return list({p.offsets: p for p in reversed(stored.listed) if all(p.sizes)}.values())[::-1]
     if stored.mesh is None:
         return [Piece(own_rank, (0,) * len(stored.shape), stored.shape)]
     mesh_shape, ranks = stored.mesh
@@ -194,8 +213,12 @@ def _coordinates(mesh_shape: Sequence[int]) -> Iterator[tuple[int, ...]]:
             coordinate[d] = 0
 
 
-def local_of(value: object) -> torch.Tensor:
-    """The rank's own piece of a stored value (the DTensor's local tensor, or the tensor itself)."""
+def local_of(value: object) -> torch.Tensor | None:
+    """The rank's own piece of a stored value: the DTensor's local tensor, a ShardedTensor's one local shard (None
+    when it holds none), or the tensor itself."""
+    if isinstance(value, ShardedTensorRecord):
+        local = local_tensors(value)
+        return local[0][1] if len(local) == 1 else None
     return getattr(value, "_local_tensor", value)
 
 
