@@ -28,6 +28,7 @@ from distfinalize.sources.ranksave import (
     local_of,
     pieces,
     read_exact,
+    saved_by,
     stored_offset,
 )
 
@@ -147,6 +148,9 @@ class RankFilesReader:
                 raise _mismatch(key, path, "is missing" if stored is None else "differs from rank 0's")
             if stored != expected:
                 raise _mismatch(key, path, "is split differently from rank 0's")
+            saver = saved_by(value)
+            if saver is not None and saver != rank:
+                raise _mismatch(key, path, f"was saved by rank {saver}, but the file name says rank {rank}")
             local, want = local_of(value), _own_sizes(stored, rank)
             if local is None and 0 in want:  # a ShardedTensor rank with nothing of this tensor
                 found[key] = (0, 0)

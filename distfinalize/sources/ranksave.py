@@ -34,6 +34,7 @@ from distfinalize.sources.shardedtensor import (
     ShardedTensorRecord,
     local_tensors,
     saved_world_size,
+    saving_rank,
     shards_of,
 )
 
@@ -220,6 +221,15 @@ def local_of(value: object) -> torch.Tensor | None:
         local = local_tensors(value)
         return local[0][1] if len(local) == 1 else None
     return getattr(value, "_local_tensor", value)
+
+
+def saved_by(value: object) -> int | None:
+    """The rank that saved a DTensor (its device mesh records it) or a ShardedTensor (its process group state)."""
+    if isinstance(value, ShardedTensorRecord):
+        return saving_rank(value)
+    mesh = getattr(value, "device_mesh", None) if hasattr(value, "_local_tensor") else None
+    rank = vars(mesh).get("_rank") if mesh is not None else None
+    return rank if isinstance(rank, int) else None
 
 
 def stored_offset(tensor: torch.Tensor, path: Path) -> int:

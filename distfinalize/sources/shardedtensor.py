@@ -122,7 +122,16 @@ def local_tensors(value: ShardedTensorRecord) -> list[tuple[tuple[int, ...], tor
 
 def saved_world_size(value: ShardedTensorRecord) -> int | None:
     """The world size of the process group that saved it (its pickled ProcessGroupState)."""
+    return _group_field(value, "global_world_size")
+
+
+def saving_rank(value: ShardedTensorRecord) -> int | None:
+    """The global rank that saved it (its pickled ProcessGroupState)."""
+    return _group_field(value, "global_rank")
+
+
+def _group_field(value: ShardedTensorRecord, name: str) -> int | None:
     state = value.state
     group = state[2] if len(state) > 2 else None
-    world = group.field("global_world_size") if isinstance(group, Record) else None
-    return world if isinstance(world, int) else None
+    found = group.field(name) if isinstance(group, Record) else None
+    return found if isinstance(found, int) else None

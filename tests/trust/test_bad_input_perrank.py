@@ -1,6 +1,10 @@
-"""Bad per-rank checkpoints (verl's model_world_size_W_rank_R.pt files) never lose data: one clear line, non-zero
-exit, nothing at DEST, SRC unchanged. Each case breaks a private copy of a real verl-layout save
-(examples/trainers/verl_fsdp.py, 2 gloo ranks) and finalizes it with 1 and 2 ranks.
+"""Bad per-rank checkpoints never lose data: one clear line, non-zero exit, nothing at DEST, SRC unchanged.
+
+Each case breaks a private copy of a real 2-rank save and finalizes it with 1 and 2 ranks: verl's
+model_world_size_W_rank_R.pt files (examples/trainers/verl_fsdp.py, FSDP2 DTensors) and Accelerate FSDP1's
+pytorch_model_fsdp_0_rank<R>.bin (examples/trainers/accelerate_fsdp1.py, ShardedTensors). Files of two steps of
+one run with the same world size cannot be told apart (neither format records the step inside its files); files
+of different saves are caught when their layout, world size or saving rank differs.
 """
 
 from __future__ import annotations
@@ -76,11 +80,16 @@ def breakages(verl_runs: Path) -> dict[str, tuple[Callable[[Path], None], tuple[
             ("model files of 2 saves, with world sizes [2, 4]",),
         ),
         "mixed-saves": (other_save(verl_runs), ("is split differently from rank 0's", "rank_1.pt")),
+        "misplaced-file": (
+            lambda r: shutil.copyfile(model_file(r, 0), model_file(r, 1)),
+            ("was saved by rank 0, but the file name says rank 1", "rank_1.pt"),
+        ),
         "unsafe-object": (with_object, ("an object of class argparse.Namespace", "does not unpickle")),
     }
 
 
 CASES = [
+    "misplaced-file",
     "rank-file-missing",
     "rank0-truncated",
     "rank1-truncated",
@@ -96,6 +105,54 @@ CASES = [
 @pytest.mark.parametrize("breakage", CASES)
 def test_broken_verl_checkpoint(verl_runs: Path, run: Path, tmp_path: Path, breakage: str, nproc: int) -> None:
     breaks, words = breakages(verl_runs)[breakage]
+    breaks(run)
+    before = tree_digest(run)
+    dest = tmp_path / "out"
+    assert_clean_failure(finalize(run, dest, nproc=nproc), dest, run, before, *words)
+
+
+ACCELERATE = Path("checkpoints") / "checkpoint-3"
+
+
+def accelerate_file(run: Path, rank: int) -> Path:
+    return run / ACCELERATE / f"pytorch_model_fsdp_0_rank{rank}.bin"
+
+
+def accelerate_truncate(run: Path) -> None:
+    os.truncate(accelerate_file(run, 1), accelerate_file(run, 1).stat().st_size // 2)
+
+
+ACCELERATE_BREAKAGES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
+    "rank0-missing": (
+        lambda r: accelerate_file(r, 0).unlink(),
+        ("rank file(s) missing (pytorch_model_fsdp_0_rank0.bin; found 1)",),
+    ),
+    "last-rank-missing": (
+        lambda r: accelerate_file(r, 1).unlink(),
+        ("records a save by 2 ranks, but 1 rank files are here",),
+    ),
+    "truncated": (accelerate_truncate, ("not a readable torch.save file", "rank1.bin", "truncated or damaged")),
+    "extra-rank-file": (
+        lambda r: shutil.copyfile(accelerate_file(r, 1), accelerate_file(r, 2)),
+        ("records a save by 2 ranks, but 3 rank files are here",),
+    ),
+    "misplaced-file": (
+        lambda r: shutil.copyfile(accelerate_file(r, 0), accelerate_file(r, 1)),
+        ("was saved by rank 0, but the file name says rank 1", "rank1.bin"),
+    ),
+    "unsafe-object": (
+        lambda r: torch.save({"x": argparse.Namespace(callback="anything")}, accelerate_file(r, 1)),
+        ("an object of class argparse.Namespace", "does not unpickle", "rank1.bin"),
+    ),
+}
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("breakage", sorted(ACCELERATE_BREAKAGES))
+def test_broken_accelerate_rank_files(accelerate_fsdp1_runs: Path, tmp_path: Path, breakage: str, nproc: int) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(accelerate_fsdp1_runs / "accelerate1-sharded", run)
+    breaks, words = ACCELERATE_BREAKAGES[breakage]
     breaks(run)
     before = tree_digest(run)
     dest = tmp_path / "out"
