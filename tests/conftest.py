@@ -46,11 +46,11 @@ def lora_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def verl_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """verl's FSDP checkpoint layout (examples/trainers/verl_fsdp.py) on 2 gloo ranks: FSDP2, FSDP2 tied, FSDP1
-    and hybrid FSDP2 (ddp x fsdp mesh) actors, each OUT/verl-<variant>/global_step_3/actor/ with references in
-    OUT/verl-<variant>-ref/."""
+    """verl's FSDP checkpoint layout (examples/trainers/verl_fsdp.py) on 2 gloo ranks: FSDP2, FSDP2 tied, FSDP1,
+    hybrid FSDP2 (ddp x fsdp mesh) and FSDP2 LoRA actors, each OUT/verl-<variant>/global_step_3/actor/ with
+    references in OUT/verl-<variant>-ref/."""
     out = tmp_path_factory.mktemp("verl")
-    variants = ("fsdp2", "fsdp2-tied", "fsdp1", "hsdp2")
+    variants = ("fsdp2", "fsdp2-tied", "fsdp1", "hsdp2", "lora")
     check_ok(torchrun(2, TRAINERS / "verl_fsdp.py", out, *(a for v in variants for a in ("--variant", v))))
     return out
 

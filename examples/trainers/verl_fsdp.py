@@ -21,6 +21,12 @@ Variants (OUT/verl-<variant>/global_step_<steps>/actor/, references in OUT/verl-
   fsdp2-tied   the same with tied embeddings
   fsdp1        FSDP1 on a 1-D mesh
   hsdp2        FSDP2 on a ("ddp", "fsdp") mesh of shape (W, 1): every rank holds a whole replica
+  lora         FSDP2 of a peft LoRA actor (`actor_rollout_ref.model.lora_rank > 0`): the rank files hold the
+               PeftModel (`base_model.model....lora_A.default.weight`, frozen base included) and, as verl's
+               fsdp_workers.save_checkpoint does after the manager, rank 0 writes `lora_adapter/adapter_config.json`
+               (`asdict(peft_config)`) and `lora_adapter/adapter_model.safetensors` (the gathered adapter, with
+               peft's `get_peft_model_state_dict` names); its references add merged.pt / merged_logits.pt
+               (peft's merge_and_unload)
 """
 
 from __future__ import annotations
@@ -49,7 +55,60 @@ from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from torch.distributed.tensor import Shard
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-VARIANTS = ("fsdp2", "fsdp2-tied", "fsdp1", "hsdp2")
+VARIANTS = ("fsdp2", "fsdp2-tied", "fsdp1", "hsdp2", "lora")
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+
+def build(variant: str) -> nn.Module:
+    """The seeded tiny Llama (wrapped by peft's get_peft_model for the LoRA actor)."""
+    model = common.build_model(variant.endswith("tied"))
+    if variant == "lora":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config())
+    return model
+
+
+def save_lora_adapter(model: nn.Module, local_path: Path) -> None:
+    """Runs on: all ranks. What verl's fsdp_workers.save_checkpoint adds for a LoRA actor (rank 0 writes)."""
+    from dataclasses import asdict
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        target = local_path / "lora_adapter"
+        target.mkdir(exist_ok=True)
+        config = asdict(model.peft_config["default"])
+        for key in ("task_type", "peft_type"):  # enums in the peft verl pins, plain strings in newer peft
+            config[key] = getattr(config[key], "value", config[key])
+        config["target_modules"] = list(config["target_modules"])
+        weights = get_peft_model_state_dict(model, state_dict=full)
+        save_file({k: v.contiguous() for k, v in weights.items()}, target / "adapter_model.safetensors")
+        (target / "adapter_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=4, default=str))
+    dist.barrier()
+
+
+def save_lora_references(ref: Path, full: dict[str, torch.Tensor]) -> None:
+    """Rank 0: the trained PeftModel's state and logits, and peft's merge_and_unload of it."""
+    ref.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().clone().cpu() for k, v in full.items()}
+    torch.save(state, ref / "reference.pt")
+    model = build("lora")
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    with torch.no_grad():
+        torch.save(model(input_ids=common.reference_input()).logits, ref / "reference_logits.pt")
+        merged = model.merge_and_unload()
+        torch.save({k: v.clone() for k, v in merged.state_dict().items()}, ref / "merged.pt")
+        torch.save(merged(input_ids=common.reference_input()).logits, ref / "merged_logits.pt")
 
 
 def shard_placement_fn(fsdp_size: int):
@@ -134,15 +193,20 @@ def train_and_save(out: Path, variant: str, steps: int, world: int) -> None:
     """Runs on: all ranks. Trains one variant and writes its checkpoint and references."""
     tie = variant.endswith("tied")
     fsdp1 = variant == "fsdp1"
-    model = wrap(common.build_model(tie), variant, world)
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model = wrap(build(variant), variant, world)
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     common.train(model, optim, steps)
     run = out / f"verl-{variant}"
     save_checkpoint(model, optim, run / f"global_step_{steps}" / "actor", fsdp1, world)
+    if variant == "lora":
+        save_lora_adapter(model, run / f"global_step_{steps}" / "actor")
     full = full_state_dict(model, fsdp1)
     if dist.get_rank() == 0:
         (run / "latest_checkpointed_iteration.txt").write_text(str(steps))
-        common.save_reference(out / f"verl-{variant}-ref", full, tie)
+        if variant == "lora":
+            save_lora_references(out / f"verl-{variant}-ref", full)
+        else:
+            common.save_reference(out / f"verl-{variant}-ref", full, tie)
     dist.barrier()
 
 

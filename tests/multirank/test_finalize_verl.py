@@ -1,6 +1,7 @@
 """Finalize verl / SkyRL FSDP checkpoints (`global_step_N/actor/model_world_size_W_rank_R.pt` + `huggingface/`)
 with 1 and 2 ranks: every tensor bit-identical to the trained weights, config and tokenizer from `huggingface/`,
-transformers loads the result and gives the trained model's logits.
+transformers loads the result and gives the trained model's logits. A LoRA actor gives a PEFT adapter dir (or,
+with --merge-lora, the merged model).
 
 The checkpoints come from examples/trainers/verl_fsdp.py: real FSDP2 / FSDP1 DTensor state dicts on 2 CPU/gloo
 ranks, saved with the calls and file names of verl's FSDPCheckpointManager (verl itself does not install beside
@@ -15,6 +16,9 @@ from pathlib import Path
 import common
 import pytest
 import torch
+import verl_fsdp
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
 from support import check_ok, finalize, read_json, read_output
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -83,3 +87,45 @@ def test_rank_reads_only_the_pieces_it_needs(verl_runs: Path) -> None:
     fsdp = open_verl(actor(verl_runs / "verl-fsdp2"), STEP).reader()
     fsdp.read([key])
     assert set(fsdp.located) == {0, 1}
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_lora_actor_adapter_dir(verl_runs: Path, tmp_path: Path, nproc: int) -> None:
+    """A LoRA actor's rank files hold the PeftModel; the adapter dir holds exactly the trained adapter (the same
+    tensors verl's own lora_adapter/adapter_model.safetensors holds), with r / alpha / targets from
+    lora_adapter/adapter_config.json, and PeftModel on the untouched base gives the trained model's logits."""
+    run, ref, dest = verl_runs / "verl-lora", verl_runs / "verl-lora-ref", tmp_path / "adapter"
+    check_ok(finalize(run, dest, nproc=nproc))
+    trained = verl_fsdp.build("lora")
+    trained.load_state_dict(torch.load(ref / "reference.pt"))
+    expected = get_peft_model_state_dict(trained)
+    tensors, _ = read_output(dest)
+    assert set(tensors) == set(expected) and all(torch.equal(tensors[k], expected[k]) for k in expected)
+    verl_adapter = load_file(actor(run) / "lora_adapter" / "adapter_model.safetensors")
+    assert set(verl_adapter) == set(tensors) and all(torch.equal(tensors[k], verl_adapter[k]) for k in tensors)
+    config = read_json(dest / "adapter_config.json")
+    want = verl_fsdp.lora_config()
+    assert (config["r"], config["lora_alpha"], set(config["target_modules"])) == (
+        want.r,
+        want.lora_alpha,
+        set(want.target_modules),
+    )
+    loaded = PeftModel.from_pretrained(common.build_model(tie=False), dest).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=common.reference_input()).logits, torch.load(ref / "reference_logits.pt"))
+
+
+def test_lora_actor_merged(verl_runs: Path, tmp_path: Path) -> None:
+    """--merge-lora: the merged model equals peft's merge_and_unload() within float32 rounding and loads with
+    transformers."""
+    run, ref, dest = verl_runs / "verl-lora", verl_runs / "verl-lora-ref", tmp_path / "merged"
+    check_ok(finalize(run, dest, "--merge-lora", nproc=2))
+    merged = torch.load(ref / "merged.pt")
+    tensors, _ = read_output(dest)
+    assert set(tensors) == set(merged)
+    for name, want in merged.items():
+        torch.testing.assert_close(tensors[name], want, rtol=1e-6, atol=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=common.reference_input()).logits
+    torch.testing.assert_close(logits, torch.load(ref / "merged_logits.pt"), rtol=1e-5, atol=1e-5)
