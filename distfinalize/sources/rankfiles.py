@@ -23,6 +23,7 @@ from distfinalize.sources.ranksave import (
     Piece,
     Stored,
     chunk_of,
+    coordinate_of,
     describe,
     load_rank_file,
     local_of,
@@ -44,9 +45,9 @@ class RankFilesSource:
         self.hint = hint
         state = load_rank_file(files[0], hint)
         self.stored: dict[str, Stored] = {}
-        skipped = 0
+        skipped, meshes = 0, {}
         for key, value in state.items():
-            stored = describe(value, files[0], str(key)) if isinstance(key, str) else None
+            stored = describe(value, files[0], str(key), meshes) if isinstance(key, str) else None
             if stored is None:
                 skipped += 1
                 continue
@@ -65,8 +66,10 @@ class RankFilesSource:
 def _check_mesh(stored: dict[str, Stored], files: tuple[Path, ...]) -> None:
     """Every DTensor's device mesh must hold exactly the ranks whose files are there; a ShardedTensor's shards
     must lie in those files and tile the tensor."""
-    world = len(files)
+    world, checked = len(files), set()
     for key, s in stored.items():
+        if s.mesh is not None and id(s.mesh) in checked:
+            continue
         if s.listed is not None:
             outside = sorted({p.rank for p in s.listed if not 0 <= p.rank < world})
             covered = sum(math.prod(p.sizes) for p in pieces(s, 0))
@@ -80,6 +83,8 @@ def _check_mesh(stored: dict[str, Stored], files: tuple[Path, ...]) -> None:
                     hint="the folder mixes files of different saves, or some are missing; finalize another checkpoint",
                 )
             continue
+        if s.mesh is not None:
+            checked.add(id(s.mesh))
         if s.mesh is not None and sorted(s.mesh[1]) != list(range(world)):
             shape = "x".join(map(str, s.mesh[0]))
             raise SourceError(
@@ -141,9 +146,10 @@ class RankFilesReader:
         path = self.files[rank]
         state = load_rank_file(path, self.hint)
         found: dict[str, tuple[int, int]] = {}
+        meshes: dict[int, tuple] = {}
         for key, expected in self.stored.items():
             value = state.get(key)
-            stored = describe(value, path, key) if value is not None else None
+            stored = describe(value, path, key, meshes) if value is not None else None
             if stored is None or stored.shape != expected.shape or stored.dtype != expected.dtype:
                 raise _mismatch(key, path, "is missing" if stored is None else "differs from rank 0's")
             if stored != expected:
@@ -171,12 +177,10 @@ def _own_sizes(stored: Stored, rank: int) -> tuple[int, ...]:
         return next((p.sizes for p in stored.listed if p.rank == rank), (0,) * len(stored.shape))
     if stored.mesh is None:
         return stored.shape
-    mesh_shape, ranks = stored.mesh
-    position, coordinate = ranks.index(rank), []
-    for n in reversed(mesh_shape):
-        coordinate.append(position % n)
-        position //= n
-    return chunk_of(stored.shape, mesh_shape, tuple(reversed(coordinate)), stored.placements)[1]
+    coordinate = coordinate_of(stored.mesh, rank)
+    if coordinate is None:
+        return (0,) * len(stored.shape)
+    return chunk_of(stored.shape, stored.mesh[0], coordinate, stored.placements)[1]
 
 
 def _mismatch(key: str, path: Path, what: str) -> SourceError:

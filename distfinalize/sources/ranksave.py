@@ -40,6 +40,8 @@ from distfinalize.sources.shardedtensor import (
 
 log = logging.getLogger(__name__)
 
+_GRIDS: dict[tuple, tuple] = {}  # one object per distinct device mesh: Stored equality is then an identity check
+_POSITIONS: dict[int, dict[int, tuple[int, ...]]] = {}  # id(grid) -> global rank -> its mesh coordinate
 UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
@@ -111,9 +113,10 @@ class Stored:
     world: int | None = None  # a ShardedTensor: the world size of the group that saved it
 
 
-def describe(value: object, path: Path, key: str) -> Stored | None:
+def describe(value: object, path: Path, key: str, meshes: dict[int, tuple]) -> Stored | None:
     """A DTensor, a ShardedTensor or a plain tensor (saved whole: a replicated buffer) as Stored; None for anything
-    else."""
+    else. `meshes` caches each device mesh of one file (all its DTensors share one), so a file costs O(its tensors),
+    not O(tensors x ranks)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     if isinstance(value, ShardedTensorRecord):
@@ -136,8 +139,11 @@ def describe(value: object, path: Path, key: str) -> Stored | None:
                     where=path,
                     hint="only Shard(dim) and Replicate() placements (FSDP, HSDP) are supported",
                 )
-        mesh = mesh_ranks(value.device_mesh, path, key)
-        grid = (tuple(mesh.shape), tuple(int(r) for r in mesh.flatten().tolist()))
+        grid = meshes.get(id(value.device_mesh))
+        if grid is None:
+            mesh = mesh_ranks(value.device_mesh, path, key)
+            grid = (tuple(mesh.shape), tuple(int(r) for r in mesh.flatten().tolist()))
+            grid = meshes[id(value.device_mesh)] = _GRIDS.setdefault(grid, grid)
         return Stored(tuple(value.shape), value.dtype, tuple(placements), grid)
     if isinstance(value, torch.Tensor):
         return Stored(tuple(value.shape), value.dtype, (), None)
@@ -198,6 +204,15 @@ def chunk_of(
         offsets[dim] += start
         sizes[dim] = min(sizes[dim], start + step) - start
     return tuple(offsets), tuple(sizes)
+
+
+def coordinate_of(grid: tuple, rank: int) -> tuple[int, ...] | None:
+    """The mesh coordinate of a global rank in an interned grid (from describe), looked up in O(1)."""
+    positions = _POSITIONS.get(id(grid))
+    if positions is None:
+        mesh_shape, ranks = grid
+        positions = _POSITIONS[id(grid)] = dict(zip(ranks, _coordinates(mesh_shape), strict=True))
+    return positions.get(rank)
 
 
 def _coordinates(mesh_shape: Sequence[int]) -> Iterator[tuple[int, ...]]:
