@@ -4,9 +4,10 @@ transformers loads the result and gives the trained model's logits. A LoRA actor
 with --merge-lora, the merged model).
 
 The checkpoints come from examples/trainers/verl_fsdp.py: real FSDP2 / FSDP1 DTensor state dicts on 2 CPU/gloo
-ranks, saved with the calls and file names of verl's FSDPCheckpointManager (verl itself does not install beside
-this project's transformers; its model merger, run on these files, gives the same bf16 tensors as
-`--dtype bfloat16`). Marked `dist`.
+ranks, saved with the calls and file names of verl's FSDPCheckpointManager. verl itself does not install beside
+this project's transformers (it pins an older one and pulls Ray), so its FSDPModelMerger is not run here; what
+it writes is each tensor's pieces concatenated in rank order and cast to bfloat16, which
+`test_step_and_actor_dirs_and_bfloat16` checks against the trained weights. Marked `dist`.
 """
 
 from __future__ import annotations
