@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 _GRIDS: dict[tuple, tuple] = {}  # one object per distinct device mesh: Stored equality is then an identity check
 _POSITIONS: dict[int, dict[int, tuple[int, ...]]] = {}  # id(grid) -> global rank -> its mesh coordinate
-UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+UNSAFE_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)")  # a class, or a function of a blocked module
 
 
 @cache
@@ -73,7 +73,7 @@ def load_rank_file(path: Path, hint: str) -> dict:
         unsafe = UNSAFE_GLOBAL.search(str(exc))
         if unsafe:
             raise SourceError(
-                f"the checkpoint file holds an object of class {unsafe.group(1)}, which distfinalize does not unpickle",
+                f"the checkpoint file names {unsafe.group(1)}, which distfinalize does not unpickle",
                 where=path,
                 hint="only tensors, DTensors and their placements are read (torch.load weights_only=True); re-save "
                 "the model's state dict alone",

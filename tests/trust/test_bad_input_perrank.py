@@ -55,6 +55,23 @@ def other_save(verl_runs: Path) -> Callable[[Path], None]:
     return lambda run: shutil.copyfile(verl_runs / "verl-hsdp2" / ACTOR / model_file(run, 1).name, model_file(run, 1))
 
 
+class Payload:
+    """Runs a shell command when plain pickle loads it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def with_payload(run: Path) -> None:
+    """Rank 1's state dict saved again with a payload that would create a marker file beside SRC."""
+    state = torch.load(model_file(run, 1), weights_only=False)  # the test's own file: trusted
+    state["_payload"] = Payload(run.parent / "payload-ran")
+    torch.save(state, model_file(run, 1))
+
+
 def with_object(run: Path) -> None:
     """Rank 0's state dict saved again with an object torch's weights_only loader does not allow."""
     state = torch.load(model_file(run, 0), weights_only=False)  # the test's own file: trusted
@@ -84,11 +101,13 @@ def breakages(verl_runs: Path) -> dict[str, tuple[Callable[[Path], None], tuple[
             lambda r: shutil.copyfile(model_file(r, 0), model_file(r, 1)),
             ("was saved by rank 0, but the file name says rank 1", "rank_1.pt"),
         ),
-        "unsafe-object": (with_object, ("an object of class argparse.Namespace", "does not unpickle")),
+        "code-payload": (with_payload, ("names posix.system, which distfinalize does not unpickle", "rank_1.pt")),
+        "unsafe-object": (with_object, ("names argparse.Namespace, which distfinalize does not unpickle",)),
     }
 
 
 CASES = [
+    "code-payload",
     "misplaced-file",
     "rank-file-missing",
     "rank0-truncated",
@@ -109,6 +128,7 @@ def test_broken_verl_checkpoint(verl_runs: Path, run: Path, tmp_path: Path, brea
     before = tree_digest(run)
     dest = tmp_path / "out"
     assert_clean_failure(finalize(run, dest, nproc=nproc), dest, run, before, *words)
+    assert not (run.parent / "payload-ran").exists()
 
 
 ACCELERATE = Path("checkpoints") / "checkpoint-3"
@@ -142,7 +162,7 @@ ACCELERATE_BREAKAGES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] 
     ),
     "unsafe-object": (
         lambda r: torch.save({"x": argparse.Namespace(callback="anything")}, accelerate_file(r, 1)),
-        ("an object of class argparse.Namespace", "does not unpickle", "rank1.bin"),
+        ("names argparse.Namespace", "does not unpickle", "rank1.bin"),
     ),
 }
 
