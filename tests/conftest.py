@@ -57,6 +57,17 @@ def hf_trainer_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def verl_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """verl's FSDP checkpoint layout (examples/trainers/verl_fsdp.py) on 2 gloo ranks: FSDP2, FSDP2 tied, FSDP1,
+    hybrid FSDP2 (ddp x fsdp mesh) and FSDP2 LoRA actors, each OUT/verl-<variant>/global_step_3/actor/ with
+    references in OUT/verl-<variant>-ref/."""
+    out = tmp_path_factory.mktemp("verl")
+    variants = ("fsdp2", "fsdp2-tied", "fsdp1", "hsdp2", "lora")
+    check_ok(torchrun(2, TRAINERS / "verl_fsdp.py", out, *(a for v in variants for a in ("--variant", v))))
+    return out
+
+
+@pytest.fixture(scope="session")
 def hf_storage_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """FSDP2 on 2 gloo ranks saved by dcp.save with torch's HuggingFaceStorageWriter: per-rank shards, and the
     consolidated variant (shards under sharded/ + whole tensors + index)."""
@@ -72,4 +83,13 @@ def trl_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     checkpoint into OUT/callback/model when training ended."""
     out = tmp_path_factory.mktemp("trl")
     check_ok(torchrun(2, TRAINERS / "trl_sft_lora.py", out, "--finalize", out / "callback" / "model"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def accelerate_fsdp1_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Accelerate FSDP1 on 2 gloo ranks (examples/trainers/accelerate_fsdp1.py): SHARDED_STATE_DICT saved
+    without DCP (pytorch_model_fsdp_0_rank<R>.bin) and LOCAL_STATE_DICT (pytorch_model_fsdp_rank<R>.bin)."""
+    out = tmp_path_factory.mktemp("accelerate-fsdp1")
+    check_ok(torchrun(2, TRAINERS / "accelerate_fsdp1.py", out, "--variant", "sharded", "--variant", "local"))
     return out

@@ -5,13 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from distfinalize.sources import Source, SourceFormat
+from distfinalize.sources.accelerate_ranks import ACCELERATE_RANKS_FORMAT
 from distfinalize.sources.dcp import DCP_FORMAT
 from distfinalize.sources.deepspeed.source import DEEPSPEED_FORMAT
 from distfinalize.sources.safetensors_dir import SAFETENSORS_FORMAT
 from distfinalize.sources.torchbin import TORCH_BIN_FORMAT
+from distfinalize.sources.verl import VERL_FORMAT
 
 FORMATS: dict[str, SourceFormat] = {
-    fmt.name: fmt for fmt in (DCP_FORMAT, DEEPSPEED_FORMAT, SAFETENSORS_FORMAT, TORCH_BIN_FORMAT)
+    fmt.name: fmt
+    for fmt in (DCP_FORMAT, DEEPSPEED_FORMAT, VERL_FORMAT, ACCELERATE_RANKS_FORMAT, SAFETENSORS_FORMAT, TORCH_BIN_FORMAT)
 }
 
 

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^(?:checkpoint|step|global_step|iter)[-_]?(\d+)$")
 STEP_PARENTS = ("", "checkpoints", "checkpoint")
-NESTED_CHECKPOINTS = ("pytorch_model_fsdp_0",)  # Accelerate's FSDP SHARDED_STATE_DICT save
+NESTED_CHECKPOINTS = ("pytorch_model_fsdp_0", "actor")  # Accelerate's FSDP SHARDED_STATE_DICT save; verl's actor
+COMPANION_DIRS = ("huggingface", "lora_adapter")  # beside a verl actor's rank files: config, tokenizer, adapter
 LATEST_TAG_FILE = "latest"  # DeepSpeed's save dir: the name of the newest tag folder
 CONFIG_SEARCH_LEVELS_ABOVE_SRC = 2
 SEARCH_DEPTH = 2  # how many levels below SRC a checkpoint folder under any name is looked for
@@ -228,7 +229,8 @@ def search_dirs(checkpoint: Path, src: Path) -> list[Path]:
     parents = list(ckpt.parents)
     chain = [ckpt, *parents[: parents.index(root) + 1]] if root in parents else [ckpt, ckpt.parent, root]
     chain += list(root.parents)[:CONFIG_SEARCH_LEVELS_ABOVE_SRC]
-    return list(dict.fromkeys(chain))
+    companions = [ckpt / name for name in COMPANION_DIRS if (ckpt / name).is_dir()]
+    return list(dict.fromkeys([*companions, *chain]))
 
 
 def _is_hf_config(path: Path) -> bool:
