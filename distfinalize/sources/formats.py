@@ -12,10 +12,8 @@ from distfinalize.sources.safetensors_dir import SAFETENSORS_FORMAT
 from distfinalize.sources.torchbin import TORCH_BIN_FORMAT
 from distfinalize.sources.verl import VERL_FORMAT
 
-FORMATS: dict[str, SourceFormat] = {
-    fmt.name: fmt
-    for fmt in (DCP_FORMAT, DEEPSPEED_FORMAT, VERL_FORMAT, ACCELERATE_RANKS_FORMAT, SAFETENSORS_FORMAT, TORCH_BIN_FORMAT)
-}
+_ORDER = (DCP_FORMAT, DEEPSPEED_FORMAT, VERL_FORMAT, ACCELERATE_RANKS_FORMAT, SAFETENSORS_FORMAT, TORCH_BIN_FORMAT)
+FORMATS: dict[str, SourceFormat] = {fmt.name: fmt for fmt in _ORDER}
 
 
 def detect_format(path: Path, fallback: bool | None = None) -> SourceFormat | None:
