@@ -117,13 +117,17 @@ def _model_name(key: str, path: object) -> str | None:
 
 
 def stored_chunks(metadata: Metadata, keys: set[str]) -> dict[str, tuple[SourceChunk, ...]]:
-    """The chunks of `keys`, from `.metadata`'s chunk list and storage index. Pure."""
+    """The chunks of `keys`, from `.metadata`'s chunk list and storage index: linear in the chunks (each chunk's
+    place found by its offsets in a dict). Pure."""
     out: dict[str, list[SourceChunk]] = {key: [] for key in keys}
+    positions: dict[str, dict[tuple[int, ...], int]] = {}  # per tensor: a chunk's offsets -> its place in the list
     for index, info in (metadata.storage_data or {}).items():
         md = metadata.state_dict_metadata.get(index.fqn)
         if index.fqn not in out or not isinstance(md, TensorStorageMetadata):
             continue
-        position = next(i for i, c in enumerate(md.chunks) if tuple(c.offsets) == tuple(index.offset))
+        if index.fqn not in positions:
+            positions[index.fqn] = {tuple(c.offsets): i for i, c in enumerate(md.chunks)}
+        position = positions[index.fqn][tuple(index.offset)]
         sizes = tuple(md.chunks[position].sizes)
         match = RANK_FILE.search(info.relative_path)
         out[index.fqn].append(

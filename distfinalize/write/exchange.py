@@ -12,8 +12,10 @@ writer rank go round-robin in name order.
 
 Rounds: each writing rank takes the tensors it needs in its write order; a round carries whole tensors
 (every chunk of a tensor in the same round) while no rank receives more than `budget` bytes and no rank
-sends more than `budget` bytes. A tensor larger than the budget goes in a round where its receiver and its
-senders carry nothing else. Runs on: all ranks.
+sends more than `budget` bytes, checked per receiver and per sender's slice: a tensor larger than the budget
+goes in a round where its receiver receives nothing else, and each of its senders whose slice does not fit
+sends nothing else, so several large tensors (for different receivers, from senders with room) move per round.
+Runs on: all ranks.
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def plan_exchange(
 
 
 def _fits(moves: Sequence[Transfer], received: list[int], sent: list[int], budget: int) -> bool:
-    """Whether a tensor's transfers fit the round: within budget, or alone for its receiver and senders."""
+    """Whether a tensor's transfers fit the round, checked per receiver and per sender's slice: each stays within
+    the budget, or carries this tensor (its slice of it) alone."""
     if not moves:
         return True
     incoming = sum(m.chunk.nbytes for m in moves)
@@ -124,9 +127,9 @@ def _fits(moves: Sequence[Transfer], received: list[int], sent: list[int], budge
     for m in moves:
         outgoing[m.src] = outgoing.get(m.src, 0) + m.chunk.nbytes
     dst = moves[0].dst
-    if received[dst] + incoming <= budget and all(sent[s] + n <= budget for s, n in outgoing.items()):
-        return True
-    return received[dst] == 0 and all(sent[s] == 0 for s in outgoing)
+    if received[dst] and received[dst] + incoming > budget:
+        return False
+    return all(sent[s] == 0 or sent[s] + n <= budget for s, n in outgoing.items())
 
 
 def describe(schedule: ExchangeSchedule) -> dict[str, object]:

@@ -101,7 +101,7 @@ def write_rank_files(
 
 def exchange_plan_feed(plan: Plan, ctx: DistContext, source: Source, path: DataPath, reused: list[str]):
     """The exchange feed: every rank's needs (skipping every rank's reused files), scheduled alike everywhere."""
-    skipped = ctx.run_step("exchange plan", lambda: reused)
+    skipped = ctx.run_step("exchange plan", lambda: reused, collect="all")
     schedule = exchange_schedule(plan, source, path, skipped)
     log.debug(
         "exchange: %d round(s), %d file(s) read here",
