@@ -231,7 +231,7 @@ def plan_optimizer(config: FinalizeConfig, prepared: Prepared) -> OptimizerCopy 
             where=prepared.source.info.path,
             hint="drop --keep-optimizer",
         )
-    return plan_optimizer_copy(*optimizer_source(prepared.source.info.path, prepared.source.metadata))
+    return plan_optimizer_copy(*optimizer_source(prepared.source.info.path))
 
 
 def stage(

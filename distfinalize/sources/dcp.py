@@ -73,6 +73,7 @@ class DcpSource:
                 "the model's state dict",
             )
         self.info = SourceInfo("dcp", path, step, world, skipped)
+        self.metadata = model_only(self.metadata, {t.key for t in self.tensors})  # the rest was counted: skipped
 
     def reader(self) -> DcpTensorReader:
         return DcpTensorReader(self.path, self.metadata)
@@ -103,6 +104,18 @@ def model_tensors(metadata: Metadata) -> tuple[tuple[TensorMeta, ...], int]:
             continue
         tensors.append(TensorMeta(key, name, tuple(md.size), md.properties.dtype))
     return tuple(tensors), skipped
+
+
+def model_only(metadata: Metadata, keys: set[str]) -> Metadata:
+    """`metadata` less every entry that is not a model tensor (optimizer and trainer state: counted by
+    `model_tensors`, never kept), so a rank holds only the model's chunk table. Pure."""
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else None
+    return Metadata(
+        {k: md for k, md in metadata.state_dict_metadata.items() if k in keys},
+        planner_data={k: p for k, p in paths.items() if k in keys} if paths is not None else metadata.planner_data,
+        storage_data={i: info for i, info in metadata.storage_data.items() if i.fqn in keys},
+        storage_meta=metadata.storage_meta,
+    )
 
 
 def _model_name(key: str, path: object) -> str | None:

@@ -10,7 +10,8 @@ Files to readers: the file saved by training rank `w` of `W` (DCP's `__w_0.distc
 is read on the node whose disk holds it (with W == world_size, rank w reads what rank w wrote). Files with no
 writer rank go round-robin in name order.
 
-Rounds: each writing rank takes the tensors it needs in its write order; a round carries whole tensors
+Rounds: each writing rank takes the tensors it needs in its write order, the ranks with the most bytes left
+first (they set how many rounds there are); a round carries whole tensors
 (every chunk of a tensor in the same round) while no rank receives more than `budget` bytes and no rank
 sends more than `budget` bytes, checked per receiver and per sender's slice: a tensor larger than the budget
 goes in a round where its receiver receives nothing else, and each of its senders whose slice does not fit
@@ -97,12 +98,13 @@ def plan_exchange(
         raise ValueError(f"exchange round budget must be positive, got {budget}")
     readers = assign_readers({c.file: c.writer for cs in chunks.values() for c in cs}, world_size)
     queues = {rank: deque(needs.get(rank, ())) for rank in range(world_size)}
+    left = {rank: sum(c.nbytes for t in queue for c in chunks[t.source_key]) for rank, queue in queues.items()}
     rounds = []
     while any(queues.values()):
         received, sent = [0] * world_size, [0] * world_size
         transfers: list[Transfer] = []
         tensors: list[tuple[int, TensorPlan]] = []
-        for rank in range(world_size):
+        for rank in sorted((r for r in queues if queues[r]), key=lambda r: (-left[r], r)):  # most left first
             queue = queues[rank]
             while queue:
                 moves = [Transfer(c, readers[c.file], rank) for c in chunks[queue[0].source_key]]
@@ -111,6 +113,7 @@ def plan_exchange(
                 for move in moves:
                     received[move.dst] += move.chunk.nbytes
                     sent[move.src] += move.chunk.nbytes
+                    left[rank] -= move.chunk.nbytes
                 transfers += moves
                 tensors.append((rank, queue.popleft()))
         rounds.append(Round(tuple(transfers), tuple(tensors)))
