@@ -25,11 +25,11 @@ def run32(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("strategy", ["read", "exchange"])
 def test_32_ranks_bit_exact(run32: Path, tmp_path: Path, strategy: str) -> None:
-    """Every rank writes (more files than ranks) and the embedding is larger than --read-batch."""
+    """One file per tensor or so (17 files: 17 ranks write, 15 only agree), the embedding larger than --read-batch."""
     ckpt = run32 / "checkpoints" / "checkpoint-1"
     assert len(list(ckpt.glob("__*_0.distcp"))) == WORLD
     dest = tmp_path / "model"
     args = ("--max-shard-size", "8KB", "--read-batch", "16KB", "--strategy", strategy)
     check_ok(finalize(run32, dest, *args, nproc=WORLD))
-    assert len(list(dest.glob("*.safetensors"))) > WORLD
+    assert len(list(dest.glob("*.safetensors"))) > WORLD // 2
     check_finalized(run32, dest, torch.float32)
