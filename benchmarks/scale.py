@@ -12,7 +12,8 @@ model and world size:
   each step, the tokenizer outcome broadcast from rank 0, the write results gathered to rank 0), against what
   an all-gather of every rank's prepare result would move (each rank receiving every rank's metadata);
 - CPU per rank: loading and checking the metadata and building the chunk table (measured on a sample of the
-  tensors and scaled by the chunk count: both are linear in chunks), `build_plan`, the exchange schedule;
+  tensors and scaled by the chunk count: both are linear in chunks), `build_plan`, the exchange schedule as
+  one rank builds it (its own transfers);
 - max/mean output bytes per rank and ranks with nothing to write;
 - exchange rounds against the ideal (the busiest rank's bytes over the round budget), when the schedule's chunk
   objects fit this machine (`--max-schedule-chunks`);
@@ -227,8 +228,9 @@ def measure(model: str, world: int, args: argparse.Namespace) -> dict:
         full = fsdp2_metadata(shapes, world)
         source = ChunkSource(stored_chunks(full, {n for n, _ in shapes}))
         start = time.process_time()
-        schedule = exchange_schedule(plan, source, DataPath("exchange", args.read_batch))
+        exchange_schedule(plan, source, DataPath("exchange", args.read_batch), rank=0)  # what one rank builds
         schedule_s = time.process_time() - start
+        schedule = exchange_schedule(plan, source, DataPath("exchange", args.read_batch))  # every transfer
         rounds = len(schedule.rounds)
         sent, received = [0] * world, [0] * world
         for rnd in schedule.rounds:

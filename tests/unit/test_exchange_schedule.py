@@ -127,3 +127,17 @@ def test_tensors_over_the_budget_share_rounds() -> None:
     assert [sorted(r for r, _ in rnd.tensors) for rnd in schedule.rounds] == [[0, 1], [2, 3]]
     for rnd in schedule.rounds:
         assert all(sum(t.chunk.nbytes for t in rnd.sent_by(rank)) <= 200 for rank in range(world))
+
+
+@settings(max_examples=100, deadline=None)
+@given(layouts())
+def test_a_rank_keeps_only_its_own_transfers(layout) -> None:
+    """plan_exchange(rank=r): the same rounds and tensors, with just the transfers r sends or receives."""
+    needs, chunks, world, budget = layout
+    full = plan_exchange(needs, chunks, world, budget)
+    for rank in range(world):
+        own = plan_exchange(needs, chunks, world, budget, rank)
+        assert [r.tensors for r in own.rounds] == [r.tensors for r in full.rounds]
+        for mine, every in zip(own.rounds, full.rounds, strict=True):
+            assert mine.sent_by(rank) == every.sent_by(rank) and mine.received_by(rank) == every.received_by(rank)
+            assert all(rank in (t.src, t.dst) for t in mine.transfers)
