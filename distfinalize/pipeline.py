@@ -97,13 +97,13 @@ class Outcome:
 def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     """Finalize config.src into config.dest with every rank of `ctx`. Runs on: all ranks."""
     config = basemodel.resolve(config, ctx, lambda: config.dest and check_destination(config.dest, config.src))
-    prepared = ctx.run_step("prepare", lambda: prepare_step(config, ctx.device))[ctx.rank]
+    prepared = ctx.run_step("prepare", lambda: prepare_step(config, ctx.device))
     prepared = skip_nonfinite(config, prepared, ctx)  # --quantize-skip-nonfinite only
     imports_done()
     tied_head = check_tied(config, prepared, ctx)
     if tied_head is not None:
         prepared = replace(prepared, tensors=tuple(t for t in prepared.tensors if t.name != tied_head), tied=True)
-    final = ctx.run_step("tokenizer", lambda: final_tokenizer(config, prepared), ranks="rank0")[0]
+    final = ctx.run_step("tokenizer", lambda: final_tokenizer(config, prepared), ranks="rank0")
     tokenizer = final.outcome
     resizes = plan_resizes(
         prepared.tensors,
@@ -142,8 +142,10 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
             ctx.run_step(
                 "stage", lambda: stage(config, plan, prepared, weights_dir, optimizer is not None, locks), ranks="rank0"
             )
-            written = ctx.run_step("write", lambda: write_share(config, ctx, plan, prepared, weights_dir, optimizer))
-            files = tuple(f for per_rank in written for f in per_rank)
+            written = ctx.run_step(
+                "write", lambda: write_share(config, ctx, plan, prepared, weights_dir, optimizer), collect="rank0"
+            )
+            files = tuple(f for per_rank in written or () for f in per_rank)  # rank 0's view: every rank's files
             ctx.run_step(
                 "finish",
                 lambda: finish(
@@ -193,12 +195,10 @@ def check_tied(config: FinalizeConfig, prepared: Prepared, ctx: DistContext) -> 
     if not pairs:
         return None
     if config.strategy != "exchange":
-        return ctx.run_step("tie check", lambda: tie.tied_head(pairs, prepared.source), ranks="rank0")[0]
+        return ctx.run_step("tie check", lambda: tie.tied_head(pairs, prepared.source), ranks="rank0")
     source = prepared.source
-    shares = ctx.run_step(
-        "tie check", lambda: tie.tie_share(pairs, source.chunks(), source.reader(), ctx.rank, ctx.world_size)
-    )
-    return tie.combine(pairs, shares)
+    share = lambda: tie.tie_share(pairs, source.chunks(), source.reader(), ctx.rank, ctx.world_size)  # noqa: E731
+    return tie.combine(pairs, ctx.run_step("tie check", share, collect="all"))
 
 
 def final_tokenizer(config: FinalizeConfig, prepared: Prepared) -> FinalTokenizer:
@@ -231,7 +231,7 @@ def plan_optimizer(config: FinalizeConfig, prepared: Prepared) -> OptimizerCopy 
             where=prepared.source.info.path,
             hint="drop --keep-optimizer",
         )
-    return plan_optimizer_copy(*optimizer_source(prepared.source.info.path, prepared.source.metadata))
+    return plan_optimizer_copy(*optimizer_source(prepared.source.info.path))
 
 
 def stage(
@@ -326,7 +326,7 @@ def push_committed(config: FinalizeConfig, ctx: DistContext) -> str:
     """The push step, interruptible again; an interruption says DEST is complete. Runs on: all ranks."""
     try:
         with ctx.signals_raise():
-            return ctx.run_step("push", lambda: push(config), ranks="rank0")[0]
+            return ctx.run_step("push", lambda: push(config), ranks="rank0")
     except KeyboardInterrupt as exc:
         raise ctx.interruption(exc, f"DEST is complete ({config.dest}) but was not pushed to the Hub") from None
 

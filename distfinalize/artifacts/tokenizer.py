@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +64,14 @@ class TokenizerOutcome:
 @dataclass(frozen=True)
 class FinalTokenizer:
     """The tokenizer step's result: the outcome every rank needs, and on rank 0 the tokenizer object itself,
-    saved at the commit. Sent to the other ranks without the object (it can be large, and they never use it)."""
+    saved at the commit. Sent to the other ranks without the object and the vocabulary (they can be large, and
+    the other ranks never use them)."""
 
     outcome: TokenizerOutcome
     tokenizer: Any = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"outcome": self.outcome, "tokenizer": None}
+    def __getstate__(self) -> dict[str, Any]:  # the vocabulary too: only rank 0 looks tokens up
+        return {"outcome": replace(self.outcome, vocab={}), "tokenizer": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         object.__setattr__(self, "outcome", state["outcome"])

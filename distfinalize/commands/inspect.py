@@ -392,6 +392,10 @@ def parse_options(argv: Sequence[str]) -> Options:
     )
 
 
+def nothing(_: object) -> None:
+    """What the other ranks need of the report: nothing (rank 0 prints it)."""
+
+
 def main(argv: Sequence[str]) -> int:
     """`distfinalize inspect ...`: print the report (rank 0) and return 0. Runs on: all ranks."""
     from distfinalize.commands.runner import emit, run_guarded
@@ -401,13 +405,15 @@ def main(argv: Sequence[str]) -> int:
     def job(ctx: DistContext) -> int:
         from distfinalize.pipeline import run
 
-        kind = ctx.run_step("locate", lambda: source_kind(options))[ctx.rank]
+        kind = ctx.run_step("locate", lambda: source_kind(options))
         if kind == "hf":
-            data = ctx.run_step("inspect", lambda: inspect_model_dir(options), ranks="rank0")[0]
+            data = ctx.run_step("inspect", lambda: inspect_model_dir(options), ranks="rank0", share=nothing)
         else:
             outcome = run(finalize_config(options), ctx)
             world = options.world_size or ctx.world_size
-            data = ctx.run_step("inspect", lambda: inspect_checkpoint(options, outcome, world), ranks="rank0")[0]
+            data = ctx.run_step(
+                "inspect", lambda: inspect_checkpoint(options, outcome, world), ranks="rank0", share=nothing
+            )
         if ctx.is_rank0:
             emit(json.dumps(data, indent=2) if options.as_json else format_report(data))
         return 0

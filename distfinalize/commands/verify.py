@@ -255,7 +255,7 @@ def main(argv: Sequence[str]) -> int:
             surveyed.append(survey(options.dest))
             return verify_share(options, surveyed[0], ctx.rank, ctx.world_size)
 
-        shares = ctx.run_step("verify", share)  # the one gather: every rank's findings, on every rank
+        shares = ctx.run_step("verify", share, collect="all")  # the one gather: every rank's findings, on every rank
         found = surveyed[0]
         checks = evaluate(found, shares, options)
         if ctx.is_rank0:

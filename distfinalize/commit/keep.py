@@ -59,14 +59,15 @@ def checkpoint_dir_name(step: int | None) -> str:
     return f"checkpoint-{step if step is not None else 0}"
 
 
-def optimizer_source(model_dir: Path, metadata: Metadata) -> tuple[Path, Metadata, bool]:
-    """(dir, its metadata, whether every entry is optimizer state) of the checkpoint's optimizer state."""
+def optimizer_source(model_dir: Path, metadata: Metadata | None = None) -> tuple[Path, Metadata, bool]:
+    """(dir, its metadata, whether every entry is optimizer state) of the checkpoint's optimizer state. Without
+    `metadata` (a source keeps only the model's entries) the model dir's is read again. Runs on: all ranks."""
     from distfinalize.sources.dcp import read_metadata
 
     sibling = model_dir.parent / ACCELERATE_OPTIMIZER_DIR
     if (sibling / ".metadata").is_file():
         return sibling, read_metadata(sibling), True
-    return model_dir, metadata, False
+    return model_dir, metadata if metadata is not None else read_metadata(model_dir), False
 
 
 def plan_optimizer_copy(source_dir: Path, metadata: Metadata, whole: bool) -> OptimizerCopy:

@@ -12,8 +12,9 @@ small registry (first match wins):
 Backends: gloo only when ranks work on the CPU; with CUDA, one group with NCCL for CUDA tensors and gloo for
 the CPU objects the pipeline exchanges (metadata, results). Each rank takes cuda:LOCAL_RANK.
 
-Metadata collectives raise on every rank when any rank failed; a rank that dies or hangs is named by the
-others from the check-ins every rank leaves in the store before each step's collective.
+Each step ends in one small collective (dist/agree.py): a status byte per rank, then only the values the step
+shares. It raises on every rank when any rank failed; a rank that dies or hangs is named from the check-ins
+every rank leaves in the store before each step's collective (dist/liveness.py).
 
 Signals: SIGTERM and SIGINT (scancel, a time limit, Ctrl-C, torchrun stopping the survivors of a failed rank)
 become `Terminated`, a KeyboardInterrupt, so the pipeline cleans up on the way out; inside a collective, and while
@@ -37,12 +38,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from distfinalize.dist.agree import Status, encode, error_text, peer_failure
 from distfinalize.dist.faults import inject_fault
 from distfinalize.dist.group import (
     _init_group,
@@ -59,23 +61,6 @@ T = TypeVar("T")
 CPU = torch.device("cpu")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 REPEAT_GRACE_S = 2.0  # a signal repeated sooner than this is the same stop; later, it kills the process
-
-# --------------------------------------------------------------------------------------------------------------
-# Launch environment: pure functions of the environment
-
-
-# --------------------------------------------------------------------------------------------------------------
-# DistContext
-
-
-@dataclass(frozen=True)
-class RankOutcome:
-    """What one rank reports at the end of a step: a value, or an error message."""
-
-    rank: int
-    value: Any = None
-    error: str | None = None
-    signal: str | None = None  # the error is this signal (SIGTERM, SIGINT), not a failure
 
 
 @dataclass(frozen=True)
@@ -155,8 +140,9 @@ class DistContext:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
-    def all_to_all_bytes(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int], *,
-                         step: str) -> torch.Tensor:
+    def all_to_all_bytes(
+        self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int], *, step: str
+    ) -> torch.Tensor:
         """Swap flat uint8 buffers: `send_splits[r]` bytes go to rank r, `recv_splits[r]` bytes come from it.
 
         NCCL carries CUDA buffers, gloo CPU ones (both implement all_to_all_single with split sizes). A peer that
@@ -174,64 +160,81 @@ class DistContext:
             raise lost_peer(self, step, exc) from None
         return recv
 
-    def run_step(self, step: str, fn: Callable[[], T], *, ranks: str = "all") -> list[T]:
-        """Run `fn` (on every rank, or only rank 0 with ranks="rank0") and agree on the outcome.
+    def run_step(
+        self,
+        step: str,
+        fn: Callable[[], T],
+        *,
+        ranks: str = "all",
+        collect: str = "own",
+        share: Callable[[T], Any] | None = None,
+    ) -> Any:
+        """Run `fn` (on every rank, or only rank 0 with ranks="rank0") and agree on the outcome (dist/agree.py).
 
-        Returns every rank's result in rank order (this rank's own as `fn` returned it, the others' as they
-        arrived). When any rank raised, every rank raises: the failing
-        rank its own error, the others a RankFailure naming the failed rank and step. When a rank died or
-        hung (the collective failed or timed out), the others raise a RankFailure naming the ranks that never
-        checked in. Runs on: all ranks.
+        What comes back: with ranks="rank0", rank 0's value on every rank (the others get `share(value)` when
+        given: only what they need); otherwise by `collect`: "own" (each rank its own value; nothing is sent),
+        "rank0" (rank 0 gets every rank's value in rank order, the others None), "all" (every rank gets them all:
+        small values only). When any rank raised, every rank raises: the failing rank its own error, the others
+        a RankFailure naming the failed rank and step. When a rank died or hung (the collective failed or timed
+        out), the others raise a RankFailure naming the ranks that never checked in. Runs on: all ranks.
         """
         self._steps += 1
         self.step = step
-        outcome = RankOutcome(self.rank)
+        value: Any = None
         own_error: BaseException | None = None
         try:
             self.fault_point(step)
             if ranks == "all" or self.is_rank0:
-                outcome = RankOutcome(self.rank, value=fn())
+                value = fn()
         except SystemExit:
             raise
         except BaseException as exc:  # DCP's CheckpointException derives from BaseException
-            own_error, outcome = exc, _failed(self.rank, exc)
-        try:
-            outcomes = self._gather(outcome)
-        except RuntimeError as exc:  # gloo/NCCL: a peer closed its connection, or the timeout passed
-            self._broken = self._failing = True
-            if own_error is not None:
-                raise own_error from None
-            if self.signal is not None:  # the job is being stopped: the peers left the collective for that
-                raise Terminated(self.signal) from None
-            raise lost_peer(self, step, exc) from None
-        failed = [o for o in outcomes if o.error is not None]
-        self._failing = bool(failed)
+            own_error = exc
+        with self._collective(step, own_error):
+            status = self._agree(encode(own_error))
+            text = self._failure_text(status, own_error)
+        self._failing = bool(status.failed)
         if own_error is not None:
             raise own_error
-        stop = self.signal or next((o.signal for o in failed if o.signal), None)
-        if stop is not None and not self._holding and all(o.signal for o in failed):
+        stop = self.signal or next((s for r in status.failed if (s := status.signal(r))), None)
+        if stop is not None and not self._holding and not status.errors:
             raise Terminated(stop)  # the job is being stopped, here or by a peer (a peer's real error would win)
-        if failed:
-            raise _peer_failure(step, failed)
-        values = [o.value for o in outcomes]
-        values[self.rank] = outcome.value
-        return values
+        if status.failed:
+            raise peer_failure(step, status, text)
+        with self._collective(step, None):
+            if ranks == "rank0":
+                sent = self.broadcast_object(share(value) if share is not None and self.is_rank0 else value)
+                return value if self.is_rank0 else sent
+            if collect == "rank0":
+                return self.gather_object(value)
+            if collect == "all":
+                return self.all_gather_object(value)
+        return value
+
+    def gather_object(self, obj: T) -> list[T] | None:
+        """Every rank's object in rank order on rank 0, None on the others. Runs on: all ranks."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] | None = [None] * self.world_size if self.is_rank0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
 
     def run_commit(self, rename: Callable[[], None], landed: Callable[[], bool]) -> CommitOutcome:
         """The point of no return, taken once every rank agreed that everything was written (the step before).
 
         Rank 0 runs `rename`, with SIGTERM/SIGINT held; then every rank learns whether it happened. When it did
         not, this raises as run_step does (nothing was committed). When it did, nothing turns the run into a
-        failure: a rank that fails, dies or is signalled after the decision only adds a note, signals stay held
-        for the rest of the run, and a rank that cannot hear from rank 0 asks the file system (`landed`).
-        Runs on: all ranks.
+        failure: a rank that fails, dies or is signalled after the decision only adds a note (rank 0 collects
+        them), signals stay held for the rest of the run, and a rank that cannot hear from rank 0 asks the file
+        system (`landed`). Runs on: all ranks.
         """
         self._steps += 1
         self.step = "commit"
         own_error: BaseException | None = None
         renamed = False
         lost: RuntimeError | None = None
-        outcomes: list[RankOutcome] | None = None
+        status: Status | None = None
+        text, texts = "", None
         self._holding = True
         try:
             self.fault_point("commit")
@@ -243,28 +246,40 @@ class DistContext:
             raise
         except BaseException as exc:
             own_error = exc
-        outcome = _failed(self.rank, own_error) if own_error is not None else RankOutcome(self.rank)
         try:
-            outcomes = self._gather(replace(outcome, value=(renamed, self.signal)))
+            self._in_collective = True
+            status = self._agree(encode(own_error, self.signal, renamed))
+            if not status.renamed:
+                text = self._failure_text(status, own_error)
+            elif status.failed or any(status.signal(r) for r in range(self.world_size)):
+                texts = dict(enumerate(self.gather_object(error_text(own_error)) or []))
         except RuntimeError as exc:
             self._broken, lost = True, exc
+        finally:
+            self._in_collective = False
         # rank 0 knows; a rank that lost contact with it asks the file system
-        heard = outcomes[0].value[0] is True if outcomes is not None else None
+        heard = status.renamed if status is not None else None
         committed = heard if heard is not None else renamed or (not self.is_rank0 and landed())
         if not committed:
             self._holding = False
             self._failing = True
             if own_error is not None:
                 raise own_error
-            if outcomes is None:
+            if status is None:
                 if self.signal is not None:
                     raise Terminated(self.signal)
                 raise lost_peer(self, "commit", lost)
-            raise _peer_failure("commit", [o for o in outcomes if o.error is not None] or outcomes[:1])
+            raise peer_failure("commit", status, text)
         notes, reporter = [], 0
-        if outcomes is not None:
-            notes += [f"rank {o.rank} failed after the commit was decided ({o.error})" for o in outcomes if o.error]
-            notes += [f"{o.value[1]} arrived at rank {o.rank} during the commit" for o in outcomes if o.value[1]]
+        if status is not None:
+            if self.is_rank0 and (status.failed or any(status.signal(r) for r in range(self.world_size))):
+                said = texts or {}
+                notes += [f"rank {r} failed after the commit was decided ({said.get(r, '?')})" for r in status.failed]
+                notes += [
+                    f"{status.signal(r)} arrived at rank {r} during the commit"
+                    for r in range(self.world_size)
+                    if status.signal(r)
+                ]
         else:
             dead = dead_ranks(self)
             reporter = min(set(range(self.world_size)) - set(dead))
@@ -299,15 +314,16 @@ class DistContext:
         error: DistfinalizeError
         if dead:
             others = f" (and rank(s) {', '.join(map(str, dead[1:]))})" if len(dead) > 1 else ""
-            error = RankFailure(f"rank {dead[0]} failed during {self.step}{others}",
-                                where="it died: its process is gone (killed by a signal, or out of memory?)",
-                                hint=f"see that rank's own output and the launcher's report; {outcome}")
+            error = RankFailure(
+                f"rank {dead[0]} failed during {self.step}{others}",
+                where="it died: its process is gone (killed by a signal, or out of memory?)",
+                hint=f"see that rank's own output and the launcher's report; {outcome}",
+            )
         else:
             error = Interrupted(f"interrupted by {self.signal} during {self.step}", where=outcome)
         error.report_rank = min(set(range(self.world_size)) - set(dead))
         error.keeps_staging = True
         return error
-
 
     def close(self) -> None:
         """Tear down the process group this context created. Never raises, and waits for no peer once the
@@ -343,15 +359,39 @@ class DistContext:
         if self.fault is not None:
             inject_fault(self.fault, self.rank, step)
 
-    def _gather(self, outcome: RankOutcome) -> list[RankOutcome]:
-        """Check in, then every rank's outcome (a signal meanwhile is only recorded)."""
+    def _agree(self, code: int) -> Status:
+        """Check in, then every rank's status byte (one all_reduce; a signal meanwhile is only recorded)."""
+        check_in(self)
+        if self.world_size == 1:
+            return Status((code,))
+        codes = torch.zeros(self.world_size, dtype=torch.uint8)
+        codes[self.rank] = code
+        dist.all_reduce(codes, op=dist.ReduceOp.SUM)
+        return Status(tuple(codes.tolist()))
+
+    def _failure_text(self, status: Status, own_error: BaseException | None) -> str:
+        """The message of the rank that speaks for a failed step, broadcast from it (only when one failed)."""
+        speaker = status.speaker
+        if speaker is None:
+            return ""
+        return self.broadcast_object(error_text(own_error) if self.rank == speaker else "", src=speaker)
+
+    @contextmanager
+    def _collective(self, step: str, own_error: BaseException | None) -> Iterator[None]:
+        """A collective of `step`: a signal meanwhile is only recorded; a broken group becomes this rank's own
+        error, the signal that is stopping the job, or a RankFailure naming the lost peer."""
         self._in_collective = True
         try:
-            check_in(self)
-            return self.all_gather_object(outcome)
+            yield
+        except RuntimeError as exc:  # gloo/NCCL: a peer closed its connection, or the timeout passed
+            self._broken = self._failing = True
+            if own_error is not None:
+                raise own_error from None
+            if self.signal is not None:  # the job is being stopped: the peers left the collective for that
+                raise Terminated(self.signal) from None
+            raise lost_peer(self, step, exc) from None
         finally:
             self._in_collective = False
-
 
     def _catch_signals(self) -> None:
         """Turn SIGTERM and SIGINT into Terminated (a KeyboardInterrupt) so the pipeline cleans up its staging
@@ -377,17 +417,3 @@ class DistContext:
             # being stopped, or past the point of no return: let that outcome (and the cleanup) win
             return
         raise Terminated(self.signal)
-
-
-def _failed(rank: int, exc: BaseException) -> RankOutcome:
-    signame = (getattr(exc, "signal", None) or "SIGINT") if isinstance(exc, KeyboardInterrupt) else None
-    return RankOutcome(rank, error=str(exc) or type(exc).__name__, signal=signame)
-
-
-def _peer_failure(step: str, failed: list[RankOutcome]) -> RankFailure:
-    """The error every other rank raises when ranks reported a failure (or a signal) at `step`."""
-    first = failed[0]
-    others = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
-    failure = RankFailure(f"rank {first.rank} failed during {step}{others}", where=first.error)
-    failure.keeps_staging = any(o.signal for o in failed)
-    return failure

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from distfinalize.dist.group import _default_store, _short
 from distfinalize.errors import RankFailure
@@ -21,11 +21,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DEATH_WAIT_S = 1.0  # how long a rank that lost a peer waits for the peer's process to be gone, or to say goodbye
+DIAGNOSIS_S_PER_RANK = 0.002  # how long the diagnosing survivor may take per rank to look the check-ins up
 STORE_PROBE_S = 5.0  # how long a look at the store may take on the way out (a dead store must not hang the exit)
 
 
-def _proc_key(rank: int) -> str:
-    return f"distfinalize/process/rank{rank}"
+def _host_key(host: str, number: int | str) -> str:
+    return f"distfinalize/host/{host}/{number}"
 
 
 def _exit_key(rank: int) -> str:
@@ -52,19 +53,18 @@ def _alive(pid: int) -> bool:
 
 def dead_ranks(ctx: DistContext) -> list[int]:
     """Peers on this host whose process is gone though they never said they were leaving (SIGKILL, the OOM
-    killer). Peers on other hosts, or a store that cannot be reached, tell nothing. Runs on: any rank."""
+    killer). Only this host's ranks are looked at (its list in the store), so the cost is the ranks per node.
+    Peers on other hosts, or a store that cannot be reached, tell nothing. Runs on: any rank."""
     store = _default_store() if ctx.world_size > 1 else None
     if store is None:
         return []
     dead: set[int] = set()
     try:
         store.set_timeout(datetime.timedelta(seconds=STORE_PROBE_S))
-        pids = {}
-        for r in range(ctx.world_size):
-            if r != ctx.rank and store.check([_proc_key(r)]):
-                host, _, pid = store.get(_proc_key(r)).decode().partition(" ")
-                if host == socket.gethostname():
-                    pids[r] = int(pid)
+        host = socket.gethostname()
+        count = store.add(_host_key(host, "count"), 0)
+        entries = store.multi_get([_host_key(host, n) for n in range(1, count + 1)]) if count else []
+        pids = {int(r): int(pid) for r, pid in (e.decode().split() for e in entries) if int(r) != ctx.rank}
         deadline = time.monotonic() + DEATH_WAIT_S  # a killed process closes its sockets before it is gone
         while True:
             # gone first, then no goodbye: a rank leaves its mark before it exits
@@ -90,11 +90,13 @@ def check_in(ctx: DistContext) -> None:
 
 
 def publish_process(ctx: DistContext) -> None:
-    """Host and pid of this rank in the store, so that a peer can tell whether it died. Runs on: all ranks."""
+    """This rank's pid in its host's list in the store, so that a peer on the host can tell whether it died.
+    Runs on: all ranks."""
     store = _default_store() if ctx.world_size > 1 else None
     if store is not None:
         try:
-            store.set(_proc_key(ctx.rank), f"{socket.gethostname()} {os.getpid()}")
+            host = socket.gethostname()
+            store.set(_host_key(host, store.add(_host_key(host, "count"), 1)), f"{ctx.rank} {os.getpid()}")
         except (RuntimeError, OSError) as exc:
             log.debug("cannot publish this rank's process: %s", _short(exc))
 
@@ -123,8 +125,8 @@ def lost_peer(ctx: DistContext, step: str, exc: RuntimeError) -> RankFailure:
     store = _default_store()
     if store is not None:
         try:
-            missing = [r for r in range(ctx.world_size) if not store.check([step_key(ctx, r)])]
-        except (RuntimeError, OSError) as store_exc:
+            missing = missing_ranks(ctx, store)
+        except (RuntimeError, OSError, ValueError) as store_exc:
             log.debug("cannot reach the store after a failed collective: %s", _short(store_exc))
             if ctx.launcher == "slurm":  # under srun, rank 0 hosts the store: it is rank 0 that is gone
                 missing, cause = [0], f"{cause}; its store is gone too"
@@ -145,3 +147,17 @@ def lost_peer(ctx: DistContext, step: str, exc: RuntimeError) -> RankFailure:
         failure.report_rank = ctx.rank
     failure.keeps_staging = True
     return failure
+
+
+def missing_ranks(ctx: DistContext, store: Any) -> list[int]:
+    """The ranks that never checked in at this step. One survivor (the first to claim it) looks every rank up
+    and leaves the answer in the store; the others read that answer, so a failure costs the store O(ranks)
+    look-ups, not O(ranks) per survivor. Runs on: every survivor of a failed collective."""
+    key = f"distfinalize/diagnosis/step{ctx._steps}"
+    store.set_timeout(datetime.timedelta(seconds=STORE_PROBE_S + DIAGNOSIS_S_PER_RANK * ctx.world_size))
+    if store.add(f"{key}/claim", 1) == 1:
+        everyone = [step_key(ctx, r) for r in range(ctx.world_size)]
+        missing = [] if store.check(everyone) else [r for r, k in enumerate(everyone) if not store.check([k])]
+        store.set(key, ",".join(map(str, missing)))
+        return missing
+    return [int(r) for r in store.get(key).decode().split(",") if r]

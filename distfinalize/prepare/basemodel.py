@@ -175,5 +175,5 @@ def resolve(config: FinalizeConfig, ctx: DistContext, before: Callable[[], None]
         fetch(config, repo_id, download=True)
 
     ctx.run_step("base model", download, ranks="rank0")
-    path = ctx.run_step("base model", lambda: fetch(config, repo_id, download=False))[ctx.rank]
+    path = ctx.run_step("base model", lambda: fetch(config, repo_id, download=False))
     return resolved(config, repo_id, path)

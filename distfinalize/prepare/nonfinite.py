@@ -49,6 +49,7 @@ def skip_nonfinite(config: FinalizeConfig, prepared: Prepared, ctx: DistContext)
     shares = ctx.run_step(
         "non-finite scan",
         lambda: scan_share(prepared.source, tensors, ctx.rank, ctx.world_size, cast, config.read_batch_bytes, strategy),
+        collect="all",
     )
     found = frozenset(name for share in shares for name in share)
     if found:

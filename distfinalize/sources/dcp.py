@@ -73,6 +73,7 @@ class DcpSource:
                 "the model's state dict",
             )
         self.info = SourceInfo("dcp", path, step, world, skipped)
+        self.metadata = model_only(self.metadata, {t.key for t in self.tensors})  # the rest was counted: skipped
 
     def reader(self) -> DcpTensorReader:
         return DcpTensorReader(self.path, self.metadata)
@@ -105,6 +106,18 @@ def model_tensors(metadata: Metadata) -> tuple[tuple[TensorMeta, ...], int]:
     return tuple(tensors), skipped
 
 
+def model_only(metadata: Metadata, keys: set[str]) -> Metadata:
+    """`metadata` less every entry that is not a model tensor (optimizer and trainer state: counted by
+    `model_tensors`, never kept), so a rank holds only the model's chunk table. Pure."""
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else None
+    return Metadata(
+        {k: md for k, md in metadata.state_dict_metadata.items() if k in keys},
+        planner_data={k: p for k, p in paths.items() if k in keys} if paths is not None else metadata.planner_data,
+        storage_data={i: info for i, info in metadata.storage_data.items() if i.fqn in keys},
+        storage_meta=metadata.storage_meta,
+    )
+
+
 def _model_name(key: str, path: object) -> str | None:
     """The tensor's name inside the model, or None when the entry is not part of the model."""
     if isinstance(path, tuple) and len(path) >= 2 and isinstance(path[0], str):
@@ -117,13 +130,17 @@ def _model_name(key: str, path: object) -> str | None:
 
 
 def stored_chunks(metadata: Metadata, keys: set[str]) -> dict[str, tuple[SourceChunk, ...]]:
-    """The chunks of `keys`, from `.metadata`'s chunk list and storage index. Pure."""
+    """The chunks of `keys`, from `.metadata`'s chunk list and storage index: linear in the chunks (each chunk's
+    place found by its offsets in a dict). Pure."""
     out: dict[str, list[SourceChunk]] = {key: [] for key in keys}
+    positions: dict[str, dict[tuple[int, ...], int]] = {}  # per tensor: a chunk's offsets -> its place in the list
     for index, info in (metadata.storage_data or {}).items():
         md = metadata.state_dict_metadata.get(index.fqn)
         if index.fqn not in out or not isinstance(md, TensorStorageMetadata):
             continue
-        position = next(i for i, c in enumerate(md.chunks) if tuple(c.offsets) == tuple(index.offset))
+        if index.fqn not in positions:
+            positions[index.fqn] = {tuple(c.offsets): i for i, c in enumerate(md.chunks)}
+        position = positions[index.fqn][tuple(index.offset)]
         sizes = tuple(md.chunks[position].sizes)
         match = RANK_FILE.search(info.relative_path)
         out[index.fqn].append(

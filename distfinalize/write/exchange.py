@@ -10,10 +10,13 @@ Files to readers: the file saved by training rank `w` of `W` (DCP's `__w_0.distc
 is read on the node whose disk holds it (with W == world_size, rank w reads what rank w wrote). Files with no
 writer rank go round-robin in name order.
 
-Rounds: each writing rank takes the tensors it needs in its write order; a round carries whole tensors
+Rounds: each writing rank takes the tensors it needs in its write order, the ranks with the most bytes left
+first (they set how many rounds there are); a round carries whole tensors
 (every chunk of a tensor in the same round) while no rank receives more than `budget` bytes and no rank
-sends more than `budget` bytes. A tensor larger than the budget goes in a round where its receiver and its
-senders carry nothing else. Runs on: all ranks.
+sends more than `budget` bytes, checked per receiver and per sender's slice: a tensor larger than the budget
+goes in a round where its receiver receives nothing else, and each of its senders whose slice does not fit
+sends nothing else, so several large tensors (for different receivers, from senders with room) move per round.
+Runs on: all ranks.
 """
 
 from __future__ import annotations
@@ -86,47 +89,56 @@ def plan_exchange(
     chunks: Mapping[str, Sequence[SourceChunk]],
     world_size: int,
     budget: int,
+    rank: int | None = None,
 ) -> ExchangeSchedule:
     """The rounds that bring every tensor in `needs` (writing rank -> tensors in write order) to its writer.
 
-    `chunks` maps each storage key to its stored chunks. Pure: the same inputs give the same schedule.
+    `chunks` maps each storage key to its stored chunks. Rounds are decided from each tensor's bytes per sender
+    (computed once per tensor); with `rank`, a round keeps only the transfers that rank sends or receives (what
+    it needs to run the exchange), else every transfer. Pure: the same inputs give the same schedule.
     """
     if budget <= 0:
         raise ValueError(f"exchange round budget must be positive, got {budget}")
     readers = assign_readers({c.file: c.writer for cs in chunks.values() for c in cs}, world_size)
-    queues = {rank: deque(needs.get(rank, ())) for rank in range(world_size)}
+    slices: dict[str, dict[int, int]] = {}  # storage key -> bytes each reading rank sends of it
+    for key in {t.source_key for ts in needs.values() for t in ts}:
+        out = slices[key] = {}
+        for c in chunks[key]:
+            out[readers[c.file]] = out.get(readers[c.file], 0) + c.nbytes
+    queues = {r: deque(needs.get(r, ())) for r in range(world_size)}
+    left = {r: sum(sum(slices[t.source_key].values()) for t in queue) for r, queue in queues.items()}
     rounds = []
     while any(queues.values()):
         received, sent = [0] * world_size, [0] * world_size
         transfers: list[Transfer] = []
         tensors: list[tuple[int, TensorPlan]] = []
-        for rank in range(world_size):
-            queue = queues[rank]
+        for dst in sorted((r for r in queues if queues[r]), key=lambda r: (-left[r], r)):  # most left first
+            queue = queues[dst]
             while queue:
-                moves = [Transfer(c, readers[c.file], rank) for c in chunks[queue[0].source_key]]
-                if not _fits(moves, received, sent, budget):
+                key = queue[0].source_key
+                incoming, outgoing = sum(slices[key].values()), slices[key]
+                if not _fits(received[dst], incoming, outgoing, sent, budget):
                     break
-                for move in moves:
-                    received[move.dst] += move.chunk.nbytes
-                    sent[move.src] += move.chunk.nbytes
-                transfers += moves
-                tensors.append((rank, queue.popleft()))
+                received[dst] += incoming
+                left[dst] -= incoming
+                for src, n in outgoing.items():
+                    sent[src] += n
+                if rank is None or rank == dst or rank in outgoing:
+                    moves = (Transfer(c, readers[c.file], dst) for c in chunks[key])
+                    transfers += [m for m in moves if rank is None or rank in (m.src, m.dst)]
+                tensors.append((dst, queue.popleft()))
         rounds.append(Round(tuple(transfers), tuple(tensors)))
     return ExchangeSchedule(tuple(rounds), readers, budget, world_size)
 
 
-def _fits(moves: Sequence[Transfer], received: list[int], sent: list[int], budget: int) -> bool:
-    """Whether a tensor's transfers fit the round: within budget, or alone for its receiver and senders."""
-    if not moves:
+def _fits(received: int, incoming: int, outgoing: Mapping[int, int], sent: list[int], budget: int) -> bool:
+    """Whether a tensor fits the round, checked for its receiver (`received` so far, `incoming` more) and each
+    sender's slice: each stays within the budget, or carries this tensor (its slice of it) alone."""
+    if not outgoing:
         return True
-    incoming = sum(m.chunk.nbytes for m in moves)
-    outgoing: dict[int, int] = {}
-    for m in moves:
-        outgoing[m.src] = outgoing.get(m.src, 0) + m.chunk.nbytes
-    dst = moves[0].dst
-    if received[dst] + incoming <= budget and all(sent[s] + n <= budget for s, n in outgoing.items()):
-        return True
-    return received[dst] == 0 and all(sent[s] == 0 for s in outgoing)
+    if received and received + incoming > budget:
+        return False
+    return all(sent[s] == 0 or sent[s] + n <= budget for s, n in outgoing.items())
 
 
 def describe(schedule: ExchangeSchedule) -> dict[str, object]:

@@ -101,8 +101,8 @@ def write_rank_files(
 
 def exchange_plan_feed(plan: Plan, ctx: DistContext, source: Source, path: DataPath, reused: list[str]):
     """The exchange feed: every rank's needs (skipping every rank's reused files), scheduled alike everywhere."""
-    skipped = ctx.run_step("exchange plan", lambda: reused)
-    schedule = exchange_schedule(plan, source, path, skipped)
+    skipped = ctx.run_step("exchange plan", lambda: reused, collect="all")
+    schedule = exchange_schedule(plan, source, path, skipped, rank=ctx.rank)
     log.debug(
         "exchange: %d round(s), %d file(s) read here",
         len(schedule.rounds),
@@ -112,13 +112,20 @@ def exchange_plan_feed(plan: Plan, ctx: DistContext, source: Source, path: DataP
     return lambda failed: exchange_feed(schedule, ctx, reader, ctx.device, failed)
 
 
-def exchange_schedule(plan: Plan, source: Source, path: DataPath, skipped: Sequence[Sequence[str]] | None = None):
-    """The exchange schedule for every rank's files in feed order, less the files each rank reuses. Pure."""
+def exchange_schedule(
+    plan: Plan,
+    source: Source,
+    path: DataPath,
+    skipped: Sequence[Sequence[str]] | None = None,
+    rank: int | None = None,
+):
+    """The exchange schedule for every rank's files in feed order, less the files each rank reuses; with `rank`,
+    only that rank's own transfers are kept. Pure."""
     needs, order = {}, partial(write_order, metadata=plan.metadata)
-    for rank in range(plan.world_size):
-        todo = [f for f in plan.files_for(rank) if skipped is None or f.filename not in skipped[rank]]
-        needs[rank] = [s.tensor for s in lane_order(todo, path.write_threads, order)]
-    return plan_exchange(needs, source.chunks(), plan.world_size, path.read_batch_bytes)
+    for writer in range(plan.world_size):
+        todo = [f for f in plan.files_for(writer) if skipped is None or f.filename not in skipped[writer]]
+        needs[writer] = [s.tensor for s in lane_order(todo, path.write_threads, order)]
+    return plan_exchange(needs, source.chunks(), plan.world_size, path.read_batch_bytes, rank)
 
 
 def write_order(file: FilePlan, metadata: Mapping[str, str] | None = None) -> list[TensorPlan]:

@@ -140,8 +140,9 @@ def test_fault_hook_parsing() -> None:
 
 def test_world_of_one_runs_steps_without_a_process_group() -> None:
     ctx = DistContext()
-    assert ctx.run_step("s", lambda: 7) == [7]
-    assert ctx.run_step("s", lambda: 8, ranks="rank0") == [8]
+    assert ctx.run_step("s", lambda: 7) == 7  # each rank its own value
+    assert ctx.run_step("s", lambda: 8, ranks="rank0", share=lambda v: -v) == 8  # rank 0 keeps its whole value
+    assert ctx.run_step("s", lambda: 9, collect="rank0") == [9] and ctx.run_step("s", lambda: 9, collect="all") == [9]
     assert ctx.all_gather_object("x") == ["x"] and ctx.broadcast_object("y") == "y"
     with pytest.raises(ValueError, match="boom"):
         ctx.run_step("s", lambda: (_ for _ in ()).throw(ValueError("boom")))
@@ -156,7 +157,7 @@ def test_from_env_alone_has_no_group(monkeypatch: pytest.MonkeyPatch) -> None:
     try:
         assert (ctx.rank, ctx.world_size, ctx.device, ctx.owns_group) == (0, 1, torch.device("cpu"), False)
         assert not torch.distributed.is_initialized()
-        assert ctx.run_step("prepare", lambda: 1) == [1]
+        assert ctx.run_step("prepare", lambda: 1) == 1
         with pytest.raises(InjectedFailure, match=r"injected failure \(DISTFINALIZE_FAIL_AT=0:write\)"):
             ctx.run_step("write", lambda: 1)
     finally:

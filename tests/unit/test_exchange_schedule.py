@@ -112,3 +112,32 @@ def test_lane_order_interleaves_open_files() -> None:
         (0, "c0"),
         (0, "c1"),
     ]
+
+
+def test_tensors_over_the_budget_share_rounds() -> None:
+    """Row-sharded like FSDP2 (every rank wrote a slice of every tensor), each tensor twice the budget: the budget
+    holds per receiver and per sender's slice, so two such tensors move per round, not one (the ideal: 2 rounds)."""
+    world = 4
+    chunks = {
+        f"k{i}": tuple(SourceChunk(f"k{i}", w, f"__{w}_0.distcp", w, (w * 25,), (25,), 100) for w in range(world))
+        for i in range(world)
+    }
+    tensors = [TensorPlan(f"w{i}", f"k{i}", (100,), torch.float32, torch.float32) for i in range(world)]
+    schedule = plan_exchange({r: [tensors[r]] for r in range(world)}, chunks, world, budget=200)
+    assert [sorted(r for r, _ in rnd.tensors) for rnd in schedule.rounds] == [[0, 1], [2, 3]]
+    for rnd in schedule.rounds:
+        assert all(sum(t.chunk.nbytes for t in rnd.sent_by(rank)) <= 200 for rank in range(world))
+
+
+@settings(max_examples=100, deadline=None)
+@given(layouts())
+def test_a_rank_keeps_only_its_own_transfers(layout) -> None:
+    """plan_exchange(rank=r): the same rounds and tensors, with just the transfers r sends or receives."""
+    needs, chunks, world, budget = layout
+    full = plan_exchange(needs, chunks, world, budget)
+    for rank in range(world):
+        own = plan_exchange(needs, chunks, world, budget, rank)
+        assert [r.tensors for r in own.rounds] == [r.tensors for r in full.rounds]
+        for mine, every in zip(own.rounds, full.rounds, strict=True):
+            assert mine.sent_by(rank) == every.sent_by(rank) and mine.received_by(rank) == every.received_by(rank)
+            assert all(rank in (t.src, t.dst) for t in mine.transfers)

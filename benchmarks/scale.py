@@ -1,0 +1,328 @@
+"""How distfinalize's coordination scales with ranks: pure, no I/O, on synthetic DCP metadata of real model shapes.
+
+    python benchmarks/scale.py [--models llama-8b,...] [--ranks 8,64,512,4096] [--report benchmarks/results/X.md]
+
+Each checkpoint is saved as FSDP2 saves it: every tensor in fp32, row-sharded (`Shard(0)`) over the same world
+size that finalizes it, one `__<rank>_0.distcp` file per training rank. The script builds DCP's own `Metadata`
+for it and runs the project's own code over it: the metadata loader (`MetadataUnpickler`, the storage checks),
+the chunk table (`stored_chunks`), `build_plan`, and the exchange schedule (`exchange_schedule`). It reports, per
+model and world size:
+
+- the `.metadata` pickle every rank reads, and the bytes the step collectives move (the status byte vector of
+  each step, the tokenizer outcome broadcast from rank 0, the write results gathered to rank 0), against what
+  an all-gather of every rank's prepare result would move (each rank receiving every rank's metadata);
+- CPU per rank: loading and checking the metadata and building the chunk table (measured on a sample of the
+  tensors and scaled by the chunk count: both are linear in chunks), `build_plan`, the exchange schedule as
+  one rank builds it (its own transfers);
+- max/mean output bytes per rank and ranks with nothing to write;
+- exchange rounds against the ideal (the busiest rank's bytes over the round budget), when the schedule's chunk
+  objects fit this machine (`--max-schedule-chunks`);
+- the per-rank memory bound of the write step (`--strategy read`): twice `--read-batch`, or the largest tensor
+  a rank holds (fp32 in and bf16 out) when that is larger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import pickle
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from distfinalize.artifacts.tokenizer import FinalTokenizer, TokenizerOutcome
+from distfinalize.plan import Plan, build_plan
+from distfinalize.sources import TensorMeta
+from distfinalize.sources.dcp import model_tensors, stored_chunks
+from distfinalize.sources.dcp_metadata import MetadataUnpickler, check_storage_entry
+from distfinalize.write.rank import DataPath, WrittenFile, exchange_schedule
+
+GB = 10**9
+SAMPLE_CHUNKS = 200_000  # chunks of metadata built and timed per model and world size (the rest is scaled)
+
+
+def llama(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int) -> Iterator[tuple[str, tuple]]:
+    head = hidden // heads
+    yield "model.embed_tokens.weight", (vocab, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        yield p + "self_attn.q_proj.weight", (heads * head, hidden)
+        yield p + "self_attn.k_proj.weight", (kv * head, hidden)
+        yield p + "self_attn.v_proj.weight", (kv * head, hidden)
+        yield p + "self_attn.o_proj.weight", (hidden, heads * head)
+        yield p + "mlp.gate_proj.weight", (inter, hidden)
+        yield p + "mlp.up_proj.weight", (inter, hidden)
+        yield p + "mlp.down_proj.weight", (hidden, inter)
+        yield p + "input_layernorm.weight", (hidden,)
+        yield p + "post_attention_layernorm.weight", (hidden,)
+    yield "model.norm.weight", (hidden,)
+    yield "lm_head.weight", (vocab, hidden)
+
+
+def qwen3_moe() -> Iterator[tuple[str, tuple]]:
+    """Qwen3-235B-A22B: 94 layers, 128 experts of 1536, GQA 64/4 heads of 128, q/k norms."""
+    hidden, head, heads, kv, experts, inter, vocab = 4096, 128, 64, 4, 128, 1536, 151936
+    yield "model.embed_tokens.weight", (vocab, hidden)
+    for i in range(94):
+        p = f"model.layers.{i}."
+        yield p + "self_attn.q_proj.weight", (heads * head, hidden)
+        yield p + "self_attn.k_proj.weight", (kv * head, hidden)
+        yield p + "self_attn.v_proj.weight", (kv * head, hidden)
+        yield p + "self_attn.o_proj.weight", (hidden, heads * head)
+        yield p + "self_attn.q_norm.weight", (head,)
+        yield p + "self_attn.k_norm.weight", (head,)
+        yield p + "mlp.gate.weight", (experts, hidden)
+        for e in range(experts):
+            yield p + f"mlp.experts.{e}.gate_proj.weight", (inter, hidden)
+            yield p + f"mlp.experts.{e}.up_proj.weight", (inter, hidden)
+            yield p + f"mlp.experts.{e}.down_proj.weight", (hidden, inter)
+        yield p + "input_layernorm.weight", (hidden,)
+        yield p + "post_attention_layernorm.weight", (hidden,)
+    yield "model.norm.weight", (hidden,)
+    yield "lm_head.weight", (vocab, hidden)
+
+
+def deepseek_v3() -> Iterator[tuple[str, tuple]]:
+    """DeepSeek-V3 (671B): 61 layers (3 dense), MLA, 256 routed experts of 2048 and one shared (MTP layer left out)."""
+    hidden, heads, vocab, experts, inter, dense = 7168, 128, 129280, 256, 2048, 18432
+    yield "model.embed_tokens.weight", (vocab, hidden)
+    for i in range(61):
+        p = f"model.layers.{i}."
+        yield p + "self_attn.q_a_proj.weight", (1536, hidden)
+        yield p + "self_attn.q_a_layernorm.weight", (1536,)
+        yield p + "self_attn.q_b_proj.weight", (heads * 192, 1536)
+        yield p + "self_attn.kv_a_proj_with_mqa.weight", (576, hidden)
+        yield p + "self_attn.kv_a_layernorm.weight", (512,)
+        yield p + "self_attn.kv_b_proj.weight", (heads * 256, 512)
+        yield p + "self_attn.o_proj.weight", (hidden, heads * 128)
+        if i < 3:
+            yield p + "mlp.gate_proj.weight", (dense, hidden)
+            yield p + "mlp.up_proj.weight", (dense, hidden)
+            yield p + "mlp.down_proj.weight", (hidden, dense)
+        else:
+            yield p + "mlp.gate.weight", (experts, hidden)
+            yield p + "mlp.gate.e_score_correction_bias", (experts,)
+            for e in [*range(experts), "shared"]:
+                q = p + (f"mlp.experts.{e}." if e != "shared" else "mlp.shared_experts.")
+                yield q + "gate_proj.weight", (inter, hidden)
+                yield q + "up_proj.weight", (inter, hidden)
+                yield q + "down_proj.weight", (hidden, inter)
+        yield p + "input_layernorm.weight", (hidden,)
+        yield p + "post_attention_layernorm.weight", (hidden,)
+    yield "model.norm.weight", (hidden,)
+    yield "lm_head.weight", (vocab, hidden)
+
+
+MODELS = {
+    "llama-3.1-8b": lambda: llama(4096, 14336, 32, 32, 8, 128256),
+    "llama-3.1-70b": lambda: llama(8192, 28672, 80, 64, 8, 128256),
+    "llama-3.1-405b": lambda: llama(16384, 53248, 126, 128, 8, 128256),
+    "qwen3-235b-a22b": qwen3_moe,
+    "deepseek-v3-671b": deepseek_v3,
+}
+
+
+def row_shards(rows: int, world: int) -> list[tuple[int, int]]:
+    """(start, rows) of each non-empty Shard(0) piece, as DTensor splits dim 0 (torch.chunk: ceil-sized pieces)."""
+    step = math.ceil(rows / world)
+    return [(s, min(step, rows - s)) for s in range(0, rows, step)]
+
+
+def fsdp2_metadata(shapes: list[tuple[str, tuple]], world: int) -> Metadata:
+    """DCP's Metadata for these fp32 tensors saved by FSDP2 on `world` ranks (one data file per rank)."""
+    sd, storage, ends = {}, {}, [0] * world
+    props = TensorProperties(dtype=torch.float32)
+    for name, shape in shapes:
+        chunks = []
+        rest = math.prod(shape[1:])
+        for rank, (start, rows) in enumerate(row_shards(shape[0], world)):
+            offsets, sizes = (start, *[0] * (len(shape) - 1)), (rows, *shape[1:])
+            chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
+            length = rows * rest * 4
+            storage[MetadataIndex(name, offsets)] = _StorageInfo(f"__{rank}_0.distcp", ends[rank], length)
+            ends[rank] += length
+        sd[name] = TensorStorageMetadata(props, torch.Size(shape), chunks)
+    return Metadata(sd, planner_data={n: (n,) for n, _ in shapes}, storage_data=storage)
+
+
+def chunk_count(shapes: list[tuple[str, tuple]], world: int) -> int:
+    return sum(len(row_shards(shape[0], world)) for _, shape in shapes)
+
+
+def load_and_table(data: bytes) -> float:
+    """Seconds to load and check a `.metadata` pickle and build its chunk table, as a rank's prepare does."""
+    start = time.process_time()
+    loaded = MetadataUnpickler(io.BytesIO(data)).load()
+    for index, info in loaded.storage_data.items():
+        check_storage_entry(index, info, Path(".metadata"))
+    tensors, _ = model_tensors(loaded)
+    stored_chunks(loaded, {t.key for t in tensors})
+    return time.process_time() - start
+
+
+@dataclass
+class ChunkSource:
+    """The one thing `exchange_schedule` asks of a source: its chunk table."""
+
+    table: dict
+
+    def chunks(self) -> dict:
+        return self.table
+
+
+def tokenizer_bytes() -> int:
+    """The tokenizer step's broadcast: the outcome as the other ranks receive it (FinalTokenizer's pickle)."""
+    outcome = TokenizerOutcome(
+        Path("/ckpt/tokenizer"),
+        128257,
+        added=(("<|pad|>", 128256),),
+        special_ids={"bos_token_id": 128000, "eos_token_id": 128001, "pad_token_id": 128256},
+        has_chat_template=True,
+        vocab={f"tok{i}": i for i in range(128257)},  # rank 0 keeps it; the others do not get it
+    )
+    return len(pickle.dumps(FinalTokenizer(outcome)))
+
+
+def results_bytes(plan: Plan, rank: int) -> int:
+    files = [WrittenFile(f.filename, rank, f.nbytes, len(f.tensors), "0" * 64) for f in plan.files_for(rank)]
+    return len(pickle.dumps(files))
+
+
+def measure(model: str, world: int, args: argparse.Namespace) -> dict:
+    shapes = list(MODELS[model]())
+    total_chunks = chunk_count(shapes, world)
+    sample, n = [], 0
+    for name, shape in shapes:
+        if n and n + len(row_shards(shape[0], world)) > SAMPLE_CHUNKS:
+            break
+        sample.append((name, shape))
+        n += len(row_shards(shape[0], world))
+    data = pickle.dumps(fsdp2_metadata(sample, world))
+    scale = total_chunks / n
+    metadata_bytes = int(len(data) * scale)
+    prepare_s = load_and_table(data) * scale
+    tensors = [TensorMeta(name, name, shape, torch.float32) for name, shape in shapes]
+    start = time.process_time()
+    plan = build_plan(tensors, dtype=torch.bfloat16, max_shard_size=args.max_shard_size, world_size=world)
+    plan_s = time.process_time() - start
+    per_rank = [0] * world
+    largest = [0] * world
+    for f in plan.files:
+        per_rank[f.rank] += f.nbytes
+        largest[f.rank] = max([largest[f.rank], *(t.source_nbytes + t.nbytes for t in f.tensors)])
+    mean = sum(per_rank) / world
+    rounds = ideal = alone = schedule_s = None
+    if total_chunks <= args.max_schedule_chunks:
+        full = fsdp2_metadata(shapes, world)
+        source = ChunkSource(stored_chunks(full, {n for n, _ in shapes}))
+        start = time.process_time()
+        exchange_schedule(plan, source, DataPath("exchange", args.read_batch), rank=0)  # what one rank builds
+        schedule_s = time.process_time() - start
+        schedule = exchange_schedule(plan, source, DataPath("exchange", args.read_batch))  # every transfer
+        rounds = len(schedule.rounds)
+        sent, received = [0] * world, [0] * world
+        for rnd in schedule.rounds:
+            for t in rnd.transfers:
+                sent[t.src] += t.chunk.nbytes
+                received[t.dst] += t.chunk.nbytes
+        ideal = max(1, math.ceil(max(*sent, *received) / args.read_batch))
+        order = {rank: [t for rnd in schedule.rounds for t in rnd.tensors_for(rank)] for rank in range(world)}
+        alone = max(packed_rounds([t.source_nbytes for t in order[rank]], args.read_batch) for rank in range(world))
+    steps = 8  # prepare, tie check, tokenizer, stage, write, finish, commit; + the exchange plan
+    status = world * steps
+    results = [results_bytes(plan, r) for r in range(world)]
+    return {
+        "model": model,
+        "ranks": world,
+        "tensors": len(shapes),
+        "chunks": total_chunks,
+        "metadata_bytes": metadata_bytes,
+        "collective_in_per_rank": status + tokenizer_bytes(),
+        "collective_in_rank0": status + sum(results),
+        "allgather_before": world * metadata_bytes,
+        "prepare_s": prepare_s,
+        "plan_s": plan_s,
+        "schedule_s": schedule_s,
+        "max_over_mean": max(per_rank) / mean if mean else 0.0,
+        "idle": sum(1 for b in per_rank if b == 0),
+        "rounds": rounds,
+        "ideal": ideal,
+        "alone": alone,
+        "memory_bound": max(2 * args.read_batch, max(largest)),
+    }
+
+
+def packed_rounds(sizes: list[int], budget: int) -> int:
+    """Rounds one rank needs for its own tensors alone, whole tensors in order within `budget` (a bigger one
+    alone): the fewest any schedule that moves whole tensors can give it."""
+    rounds, load = 0, budget
+    for n in sizes:
+        if load + n > budget and load > 0:
+            rounds, load = rounds + 1, 0
+        load += n
+    return rounds
+
+
+def size(n: float) -> str:
+    for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| model | ranks | chunks | .metadata read / rank | collectives in / rank | rank 0 in | all-gather would be "
+        "| metadata load CPU s | plan s | schedule s | max/mean bytes | idle ranks "
+        "| rounds / ideal / whole tensors | memory bound |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    for r in rows:
+        rounds = f"{r['rounds']} / {r['ideal']} / {r['alone']}" if r["rounds"] is not None else "n/a"
+        schedule = f"{r['schedule_s']:.2f}" if r["schedule_s"] is not None else "n/a"
+        lines.append(
+            f"| {r['model']} | {r['ranks']} | {r['chunks']:,} | {size(r['metadata_bytes'])} "
+            f"| {size(r['collective_in_per_rank'])} | {size(r['collective_in_rank0'])} "
+            f"| {size(r['allgather_before'])} | {r['prepare_s']:.2f} | {r['plan_s']:.2f} | {schedule} "
+            f"| {r['max_over_mean']:.2f} | {r['idle']} | {rounds} | {size(r['memory_bound'])} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--ranks", default="8,64,512,4096")
+    parser.add_argument("--read-batch", type=int, default=256 * 2**20, help="bytes (the --read-batch default)")
+    parser.add_argument("--max-shard-size", type=int, default=5 * GB)
+    parser.add_argument("--max-schedule-chunks", type=int, default=600_000, help="skip bigger exchange schedules")
+    parser.add_argument("--report", type=Path, help="append the table to this markdown file")
+    args = parser.parse_args()
+    rows = []
+    for model in args.models.split(","):
+        for world in map(int, args.ranks.split(",")):
+            rows.append(measure(model, world, args))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    text = table(rows)
+    print(text)
+    if args.report is not None:
+        with args.report.open("a") as out:
+            command = f"python benchmarks/scale.py --ranks {args.ranks}"
+            out.write(f"\n## Scale (pure, no I/O)\n\n```\n{command}\n```\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()
