@@ -49,13 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT_NAMES = {
-    "dcp": "DCP (torch.distributed.checkpoint)",
-    "deepspeed": "DeepSpeed",
-    "hf": "Hugging Face model dir",
-    "safetensors": "Hugging Face model dir or DCP safetensors (safetensors)",
-    "pytorch-bin": "Hugging Face model dir (pytorch_model.bin)",
-}
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
@@ -238,7 +231,9 @@ def make_report(
         missing.append("chat template")
     if not found.get("generation_config.json"):
         missing.append("generation_config.json")
-    name = FORMAT_NAMES.get(fmt, fmt)
+    from distfinalize.sources.formats import FORMATS
+
+    name = FORMATS[fmt].title if fmt in FORMATS else "Hugging Face model dir"
     return {
         "src": str(options.src),
         "format": fmt,

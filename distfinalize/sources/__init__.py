@@ -81,6 +81,7 @@ class SourceFormat:
     it, and what its sources can do beyond the Source protocol."""
 
     name: str
+    title: str  # what `inspect` calls it
     detect: Callable[[Path], bool]
     open: Callable[[Path, int | None], Source]  # (checkpoint folder, step) -> Source
     chunked: bool = False  # its sources have chunks(): stored chunks that --strategy exchange can move

@@ -72,4 +72,6 @@ def open_accelerate_ranks(path: Path, step: int | None) -> RankFilesSource:
     return source
 
 
-ACCELERATE_RANKS_FORMAT = SourceFormat("accelerate-fsdp-ranks", is_accelerate_rank_checkpoint, open_accelerate_ranks)
+ACCELERATE_RANKS_FORMAT = SourceFormat(
+    "accelerate-fsdp-ranks", "Accelerate FSDP1 per-rank files", is_accelerate_rank_checkpoint, open_accelerate_ranks
+)

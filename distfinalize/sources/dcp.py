@@ -293,4 +293,6 @@ def _permission_error(exc: BaseException) -> PermissionError | None:
     return None
 
 
-DCP_FORMAT = SourceFormat("dcp", is_dcp_checkpoint, DcpSource, chunked=True, optimizer=True)
+DCP_FORMAT = SourceFormat(
+    "dcp", "DCP (torch.distributed.checkpoint)", is_dcp_checkpoint, DcpSource, chunked=True, optimizer=True
+)

@@ -264,4 +264,10 @@ def read_bytes(file, piece: StoredPiece, where: Path) -> torch.Tensor:
     return buffer
 
 
-SAFETENSORS_FORMAT = SourceFormat("safetensors", is_safetensors_dir, SafetensorsSource, fallback=True)
+SAFETENSORS_FORMAT = SourceFormat(
+    "safetensors",
+    "Hugging Face model dir or DCP safetensors (safetensors)",
+    is_safetensors_dir,
+    SafetensorsSource,
+    fallback=True,
+)

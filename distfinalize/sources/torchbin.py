@@ -157,4 +157,6 @@ class TorchBinReader:
         return out
 
 
-TORCH_BIN_FORMAT = SourceFormat("pytorch-bin", is_torch_bin_dir, TorchBinSource, fallback=True)
+TORCH_BIN_FORMAT = SourceFormat(
+    "pytorch-bin", "Hugging Face model dir (pytorch_model.bin)", is_torch_bin_dir, TorchBinSource, fallback=True
+)

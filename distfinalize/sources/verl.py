@@ -91,4 +91,4 @@ def open_verl(path: Path, step: int | None) -> RankFilesSource:
     return RankFilesSource(path, model_files(path), "verl", step, HINT)
 
 
-VERL_FORMAT = SourceFormat("verl", is_verl_checkpoint, open_verl)
+VERL_FORMAT = SourceFormat("verl", "verl / SkyRL per-rank files", is_verl_checkpoint, open_verl)

@@ -303,4 +303,4 @@ def _read_exact(handle, offset: int, into: memoryview, path: Path) -> None:
         done += n
 
 
-DEEPSPEED_FORMAT = SourceFormat("deepspeed", is_deepspeed_checkpoint, DeepSpeedSource)
+DEEPSPEED_FORMAT = SourceFormat("deepspeed", "DeepSpeed", is_deepspeed_checkpoint, DeepSpeedSource)
