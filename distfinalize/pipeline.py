@@ -1,6 +1,7 @@
 """run(): the numbered steps of a finalize, each agreed on by every rank.
 
-1. prepare    every rank: check DEST, find the checkpoint, read its metadata and config.json, map names
+1. prepare    rank 0: check DEST, build config.json's model on the meta device (the names it expects); then
+               every rank: check DEST, find the checkpoint, read its metadata, map names to rank 0's model
    (non-finite scan: with --quantize-skip-nonfinite, each rank checks a share of the weights to quantize)
 2. tie check  rank 0 (every rank, on its own files, with --strategy exchange): does lm_head hold exactly
                embed_tokens' data?
@@ -64,14 +65,14 @@ from distfinalize.errors import DistfinalizeError, SourceError
 from distfinalize.hfnames import ADAPTER_FILE
 from distfinalize.plan import Plan, build_plan, describe, fingerprint
 from distfinalize.prepare import tie
+from distfinalize.prepare.model import ModelSpec
 from distfinalize.prepare.nonfinite import skip_nonfinite
-from distfinalize.prepare.peft import (
-    adapter_config_preview,
-)
-from distfinalize.prepare.prepared import Prepared, check_destination, input_paths, prepare
+from distfinalize.prepare.peft import adapter_config_preview
+from distfinalize.prepare.prepared import Prepared, check_destination, input_paths, model_check, prepare
 from distfinalize.sources import SourceInfo
 from distfinalize.sources.formats import format_of
 from distfinalize.startup import imports_done
+from distfinalize.summary import log_plan
 from distfinalize.transform.quant.selection import embedding_names, quantized_tensors
 from distfinalize.transform.vocab import plan_resizes
 from distfinalize.write.exchange import describe as describe_exchange
@@ -97,7 +98,8 @@ class Outcome:
 
 def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     """Finalize config.src into config.dest with every rank of `ctx`. Runs on: all ranks."""
-    prepared = ctx.run_step("prepare", lambda: prepare_step(config, ctx.device))[ctx.rank]
+    spec = ctx.run_step("model check", lambda: model_check(config), ranks="rank0")[0]
+    prepared = ctx.run_step("prepare", lambda: prepare_step(config, ctx.device, spec))[ctx.rank]
     prepared = skip_nonfinite(config, prepared, ctx)  # --quantize-skip-nonfinite only
     imports_done()
     tied_head = check_tied(config, prepared, ctx)
@@ -175,12 +177,13 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     return Outcome(config.dest, plan, prepared.source.info, files, False, report)
 
 
-def prepare_step(config: FinalizeConfig, device: torch.device) -> Prepared:
-    """DEST checked against SRC (cheap, first), the source opened, then DEST checked against every input the
-    source named (the checkpoint folder, --checkpoint, --base-model, --tokenizer). Runs on: all ranks."""
+def prepare_step(config: FinalizeConfig, device: torch.device, spec: ModelSpec | None) -> Prepared:
+    """DEST checked against SRC (cheap, first), the source opened with rank 0's model `spec`, then DEST checked
+    against every input the source named (the checkpoint folder, --checkpoint, --base-model, --tokenizer).
+    Runs on: all ranks."""
     if config.dest is not None:
         check_destination(config.dest, config.src)
-    prepared = prepare(config, device)
+    prepared = prepare(config, device, spec_of=lambda _: spec)
     if config.dest is not None and prepared.folder is not None:
         check_destination(config.dest, config.src, input_paths(config, prepared.folder))
     return prepared
@@ -385,35 +388,3 @@ def describe_data_path(config: FinalizeConfig, prepared: Prepared, plan: Plan) -
     if config.strategy == "exchange":
         out["exchange"] = describe_exchange(exchange_schedule(plan, prepared.source, data_path(config)))
     return out
-
-
-def log_plan(plan: Plan, prepared: Prepared, tokenizer: TokenizerOutcome, vocab_size: int | None) -> None:
-    """Rank 0: what will be done."""
-    info = prepared.source.info
-    log.info(
-        "source: %s checkpoint %s (step %s, saved by %s rank(s)), %d model tensors, %d other entries skipped",
-        info.format,
-        info.path,
-        info.step,
-        info.saved_world_size,
-        len(prepared.tensors),
-        info.skipped,
-    )
-    log.info(
-        "dtype: %s (%s)",
-        str(prepared.dtype).removeprefix("torch.") if prepared.dtype else "as stored",
-        prepared.dtype_reason,
-    )
-    if vocab_size is not None:
-        log.info("vocabulary: embedding rows -> %d (%d token(s) added)", vocab_size, len(tokenizer.added))
-    if prepared.lora is not None:
-        lora = prepared.lora.summary()
-        log.info(
-            "LoRA checkpoint (r=%s, alpha=%s, targets %s; settings from %s): writing %s",
-            lora["r"],
-            lora["lora_alpha"],
-            lora["target_modules"],
-            lora["config_from"],
-            "the merged model" if prepared.lora.merge else "a PEFT adapter dir",
-        )
-    log.info("plan: %d file(s), %s, %d rank(s)", len(plan.files), format_bytes(plan.total_size), plan.world_size)

@@ -24,8 +24,7 @@ from distfinalize.config import (
     parse_size,
 )
 from distfinalize.errors import UsageError
-from distfinalize.hfnames import DTYPES
-from distfinalize.transform.keymap import resolve_key_map
+from distfinalize.hfnames import DTYPE_NAMES
 
 if TYPE_CHECKING:
     from distfinalize.dist.context import DistContext
@@ -86,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dtype",
-        choices=list(DTYPES),
+        choices=list(DTYPE_NAMES),
         help="output dtype of floating tensors (default: config.json's dtype, else as stored)",
     )
     parser.add_argument(
@@ -211,13 +210,18 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
     """Parse and validate; a bad value exits 2 with argparse's usage line."""
     args = parser.parse_args(argv)
     try:
+        key_map = None
+        if args.key_map is not None:  # imported only then: --help and usage errors answer without torch
+            from distfinalize.transform.keymap import resolve_key_map
+
+            key_map = resolve_key_map(args.key_map)
         return FinalizeConfig(
             src=args.src,
             dest=args.dest,
             checkpoint=args.checkpoint,
             tag=args.tag,
             dtype=args.dtype,
-            key_map=resolve_key_map(args.key_map),
+            key_map=key_map,
             quantize=args.quantize,
             quantize_ignore=tuple(args.quantize_ignore),
             quantize_skip_nonfinite=args.quantize_skip_nonfinite,
