@@ -160,6 +160,7 @@ class FinalizeConfig:
     keep_checkpoint: bool = False
     keep_optimizer: bool = False
     hub: HubOptions | None = None
+    report: Path | None = None  # --report FILE.json: the closing summary's figures, written by rank 0
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:

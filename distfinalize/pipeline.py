@@ -72,10 +72,11 @@ from distfinalize.prepare.prepared import Prepared, check_destination, input_pat
 from distfinalize.sources import SourceInfo
 from distfinalize.sources.formats import format_of
 from distfinalize.startup import imports_done
-from distfinalize.summary import log_plan
+from distfinalize.summary import Clock, log_plan, log_summary, progress_mode, rank_figures, summarize, write_report
 from distfinalize.transform.quant.selection import embedding_names, quantized_tensors
 from distfinalize.transform.vocab import plan_resizes
 from distfinalize.write.exchange import describe as describe_exchange
+from distfinalize.write.progress import Progress
 from distfinalize.write.rank import DataPath, WrittenFile, exchange_schedule, write_rank_files
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ class Outcome:
 
 def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     """Finalize config.src into config.dest with every rank of `ctx`. Runs on: all ranks."""
+    clock = Clock()
     spec = ctx.run_step("model check", lambda: model_check(config), ranks="rank0")[0]
     prepared = ctx.run_step("prepare", lambda: prepare_step(config, ctx.device, spec))[ctx.rank]
     prepared = skip_nonfinite(config, prepared, ctx)  # --quantize-skip-nonfinite only
@@ -133,6 +135,7 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
         log_plan(plan, prepared, tokenizer, vocab_size)
     if config.dry_run:
         return Outcome(config.dest, plan, prepared.source.info, (), True, report)
+    clock.mark("prepare")
 
     staging = staging_path(config.dest)
     weights_dir = staging / "checkpoints" / checkpoint_dir_name(prepared.source.info.step)
@@ -144,8 +147,12 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
             ctx.run_step(
                 "stage", lambda: stage(config, plan, prepared, weights_dir, optimizer is not None, locks), ranks="rank0"
             )
-            written = ctx.run_step("write", lambda: write_share(config, ctx, plan, prepared, weights_dir, optimizer))
-            files = tuple(f for per_rank in written for f in per_rank)
+            with Progress(ctx, plan.total_size, plan.bytes_for(ctx.rank), progress_mode(config.log_level)) as bar:
+                share = lambda: write_share(config, ctx, plan, prepared, weights_dir, optimizer, bar)  # noqa: E731
+                written = ctx.run_step("write", share)
+                bar.finished()
+            files = tuple(f for per_rank, _ in written for f in per_rank)
+            clock.mark("write_step")
             ctx.run_step(
                 "finish",
                 lambda: finish(
@@ -171,7 +178,13 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     finally:
         for lock in locks:
             lock.release()
+    clock.mark("commit")
     report_commit(config, ctx, prepared, plan, done)
+    if ctx.rank == done.reporter:
+        report["summary"] = summarize(config.dest, clock, [figures for _, figures in written], files)
+        log_summary(report["summary"])
+        if config.report is not None:
+            write_report(config.report, report["summary"])
     if config.hub is not None:
         report["hub"] = push_committed(config, ctx)
     return Outcome(config.dest, plan, prepared.source.info, files, False, report)
@@ -263,15 +276,17 @@ def write_share(
     prepared: Prepared,
     weights_dir: Path,
     optimizer: OptimizerCopy | None,
-) -> list[WrittenFile]:
-    """This rank's output files, then its share of the optimizer copy. Runs on: every rank."""
+    bar: Progress,
+) -> tuple[list[WrittenFile], dict[str, Any]]:
+    """This rank's output files, then its share of the optimizer copy; the files and this rank's figures for the
+    summary. Runs on: every rank."""
     files = write_rank_files(
         plan,
         ctx,
         prepared.source,
         weights_dir,
         data_path(config),
-        progress=ctx.is_rank0 and config.log_level in ("debug", "info"),
+        progress=bar,
         progress_dir=staging_path(config.dest) / PROGRESS_DIR,
         resume=config.resume,
     )
@@ -280,7 +295,7 @@ def write_share(
             optimizer, optimizer.files_for(ctx.rank, ctx.world_size), weights_dir / "optimizer"
         )
         log.debug("copied %s of optimizer state", format_bytes(copied))
-    return files
+    return files, rank_figures(ctx.rank, bar)
 
 
 def abandon(ctx: DistContext, staging: Path, exc: BaseException, owned: bool) -> BaseException:

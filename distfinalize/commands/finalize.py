@@ -8,13 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from distfinalize.commands.runner import PROG, add_timeout_option, emit, run_guarded
+from distfinalize.commands.runner import PROG, add_log_options, add_timeout_option, emit, log_level, run_guarded
 from distfinalize.config import (
     DEFAULT_MAX_SHARD_SIZE,
     DEFAULT_READ_BATCH,
     DEFAULT_WRITE_THREADS,
     DEVICES,
-    LOG_LEVELS,
     STRATEGIES,
     CardOptions,
     FinalizeConfig,
@@ -102,11 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="FILE.json",
+        help="also write the closing summary's figures (files, bytes, seconds per phase, GiB/s, peak RSS per rank) "
+        "as JSON",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="reuse the finished, checksum-verified files of an interrupted run's staging dir",
     )
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    add_log_options(parser)
     add_timeout_option(parser)
     add_data_path_options(parser)
     add_contract_options(parser)
@@ -228,7 +234,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
             max_shard_size=parse_size(args.max_shard_size),
             device=args.device,
             dry_run=args.dry_run,
-            log_level=args.log_level,
+            log_level=log_level(parser, args),
             timeout_s=args.timeout,
             read_batch_bytes=parse_size(args.read_batch, "--read-batch"),
             strategy=args.strategy,
@@ -263,6 +269,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
             keep_checkpoint=args.keep_checkpoint,
             keep_optimizer=args.keep_optimizer,
             hub=hub_options(args),
+            report=args.report,
         )
     except (ValueError, UsageError) as exc:
         parser.error(str(exc))
