@@ -6,7 +6,9 @@
 Each repetition runs every tool once, one after the other, so a machine whose load changes during the run
 affects every tool alike; the median of --reps is reported, with the ratio to the peer. --baseline DIR also
 times the distfinalize in DIR (another checkout: its package dir is put first on PYTHONPATH), in the same run.
-The checkpoint is warm (in the page cache); every output is checked against the peer's, bit for bit. Run it
+The checkpoint is warm (in the page cache); every output is checked against the peer's, bit for bit. The model
+check's cache starts empty (WORK/spec-cache): each tool's first run builds the model, later runs read the cache;
+the "runs" column lists every run in order, so the first is the cold-cache figure. Run it
 from a directory without a distfinalize/ package in it (python -m puts the current directory first).
 """
 
@@ -50,8 +52,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("startup-work"))
     parser.add_argument("--report", type=Path, default=HERE / "results" / f"{date.today()}-startup.md")
     args = parser.parse_args()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     work = args.work.resolve()
+    env = dict(os.environ, OMP_NUM_THREADS="1", DISTFINALIZE_CACHE_DIR=str(work / "spec-cache"))
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     made = run_measured(

@@ -24,7 +24,7 @@ from distfinalize.commit.staging import (
 from distfinalize.config import FinalizeConfig
 from distfinalize.errors import DestinationError, SourceError, UsageError
 from distfinalize.logs import log_rank0
-from distfinalize.prepare.model import ModelSpec, load_model_spec
+from distfinalize.prepare.model import ModelSpec, cached_model_spec, load_model_spec
 from distfinalize.prepare.peft import (
     LoraLayout,
     prepare_lora,
@@ -68,7 +68,7 @@ def model_check(config: FinalizeConfig) -> ModelSpec | None:
     result instead of importing transformers)."""
     if config.dest is not None:
         check_destination(config.dest, config.src)
-    return _config_spec(_open_inputs(config)[2], load_model_spec)
+    return _config_spec(_open_inputs(config)[2], cached_model_spec)
 
 
 def prepare(

@@ -88,15 +88,19 @@ class Progress(Meter):
 
     def finished(self) -> None:
         """Every rank's write step succeeded: the bar shows the whole job. Runs on: all ranks."""
+        self._stop()
         if self.bar is not None:
             self.bar.update(self.bar.total - self.bar.n)
 
     def __exit__(self, *exc: object) -> None:
+        self._stop()
+        if self.bar is not None:
+            self.bar.close()
+
+    def _stop(self) -> None:
         self.stop.set()
         if self.thread is not None:
             self.thread.join(timeout=2 * self.interval + 5)
-        if self.bar is not None:
-            self.bar.close()
 
     def _run(self) -> None:
         last_plain = start = time.perf_counter()
