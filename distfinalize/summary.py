@@ -99,7 +99,10 @@ def summarize(dest: Path, clock: Clock, ranks: list[dict[str, Any]], weights: Se
     can add up to more than the write step's wall time (write_step). Runs on: rank 0, after the commit.
     """
     ranks = [{**r, "peak_rss_bytes": peak_rss()} if r["rank"] == 0 else r for r in ranks]
-    sizes = [p.lstat().st_size for p in sorted(dest.rglob("*")) if p.is_file() and not p.is_symlink()]
+    try:
+        sizes = [p.lstat().st_size for p in sorted(dest.rglob("*")) if p.is_file() and not p.is_symlink()]
+    except OSError:  # DEST is complete; a summary that cannot list it counts the weight files alone
+        sizes = [f.size for f in weights]
     write_s = clock.phases.get("write_step", 0.0)
     read_bytes = sum(r["read_bytes"] for r in ranks)
     weight_bytes = sum(f.size for f in weights)
