@@ -33,7 +33,7 @@ def tools(ckpt: Path, out: Path, shard: str, label: str, with_run: bool = True) 
     py = sys.executable
     run2 = [py, "-m", "distfinalize", "run", "--nproc-per-node", "2", str(ckpt), str(out), "-q"]
     found = {
-        f"{label}distfinalize --help": [py, "-m", "distfinalize", "--help"],
+        f"{label}distfinalize, --help": [py, "-m", "distfinalize", "--help"],
         f"{label}distfinalize, 1 process": finalize_cmd(1, ckpt, out, "--max-shard-size", shard, plain=True),
         f"{label}distfinalize, 2 ranks, torchrun": finalize_cmd(2, ckpt, out, "--max-shard-size", shard),
     }
