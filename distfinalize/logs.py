@@ -2,7 +2,8 @@
 
 The level: -q (warnings and errors), -v (debug: every rank's own bar, tracebacks), --log-level, else the
 DISTFINALIZE_LOG_LEVEL environment variable, else info. Lines carry `[rankN]` in a job of several ranks; when
-stderr is not a terminal (SLURM logs, pipes) every line is plain: `[rankN] LEVEL message`, no bars redrawn.
+stderr is not a terminal (SLURM logs, pipes) every line is plain and timed: `HH:MM:SS [rankN] LEVEL message`, and
+no bar is redrawn.
 """
 
 from __future__ import annotations
@@ -50,15 +51,15 @@ def default_level() -> str:
 
 
 def setup_logging(level: str, rank: int, world_size: int) -> None:
-    """Configure the `distfinalize` logger: one line per record, prefixed with the rank (and the time, when stderr
-    is not a terminal). Runs on: all ranks."""
+    """Configure the `distfinalize` logger: one line per record, prefixed with the rank in a job of several ranks
+    (and the time, when stderr is not a terminal). Runs on: all ranks."""
     _state["rank"] = rank
     handler = logging.StreamHandler()
+    prefix = f"[rank{rank}] " if world_size > 1 else ""
     if handler.stream.isatty():
-        prefix = f"[rank{rank}] " if world_size > 1 else ""
         handler.setFormatter(logging.Formatter(f"{prefix}%(levelname)s %(message)s"))
-    else:  # a log file: every line says when and which rank, whatever the job's size
-        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", "%H:%M:%S"))
+    else:  # a log file: every line also says when
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S"))
     root = logging.getLogger("distfinalize")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
