@@ -148,6 +148,9 @@ def log_summary(report: dict[str, Any]) -> None:
     log.info("time: %s (read, transform and write overlap in a %.1f s write step)", phases, s["write_step"])
     if rate["read"] is not None:
         log.info("speed: read %.2f GiB/s, written %.2f GiB/s", rate["read"], rate["write"])
+    if report["world_size"] == 1:
+        log.info("peak RSS: %s", format_bytes(rss["max"]))
+        return
     log.info(
         "peak RSS per rank: min %s (rank %d), max %s (rank %d)",
         format_bytes(rss["min"]),
