@@ -26,9 +26,11 @@ def torchrun(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
-def finalize_cmd(nproc: int, src: Path, dest: Path, *options: str) -> list[str]:
-    """distfinalize SRC DEST OPTIONS with `nproc` ranks, quiet (warnings only)."""
-    return torchrun(nproc, "-m", "distfinalize", str(src), str(dest), "--log-level", "warning", *options)
+def finalize_cmd(nproc: int, src: Path, dest: Path, *options: str, plain: bool = False) -> list[str]:
+    """distfinalize SRC DEST OPTIONS with `nproc` ranks under torchrun, quiet (warnings only); `plain`: one
+    process, `python -m distfinalize`."""
+    args = ["-m", "distfinalize", str(src), str(dest), "--log-level", "warning", *options]
+    return [sys.executable, *args] if plain else torchrun(nproc, *args)
 
 
 def run_measured(cmd: Sequence[str], env: dict[str, str] | None = None) -> Measurement:

@@ -39,6 +39,11 @@ from measure import Measurement, disk_write_read, evict, finalize_cmd, pinned_co
 from safetensors import safe_open
 
 HERE = Path(__file__).resolve().parent
+PEERS = {
+    "dcp_to_torch_save + save_file": "torch-save",
+    "dcp.load + save_file": "dcp-load",
+    "accelerate merge-weights": "accelerate",
+}
 
 
 @dataclass(frozen=True)
@@ -55,14 +60,26 @@ def tools(
     shard: str,
     strategies: list[str] = ("read",),
     quantize: tuple[bool, ...] = (False,),
+    peers: tuple[str, ...] = PEERS,
+    one_process: bool = False,
 ) -> list[Tool]:
-    """distfinalize with every world size, strategy and (un)quantized, then the peers."""
+    """distfinalize with every world size, strategy and (un)quantized, then the peers. With `one_process`, the
+    1-rank run is a plain `python -m distfinalize` (no torchrun)."""
     py = sys.executable
     found = [
         Tool(
-            f"distfinalize, {n} rank(s), {strategy}" + (", fp8" if fp8 else ""),
+            f"distfinalize, {'1 process' if n == 1 and one_process else f'{n} rank(s)'}, {strategy}"
+            + (", fp8" if fp8 else ""),
             finalize_cmd(
-                n, ckpt, out, "--max-shard-size", shard, "--strategy", strategy, *(["--quantize", "fp8"] if fp8 else [])
+                n,
+                ckpt,
+                out,
+                "--max-shard-size",
+                shard,
+                "--strategy",
+                strategy,
+                *(["--quantize", "fp8"] if fp8 else []),
+                plain=n == 1 and one_process,
             ),
             False,
         )
@@ -87,7 +104,7 @@ def tools(
             True,
         ),
     ]
-    return found
+    return [t for t in found if not t.peer or PEERS[t.name] in peers]
 
 
 def read_all(out: Path) -> dict[str, torch.Tensor]:
@@ -170,6 +187,8 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=HERE / "results" / f"{date.today()}-dcp.md")
     parser.add_argument("--warm-only", action="store_true")
     parser.add_argument("--reps", type=int, default=1, help="runs of each tool per cache state; the median is reported")
+    parser.add_argument("--peers", default=",".join(PEERS.values()), help="comma-separated peers to time")
+    parser.add_argument("--one-process", action="store_true", help="1 rank as `python -m distfinalize`, no torchrun")
     args = parser.parse_args()
     ranks = sorted({min(int(r), os.cpu_count() or 1) for r in args.ranks.split(",")})
     strategies = args.strategies.split(",")
@@ -205,7 +224,16 @@ def main() -> None:
     rows: list[tuple[str, str, Measurement]] = []
     floors: dict[str, float] = {}  # tool -> the disk's floor: max(read the input, write the output)
     references: dict[bool, Path] = {}  # quantized or not -> the first output, that every later one must match
-    all_tools = tools(ckpt, work / "out", ranks, args.max_shard_size, strategies, quantize)
+    all_tools = tools(
+        ckpt,
+        work / "out",
+        ranks,
+        args.max_shard_size,
+        strategies,
+        quantize,
+        tuple(args.peers.split(",")),
+        args.one_process,
+    )
     for cache in ["warm"] if args.warm_only else ["cold", "warm"]:
         for tool in all_tools:
             results = []

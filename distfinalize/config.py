@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from distfinalize.hfnames import DTYPES
+from distfinalize.hfnames import DTYPE_NAMES
 
 if TYPE_CHECKING:
+    import torch
+
     from distfinalize.artifacts.hub import HubOptions
     from distfinalize.transform.keymap import KeyMapRules
 
@@ -22,19 +22,29 @@ DEFAULT_READ_BATCH = "256MiB"
 DEFAULT_WRITE_THREADS = 2
 
 
+# Size units as transformers' convert_file_size_to_int reads them (a lowercase final "b" of KB/MB/GB: bits).
+SIZE_UNITS = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
+
+
 def parse_size(text: str | int, what: str = "max shard size") -> int:
-    """Parse a shard size the way transformers does ("5GB" = 5e9 bytes, "1GiB" = 2**30, "200MB", ints).
+    """Parse a shard size the way transformers does ("5GB" = 5e9 bytes, "1GiB" = 2**30, "200MB", ints), without
+    importing it (the command line parses before any heavy import).
 
     Raises ValueError naming the bad value and the accepted forms.
     """
-    from transformers.utils.hub import convert_file_size_to_int
-
-    if isinstance(text, str) and text.strip().isdigit():
-        text = int(text.strip())
-    try:
-        size = convert_file_size_to_int(text.strip() if isinstance(text, str) else text)
-    except ValueError:
-        size = None
+    size = text if isinstance(text, int) else None
+    if isinstance(text, str):
+        text = text.strip()
+        if text.isdigit():
+            size = int(text)
+        for unit, factor in SIZE_UNITS:
+            if size is None and text.upper().endswith(unit):
+                try:
+                    size = int(text[: -len(unit)]) * factor
+                except ValueError:
+                    break
+                if len(unit) == 2 and text.endswith("b"):
+                    size //= 8
     if not isinstance(size, int) or size <= 0:
         raise ValueError(
             f"{what} {text!r} is not a size; use a positive integer of bytes or a number with a unit: "
@@ -151,10 +161,11 @@ class FinalizeConfig:
     keep_checkpoint: bool = False
     keep_optimizer: bool = False
     hub: HubOptions | None = None
+    report: Path | None = None  # --report FILE.json: the closing summary's figures, written by rank 0
 
     def __post_init__(self) -> None:
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPE_NAMES)}")
         if self.device not in DEVICES:
             raise ValueError(f"device {self.device!r} is not supported; choose one of {', '.join(DEVICES)}")
         if self.log_level not in LOG_LEVELS:
@@ -182,4 +193,6 @@ class FinalizeConfig:
     @property
     def torch_dtype(self) -> torch.dtype | None:
         """The requested output dtype, or None for "as config.json / as stored"."""
+        from distfinalize.hfnames import DTYPES
+
         return DTYPES[self.dtype] if self.dtype else None

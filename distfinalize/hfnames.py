@@ -7,8 +7,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from distfinalize.errors import DistfinalizeError
 
 
@@ -45,28 +43,36 @@ INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_FILE = "adapter_model.safetensors"  # a PEFT adapter dir's one weight file
 ADAPTER_CONFIG = "adapter_config.json"
 
-# safetensors dtype codes (safetensors/src/tensor.rs), checked against the library in the unit tests.
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # --dtype's choices; DTYPES maps them to torch dtypes
 
 
-DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
+def __getattr__(name: str) -> object:
+    """SAFETENSORS_DTYPES and DTYPES, built on first use: importing this module does not import torch, so the
+    command line answers --help and usage errors without it."""
+    if name not in ("SAFETENSORS_DTYPES", "DTYPES"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import torch
+
+    # safetensors dtype codes (safetensors/src/tensor.rs), checked against the library in the unit tests.
+    tables: dict[str, dict] = {
+        "SAFETENSORS_DTYPES": {
+            torch.float64: "F64",
+            torch.float32: "F32",
+            torch.float16: "F16",
+            torch.bfloat16: "BF16",
+            torch.int64: "I64",
+            torch.int32: "I32",
+            torch.int16: "I16",
+            torch.int8: "I8",
+            torch.uint8: "U8",
+            torch.bool: "BOOL",
+            torch.float8_e4m3fn: "F8_E4M3",
+            torch.float8_e5m2: "F8_E5M2",
+        },
+        "DTYPES": {n: getattr(torch, n) for n in DTYPE_NAMES},
+    }
+    globals().update(tables)
+    return tables[name]
 
 
 ITEMSIZE = {

@@ -1,7 +1,8 @@
 """run(): the numbered steps of a finalize, each agreed on by every rank.
 
 0. base model rank 0: a Hub id --base-model into the Hugging Face cache; every rank reads it there
-1. prepare    every rank: check DEST, find the checkpoint, read its metadata and config.json, map names
+1. prepare    rank 0: check DEST, build config.json's model on the meta device (the names it expects); then
+               every rank: check DEST, find the checkpoint, read its metadata, map names to rank 0's model
    (non-finite scan: with --quantize-skip-nonfinite, each rank checks a share of the weights to quantize)
 2. tie check  rank 0 (every rank, on its own files, with --strategy exchange): does lm_head hold exactly
                embed_tokens' data?
@@ -66,14 +67,17 @@ from distfinalize.errors import DistfinalizeError, SourceError
 from distfinalize.hfnames import ADAPTER_FILE
 from distfinalize.plan import Plan, build_plan, describe, fingerprint
 from distfinalize.prepare import basemodel, tie
+from distfinalize.prepare.model import ModelSpec
 from distfinalize.prepare.nonfinite import skip_nonfinite
-from distfinalize.prepare.prepared import Prepared, check_destination, input_paths, prepare
+from distfinalize.prepare.prepared import Prepared, check_destination, input_paths, model_check, prepare
 from distfinalize.sources import SourceInfo
 from distfinalize.sources.formats import format_of
 from distfinalize.startup import imports_done
+from distfinalize.summary import Clock, log_plan, log_summary, progress_mode, rank_figures, summarize, write_report
 from distfinalize.transform.quant.selection import embedding_names, quantized_tensors
 from distfinalize.transform.vocab import plan_resizes
 from distfinalize.write.exchange import describe as describe_exchange
+from distfinalize.write.progress import Progress
 from distfinalize.write.rank import DataPath, WrittenFile, exchange_schedule, write_rank_files
 
 if TYPE_CHECKING:
@@ -96,8 +100,10 @@ class Outcome:
 
 def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     """Finalize config.src into config.dest with every rank of `ctx`. Runs on: all ranks."""
+    clock = Clock()
     config = basemodel.resolve(config, ctx, lambda: config.dest and check_destination(config.dest, config.src))
-    prepared = ctx.run_step("prepare", lambda: prepare_step(config, ctx.device))
+    spec = ctx.run_step("model check", lambda: model_check(config), ranks="rank0")
+    prepared = ctx.run_step("prepare", lambda: prepare_step(config, ctx.device, spec))
     prepared = skip_nonfinite(config, prepared, ctx)  # --quantize-skip-nonfinite only
     imports_done()
     tied_head = check_tied(config, prepared, ctx)
@@ -131,6 +137,7 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
         log_plan(plan, prepared, tokenizer, vocab_size)
     if config.dry_run:
         return Outcome(config.dest, plan, prepared.source.info, (), True, report)
+    clock.mark("prepare")
 
     staging = staging_path(config.dest)
     weights_dir = staging / "checkpoints" / checkpoint_dir_name(prepared.source.info.step)
@@ -142,10 +149,12 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
             ctx.run_step(
                 "stage", lambda: stage(config, plan, prepared, weights_dir, optimizer is not None, locks), ranks="rank0"
             )
-            written = ctx.run_step(
-                "write", lambda: write_share(config, ctx, plan, prepared, weights_dir, optimizer), collect="rank0"
-            )
-            files = tuple(f for per_rank in written or () for f in per_rank)  # rank 0's view: every rank's files
+            with Progress(ctx, plan.total_size, plan.bytes_for(ctx.rank), progress_mode(config.log_level)) as bar:
+                share = lambda: write_share(config, ctx, plan, prepared, weights_dir, optimizer, bar)  # noqa: E731
+                written = ctx.run_step("write", share, collect="rank0")
+                bar.finished()
+            files = tuple(f for per_rank, _ in written or () for f in per_rank)  # rank 0's view: every rank's files
+            clock.mark("write_step")
             ctx.run_step(
                 "finish",
                 lambda: finish(
@@ -171,18 +180,25 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     finally:
         for lock in locks:
             lock.release()
+    clock.mark("commit")
     report_commit(config, ctx, prepared, plan, done)
+    if ctx.rank == done.reporter and written is not None:  # rank 0 holds every rank's figures
+        report["summary"] = summarize(config.dest, clock, [figures for _, figures in written], files)
+        log_summary(report["summary"])
+        if config.report is not None:
+            write_report(config.report, report["summary"])
     if config.hub is not None:
         report["hub"] = push_committed(config, ctx)
     return Outcome(config.dest, plan, prepared.source.info, files, False, report)
 
 
-def prepare_step(config: FinalizeConfig, device: torch.device) -> Prepared:
-    """DEST checked against SRC (cheap, first), the source opened, then DEST checked against every input the
-    source named (the checkpoint folder, --checkpoint, --base-model, --tokenizer). Runs on: all ranks."""
+def prepare_step(config: FinalizeConfig, device: torch.device, spec: ModelSpec | None) -> Prepared:
+    """DEST checked against SRC (cheap, first), the source opened with rank 0's model `spec`, then DEST checked
+    against every input the source named (the checkpoint folder, --checkpoint, --base-model, --tokenizer).
+    Runs on: all ranks."""
     if config.dest is not None:
         check_destination(config.dest, config.src)
-    prepared = prepare(config, device)
+    prepared = prepare(config, device, spec_of=lambda _: spec)
     if config.dest is not None and prepared.folder is not None:
         check_destination(config.dest, config.src, input_paths(config, prepared.folder))
     return prepared
@@ -260,15 +276,17 @@ def write_share(
     prepared: Prepared,
     weights_dir: Path,
     optimizer: OptimizerCopy | None,
-) -> list[WrittenFile]:
-    """This rank's output files, then its share of the optimizer copy. Runs on: every rank."""
+    bar: Progress,
+) -> tuple[list[WrittenFile], dict[str, Any]]:
+    """This rank's output files, then its share of the optimizer copy; the files and this rank's figures for the
+    summary. Runs on: every rank."""
     files = write_rank_files(
         plan,
         ctx,
         prepared.source,
         weights_dir,
         data_path(config),
-        progress=ctx.is_rank0 and config.log_level in ("debug", "info"),
+        progress=bar,
         progress_dir=staging_path(config.dest) / PROGRESS_DIR,
         resume=config.resume,
     )
@@ -277,7 +295,7 @@ def write_share(
             optimizer, optimizer.files_for(ctx.rank, ctx.world_size), weights_dir / "optimizer"
         )
         log.debug("copied %s of optimizer state", format_bytes(copied))
-    return files
+    return files, rank_figures(ctx.rank, bar)
 
 
 def abandon(ctx: DistContext, staging: Path, exc: BaseException, owned: bool) -> BaseException:
@@ -385,35 +403,3 @@ def describe_data_path(config: FinalizeConfig, prepared: Prepared, plan: Plan) -
     if config.strategy == "exchange":
         out["exchange"] = describe_exchange(exchange_schedule(plan, prepared.source, data_path(config)))
     return out
-
-
-def log_plan(plan: Plan, prepared: Prepared, tokenizer: TokenizerOutcome, vocab_size: int | None) -> None:
-    """Rank 0: what will be done."""
-    info = prepared.source.info
-    log.info(
-        "source: %s checkpoint %s (step %s, saved by %s rank(s)), %d model tensors, %d other entries skipped",
-        info.format,
-        info.path,
-        info.step,
-        info.saved_world_size,
-        len(prepared.tensors),
-        info.skipped,
-    )
-    log.info(
-        "dtype: %s (%s)",
-        str(prepared.dtype).removeprefix("torch.") if prepared.dtype else "as stored",
-        prepared.dtype_reason,
-    )
-    if vocab_size is not None:
-        log.info("vocabulary: embedding rows -> %d (%d token(s) added)", vocab_size, len(tokenizer.added))
-    if prepared.lora is not None:
-        lora = prepared.lora.summary()
-        log.info(
-            "LoRA checkpoint (r=%s, alpha=%s, targets %s; settings from %s): writing %s",
-            lora["r"],
-            lora["lora_alpha"],
-            lora["target_modules"],
-            lora["config_from"],
-            "the merged model" if prepared.lora.merge else "a PEFT adapter dir",
-        )
-    log.info("plan: %d file(s), %s, %d rank(s)", len(plan.files), format_bytes(plan.total_size), plan.world_size)

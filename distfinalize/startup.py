@@ -6,10 +6,15 @@ command); a program that imports distfinalize keeps its own settings."""
 from __future__ import annotations
 
 import gc
+import time
+
+STARTED: list[float] = []  # perf_counter() when the command line started (the summary's startup phase)
 
 
 def imports_starting() -> None:
-    """Turn collection off for the startup imports. Runs on: every rank, first thing."""
+    """Turn collection off for the startup imports, and note the time. Runs on: every rank, first thing."""
+    if not STARTED:
+        STARTED.append(time.perf_counter())
     gc.disable()
 
 

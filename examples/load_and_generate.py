@@ -9,11 +9,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent / "trainers"))
+import common  # before transformers: it leaves out the import-time messages no user can act on
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-sys.path.insert(0, str(Path(__file__).parent / "trainers"))
-import common
 
 
 def main() -> None:

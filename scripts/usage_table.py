@@ -60,7 +60,7 @@ def option_cell(action: argparse.Action) -> str:
         return code(action.metavar or action.dest.upper())
     names = ", ".join(action.option_strings)
     if action.nargs == 0:
-        return code(names)
+        return ", ".join(code(name) for name in action.option_strings)  # `-q`, `--quiet`
     if action.metavar is not None:
         value = action.metavar
     elif action.choices is not None:

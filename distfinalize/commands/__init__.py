@@ -1,4 +1,5 @@
-"""The commands, by name: finalize (what `distfinalize SRC DEST` runs), inspect and verify.
+"""The commands, by name: finalize (what `distfinalize SRC DEST` runs), run (the same, launching the ranks),
+inspect and verify.
 
 Each is `main(argv) -> exit code` and runs under runner.run_guarded. A command's module is imported only when
 it runs, so `distfinalize verify` never loads the finalize pipeline.
@@ -27,7 +28,13 @@ def _verify(argv: Sequence[str]) -> int:
     return main(argv)
 
 
-SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"inspect": _inspect, "verify": _verify}
+def _run(argv: Sequence[str]) -> int:
+    from distfinalize.commands.run import main
+
+    return main(argv)
+
+
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"inspect": _inspect, "verify": _verify, "run": _run}
 
 
 def command_for(argv: Sequence[str]) -> tuple[Callable[[Sequence[str]], int], list[str]]:

@@ -8,13 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from distfinalize.commands.runner import PROG, add_timeout_option, emit, run_guarded
+from distfinalize.commands.runner import PROG, add_log_options, add_timeout_option, emit, log_level, run_guarded
 from distfinalize.config import (
     DEFAULT_MAX_SHARD_SIZE,
     DEFAULT_READ_BATCH,
     DEFAULT_WRITE_THREADS,
     DEVICES,
-    LOG_LEVELS,
     STRATEGIES,
     CardOptions,
     FinalizeConfig,
@@ -24,8 +23,7 @@ from distfinalize.config import (
     parse_size,
 )
 from distfinalize.errors import UsageError
-from distfinalize.hfnames import DTYPES
-from distfinalize.transform.keymap import resolve_key_map
+from distfinalize.hfnames import DTYPE_NAMES
 
 if TYPE_CHECKING:
     from distfinalize.dist.context import DistContext
@@ -86,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dtype",
-        choices=list(DTYPES),
+        choices=list(DTYPE_NAMES),
         help="output dtype of floating tensors (default: config.json's dtype, else as stored)",
     )
     parser.add_argument(
@@ -103,11 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="FILE.json",
+        help="also write the closing summary's figures (files, bytes, seconds per phase, GiB/s, peak RSS per rank) "
+        "as JSON",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="reuse the finished, checksum-verified files of an interrupted run's staging dir",
     )
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    add_log_options(parser)
     add_timeout_option(parser)
     add_data_path_options(parser)
     add_contract_options(parser)
@@ -219,20 +224,25 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
     """Parse and validate; a bad value exits 2 with argparse's usage line."""
     args = parser.parse_args(argv)
     try:
+        key_map = None
+        if args.key_map is not None:  # imported only then: --help and usage errors answer without torch
+            from distfinalize.transform.keymap import resolve_key_map
+
+            key_map = resolve_key_map(args.key_map)
         return FinalizeConfig(
             src=args.src,
             dest=args.dest,
             checkpoint=args.checkpoint,
             tag=args.tag,
             dtype=args.dtype,
-            key_map=resolve_key_map(args.key_map),
+            key_map=key_map,
             quantize=args.quantize,
             quantize_ignore=tuple(args.quantize_ignore),
             quantize_skip_nonfinite=args.quantize_skip_nonfinite,
             max_shard_size=parse_size(args.max_shard_size),
             device=args.device,
             dry_run=args.dry_run,
-            log_level=args.log_level,
+            log_level=log_level(parser, args),
             timeout_s=args.timeout,
             read_batch_bytes=parse_size(args.read_batch, "--read-batch"),
             strategy=args.strategy,
@@ -268,6 +278,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
             keep_checkpoint=args.keep_checkpoint,
             keep_optimizer=args.keep_optimizer,
             hub=hub_options(args),
+            report=args.report,
         )
     except (ValueError, UsageError) as exc:
         parser.error(str(exc))

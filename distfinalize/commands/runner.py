@@ -41,6 +41,33 @@ def add_timeout_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_log_options(parser: argparse.ArgumentParser) -> None:
+    """-q, -v and --log-level (one of them); the default is DISTFINALIZE_LOG_LEVEL, else info."""
+    from distfinalize.config import LOG_LEVELS
+
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="warning", help="warnings only")
+    group.add_argument(
+        "-v", "--verbose", dest="log_level", action="store_const", const="debug", help="debug: each rank's own bar"
+    )
+    group.add_argument(
+        "--log-level", choices=LOG_LEVELS, help="default: $DISTFINALIZE_LOG_LEVEL, else info (-q: warning, -v: debug)"
+    )
+
+
+def log_level(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The level -q/-v/--log-level chose, else DISTFINALIZE_LOG_LEVEL's (checked: a bad one is a usage error)."""
+    from distfinalize.config import LOG_LEVELS
+    from distfinalize.logs import LOG_LEVEL_ENV, default_level
+
+    if args.log_level is not None:
+        return args.log_level
+    level = default_level()
+    if level not in LOG_LEVELS:
+        parser.error(f"{LOG_LEVEL_ENV}={level!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
 def run_guarded(job: Callable[[DistContext], int], *, log_level: str, device: str, timeout_s: float) -> int:
     """Set up logging and the DistContext, run `job`, and turn every failure into one line and an exit code.
 

@@ -6,7 +6,10 @@ against transformers itself rather than guessed. Runs on: all ranks.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ from distfinalize.errors import SourceError
 from distfinalize.hfnames import read_json_object
 
 log = logging.getLogger(__name__)
+SPEC_CACHE_ENV = "DISTFINALIZE_CACHE_DIR"
 
 
 @dataclass(frozen=True)
@@ -111,3 +115,76 @@ def instantiate_on_meta(config: object, architecture: str | None, config_path: P
 def _config_dtype(raw: Mapping[str, object]) -> str | None:
     value = raw.get("dtype") or raw.get("torch_dtype")
     return value if isinstance(value, str) and value != "auto" else None
+
+
+def cached_model_spec(config_path: Path) -> ModelSpec:
+    """load_model_spec, remembered: the same config.json bytes under the same transformers, torch and distfinalize
+    versions describe the same model, so a later run (the next checkpoint of a training run) skips importing
+    transformers and building the model. Models with their own code (`auto_map`) are never cached. The cache is
+    $DISTFINALIZE_CACHE_DIR (empty or "off": none), else $XDG_CACHE_HOME/distfinalize, else ~/.cache/distfinalize.
+    A cache that cannot be read or written is ignored. Runs on: rank 0."""
+    try:
+        raw = config_path.read_bytes()
+    except OSError:
+        raw = b""
+    folder = spec_cache_dir()
+    if folder is None or not raw or b'"auto_map"' in raw:
+        return load_model_spec(config_path)
+    path = folder / f"{hashlib.sha256(raw + _versions()).hexdigest()}.json"
+    try:
+        return _spec_from_json(json.loads(path.read_text(encoding="utf-8")), config_path)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    spec = load_model_spec(config_path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_spec_to_json(spec)), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("model spec cache not written (%s)", exc)
+    return spec
+
+
+def spec_cache_dir() -> Path | None:
+    value = os.environ.get(SPEC_CACHE_ENV)
+    if value is not None:
+        return None if value.strip() in ("", "off") else Path(value)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "distfinalize" / "model-specs"
+
+
+def _versions() -> bytes:
+    from importlib.metadata import version
+
+    from distfinalize import __version__
+
+    return f"|transformers {version('transformers')}|torch {torch.__version__}|distfinalize {__version__}".encode()
+
+
+def _spec_to_json(spec: ModelSpec) -> dict[str, object]:
+    return {
+        "architecture": spec.architecture,
+        "names": list(spec.names),
+        "shapes": {n: list(s) for n, s in spec.shapes.items()},
+        "tied": dict(spec.tied),
+        "ignorable": sorted(spec.ignorable),
+        "config_dtype": spec.config_dtype,
+        "input_embedding": spec.input_embedding,
+        "output_embedding": spec.output_embedding,
+    }
+
+
+def _spec_from_json(data: dict, config_path: Path) -> ModelSpec:
+    return ModelSpec(
+        config_path=config_path,
+        architecture=data["architecture"],
+        names=tuple(data["names"]),
+        shapes={n: tuple(s) for n, s in data["shapes"].items()},
+        tied=dict(data["tied"]),
+        ignorable=frozenset(data["ignorable"]),
+        config_dtype=data["config_dtype"],
+        raw_config=read_json_object(config_path, SourceError, "config.json"),
+        input_embedding=data["input_embedding"],
+        output_embedding=data["output_embedding"],
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,14 +25,14 @@ from distfinalize.config import FinalizeConfig
 from distfinalize.errors import DestinationError, SourceError, UsageError
 from distfinalize.logs import log_rank0
 from distfinalize.prepare.basemodel import base_model_hint, snapshot_repo
-from distfinalize.prepare.model import ModelSpec, load_model_spec
+from distfinalize.prepare.model import ModelSpec, cached_model_spec, load_model_spec
 from distfinalize.prepare.peft import (
     LoraLayout,
     prepare_lora,
 )
 from distfinalize.sources import Source, TensorMeta
 from distfinalize.sources.formats import format_of
-from distfinalize.sources.locate import find_model_config, locate, search_dirs
+from distfinalize.sources.locate import Located, find_model_config, locate, search_dirs
 from distfinalize.transform.keymap import map_names
 from distfinalize.transform.lora import LoraMerge, is_lora_checkpoint
 
@@ -63,29 +63,27 @@ class Prepared:
         return self.lora is not None and not self.lora.merge
 
 
-def prepare(config: FinalizeConfig, device: torch.device | None = None) -> Prepared:
+def model_check(config: FinalizeConfig) -> ModelSpec | None:
+    """DEST checked against SRC (cheap, first), then the model config.json describes, instantiated on the meta
+    device (None without a config.json). Runs on: rank 0 (the pipeline's first step: the other ranks take its
+    result instead of importing transformers)."""
+    if config.dest is not None:
+        check_destination(config.dest, config.src)
+    return _config_spec(_open_inputs(config)[2], cached_model_spec)
+
+
+def prepare(
+    config: FinalizeConfig,
+    device: torch.device | None = None,
+    *,
+    spec_of: Callable[[Path], ModelSpec | None] = load_model_spec,
+) -> Prepared:
     """Locate and open the checkpoint, read config.json, map names, choose the dtype; refuse a --quantize recipe
-    this rank's `device` cannot run. Runs on: all ranks."""
-    check_readable(config.src)
-    located = locate(config.src, config.checkpoint, config.tag)
+    this rank's `device` cannot run. `spec_of` gives config.json's ModelSpec (the pipeline passes the one rank 0
+    made). Runs on: all ranks."""
+    located, search, config_path = _open_inputs(config)
     source = located.format.open(located.path, located.step)
-    search = search_dirs(located.path, config.src)
-    if config.base_model is not None:
-        if not (config.base_model / "config.json").is_file():
-            raise SourceError(
-                "--base-model has no config.json",
-                where=config.base_model,
-                hint="pass a Hugging Face model dir (with config.json) or a Hub id",
-            )
-        search.append(config.base_model.resolve())
-    config_path = find_model_config(located.path, config.src)
-    if config_path is None and config.base_model is not None:
-        config_path = config.base_model / "config.json"
-    tokenizer_dir = config.tokenizer.path or next((d for d in search if is_tokenizer_dir(d)), None)
-    inputs = [("SRC", config.src), *input_paths(config, located.path), ("", snapshot_repo(config.base_model))]
-    given = links.roots(path for _, path in inputs)  # a Hub cache snapshot links into its repo's blobs/
-    links.check_files(links.published_inputs(config_path, search, tokenizer_dir), given)
-    spec = load_model_spec(config_path) if config_path is not None else None
+    spec = _config_spec(config_path, spec_of)
     lora = None
     if is_lora_checkpoint(t.name for t in source.tensors):
         if config.key_map is not None:
@@ -151,6 +149,34 @@ def check_tensors_only(config: FinalizeConfig, folder: Path) -> None:
         + " (its config.json, tokenizer and generation config are used), or --tensors-only to write the tensors "
         "as stored, without a config.json (transformers cannot load that dir)",
     )
+
+
+def _open_inputs(config: FinalizeConfig) -> tuple[Located, list[Path], Path | None]:
+    """The checkpoint located, the dirs searched for its companions, and config.json's path, every published
+    input checked to stay inside the trees given. Runs on: all ranks (rank 0 first, in the model check)."""
+    check_readable(config.src)
+    located = locate(config.src, config.checkpoint, config.tag)
+    search = search_dirs(located.path, config.src)
+    if config.base_model is not None:
+        if not (config.base_model / "config.json").is_file():
+            raise SourceError(
+                "--base-model has no config.json",
+                where=config.base_model,
+                hint="pass a Hugging Face model dir (with config.json) or a Hub id",
+            )
+        search.append(config.base_model.resolve())
+    config_path = find_model_config(located.path, config.src)
+    if config_path is None and config.base_model is not None:
+        config_path = config.base_model / "config.json"
+    tokenizer_dir = config.tokenizer.path or next((d for d in search if is_tokenizer_dir(d)), None)
+    inputs = [("SRC", config.src), *input_paths(config, located.path), ("", snapshot_repo(config.base_model))]
+    given = links.roots(path for _, path in inputs)  # a Hub cache snapshot links into its repo's blobs/
+    links.check_files(links.published_inputs(config_path, search, tokenizer_dir), given)
+    return located, search, config_path
+
+
+def _config_spec(config_path: Path | None, spec_of: Callable[[Path], ModelSpec | None]) -> ModelSpec | None:
+    return spec_of(config_path) if config_path is not None else None
 
 
 def check_strategy(config: FinalizeConfig, source: Source, lora: LoraLayout | None, where: Path) -> None:

@@ -19,8 +19,6 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from distfinalize.dist.context import DistContext
 from distfinalize.errors import DestinationError
 from distfinalize.plan import FilePlan, Plan, TensorPlan
@@ -29,6 +27,7 @@ from distfinalize.transform.cast import transform
 from distfinalize.write.exchange import plan_exchange
 from distfinalize.write.feed import exchange_feed, read_feed
 from distfinalize.write.overlap import Item, Stages, lane_order
+from distfinalize.write.progress import Meter
 from distfinalize.write.writer import DEFAULT_METADATA, FileLayout, SafetensorsWriter, StageBuffer, file_sha256, layout
 
 log = logging.getLogger(__name__)
@@ -61,12 +60,12 @@ def write_rank_files(
     source: Source,
     directory: Path,
     path: DataPath,
-    progress: bool = False,
+    progress: Meter | None = None,
     progress_dir: Path | None = None,
     resume: bool = False,
 ) -> list[WrittenFile]:
-    """Write every file the plan gives this rank into `directory` (bar when `progress`). Runs on: every rank
-    (with `exchange`, all ranks together)."""
+    """Write every file the plan gives this rank into `directory`; `progress` counts the bytes written and each
+    stage's busy time (write/progress.py). Runs on: every rank (with `exchange`, all ranks together)."""
     files = plan.files_for(ctx.rank)
     reused = {f.filename: w for f in files if resume and (w := reusable(f, directory, progress_dir)) is not None}
     for name in reused:
@@ -80,23 +79,36 @@ def write_rank_files(
         reader, tensors = source.reader(), [s.tensor for s in steps]
         feed = lambda failed: read_feed(tensors, reader, path.read_batch_bytes, failed)  # noqa: E731
     written: dict[str, WrittenFile] = {}
-    with tqdm(
-        total=plan.bytes_for(ctx.rank),
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=f"rank {ctx.rank} writing",
-        disable=not (progress and files),
-        mininterval=1.0,
-    ) as bar:
-        bar.update(sum(f.nbytes for f in files if f.filename in reused))
-        writers = LaneWriters(todo, directory, bar, written, progress_dir, plan.metadata)
-        Stages(steps, 2 * path.read_batch_bytes, ctx.device).run(
-            feed, lambda inputs, t: transform(inputs[0], t, ctx.device, inputs[1:]), writers.write_lane
-        )
+    meter = progress if progress is not None else Meter()
+    meter.update(sum(f.nbytes for f in files if f.filename in reused))
+    writers = LaneWriters(todo, directory, meter, written, progress_dir, plan.metadata)
+    Stages(steps, 2 * path.read_batch_bytes, ctx.device).run(
+        metered(feed, meter), lambda inputs, t: timed_transform(inputs, t, ctx, meter), writers.write_lane
+    )
     done = [reused.get(f.filename) or written[f.filename] for f in files]
     log.debug("wrote %d file(s)", len(done))
     return done
+
+
+def metered(feed, meter: Meter):
+    """`feed`, with the time spent getting each tensor and its bytes counted as the read stage's."""
+
+    def run(failed):
+        items = iter(feed(failed))
+        while True:
+            with meter.busy("read"):
+                got = next(items, None)
+            if got is None:
+                return
+            meter.read(sum(x.nbytes for x in got[1]))
+            yield got
+
+    return run
+
+
+def timed_transform(inputs, t: TensorPlan, ctx: DistContext, meter: Meter):
+    with meter.busy("transform"):
+        return transform(inputs[0], t, ctx.device, inputs[1:])
 
 
 def exchange_plan_feed(plan: Plan, ctx: DistContext, source: Source, path: DataPath, reused: list[str]):
@@ -147,7 +159,7 @@ class LaneWriters:
         self,
         files: Sequence[FilePlan],
         directory: Path,
-        bar: tqdm,
+        bar: Meter,
         written: dict[str, WrittenFile],
         progress_dir: Path | None,
         metadata: Mapping[str, str] | None = None,
@@ -163,13 +175,14 @@ class LaneWriters:
                 if item.step.file != current:
                     current, file = item.step.file, self.files[item.step.file]
                     writer, left = self._open(file, stage), len(file.tensors)
-                for name, tensor in item.outputs.items():
-                    writer.write(name, tensor)
-                self.bar.update(item.step.tensor.nbytes)
-                left -= 1
-                if left == 0:
-                    done, writer = writer, None
-                    self._close(self.files[current], done)
+                with self.bar.busy("write"):
+                    for name, tensor in item.outputs.items():
+                        writer.write(name, tensor)
+                    self.bar.update(item.step.tensor.nbytes)
+                    left -= 1
+                    if left == 0:
+                        done, writer = writer, None
+                        self._close(self.files[current], done)
         except OSError as exc:
             raise self._error(self.files[current], exc) from exc
         finally:

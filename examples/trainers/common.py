@@ -13,6 +13,7 @@ import argparse
 import os
 from pathlib import Path
 
+import quiet  # noqa: F401  (before transformers: its imports' messages no user can act on)
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, LlamaConfig

@@ -104,3 +104,20 @@ def test_bad_source_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert len(error_lines(err)) == 1 and message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "out.distfinalize-staging").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nproc-per-node", "0", "SRC", "DEST"], "--nproc-per-node must be at least 1"),
+        (["--nnodes", "2", "SRC", "DEST"], "--nnodes 2 needs --rdzv-endpoint"),
+        (["--nproc-per-node", "1", "SRC"], "the following arguments are required: DEST"),
+        (["--nproc-per-node", "1", "SRC", "DEST", "--dtype", "int3"], "invalid choice: 'int3'"),
+    ],
+)
+def test_run_usage_errors_before_any_rank(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    """`distfinalize run` checks its own options and the finalize's before starting a rank: exit 2, one usage."""
+    with pytest.raises(SystemExit) as exited:
+        main(["run", *args])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in err and "Traceback" not in err

@@ -1,0 +1,107 @@
+"""Fixed costs on a small checkpoint: distfinalize (one process, 2 ranks under torchrun, 2 ranks under
+`distfinalize run`) and `--help` against the single-process peer (dcp.load + save_file), interleaved.
+
+    python benchmarks/startup.py --size-gib 0.28 [--reps 3] [--baseline DIR] [--work startup-work] [--report MD]
+
+Each repetition runs every tool once, one after the other, so a machine whose load changes during the run
+affects every tool alike; the median of --reps is reported, with the ratio to the peer. --baseline DIR also
+times the distfinalize in DIR (another checkout: its package dir is put first on PYTHONPATH), in the same run.
+The checkpoint is warm (in the page cache); every output is checked against the peer's, bit for bit. The model
+check's cache starts empty (WORK/spec-cache): each tool's first run builds the model, later runs read the cache;
+the "runs" column lists every run in order, so the first is the cold-cache figure. Run it
+from a directory without a distfinalize/ package in it (python -m puts the current directory first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+from datetime import date
+from pathlib import Path
+
+from measure import finalize_cmd, run_measured, torchrun
+from run import append_section, same_tensors
+
+HERE = Path(__file__).resolve().parent
+
+
+def tools(ckpt: Path, out: Path, shard: str, label: str, with_run: bool = True) -> dict[str, list[str]]:
+    """The distfinalize commands timed; `with_run`: the checkout has `distfinalize run`."""
+    py = sys.executable
+    run2 = [py, "-m", "distfinalize", "run", "--nproc-per-node", "2", str(ckpt), str(out), "-q"]
+    found = {
+        f"{label}distfinalize, --help": [py, "-m", "distfinalize", "--help"],
+        f"{label}distfinalize, 1 process": finalize_cmd(1, ckpt, out, "--max-shard-size", shard, plain=True),
+        f"{label}distfinalize, 2 ranks, torchrun": finalize_cmd(2, ckpt, out, "--max-shard-size", shard),
+    }
+    if with_run:
+        found[f"{label}distfinalize run, 2 ranks"] = [*run2, "--max-shard-size", shard]
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-gib", type=float, default=0.28)
+    parser.add_argument("--save-ranks", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--max-shard-size", default="256MB")
+    parser.add_argument("--baseline", type=Path, help="another checkout of distfinalize to time in the same run")
+    parser.add_argument("--work", type=Path, default=Path("startup-work"))
+    parser.add_argument("--report", type=Path, default=HERE / "results" / f"{date.today()}-startup.md")
+    args = parser.parse_args()
+    work = args.work.resolve()
+    env = dict(os.environ, OMP_NUM_THREADS="1", DISTFINALIZE_CACHE_DIR=str(work / "spec-cache"))
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    made = run_measured(
+        torchrun(args.save_ranks, str(HERE / "make_synthetic.py"), str(work / "src"), "--size-gib", str(args.size_gib)),
+        env,
+    )
+    if made.returncode:
+        sys.exit(made.output)
+    ckpt, out, ref = work / "src" / "ckpt", work / "out", work / "reference"
+    gib = sum(p.stat().st_size for p in ckpt.glob("*.distcp")) / 2**30
+    peer = "dcp.load + save_file"
+    cmds = {peer: [sys.executable, str(HERE / "peers.py"), "dcp-load-save-file", str(ckpt), str(ref)]}
+    cmds[peer] += ["--max-shard-size", args.max_shard_size]
+    envs = dict.fromkeys(cmds, env)
+    for name, cmd in tools(ckpt, out, args.max_shard_size, "").items():
+        cmds[name], envs[name] = cmd, env
+    if args.baseline is not None:
+        base_env = dict(env, PYTHONPATH=str(args.baseline.resolve()))
+        with_run = (args.baseline / "distfinalize" / "commands" / "run.py").is_file()
+        for name, cmd in tools(ckpt, out, args.max_shard_size, "baseline: ", with_run).items():
+            cmds[name], envs[name] = cmd, base_env
+    walls: dict[str, list[float]] = {name: [] for name in cmds}
+    rss: dict[str, int] = dict.fromkeys(cmds, 0)
+    for rep in range(args.reps):
+        for name, cmd in cmds.items():
+            shutil.rmtree(out if name != peer else ref, ignore_errors=True)
+            result = run_measured(cmd, envs[name])
+            if result.returncode:
+                sys.exit(f"{name} failed:\n{result.output[-4000:]}")
+            if name != peer and "--help" not in cmd and not same_tensors(ref, out):
+                sys.exit(f"{name} wrote different tensors from the peer")
+            walls[name].append(result.wall_s)
+            rss[name] = max(rss[name], result.peak_rss_bytes)
+            print(f"rep {rep + 1}: {name:45} {result.wall_s:6.2f} s", flush=True)
+    base = statistics.median(walls[peer])
+    table = [
+        "| tool | seconds (median) | runs | peak RSS / process (GiB) | time vs peer |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for name, times in walls.items():
+        median = statistics.median(times)
+        runs = ", ".join(f"{t:.2f}" for t in times)
+        table.append(f"| {name} | {median:.2f} | {runs} | {rss[name] / 2**30:.2f} | {median / base:.2f} |")
+    facts = [f"checkpoint: {gib:.2f} GiB bf16, saved by {args.save_ranks} ranks, warm", f"reps: {args.reps}"]
+    figures = {"medians_s": {n: statistics.median(t) for n, t in walls.items()}}
+    rows = []
+    append_section(args.report, "start-up", facts, table, figures, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""`distfinalize run [--nproc-per-node N] [--nnodes M --rdzv-endpoint HOST:PORT] SRC DEST [options]`: one command
+that starts the ranks itself (torch.distributed's elastic agent, as torchrun does) and runs a finalize on each.
+
+The finalize arguments are checked here first, so a usage error is one line before any rank starts. A failed
+rank's one error line is the run's; no launcher traceback or failure table follows (dist/agent.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from distfinalize.commands.runner import PROG, report_line
+from distfinalize.errors import DistfinalizeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} run",
+        description="Start N ranks on this node (and join the other nodes' ranks) and finalize SRC into DEST with "
+        "all of them. Takes every option of `distfinalize SRC DEST` after SRC DEST.",
+        epilog="Example: distfinalize run --nproc-per-node 8 /ckpt/run1 /models/run1 --dtype bfloat16. "
+        "Multi-node: the same command on every node, with --nnodes M --rdzv-endpoint HOST:PORT.",
+    )
+    parser.add_argument(
+        "--nproc-per-node", type=int, metavar="N", help="ranks on this node (default: one per GPU, else 1)"
+    )
+    parser.add_argument("--nnodes", type=int, default=1, metavar="M", help="nodes in the job (default: 1)")
+    parser.add_argument(
+        "--rdzv-endpoint",
+        metavar="HOST:PORT",
+        help="where the nodes meet (a c10d store on HOST; needed with --nnodes > 1); default: this node alone",
+    )
+    parser.add_argument(
+        "--rdzv-id", metavar="ID", help="the job's id at the rendezvous (default: $SLURM_JOB_ID, else random)"
+    )
+    parser.add_argument(
+        "--log-dir", type=Path, metavar="DIR", help="also write each rank's stdout and stderr to files under DIR"
+    )
+    parser.add_argument("finalize", nargs=argparse.REMAINDER, metavar="SRC DEST [options]")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    """Check the arguments, then launch the ranks. Runs on: the launching process (one per node)."""
+    from distfinalize.commands.finalize import build_parser as finalize_parser
+    from distfinalize.commands.finalize import parse_config
+    from distfinalize.dist.agent import AgentOptions, default_nproc, launch
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = parse_config(finalize_parser(), args.finalize)  # a usage error exits 2 here, before any rank
+    try:
+        options = AgentOptions(
+            nproc_per_node=default_nproc() if args.nproc_per_node is None else args.nproc_per_node,
+            nnodes=args.nnodes,
+            rdzv_endpoint=args.rdzv_endpoint,
+            rdzv_id=args.rdzv_id,
+            log_dir=args.log_dir,
+            verbose=config.log_level == "debug",
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        code, line = launch(options, list(args.finalize))
+    except DistfinalizeError as exc:
+        code, line = exc.exit_code, str(exc)
+    except KeyboardInterrupt:
+        code, line = 130, "interrupted"
+    if line is not None:
+        report_line(line, 0)
+    return code

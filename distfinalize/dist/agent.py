@@ -1,0 +1,115 @@
+"""`distfinalize run`: start the ranks through torch.distributed's elastic agent (what torchrun runs), and turn
+its outcome into one exit code and at most one line.
+
+Each rank prints its own error line (commands/runner.py); the agent's logging and its ChildFailedError table are
+left out. When no rank could say why (a rank killed by a signal before any peer noticed, an exit code that is not
+distfinalize's), the launcher prints the one line itself. Runs on: the launching process of each node.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from distfinalize.errors import LaunchError
+
+OUR_EXIT_CODES = frozenset({1, 2, 70, 130})  # a rank that exits with one of these has printed its own line
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentOptions:
+    """The launcher's options: ranks per node, nodes, the rendezvous, per-rank log files."""
+
+    nproc_per_node: int
+    nnodes: int = 1
+    rdzv_endpoint: str | None = None  # HOST:PORT of the c10d rendezvous; None: this node alone (standalone)
+    rdzv_id: str | None = None
+    log_dir: Path | None = None  # also write each rank's stdout/stderr under it
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if self.nproc_per_node < 1:
+            raise ValueError(f"--nproc-per-node must be at least 1, got {self.nproc_per_node}")
+        if self.nnodes < 1:
+            raise ValueError(f"--nnodes must be at least 1, got {self.nnodes}")
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (a host every node reaches)")
+
+
+def default_nproc() -> int:
+    """One rank per visible GPU, else 1."""
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
+def launch(options: AgentOptions, argv: list[str]) -> tuple[int, str | None]:
+    """Run `python -m distfinalize ARGV` on every rank of this node; the exit code, and the line to print when
+    no rank printed one."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    quiet_agent(options.verbose)
+    if options.nproc_per_node > 1 or options.nnodes > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets: one thread per rank, unless told
+    logs = Std.ALL if options.log_dir is not None else Std.NONE
+    config = LaunchConfig(
+        min_nodes=options.nnodes,
+        max_nodes=options.nnodes,
+        nproc_per_node=options.nproc_per_node,
+        run_id=options.rdzv_id or os.environ.get("SLURM_JOB_ID") or str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint=options.rdzv_endpoint or "localhost:0",
+        max_restarts=0,
+        logs_specs=DefaultLogsSpecs(
+            log_dir=str(options.log_dir) if options.log_dir else None, redirects=logs, tee=logs
+        ),
+    )
+    try:
+        elastic_launch(config, sys.executable)("-u", "-m", "distfinalize", *argv)
+    except ChildFailedError as exc:
+        return child_failure(exc.failures)
+    except SignalException as exc:
+        return 128 + int(exc.sigval), None  # the ranks got the signal too, and said so
+    except RendezvousError as exc:
+        where = options.rdzv_endpoint or "localhost"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LaunchError(
+            f"the ranks could not meet at the rendezvous ({first})",
+            where=where,
+            hint="check --rdzv-endpoint HOST:PORT and that every node runs the same command",
+        ) from exc
+    return 0, None
+
+
+def child_failure(failures: dict) -> tuple[int, str | None]:
+    """The exit code of the first rank that failed; a line of our own only when no rank printed one."""
+    codes = {rank: failure.exitcode for rank, failure in failures.items()}
+    ours = sorted(rank for rank, code in codes.items() if code in OUR_EXIT_CODES)
+    if ours:
+        return codes[ours[0]], None
+    rank = min(codes, key=lambda r: (failures[r].timestamp, r))
+    code = codes[rank]
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+        return 128 - code, f"rank {rank} was killed by {name} (pid {failures[rank].pid} on {failures[rank].hostname})"
+    return code or 1, f"rank {rank} exited with code {code} (pid {failures[rank].pid} on {failures[rank].hostname})"
+
+
+def quiet_agent(verbose: bool) -> None:
+    """The elastic agent logs its configuration, its rendezvous, each failed rank and the closing of the others:
+    shown with -v only (each of its loggers sets its own level, so each is set here)."""
+    import torch.distributed.elastic  # noqa: F401  (its loggers exist once it is imported)
+
+    level = logging.INFO if verbose else logging.CRITICAL
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(level)
