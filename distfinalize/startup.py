@@ -9,8 +9,12 @@ import gc
 
 
 def imports_starting() -> None:
-    """Turn collection off for the startup imports. Runs on: every rank, first thing."""
+    """Turn collection off for the startup imports, and start DISTFINALIZE_PROFILE's profiles (see Profiles).
+    Runs on: every rank, first thing."""
     gc.disable()
+    global _profiles
+    if _profiles is None:
+        _profiles = profiles_from_env()
 
 
 def imports_done() -> None:
@@ -19,3 +23,70 @@ def imports_done() -> None:
     if not gc.isenabled():
         gc.freeze()
         gc.enable()
+
+
+PROFILE_ENV = "DISTFINALIZE_PROFILE"
+
+
+class Profiles:
+    """`DISTFINALIZE_PROFILE=DIR`: cProfile every thread of this process and write one pstats file per thread name
+    into DIR before the process's hard exit: `rank<R>-<thread>.pstats` (R from RANK or SLURM_PROCID, else 0; the
+    main thread is `MainThread`, the pipeline's are `distfinalize-feed` and `distfinalize-write<N>`). Threads that
+    are still running at the exit (the launcher's watchdogs) are left out. Runs on: every rank, when set."""
+
+    def __init__(self, directory: str) -> None:
+        import cProfile
+        import threading
+
+        self.directory = directory
+        self.finished: list[tuple[str, object]] = []
+        self.main = cProfile.Profile()
+        run = threading.Thread.run
+        finished = self.finished
+
+        def profiled_run(thread: threading.Thread) -> None:
+            profile = cProfile.Profile()
+            profile.enable()
+            try:
+                run(thread)
+            finally:
+                profile.disable()
+                finished.append((thread.name, profile))
+
+        threading.Thread.run = profiled_run
+        self.main.enable()
+
+    def write(self) -> None:
+        """Stop the main thread's profile and write every finished one (merged by thread name)."""
+        import os
+        import pstats
+
+        self.main.disable()
+        rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+        os.makedirs(self.directory, exist_ok=True)
+        by_name: dict[str, pstats.Stats] = {}
+        for name, profile in [("MainThread", self.main), *self.finished]:
+            if name in by_name:
+                by_name[name].add(profile)
+            else:
+                by_name[name] = pstats.Stats(profile)
+        for name, stats in by_name.items():
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+            stats.dump_stats(os.path.join(self.directory, f"rank{rank}-{safe}.pstats"))
+
+
+def profiles_from_env() -> Profiles | None:
+    """Start profiling when DISTFINALIZE_PROFILE names a folder. Runs on: every rank, first thing."""
+    import os
+
+    directory = os.environ.get(PROFILE_ENV)
+    return Profiles(directory) if directory else None
+
+
+def write_profiles() -> None:
+    """Write the profiles `imports_starting` started, if any. Runs on: every rank, just before the hard exit."""
+    if _profiles is not None:
+        _profiles.write()
+
+
+_profiles: Profiles | None = None
