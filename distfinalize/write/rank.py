@@ -29,7 +29,15 @@ from distfinalize.transform.cast import transform
 from distfinalize.write.exchange import plan_exchange
 from distfinalize.write.feed import exchange_feed, read_feed
 from distfinalize.write.overlap import Item, Stages, lane_order
-from distfinalize.write.writer import DEFAULT_METADATA, FileLayout, SafetensorsWriter, StageBuffer, file_sha256, layout
+from distfinalize.write.writer import (
+    DEFAULT_METADATA,
+    FileLayout,
+    SafetensorsWriter,
+    StageBuffer,
+    aligned,
+    file_sha256,
+    layout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +136,22 @@ def write_order(file: FilePlan, metadata: Mapping[str, str] | None = None) -> li
 
 
 def file_layout(file: FilePlan, metadata: Mapping[str, str] | None = None) -> FileLayout:
-    """The file's safetensors layout; `metadata` (a recipe's, e.g. torchao's) joins the header's {"format": "pt"}."""
+    """The file's safetensors layout; `metadata` (a recipe's, e.g. torchao's) joins the header's {"format": "pt"}.
+
+    A file without quantized weights is laid out as the safetensors library lays it out (byte-identical to
+    save_file's). A file with quantized weights keeps each weight's outputs together, in the recipe's order
+    (the quantized data, then its scales), the weights in the plan's order: the library's order would put every
+    float32 scale before all the data, so no weight could be written (and hashed, and sent past the page cache)
+    before the last one was quantized. Loaders find tensors by the header's offsets, whatever their order; when
+    that order would leave a tensor misaligned for its dtype, the library's is used.
+    """
     tensors = [(name, shape, dtype) for t in file.tensors for name, (shape, dtype) in t.outputs.items()]
-    return layout(tensors, {**DEFAULT_METADATA, **(metadata or {})})
+    header = {**DEFAULT_METADATA, **(metadata or {})}
+    if any(t.quant is not None for t in file.tensors):
+        grouped = layout(tensors, header, as_given=True)
+        if aligned(grouped):
+            return grouped
+    return layout(tensors, header)
 
 
 class LaneWriters:
@@ -156,7 +177,7 @@ class LaneWriters:
                 if item.step.file != current:
                     current, file = item.step.file, self.files[item.step.file]
                     writer, left = self._open(file, stage), len(file.tensors)
-                for name, tensor in item.outputs.items():
+                for name, tensor in sorted(item.outputs.items(), key=lambda o: writer.layout.slots[o[0]].start):
                     writer.write(name, tensor)
                 self.bar.update(item.step.tensor.nbytes)
                 left -= 1

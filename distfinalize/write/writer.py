@@ -51,13 +51,20 @@ class FileLayout:
 
 
 def layout(
-    tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype]], metadata: Mapping[str, str] | None = None
+    tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+    metadata: Mapping[str, str] | None = None,
+    as_given: bool = False,
 ) -> FileLayout:
-    """Compute the file layout from (name, shape, dtype) alone. Pure."""
+    """Compute the file layout from (name, shape, dtype) alone: in the library's order, or in the order given
+    (`as_given`). Pure."""
     for name, _, dtype in tensors:
         if dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
-    ordered = sorted(tensors, key=lambda t: (-SAFETENSORS_ORDER.index(SAFETENSORS_DTYPES[t[2]]), t[0]))
+    ordered = (
+        list(tensors)
+        if as_given
+        else sorted(tensors, key=lambda t: (-SAFETENSORS_ORDER.index(SAFETENSORS_DTYPES[t[2]]), t[0]))
+    )
     entries: dict[str, object] = {"__metadata__": dict(metadata or DEFAULT_METADATA)}
     spans = []
     offset = 0
@@ -76,6 +83,12 @@ def layout(
     base = len(header)
     slots = {n: TensorSlot(n, d, s, base + a, base + b) for n, d, s, a, b in spans}
     return FileLayout(header, slots, base + offset)
+
+
+def aligned(file_layout: FileLayout) -> bool:
+    """Whether every tensor starts at a multiple of its element size (what loaders that view the file's bytes
+    as the tensor's dtype need; the library's order guarantees it). Pure."""
+    return all(slot.start % slot.dtype.itemsize == 0 for slot in file_layout.slots.values())
 
 
 DIRECT_ALIGNMENT = 4096  # O_DIRECT wants buffer, offset and length on the device's logical blocks (<= 4 KiB)
@@ -102,8 +115,9 @@ class SafetensorsWriter:
     their bytes are gathered in the buffer and written in large aligned blocks past the page cache: no copy into
     cache pages the kernel first has to allocate, and no cache growing by the size of the output (the last block
     is padded, then the file truncated to its size). Otherwise, or when the file system refuses an O_DIRECT write,
-    they go through the page cache as they are. A tensor out of file order (a quantized weight's scale sits
-    elsewhere in the file) turns the rest of the file to the page cache, and the file is read back once to hash it.
+    they go through the page cache as they are. A tensor out of file order turns the rest of the file to the page
+    cache, and the file is read back once to hash it (the plan lays out and orders every file so this does not
+    happen: see write/rank.py's file_layout).
     """
 
     def __init__(self, path: Path, file_layout: FileLayout, stage: StageBuffer | None = None) -> None:
