@@ -61,9 +61,12 @@ class SourceInfo:
 
 
 class TensorReader(Protocol):
-    """Reads whole tensors (in their stored dtype, on CPU) touching only the bytes they need."""
+    """Reads whole tensors, or blocks of their rows (in their stored dtype, on CPU), touching only the bytes
+    they need."""
 
     def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]: ...
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor: ...
 
 
 class Source(Protocol):

@@ -54,6 +54,15 @@ class HFModelDir:
                 raise SourceError("cannot read base weights", where=self.path / file, hint=str(exc)) from exc
         return out
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of `name` (stored dtype, CPU)."""
+        try:
+            with safe_open(str(self.path / self.files[name]), framework="pt") as f:
+                view = f.get_slice(name)
+                return view[start:stop] if view.get_shape() else f.get_tensor(name)
+        except (OSError, SafetensorError) as exc:
+            raise SourceError("cannot read base weights", where=self.path / self.files[name], hint=str(exc)) from exc
+
 
 def weight_files(path: Path) -> dict[str, str]:
     """Tensor name -> file, from model.safetensors.index.json or a single model.safetensors."""
@@ -100,3 +109,8 @@ class _CombinedReader:
         read = self.base.read([k.removeprefix(BASE_KEY_PREFIX) for k in base]) if base else {}
         out.update({BASE_KEY_PREFIX + name: tensor for name, tensor in read.items()})
         return out
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        if key.startswith(BASE_KEY_PREFIX):
+            return self.base.read_rows(key.removeprefix(BASE_KEY_PREFIX), start, stop)
+        return self.checkpoint.read_rows(key, start, stop)

@@ -234,6 +234,23 @@ def test_reader_reads_only_the_bytes_of_its_tensors(
         assert torch.equal(tensor.to(expected[meta.name].dtype), expected[meta.name]), meta.name
 
 
+@pytest.mark.parametrize("variant", ["zero2-extras", "zero3-untied"])
+def test_row_blocks_read_only_their_bytes(deepspeed_runs: Path, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process: read_rows gives exactly those rows of zero_to_fp32's tensor, reading just their bytes."""
+    source = DeepSpeedSource(deepspeed_runs / variant / LATEST)
+    reads: list[int] = []
+    real = ds_source._read_exact
+    monkeypatch.setattr(ds_source, "_read_exact", lambda h, o, into, p: reads.append(len(into)) or real(h, o, into, p))
+    expected = expected_state(deepspeed_runs / variant)
+    for meta in (m for m in source.tensors if len(m.shape) == 2 and m.shape[0] >= 3):
+        rows = meta.shape[0]
+        for start, stop in ((0, 1), (1, rows - 1), (rows - 2, rows)):
+            reads.clear()
+            block = source.reader().read_rows(meta.key, start, stop)
+            assert sum(reads) == (stop - start) * meta.nbytes // rows, meta.name
+            assert torch.equal(block.to(expected[meta.name].dtype), expected[meta.name][start:stop]), meta.name
+
+
 def test_reading_needs_no_deepspeed(deepspeed_runs: Path, tmp_path: Path) -> None:
     """A process where `import deepspeed` fails still reads every tensor (DeepSpeed's pickled classes are stubbed)."""
     run, out = deepspeed_runs / "zero2-frozen", tmp_path / "read.pt"
