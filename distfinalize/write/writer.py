@@ -93,6 +93,7 @@ def aligned(file_layout: FileLayout) -> bool:
 
 DIRECT_ALIGNMENT = 4096  # O_DIRECT wants buffer, offset and length on the device's logical blocks (<= 4 KiB)
 STAGE_BYTES = 32 * 2**20  # one O_DIRECT write
+HOLD_BYTES = 64 * 2**20  # blocks held until their turn (a weight's scales), per file
 
 
 class StageBuffer:
@@ -124,6 +125,9 @@ class SafetensorsWriter:
         self.path = path
         self.layout = file_layout
         self.written: set[str] = set()
+        self.rows: dict[str, int] = {}  # rows written so far of tensors written in blocks
+        self.held: dict[int, torch.Tensor] = {}  # bytes that came before their turn, by file offset (HOLD_BYTES)
+        self.held_bytes = 0
         self.position = 0  # bytes handed over in file order so far
         self.in_order = True  # every tensor so far came in file order: the digest is the file's
         self.digest = hashlib.sha256()
@@ -133,20 +137,40 @@ class SafetensorsWriter:
         os.ftruncate(self.fd, file_layout.size)
         self._append(torch.frombuffer(bytearray(file_layout.header), dtype=torch.uint8))
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write `tensor` (CPU, the planned dtype and shape) into its slot."""
+    def write(self, name: str, tensor: torch.Tensor, row: int | None = None) -> None:
+        """Write `tensor` (CPU, the planned dtype) into its slot: the whole tensor, or (`row`) a block of its rows
+        starting at that row. A block that comes before its turn is held until the bytes before it are written,
+        up to HOLD_BYTES (a weight's scales, written after its data); beyond that the file leaves file order."""
         slot = self.layout.slots[name]
-        if tensor.dtype != slot.dtype or tuple(tensor.shape) != slot.shape:
-            raise ValueError(
-                f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, planned {slot.dtype} {list(slot.shape)}"
-            )
+        whole = row is None
+        if tensor.dtype != slot.dtype or (
+            tuple(tensor.shape) != slot.shape
+            if whole
+            else tuple(tensor.shape[1:]) != slot.shape[1:] or row + tensor.shape[0] > slot.shape[0]
+        ):
+            got = f"{tensor.dtype} {list(tensor.shape)}" + ("" if whole else f" at row {row}")
+            raise ValueError(f"tensor {name!r} is {got}, planned {slot.dtype} {list(slot.shape)}")
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        if self.in_order and slot.start == self.position:
+        offset = slot.start if whole else slot.start + row * (slot.end - slot.start) // max(1, slot.shape[0])
+        self._place(data, offset)
+        if not whole:
+            self.rows[name] = self.rows.get(name, 0) + tensor.shape[0]
+        if whole or self.rows[name] == slot.shape[0]:
+            self.written.add(name)
+
+    def _place(self, data: torch.Tensor, offset: int) -> None:
+        if self.in_order and offset == self.position:
             self._append(data)
+            while self.position in self.held:
+                early = self.held.pop(self.position)
+                self.held_bytes -= early.numel()
+                self._append(early)
+        elif self.in_order and offset > self.position and self.held_bytes + data.numel() <= HOLD_BYTES:
+            self.held[offset] = data
+            self.held_bytes += data.numel()
         else:
             self._leave_order()
-            self._pwrite(memoryview(data.numpy()), slot.start)
-        self.written.add(name)
+            self._pwrite(memoryview(data.numpy()), offset)
 
     def _leave_order(self) -> None:
         """Write what is staged and go on through the page cache, at each tensor's offset."""
@@ -157,6 +181,10 @@ class SafetensorsWriter:
         if self.staged:
             self._flush()
         self.in_order = False
+        for offset, early in sorted(self.held.items()):
+            self._pwrite(memoryview(early.numpy()), offset)
+        self.held.clear()
+        self.held_bytes = 0
 
     def _append(self, data: torch.Tensor) -> None:
         """The next bytes of the file: hashed, then written (or staged)."""
