@@ -66,6 +66,8 @@ class TensorReader(Protocol):
 
     def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]: ...
 
+    def row_cuts(self, key: str) -> Sequence[int] | None: ...  # rows where stored chunks start; None: any row
+
     def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor: ...
 
 

@@ -181,6 +181,10 @@ class DcpTensorReader:
             target.copy_(data)
         return out
 
+    def row_cuts(self, key: str) -> list[int]:
+        """The rows where `key`'s stored chunks start: `read_rows` reads whole chunks, so blocks end there."""
+        return sorted({c.offsets[0] for c in self.metadata.state_dict_metadata[key].chunks if c.offsets})
+
     def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of `key` (stored dtype, CPU), from the chunks that hold them (each read whole and
         verified, as `read` does)."""

@@ -54,6 +54,10 @@ class HFModelDir:
                 raise SourceError("cannot read base weights", where=self.path / file, hint=str(exc)) from exc
         return out
 
+    def row_cuts(self, name: str) -> None:
+        """None: any block of rows is read exactly."""
+        return None
+
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of `name` (stored dtype, CPU)."""
         try:
@@ -109,6 +113,11 @@ class _CombinedReader:
         read = self.base.read([k.removeprefix(BASE_KEY_PREFIX) for k in base]) if base else {}
         out.update({BASE_KEY_PREFIX + name: tensor for name, tensor in read.items()})
         return out
+
+    def row_cuts(self, key: str) -> list[int] | None:
+        if key.startswith(BASE_KEY_PREFIX):
+            return self.base.row_cuts(key.removeprefix(BASE_KEY_PREFIX))
+        return self.checkpoint.row_cuts(key)
 
     def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         if key.startswith(BASE_KEY_PREFIX):

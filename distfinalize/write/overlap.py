@@ -6,7 +6,8 @@
 - `lanes` writer threads write the previous ones, each into its own output file, hashing as they go.
 
 Bytes in flight (source tensor + output tensors, from the moment the feed hands a tensor over until it is on
-disk) stay within a budget; a tensor bigger than the budget travels alone. The first error in any stage stops
+disk) stay within a budget; a tensor bigger than the budget travels alone, or in blocks of rows when the feed
+gives it so (each block charged its share). The first error in any stage stops
 all of them and is raised by `run`; the feed is told (`failed`) so that an exchange tells the other ranks.
 Runs on: every rank, for its own files.
 """
@@ -93,13 +94,27 @@ def in_flight(t: TensorPlan) -> int:
     return t.source_nbytes + t.nbytes
 
 
+def rows_in_flight(t: TensorPlan, rows: tuple[int, int] | None) -> int:
+    """Bytes in flight for a whole tensor, or for a block of its rows (its share, at least 1)."""
+    if rows is None:
+        return in_flight(t)
+    return max(1, in_flight(t) * (rows[1] - rows[0]) // t.shape[0])
+
+
 @dataclass
 class Item:
-    """A transformed tensor on its way to a writer thread."""
+    """A transformed tensor, or a block of its rows, on its way to a writer thread."""
 
     step: Step
     outputs: dict[str, torch.Tensor]
     copied: torch.cuda.Event | None  # the device-to-host copy to wait for, on CUDA
+    rows: tuple[int, int] | None = None  # the block of rows, when the tensor comes in blocks
+    charged: int = 0  # bytes it holds of the budget
+
+    @property
+    def last(self) -> bool:
+        """Whether it completes its tensor."""
+        return self.rows is None or self.rows[1] == self.step.tensor.shape[0]
 
 
 class Stages:
@@ -126,11 +141,14 @@ class Stages:
 
     def run(
         self,
-        feed: Callable[[Callable[[], BaseException | None]], Iterator[tuple[TensorPlan, tuple[torch.Tensor, ...]]]],
-        transform: Callable[[tuple[torch.Tensor, ...], TensorPlan], dict[str, torch.Tensor]],
+        feed: Callable[[Callable[[], BaseException | None]], Iterator[tuple]],
+        transform: Callable[[tuple[torch.Tensor, ...], TensorPlan, int | None], dict[str, torch.Tensor]],
         write: Callable[[int, Iterator[Item]], None],
     ) -> None:
-        """Feed in a thread, transform here, `write(lane, items)` in one thread per lane; raise the first error."""
+        """Feed in a thread, transform here, `write(lane, items)` in one thread per lane; raise the first error.
+
+        The feed yields (tensor plan, inputs) per tensor, or (tensor plan, inputs, (start, stop)) per block of a
+        tensor's rows, in order; `transform(inputs, tensor plan, start row or None)`."""
         threads = [threading.Thread(target=self._feed, args=(feed,), name="distfinalize-feed", daemon=True)]
         threads += [
             threading.Thread(target=self._write, args=(write, lane), name=f"distfinalize-write{lane}", daemon=True)
@@ -155,26 +173,30 @@ class Stages:
         try:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)  # the current device is per thread
-            for t, inputs in feed(self.failed):
-                step = next(steps)
+            step = None
+            for got in feed(self.failed):
+                t, inputs, rows = got if len(got) == 3 else (*got, None)
+                if rows is None or rows[0] == 0:
+                    step = next(steps)
                 if step.tensor is not t:
                     raise RuntimeError(f"feed out of order: got {t.name}, expected {step.tensor.name}")
-                if self.error is not None or not self.budget.acquire(in_flight(t)):
+                charge = rows_in_flight(t, rows)
+                if self.error is not None or not self.budget.acquire(charge):
                     continue  # keep an exchange going until it tells the other ranks at its next round
-                self.fed.put((step, inputs))
+                self.fed.put((step, inputs, rows, charge))
         except BaseException as exc:
             self.fail(exc)
         self.fed.put(DONE)
 
     def _transform(self, transform) -> None:
         while (got := self.fed.get()) is not DONE and self.error is None:
-            step, inputs = got
-            outputs = transform(inputs, step.tensor)
+            step, inputs, rows, charge = got
+            outputs = transform(inputs, step.tensor, None if rows is None else rows[0])
             del inputs
             copied = None
             if self.device.type == "cuda":
                 outputs, copied = to_pinned(outputs)
-            self.lanes[step.lane].put(Item(step, outputs, copied))
+            self.lanes[step.lane].put(Item(step, outputs, copied, rows, charge))
 
     def _write(self, write, lane: int) -> None:
         try:
@@ -187,7 +209,7 @@ class Stages:
             if item.copied is not None:
                 item.copied.synchronize()
             yield item
-            self.budget.release(in_flight(item.step.tensor))
+            self.budget.release(item.charged)
 
 
 def to_pinned(outputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.cuda.Event]:

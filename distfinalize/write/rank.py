@@ -100,7 +100,7 @@ def write_rank_files(
         bar.update(sum(f.nbytes for f in files if f.filename in reused))
         writers = LaneWriters(todo, directory, bar, written, progress_dir, plan.metadata)
         Stages(steps, 2 * path.read_batch_bytes, ctx.device).run(
-            feed, lambda inputs, t: transform(inputs[0], t, ctx.device, inputs[1:]), writers.write_lane
+            feed, lambda inputs, t, start: transform(inputs[0], t, ctx.device, inputs[1:], start), writers.write_lane
         )
     done = [reused.get(f.filename) or written[f.filename] for f in files]
     log.debug("wrote %d file(s)", len(done))
@@ -177,9 +177,9 @@ class LaneWriters:
                 if item.step.file != current:
                     current, file = item.step.file, self.files[item.step.file]
                     writer, left = self._open(file, stage), len(file.tensors)
-                for name, tensor in sorted(item.outputs.items(), key=lambda o: writer.layout.slots[o[0]].start):
-                    writer.write(name, tensor)
-                self.bar.update(item.step.tensor.nbytes)
+                self._write_item(writer, item)
+                if not item.last:
+                    continue
                 left -= 1
                 if left == 0:
                     done, writer = writer, None
@@ -189,6 +189,19 @@ class LaneWriters:
         finally:
             if writer is not None:
                 writer.abort()
+
+    def _write_item(self, writer: SafetensorsWriter, item: Item) -> None:
+        """A tensor's outputs, or a block of rows of each (outputs that describe the whole tensor come whole, with
+        its first block), in file order."""
+        t, slots = item.step.tensor, writer.layout.slots
+        for name, tensor in sorted(item.outputs.items(), key=lambda o: slots[o[0]].start):
+            shape = slots[name].shape
+            if item.rows is None or tuple(tensor.shape) == shape:
+                writer.write(name, tensor)
+            else:  # the block's rows of this output: the same share of its rows (a 128-row tile: one scale row)
+                writer.write(name, tensor, row=item.rows[0] * shape[0] // t.shape[0])
+        done = t.nbytes if item.rows is None else t.nbytes * (item.rows[1] - item.rows[0]) // t.shape[0]
+        self.bar.update(done)
 
     def _open(self, file: FilePlan, stage: StageBuffer) -> SafetensorsWriter:
         try:

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from support import (
     our_traceback,
     read_json,
     read_output,
+    run_cli,
     torchrun,
     tree_digest,
 )
@@ -133,6 +135,32 @@ def test_float32_is_bit_identical_to_zero_to_fp32(
     check_tensors(dest, expected, torch.float32, tied=kind == "tied")
     assert len(list(dest.glob("*.safetensors"))) > 1
     check_model(run, dest, expected, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_tensor_larger_than_the_read_batch_goes_in_row_blocks(
+    deepspeed_runs: Path, tmp_path: Path, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--read-batch smaller than the biggest tensors: they are read, cast and written a block of rows at a time, so
+    no buffer the reader allocates is bigger than the read batch, and the output is still zero_to_fp32's, bit for
+    bit, in files that hash as they are written. In process (one rank), the reader's allocations counted."""
+    run, dest, batch = deepspeed_runs / "zero3-untied", tmp_path / "out", 8 * 1024
+    allocated: list[int] = []
+    real = ds_source.DeepSpeedTensorReader._read
+
+    def counting(self, layout, handles, stack):
+        if threading.current_thread().name == "distfinalize-feed":  # the write step's reads (not the tie check's)
+            allocated.append(sum(p.numel for p in layout.pieces) * layout.dtype.itemsize)
+        return real(self, layout, handles, stack)
+
+    monkeypatch.setattr(ds_source.DeepSpeedTensorReader, "_read", counting)
+    check_ok(finalize(run, dest, "--dtype", dtype, "--read-batch", str(batch), "--max-shard-size", SHARD))
+    biggest = max(t.nbytes for t in DeepSpeedSource(run / LATEST).tensors)
+    assert biggest > 2 * batch  # the case at hand: several blocks
+    assert 0 < max(allocated) <= batch
+    expected = expected_state(run)
+    check_tensors(dest, expected, getattr(torch, dtype), tied=False)
+    check_ok(run_cli("verify", dest))  # every file's recorded sha256 (computed while writing) is the file's
 
 
 @pytest.mark.parametrize(("variant", "nproc"), [("zero1-tied", 1), ("zero2-frozen", 2), ("zero3-untied", 1)])

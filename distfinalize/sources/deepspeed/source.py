@@ -280,6 +280,10 @@ class DeepSpeedTensorReader:
                     ) from exc
         return out
 
+    def row_cuts(self, key: str) -> None:
+        """None: any block of rows is read exactly (see `read_rows`)."""
+        return None
+
     def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of `key` (stored dtype, CPU): positioned reads of just their elements."""
         layout = self.layouts[key]

@@ -131,8 +131,11 @@ class Recipe:
             return n
         return max(self.row_group, ROW_BLOCK_BYTES // (4 * max(k, 1)) // self.row_group * self.row_group)
 
-    def _quantize_blocks(self, weight: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
-        """`_quantize` of the whole weight, computed `rows` rows at a time into preallocated outputs."""
+    def _rows_in_blocks(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`_quantize_rows` of these rows, computed `block_rows` rows at a time into preallocated outputs."""
+        rows = self.block_rows(tuple(weight.shape))
+        if rows >= weight.shape[0]:
+            return self._quantize_rows(weight)
         out: dict[str, torch.Tensor] = {}
         filled: dict[str, int] = {}
         for start in range(0, weight.shape[0], rows):
@@ -142,7 +145,7 @@ class Recipe:
                     out[key], filled[key] = torch.empty(spec.shape, dtype=part.dtype, device=part.device), 0
                 out[key][filled[key] : filled[key] + part.shape[0]].copy_(part)
                 filled[key] += part.shape[0]
-        return {**out, **self._whole(tuple(weight.shape), weight.device)}
+        return out
 
     def _dequantize(self, local: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -189,8 +192,23 @@ class Recipe:
         if self.casts_first and dtype is not None:
             weight = weight.to(dtype)
         check_finite(weight_name, weight, self.name)
-        rows = self.block_rows(tuple(weight.shape))
-        local = self._quantize(weight) if rows >= weight.shape[0] else self._quantize_blocks(weight, rows)
+        if not self.row_group:
+            local = self._quantize(weight)
+        else:
+            local = {**self._rows_in_blocks(weight), **self._whole(tuple(weight.shape), weight.device)}
+        return {f"{module}.{k}": v for k, v in local.items()}
+
+    @torch.no_grad()
+    def quantize_rows(self, weight_name: str, rows: torch.Tensor, start: int, shape: tuple[int, ...]) -> dict:
+        """The outputs for rows [start, start + len(rows)) of a weight of `shape` (whole row groups; a recipe with a
+        `row_group`): the blocks of its row outputs, and with the first block the outputs that describe the whole
+        weight. Together, exactly quantize()'s. Runs on: the rank that owns the tensor, block by block."""
+        module = module_of(weight_name)
+        _check_2d(weight_name, tuple(shape))
+        check_finite(weight_name, rows, self.name)
+        local = self._rows_in_blocks(rows)
+        if start == 0:
+            local.update(self._whole(tuple(shape), rows.device))
         return {f"{module}.{k}": v for k, v in local.items()}
 
     def dequantize(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
