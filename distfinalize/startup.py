@@ -1,19 +1,43 @@
-"""Process startup: garbage collection stays off while torch, torch.distributed.checkpoint and transformers
-import. They create millions of objects, none of them garbage, and the collections that scan them cost about
-0.6 s of a 2 s startup. Only the command line does this (`python -m distfinalize`, the `distfinalize`
-command); a program that imports distfinalize keeps its own settings."""
+"""Process startup: large allocations get their own mappings (map_large_allocations); garbage collection stays
+off while torch, torch.distributed.checkpoint and transformers import. They create millions of objects, none of
+them garbage, and the collections that scan them cost about 0.6 s of a 2 s startup. Only the command line does
+this (`python -m distfinalize`, the `distfinalize` command); a program that imports distfinalize keeps its own
+settings."""
 
 from __future__ import annotations
 
 import gc
 
+MMAP_THRESHOLD = 1 << 20  # bytes from which glibc's malloc maps an allocation of its own (see map_large_allocations)
+
+
+def map_large_allocations() -> None:
+    """Give every allocation of MMAP_THRESHOLD bytes or more its own mapping, returned to the system when freed.
+
+    glibc's default threshold rises with every large block freed, up to 32 MiB, so tensors of a few MiB to 32 MiB
+    (source tensors, their outputs, the quantizer's blocks) come from the heaps, freed in other threads than the
+    ones that allocated them: the heaps fragment, and a finalize's peak RSS ends up about a third above what it holds.
+    A fixed threshold keeps the resident size to the tensors alive. Left alone when MALLOC_MMAP_THRESHOLD_ is set,
+    and where the C library is not glibc. Runs on: every rank, first thing (the command line only)."""
+    import ctypes
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
 
 def imports_starting() -> None:
-    """Turn collection off for the startup imports, and start DISTFINALIZE_PROFILE's profiles (see Profiles).
-    Runs on: every rank, first thing."""
+    """Turn collection off for the startup imports, map large allocations (map_large_allocations), and start
+    DISTFINALIZE_PROFILE's profiles (see Profiles). Runs on: every rank, first thing."""
     gc.disable()
     global _profiles
     if _profiles is None:
+        map_large_allocations()
         _profiles = profiles_from_env()
 
 

@@ -5,9 +5,10 @@
   pinned buffers (CUDA) without waiting for it;
 - `lanes` writer threads write the previous ones, each into its own output file, hashing as they go.
 
-Bytes in flight (source tensor + output tensors, from the moment the feed hands a tensor over until it is on
-disk) stay within a budget; a tensor bigger than the budget travels alone, or in blocks of rows when the feed
-gives it so (each block charged its share). The first error in any stage stops
+Bytes in flight stay within a budget, counted as they are held: a source tensor from the moment the feed hands
+it over until it is transformed, then its outputs until they are on disk (a recipe's slow transform and a slow
+disk then hold the same memory). A tensor bigger than the budget travels alone, or in blocks of rows when the
+feed gives it so. The first error in any stage stops
 all of them and is raised by `run`; the feed is told (`failed`) so that an exchange tells the other ranks.
 Runs on: every rank, for its own files.
 """
@@ -83,6 +84,13 @@ class ByteBudget:
             self.used -= nbytes
             self.cond.notify_all()
 
+    def swap(self, released: int, taken: int) -> None:
+        """Exchange `released` bytes for `taken` ones at once, without waiting (the transform stage, trading a
+        source tensor for its outputs, must never wait on the stages it feeds)."""
+        with self.cond:
+            self.used += taken - released
+            self.cond.notify_all()
+
     def abort(self) -> None:
         with self.cond:
             self.aborted = True
@@ -94,11 +102,15 @@ def in_flight(t: TensorPlan) -> int:
     return t.source_nbytes + t.nbytes
 
 
-def rows_in_flight(t: TensorPlan, rows: tuple[int, int] | None) -> int:
-    """Bytes in flight for a whole tensor, or for a block of its rows (its share, at least 1)."""
+def source_share(t: TensorPlan, rows: tuple[int, int] | None) -> int:
+    """Source bytes of a whole tensor, or of a block of its rows (its share, at least 1)."""
     if rows is None:
-        return in_flight(t)
-    return max(1, in_flight(t) * (rows[1] - rows[0]) // t.shape[0])
+        return t.source_nbytes
+    return max(1, t.source_nbytes * (rows[1] - rows[0]) // t.shape[0])
+
+
+def held_bytes(outputs: dict[str, torch.Tensor]) -> int:
+    return sum(o.numel() * o.element_size() for o in outputs.values())
 
 
 @dataclass
@@ -180,7 +192,7 @@ class Stages:
                     step = next(steps)
                 if step.tensor is not t:
                     raise RuntimeError(f"feed out of order: got {t.name}, expected {step.tensor.name}")
-                charge = rows_in_flight(t, rows)
+                charge = source_share(t, rows)
                 if self.error is not None or not self.budget.acquire(charge):
                     continue  # keep an exchange going until it tells the other ranks at its next round
                 self.fed.put((step, inputs, rows, charge))
@@ -196,7 +208,9 @@ class Stages:
             copied = None
             if self.device.type == "cuda":
                 outputs, copied = to_pinned(outputs)
-            self.lanes[step.lane].put(Item(step, outputs, copied, rows, charge))
+            held = held_bytes(outputs)
+            self.budget.swap(charge, held)  # the source is gone; its outputs wait for the writer
+            self.lanes[step.lane].put(Item(step, outputs, copied, rows, held))
 
     def _write(self, write, lane: int) -> None:
         try:

@@ -3,9 +3,10 @@
 The tensors come from a feed (`--strategy read`: this rank reads them; `exchange`: the ranks read their
 share of the source files and swap chunks), go through the overlapped pipeline of `overlap.py`, and are
 written `write_threads` files at a time, each in file order so its sha256 is computed as it is written.
-Memory stays bounded by the bytes in flight (twice `read_batch_bytes`; with `read`, a larger tensor comes in
-blocks of rows, see feed.read_feed; with `exchange`, it travels whole), never by the file or the model. A finished file leaves a record in the staging dir's
-`.progress/`; `--resume` reuses files whose record and checksum still match.
+Memory stays bounded by the bytes in flight (twice `read_batch_bytes`: the batch being read and one batch of
+tensors in the pipeline; with `read`, a larger tensor comes in blocks of rows, see feed.read_feed; with
+`exchange`, it travels whole), never by the file or the model. A finished file leaves a record in the staging
+dir's `.progress/`; `--resume` reuses files whose record and checksum still match.
 Runs on: every rank, each for its own files.
 """
 
@@ -99,7 +100,8 @@ def write_rank_files(
     ) as bar:
         bar.update(sum(f.nbytes for f in files if f.filename in reused))
         writers = LaneWriters(todo, directory, bar, written, progress_dir, plan.metadata)
-        Stages(steps, 2 * path.read_batch_bytes, ctx.device).run(
+        # in flight: the batch being read, and up to one batch of read or transformed tensors (overlap.py)
+        Stages(steps, path.read_batch_bytes, ctx.device).run(
             feed, lambda inputs, t, start: transform(inputs[0], t, ctx.device, inputs[1:], start), writers.write_lane
         )
     done = [reused.get(f.filename) or written[f.filename] for f in files]
