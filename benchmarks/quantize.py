@@ -5,7 +5,8 @@
 1. builds a synthetic Llama-shaped bf16 DCP checkpoint (make_synthetic.py) with --save-ranks ranks;
 2. reads it once so every run finds it in the page cache;
 3. times distfinalize (--ranks ranks, on the GPU when there is one: --device auto) without --quantize, then with
-   each recipe, in one run, and reports each recipe's time over the unquantized one;
+   each recipe, in one run, --finalize-reps times each (the median; peak RSS: the highest), and reports each
+   recipe's time and peak RSS over the unquantized one's;
 4. times Recipe.quantize alone on bf16 weights of --shape, on the CPU and on CUDA when present: GiB/s of bf16
    input (outputs left on the device; the finalize adds the copy back to the host);
 5. prints the tables and appends them, with the command, the machine and the date, to --report (default:
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 from measure import Measurement, finalize_cmd, run_measured, torchrun
-from run import append_section
+from run import append_section, median_run
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -63,7 +64,13 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated --quantize recipes")
     parser.add_argument("--max-shard-size", default="256MB")
     parser.add_argument("--shape", default="4096,14336", help="weight shape for the raw throughput")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=5, help="repetitions of the raw throughput loop")
+    parser.add_argument(
+        "--finalize-reps",
+        type=int,
+        default=1,
+        help="finalize runs per recipe (and unquantized); the median is reported",
+    )
     parser.add_argument("--work", type=Path, default=Path("bench-work"))
     parser.add_argument("--report", type=Path, default=HERE / "results" / f"{date.today()}-quantize.md")
     args = parser.parse_args()
@@ -88,25 +95,27 @@ def main() -> None:
     read_through(files)
 
     rows: list[tuple[str, str, Measurement]] = []
-    for recipe in [None, *recipes]:
-        out = work / "out"
-        shutil.rmtree(out, ignore_errors=True)
-        quantize = ["--quantize", recipe] if recipe else []
-        result = run_measured(
-            finalize_cmd(args.ranks, ckpt, out, "--max-shard-size", args.max_shard_size, *quantize), env
-        )
-        if result.returncode:
-            sys.exit(f"--quantize {recipe} failed:\n{result.output[-4000:]}")
-        out_gib = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**30
-        rows.append(("warm", recipe or "none", result))
-        print(f"{recipe or 'none':14} {result.wall_s:7.2f} s  output {out_gib:.2f} GiB")
-    base = rows[0][2].wall_s
+    results: dict[str | None, list[Measurement]] = {recipe: [] for recipe in [None, *recipes]}
+    out = work / "out"
+    for _ in range(args.finalize_reps):  # recipes take turns, so a change in the machine's load hits them alike
+        for recipe in results:
+            shutil.rmtree(out, ignore_errors=True)
+            quantize = ["--quantize", recipe] if recipe else []
+            cmd = finalize_cmd(args.ranks, ckpt, out, "--max-shard-size", args.max_shard_size, *quantize)
+            results[recipe].append(run_measured(cmd, env))
+            if results[recipe][-1].returncode:
+                sys.exit(f"--quantize {recipe} failed:\n{results[recipe][-1].output[-4000:]}")
+            print(f"{recipe or 'none':14} {results[recipe][-1].wall_s:7.2f} s", flush=True)
+    for recipe, measured in results.items():
+        rows.append(("warm", recipe or "none", median_run(measured)))
+    base, base_rss = rows[0][2].wall_s, rows[0][2].peak_rss_bytes
     table = [
-        "| --quantize | seconds | GiB/s (checkpoint) | time vs unquantized | peak RSS / process (GiB) |",
-        "|---|---:|---:|---:|---:|",
+        "| --quantize | seconds | GiB/s (checkpoint) | time vs unquantized | peak RSS / process (GiB) | "
+        "peak RSS vs unquantized |",
+        "|---|---:|---:|---:|---:|---:|",
         *(
             f"| {name} | {m.wall_s:.2f} | {gib / m.wall_s:.3g} | {m.wall_s / base:.2f} | "
-            f"{m.peak_rss_bytes / 2**30:.2f} |"
+            f"{m.peak_rss_bytes / 2**30:.2f} | {m.peak_rss_bytes / base_rss:.2f} |"
             for _, name, m in rows
         ),
     ]
@@ -125,6 +134,7 @@ def main() -> None:
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     facts = [
         f"command: `{command}`",
+        f"each finalize figure: the median of {args.finalize_reps} run(s) (peak RSS: the highest)",
         f"{args.ranks} rank(s), device auto (the GPU when there is one), checkpoint in the page cache, "
         f"`--max-shard-size {args.max_shard_size}`, torch threads {torch.get_num_threads()} for the throughput",
     ]

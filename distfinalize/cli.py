@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from distfinalize.commands import command_for
-from distfinalize.startup import imports_starting
+from distfinalize.startup import imports_starting, write_profiles
 
 
 def console_main() -> None:
@@ -31,6 +31,7 @@ def console_main() -> None:
         code = main()
     except KeyboardInterrupt:  # Ctrl-C before the run was set up, or a second one on the way out: no traceback
         code = 130
+    write_profiles()  # DISTFINALIZE_PROFILE=DIR: each thread's cProfile (startup.Profiles)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

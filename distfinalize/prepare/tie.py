@@ -11,7 +11,7 @@ compared without moving them, so the answer is then "not tied" (lm_head kept: co
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -21,6 +21,8 @@ from distfinalize.transform.keymap import tie_candidates
 from distfinalize.write.exchange import assign_readers
 
 log = logging.getLogger(__name__)
+
+COMPARE_BYTES = 16 * 2**20  # rows of each tensor compared at once when the chunks do not pair up
 
 
 def candidates(tensors: Sequence[TensorMeta], merged: Mapping[str, object]) -> list[tuple[TensorMeta, TensorMeta]]:
@@ -41,13 +43,26 @@ def tied_head(pairs: Sequence[tuple[TensorMeta, TensorMeta]], source) -> str | N
 
 def identical(head: TensorMeta, embed: TensorMeta, reader, chunks: Mapping[str, Sequence[SourceChunk]] | None) -> bool:
     """Whether both hold the same data: chunk pair by chunk pair when both are stored at the same places (DCP),
-    stopping at the first difference, so an untied model costs one chunk of each; else both read whole."""
+    stopping at the first difference, so an untied model costs one chunk of each; else row block by row block
+    (COMPARE_BYTES of each), stopping alike."""
     both = chunks is not None and head.key in chunks and embed.key in chunks  # not from --base-model
     paired = paired_chunks(chunks[head.key], chunks[embed.key]) if both else None
     if paired is None:
-        data = reader.read([head.key, embed.key])
-        return torch.equal(data[head.key], data[embed.key])
+        return all(torch.equal(*pair) for pair in row_blocks(reader, head, embed))  # stops at the first False
     return all(torch.equal(*reader.read_chunks(pair)) for pair in paired)  # all() stops at the first False
+
+
+def row_blocks(reader, head: TensorMeta, embed: TensorMeta) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The same rows of both tensors, COMPARE_BYTES of each at a time (whole when 0-d)."""
+    if not head.shape:
+        data = reader.read([head.key, embed.key])
+        yield data[head.key], data[embed.key]
+        return
+    rows = head.shape[0]
+    step = max(1, COMPARE_BYTES // max(1, head.nbytes // max(rows, 1)))
+    for lo in range(0, rows, step):
+        hi = min(lo + step, rows)
+        yield reader.read_rows(head.key, lo, hi), reader.read_rows(embed.key, lo, hi)
 
 
 def tie_share(

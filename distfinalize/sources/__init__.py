@@ -61,9 +61,35 @@ class SourceInfo:
 
 
 class TensorReader(Protocol):
-    """Reads whole tensors (in their stored dtype, on CPU) touching only the bytes they need."""
+    """Reads whole tensors, or blocks of their rows (in their stored dtype, on CPU), touching only the bytes
+    they need."""
 
     def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]: ...
+
+    def row_cuts(self, key: str) -> Sequence[int] | None: ...  # rows where stored chunks start; None: any row
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor: ...
+
+
+def row_pieces(pieces: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> list[int] | None:
+    """row_cuts for a tensor stored in pieces given as (offsets, sizes): None when it is one piece (any rows can be
+    read), else the rows where the pieces start. Pure."""
+    return None if len(pieces) == 1 else sorted({offsets[0] for offsets, _ in pieces})
+
+
+def overlapping(offsets: tuple[int, ...], sizes: tuple[int, ...], start: int, stop: int) -> bool:
+    """Whether a piece at `offsets` of `sizes` holds any of the rows [start, stop). Pure."""
+    return offsets[0] < stop and offsets[0] + sizes[0] > start
+
+
+def copy_rows(out: torch.Tensor, start: int, offsets: tuple[int, ...], data: torch.Tensor) -> None:
+    """Copy the part of a piece (`data`, at `offsets` in the whole tensor) that falls in rows [start, start +
+    len(out)) into `out`, which holds those rows of the whole tensor."""
+    lo, hi = max(start, offsets[0]), min(start + out.shape[0], offsets[0] + data.shape[0])
+    target, source = out.narrow(0, lo - start, hi - lo), data.narrow(0, lo - offsets[0], hi - lo)
+    for dim in range(1, out.dim()):
+        target = target.narrow(dim, offsets[dim], data.shape[dim])
+    target.copy_(source)
 
 
 class Source(Protocol):

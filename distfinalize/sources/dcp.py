@@ -198,6 +198,31 @@ class DcpTensorReader:
             target.copy_(data)
         return out
 
+    def row_cuts(self, key: str) -> list[int]:
+        """The rows where `key`'s stored chunks start: `read_rows` reads whole chunks, so blocks end there."""
+        return sorted({c.offsets[0] for c in self.metadata.state_dict_metadata[key].chunks if c.offsets})
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of `key` (stored dtype, CPU), from the chunks that hold them (each read whole and
+        verified, as `read` does)."""
+        md = self.metadata.state_dict_metadata[key]
+        if not md.size:
+            return self.read([key])[key]
+        wanted = [
+            SourceChunk(key, i, "", None, tuple(c.offsets), tuple(c.sizes), 0)
+            for i, c in enumerate(md.chunks)
+            if c.offsets[0] < stop and c.offsets[0] + c.sizes[0] > start
+        ]
+        out = torch.empty((stop - start, *md.size[1:]), dtype=md.properties.dtype)
+        for number, data in self.load_chunks(wanted):
+            chunk = wanted[number]
+            lo, hi = max(start, chunk.offsets[0]), min(stop, chunk.offsets[0] + chunk.sizes[0])
+            target = out.narrow(0, lo - start, hi - lo)
+            for dim, (offset, size) in enumerate(zip(chunk.offsets[1:], chunk.sizes[1:], strict=True), start=1):
+                target = target.narrow(dim, offset, size)
+            target.copy_(data.narrow(0, lo - chunk.offsets[0], hi - lo))
+        return out
+
     def read_chunks(self, chunks: Sequence[SourceChunk]) -> list[torch.Tensor]:
         """The stored chunks themselves (stored dtype, CPU, contiguous), in order, verified like `read`."""
         out: list[torch.Tensor] = [torch.empty(0)] * len(chunks)

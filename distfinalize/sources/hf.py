@@ -42,6 +42,13 @@ class HFModelDir:
         """Read `names` (stored dtype, CPU), opening each file once."""
         return self.source.reader().read(names)
 
+    def row_cuts(self, name: str) -> Sequence[int] | None:
+        return self.source.reader().row_cuts(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of `name` (stored dtype, CPU)."""
+        return self.source.reader().read_rows(name, start, stop)
+
 
 class WithBaseModel:
     """A checkpoint plus the tensors of a base model dir: keys starting with BASE_KEY_PREFIX come from the dir."""
@@ -73,3 +80,13 @@ class _CombinedReader:
         read = self.base.read([k.removeprefix(BASE_KEY_PREFIX) for k in base]) if base else {}
         out.update({BASE_KEY_PREFIX + name: tensor for name, tensor in read.items()})
         return out
+
+    def row_cuts(self, key: str) -> list[int] | None:
+        if key.startswith(BASE_KEY_PREFIX):
+            return self.base.row_cuts(key.removeprefix(BASE_KEY_PREFIX))
+        return self.checkpoint.row_cuts(key)
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        if key.startswith(BASE_KEY_PREFIX):
+            return self.base.read_rows(key.removeprefix(BASE_KEY_PREFIX), start, stop)
+        return self.checkpoint.read_rows(key, start, stop)

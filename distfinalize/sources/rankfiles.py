@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from distfinalize.errors import SourceError
-from distfinalize.sources import SourceInfo, TensorMeta
+from distfinalize.sources import SourceInfo, TensorMeta, copy_rows, overlapping, row_pieces
 from distfinalize.sources.ranksave import (
     Piece,
     Stored,
@@ -121,6 +121,24 @@ class RankFilesReader:
                         target = target.narrow(dim, start, size)
                     target.copy_(self._read_piece(key, piece, handles, stack))
                 out[key] = tensor
+        return out
+
+    def row_cuts(self, key: str) -> list[int] | None:
+        """The rows where the tensor's pieces start (rows are read a piece at a time)."""
+        parts = pieces(self.stored[key], 0)
+        return row_pieces([(p.offsets, p.sizes) for p in parts]) or [0]
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of `key` (stored dtype, CPU), from the pieces that hold them."""
+        stored = self.stored[key]
+        if not stored.shape:
+            return self.read([key])[key]
+        out = torch.empty((stop - start, *stored.shape[1:]), dtype=stored.dtype)
+        with ExitStack() as stack:
+            handles: dict[int, object] = {}
+            for piece in pieces(stored, 0):
+                if overlapping(piece.offsets, piece.sizes, start, stop):
+                    copy_rows(out, start, piece.offsets, self._read_piece(key, piece, handles, stack))
         return out
 
     def _read_piece(self, key: str, piece: Piece, handles: dict[int, object], stack: ExitStack) -> torch.Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from safetensors.torch import _TYPES as SAFETENSORS_CODES
 
 from distfinalize.errors import SourceError
 from distfinalize.hfnames import INDEX_FILE, SINGLE_FILE
-from distfinalize.sources import SourceFormat, SourceInfo, TensorMeta
+from distfinalize.sources import SourceFormat, SourceInfo, TensorMeta, copy_rows, overlapping, row_pieces
 from distfinalize.sources.safetensors_header import HeaderError, read_header
 
 DCP_SHARD_FILE = re.compile(r"^shard-(\d+)-model-\d+-of-\d+\.safetensors$")  # torch's SHARDED_FILE_NAME
@@ -243,6 +243,37 @@ class SafetensorsReader:
         finally:
             if file is not None:
                 file.close()
+        return out
+
+    def row_cuts(self, key: str) -> list[int] | None:
+        """None for a tensor stored whole (any rows are read exactly), else the rows where its pieces start."""
+        return row_pieces([(p.offsets, p.sizes) for p in self.pieces[key]])
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of `key` (stored dtype, CPU): of a whole tensor just their bytes; of a sharded one
+        the pieces that hold them."""
+        meta, pieces = self.meta[key], self.pieces[key]
+        if not meta.shape:
+            return self.read([key])[key]
+        out = torch.empty((stop - start, *meta.shape[1:]), dtype=meta.dtype)
+        try:
+            for piece in pieces:
+                if not overlapping(piece.offsets, piece.sizes, start, stop):
+                    continue
+                where = self.path / piece.file
+                with open(where, "rb", buffering=0) as file:
+                    if len(pieces) == 1:  # rows of a whole tensor are contiguous: read just them
+                        row = piece.nbytes // max(1, meta.shape[0])
+                        part = replace(piece, start=piece.start + start * row, nbytes=(stop - start) * row)
+                        return read_bytes(file, part, where).view(meta.dtype).view(out.shape)
+                    data = read_bytes(file, piece, where).view(meta.dtype).view(piece.sizes)
+                copy_rows(out, start, piece.offsets, data)
+        except OSError as exc:
+            raise SourceError(
+                "cannot read a safetensors file",
+                where=exc.filename or self.path,
+                hint=f"{exc.strerror or exc}; check the file and its permissions",
+            ) from exc
         return out
 
 

@@ -156,6 +156,15 @@ class TorchBinReader:
                 out[key] = tensor
         return out
 
+    def row_cuts(self, key: str) -> None:
+        """None: the file is memory-mapped, so any rows are read exactly."""
+        return None
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of `key`: a view of the mapped file (only their pages are touched)."""
+        tensor = self.read([key])[key]
+        return tensor[start:stop] if tensor.dim() else tensor
+
 
 TORCH_BIN_FORMAT = SourceFormat(
     "pytorch-bin", "Hugging Face model dir (pytorch_model.bin)", is_torch_bin_dir, TorchBinSource, fallback=True

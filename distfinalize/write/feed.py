@@ -12,6 +12,7 @@ feed reports it to the other ranks at the next round. Runs on: every rank (the e
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
@@ -21,11 +22,12 @@ import torch
 from distfinalize.dist.context import DistContext
 from distfinalize.plan import TensorPlan
 from distfinalize.sources import SourceChunk, TensorReader
+from distfinalize.transform.cast import row_group
 from distfinalize.write.exchange import ExchangeSchedule, Round, Transfer
 
 T = TypeVar("T")
 Failed = Callable[[], BaseException | None]
-Feed = Iterator[tuple[TensorPlan, tuple[torch.Tensor, ...]]]
+Feed = Iterator[tuple]  # (TensorPlan, inputs) for a whole tensor; (TensorPlan, inputs, (start, stop)) for rows
 
 
 def source_nbytes(t: TensorPlan) -> int:
@@ -48,13 +50,42 @@ def read_batches(items: Sequence[T], limit: int, size_of: Callable[[T], int] = s
 
 
 def read_feed(tensors: Sequence[TensorPlan], reader: TensorReader, batch_bytes: int, failed: Failed) -> Feed:
-    """This rank's tensors read by itself, in order, `batch_bytes` of source data at a time. Runs on: each rank."""
+    """This rank's tensors read by itself, in order, `batch_bytes` of source data at a time. A tensor larger than
+    that comes in blocks of rows (`row_blocks`), each as (tensor, (rows,), (start, stop)), when its transform
+    allows (transform.cast.row_group). Runs on: each rank."""
     for batch in read_batches(tensors, batch_bytes):
         if failed() is not None:
             return
+        t = batch[0]
+        if len(batch) == 1 and t.source_nbytes > batch_bytes and t.shape[0] > 1 and (group := row_group(t)):
+            rows = t.shape[0]
+            for start, stop in row_blocks(
+                rows, t.source_nbytes // rows, batch_bytes, group, reader.row_cuts(t.source_key)
+            ):
+                if failed() is not None:
+                    return
+                yield t, (reader.read_rows(t.source_key, start, stop),), (start, stop)
+            continue
         data = reader.read([key for t in batch for key in t.source_keys])
         for t in batch:
             yield t, tuple(data.pop(key) for key in t.source_keys)
+
+
+def row_blocks(rows: int, row_bytes: int, limit: int, group: int, cuts: Sequence[int] | None) -> list[tuple[int, int]]:
+    """A tensor's rows in blocks [start, stop) of at most `limit` bytes, each ending on a multiple of `group` rows
+    (or the last row) and, when `cuts` are given (the rows where the source's stored chunks start, which are read
+    whole), on a cut. A block that cannot be smaller goes alone, bigger. Pure."""
+    ends = range(1, rows + 1) if cuts is None else sorted({c for c in cuts if 0 < c < rows} | {rows})
+    ends = [e for e in ends if e % group == 0 or e == rows]
+    per = max(1, limit // max(1, row_bytes))
+    blocks, start, i = [], 0, 0
+    while start < rows:
+        j = bisect.bisect_right(ends, start + per) - 1  # the last end within the limit
+        stop = ends[j] if j >= i and ends[j] > start else ends[i]
+        blocks.append((start, stop))
+        start = stop
+        i = bisect.bisect_right(ends, start)
+    return blocks
 
 
 def exchange_feed(schedule: ExchangeSchedule, ctx: DistContext, reader, device: torch.device, failed: Failed) -> Feed:

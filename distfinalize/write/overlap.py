@@ -5,8 +5,10 @@
   pinned buffers (CUDA) without waiting for it;
 - `lanes` writer threads write the previous ones, each into its own output file, hashing as they go.
 
-Bytes in flight (source tensor + output tensors, from the moment the feed hands a tensor over until it is on
-disk) stay within a budget; a tensor bigger than the budget travels alone. The first error in any stage stops
+Bytes in flight stay within a budget, counted as they are held: a source tensor from the moment the feed hands
+it over until it is transformed, then its outputs until they are on disk (a recipe's slow transform and a slow
+disk then hold the same memory). A tensor bigger than the budget travels alone, or in blocks of rows when the
+feed gives it so. The first error in any stage stops
 all of them and is raised by `run`; the feed is told (`failed`) so that an exchange tells the other ranks.
 Runs on: every rank, for its own files.
 """
@@ -82,6 +84,13 @@ class ByteBudget:
             self.used -= nbytes
             self.cond.notify_all()
 
+    def swap(self, released: int, taken: int) -> None:
+        """Exchange `released` bytes for `taken` ones at once, without waiting (the transform stage, trading a
+        source tensor for its outputs, must never wait on the stages it feeds)."""
+        with self.cond:
+            self.used += taken - released
+            self.cond.notify_all()
+
     def abort(self) -> None:
         with self.cond:
             self.aborted = True
@@ -93,13 +102,31 @@ def in_flight(t: TensorPlan) -> int:
     return t.source_nbytes + t.nbytes
 
 
+def source_share(t: TensorPlan, rows: tuple[int, int] | None) -> int:
+    """Source bytes of a whole tensor, or of a block of its rows (its share, at least 1)."""
+    if rows is None:
+        return t.source_nbytes
+    return max(1, t.source_nbytes * (rows[1] - rows[0]) // t.shape[0])
+
+
+def held_bytes(outputs: dict[str, torch.Tensor]) -> int:
+    return sum(o.numel() * o.element_size() for o in outputs.values())
+
+
 @dataclass
 class Item:
-    """A transformed tensor on its way to a writer thread."""
+    """A transformed tensor, or a block of its rows, on its way to a writer thread."""
 
     step: Step
     outputs: dict[str, torch.Tensor]
     copied: torch.cuda.Event | None  # the device-to-host copy to wait for, on CUDA
+    rows: tuple[int, int] | None = None  # the block of rows, when the tensor comes in blocks
+    charged: int = 0  # bytes it holds of the budget
+
+    @property
+    def last(self) -> bool:
+        """Whether it completes its tensor."""
+        return self.rows is None or self.rows[1] == self.step.tensor.shape[0]
 
 
 class Stages:
@@ -126,11 +153,14 @@ class Stages:
 
     def run(
         self,
-        feed: Callable[[Callable[[], BaseException | None]], Iterator[tuple[TensorPlan, tuple[torch.Tensor, ...]]]],
-        transform: Callable[[tuple[torch.Tensor, ...], TensorPlan], dict[str, torch.Tensor]],
+        feed: Callable[[Callable[[], BaseException | None]], Iterator[tuple]],
+        transform: Callable[[tuple[torch.Tensor, ...], TensorPlan, int | None], dict[str, torch.Tensor]],
         write: Callable[[int, Iterator[Item]], None],
     ) -> None:
-        """Feed in a thread, transform here, `write(lane, items)` in one thread per lane; raise the first error."""
+        """Feed in a thread, transform here, `write(lane, items)` in one thread per lane; raise the first error.
+
+        The feed yields (tensor plan, inputs) per tensor, or (tensor plan, inputs, (start, stop)) per block of a
+        tensor's rows, in order; `transform(inputs, tensor plan, start row or None)`."""
         threads = [threading.Thread(target=self._feed, args=(feed,), name="distfinalize-feed", daemon=True)]
         threads += [
             threading.Thread(target=self._write, args=(write, lane), name=f"distfinalize-write{lane}", daemon=True)
@@ -155,26 +185,32 @@ class Stages:
         try:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)  # the current device is per thread
-            for t, inputs in feed(self.failed):
-                step = next(steps)
+            step = None
+            for got in feed(self.failed):
+                t, inputs, rows = got if len(got) == 3 else (*got, None)
+                if rows is None or rows[0] == 0:
+                    step = next(steps)
                 if step.tensor is not t:
                     raise RuntimeError(f"feed out of order: got {t.name}, expected {step.tensor.name}")
-                if self.error is not None or not self.budget.acquire(in_flight(t)):
+                charge = source_share(t, rows)
+                if self.error is not None or not self.budget.acquire(charge):
                     continue  # keep an exchange going until it tells the other ranks at its next round
-                self.fed.put((step, inputs))
+                self.fed.put((step, inputs, rows, charge))
         except BaseException as exc:
             self.fail(exc)
         self.fed.put(DONE)
 
     def _transform(self, transform) -> None:
         while (got := self.fed.get()) is not DONE and self.error is None:
-            step, inputs = got
-            outputs = transform(inputs, step.tensor)
+            step, inputs, rows, charge = got
+            outputs = transform(inputs, step.tensor, None if rows is None else rows[0])
             del inputs
             copied = None
             if self.device.type == "cuda":
                 outputs, copied = to_pinned(outputs)
-            self.lanes[step.lane].put(Item(step, outputs, copied))
+            held = held_bytes(outputs)
+            self.budget.swap(charge, held)  # the source is gone; its outputs wait for the writer
+            self.lanes[step.lane].put(Item(step, outputs, copied, rows, held))
 
     def _write(self, write, lane: int) -> None:
         try:
@@ -187,7 +223,7 @@ class Stages:
             if item.copied is not None:
                 item.copied.synchronize()
             yield item
-            self.budget.release(in_flight(item.step.tensor))
+            self.budget.release(item.charged)
 
 
 def to_pinned(outputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.cuda.Event]:

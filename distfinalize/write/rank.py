@@ -3,9 +3,10 @@
 The tensors come from a feed (`--strategy read`: this rank reads them; `exchange`: the ranks read their
 share of the source files and swap chunks), go through the overlapped pipeline of `overlap.py`, and are
 written `write_threads` files at a time, each in file order so its sha256 is computed as it is written.
-Memory stays bounded by the bytes in flight (twice `read_batch_bytes`, or one tensor when a single tensor
-is larger), never by the file or the model. A finished file leaves a record in the staging dir's
-`.progress/`; `--resume` reuses files whose record and checksum still match.
+Memory stays bounded by the bytes in flight (twice `read_batch_bytes`: the batch being read and one batch of
+tensors in the pipeline; with `read`, a larger tensor comes in blocks of rows, see feed.read_feed; with
+`exchange`, it travels whole), never by the file or the model. A finished file leaves a record in the staging
+dir's `.progress/`; `--resume` reuses files whose record and checksum still match.
 Runs on: every rank, each for its own files.
 """
 
@@ -28,7 +29,15 @@ from distfinalize.write.exchange import plan_exchange
 from distfinalize.write.feed import exchange_feed, read_feed
 from distfinalize.write.overlap import Item, Stages, lane_order
 from distfinalize.write.progress import Meter
-from distfinalize.write.writer import DEFAULT_METADATA, FileLayout, SafetensorsWriter, StageBuffer, file_sha256, layout
+from distfinalize.write.writer import (
+    DEFAULT_METADATA,
+    FileLayout,
+    SafetensorsWriter,
+    StageBuffer,
+    aligned,
+    file_sha256,
+    layout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +91,9 @@ def write_rank_files(
     meter = progress if progress is not None else Meter()
     meter.update(sum(f.nbytes for f in files if f.filename in reused))
     writers = LaneWriters(todo, directory, meter, written, progress_dir, plan.metadata)
-    Stages(steps, 2 * path.read_batch_bytes, ctx.device).run(
-        metered(feed, meter), lambda inputs, t: timed_transform(inputs, t, ctx, meter), writers.write_lane
+    # in flight: the batch being read, and up to one batch of read or transformed tensors (overlap.py)
+    Stages(steps, path.read_batch_bytes, ctx.device).run(
+        metered(feed, meter), lambda inputs, t, start: timed_transform(inputs, t, ctx, meter, start), writers.write_lane
     )
     done = [reused.get(f.filename) or written[f.filename] for f in files]
     log.debug("wrote %d file(s)", len(done))
@@ -106,9 +116,9 @@ def metered(feed, meter: Meter):
     return run
 
 
-def timed_transform(inputs, t: TensorPlan, ctx: DistContext, meter: Meter):
+def timed_transform(inputs, t: TensorPlan, ctx: DistContext, meter: Meter, start: int | None):
     with meter.busy("transform"):
-        return transform(inputs[0], t, ctx.device, inputs[1:])
+        return transform(inputs[0], t, ctx.device, inputs[1:], start)
 
 
 def exchange_plan_feed(plan: Plan, ctx: DistContext, source: Source, path: DataPath, reused: list[str]):
@@ -147,9 +157,22 @@ def write_order(file: FilePlan, metadata: Mapping[str, str] | None = None) -> li
 
 
 def file_layout(file: FilePlan, metadata: Mapping[str, str] | None = None) -> FileLayout:
-    """The file's safetensors layout; `metadata` (a recipe's, e.g. torchao's) joins the header's {"format": "pt"}."""
+    """The file's safetensors layout; `metadata` (a recipe's, e.g. torchao's) joins the header's {"format": "pt"}.
+
+    A file without quantized weights is laid out as the safetensors library lays it out (byte-identical to
+    save_file's). A file with quantized weights keeps each weight's outputs together, in the recipe's order
+    (the quantized data, then its scales), the weights in the plan's order: the library's order would put every
+    float32 scale before all the data, so no weight could be written (and hashed, and sent past the page cache)
+    before the last one was quantized. Loaders find tensors by the header's offsets, whatever their order; when
+    that order would leave a tensor misaligned for its dtype, the library's is used.
+    """
     tensors = [(name, shape, dtype) for t in file.tensors for name, (shape, dtype) in t.outputs.items()]
-    return layout(tensors, {**DEFAULT_METADATA, **(metadata or {})})
+    header = {**DEFAULT_METADATA, **(metadata or {})}
+    if any(t.quant is not None for t in file.tensors):
+        grouped = layout(tensors, header, as_given=True)
+        if aligned(grouped):
+            return grouped
+    return layout(tensors, header)
 
 
 class LaneWriters:
@@ -176,18 +199,31 @@ class LaneWriters:
                     current, file = item.step.file, self.files[item.step.file]
                     writer, left = self._open(file, stage), len(file.tensors)
                 with self.bar.busy("write"):
-                    for name, tensor in item.outputs.items():
-                        writer.write(name, tensor)
-                    self.bar.update(item.step.tensor.nbytes)
-                    left -= 1
-                    if left == 0:
-                        done, writer = writer, None
-                        self._close(self.files[current], done)
+                    self._write_item(writer, item)
+                if not item.last:
+                    continue
+                left -= 1
+                if left == 0:
+                    done, writer = writer, None
+                    self._close(self.files[current], done)
         except OSError as exc:
             raise self._error(self.files[current], exc) from exc
         finally:
             if writer is not None:
                 writer.abort()
+
+    def _write_item(self, writer: SafetensorsWriter, item: Item) -> None:
+        """A tensor's outputs, or a block of rows of each (outputs that describe the whole tensor come whole, with
+        its first block), in file order."""
+        t, slots = item.step.tensor, writer.layout.slots
+        for name, tensor in sorted(item.outputs.items(), key=lambda o: slots[o[0]].start):
+            shape = slots[name].shape
+            if item.rows is None or tuple(tensor.shape) == shape:
+                writer.write(name, tensor)
+            else:  # the block's rows of this output: the same share of its rows (a 128-row tile: one scale row)
+                writer.write(name, tensor, row=item.rows[0] * shape[0] // t.shape[0])
+        done = t.nbytes if item.rows is None else t.nbytes * (item.rows[1] - item.rows[0]) // t.shape[0]
+        self.bar.update(done)
 
     def _open(self, file: FilePlan, stage: StageBuffer) -> SafetensorsWriter:
         try:

@@ -51,13 +51,20 @@ class FileLayout:
 
 
 def layout(
-    tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype]], metadata: Mapping[str, str] | None = None
+    tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+    metadata: Mapping[str, str] | None = None,
+    as_given: bool = False,
 ) -> FileLayout:
-    """Compute the file layout from (name, shape, dtype) alone. Pure."""
+    """Compute the file layout from (name, shape, dtype) alone: in the library's order, or in the order given
+    (`as_given`). Pure."""
     for name, _, dtype in tensors:
         if dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
-    ordered = sorted(tensors, key=lambda t: (-SAFETENSORS_ORDER.index(SAFETENSORS_DTYPES[t[2]]), t[0]))
+    ordered = (
+        list(tensors)
+        if as_given
+        else sorted(tensors, key=lambda t: (-SAFETENSORS_ORDER.index(SAFETENSORS_DTYPES[t[2]]), t[0]))
+    )
     entries: dict[str, object] = {"__metadata__": dict(metadata or DEFAULT_METADATA)}
     spans = []
     offset = 0
@@ -78,8 +85,15 @@ def layout(
     return FileLayout(header, slots, base + offset)
 
 
+def aligned(file_layout: FileLayout) -> bool:
+    """Whether every tensor starts at a multiple of its element size (what loaders that view the file's bytes
+    as the tensor's dtype need; the library's order guarantees it). Pure."""
+    return all(slot.start % slot.dtype.itemsize == 0 for slot in file_layout.slots.values())
+
+
 DIRECT_ALIGNMENT = 4096  # O_DIRECT wants buffer, offset and length on the device's logical blocks (<= 4 KiB)
 STAGE_BYTES = 32 * 2**20  # one O_DIRECT write
+HOLD_BYTES = 64 * 2**20  # blocks held until their turn (a weight's scales), per file
 
 
 class StageBuffer:
@@ -102,14 +116,18 @@ class SafetensorsWriter:
     their bytes are gathered in the buffer and written in large aligned blocks past the page cache: no copy into
     cache pages the kernel first has to allocate, and no cache growing by the size of the output (the last block
     is padded, then the file truncated to its size). Otherwise, or when the file system refuses an O_DIRECT write,
-    they go through the page cache as they are. A tensor out of file order (a quantized weight's scale sits
-    elsewhere in the file) turns the rest of the file to the page cache, and the file is read back once to hash it.
+    they go through the page cache as they are. A tensor out of file order turns the rest of the file to the page
+    cache, and the file is read back once to hash it (the plan lays out and orders every file so this does not
+    happen: see write/rank.py's file_layout).
     """
 
     def __init__(self, path: Path, file_layout: FileLayout, stage: StageBuffer | None = None) -> None:
         self.path = path
         self.layout = file_layout
         self.written: set[str] = set()
+        self.rows: dict[str, int] = {}  # rows written so far of tensors written in blocks
+        self.held: dict[int, torch.Tensor] = {}  # bytes that came before their turn, by file offset (HOLD_BYTES)
+        self.held_bytes = 0
         self.position = 0  # bytes handed over in file order so far
         self.in_order = True  # every tensor so far came in file order: the digest is the file's
         self.digest = hashlib.sha256()
@@ -119,20 +137,40 @@ class SafetensorsWriter:
         os.ftruncate(self.fd, file_layout.size)
         self._append(torch.frombuffer(bytearray(file_layout.header), dtype=torch.uint8))
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write `tensor` (CPU, the planned dtype and shape) into its slot."""
+    def write(self, name: str, tensor: torch.Tensor, row: int | None = None) -> None:
+        """Write `tensor` (CPU, the planned dtype) into its slot: the whole tensor, or (`row`) a block of its rows
+        starting at that row. A block that comes before its turn is held until the bytes before it are written,
+        up to HOLD_BYTES (a weight's scales, written after its data); beyond that the file leaves file order."""
         slot = self.layout.slots[name]
-        if tensor.dtype != slot.dtype or tuple(tensor.shape) != slot.shape:
-            raise ValueError(
-                f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, planned {slot.dtype} {list(slot.shape)}"
-            )
+        whole = row is None
+        if tensor.dtype != slot.dtype or (
+            tuple(tensor.shape) != slot.shape
+            if whole
+            else tuple(tensor.shape[1:]) != slot.shape[1:] or row + tensor.shape[0] > slot.shape[0]
+        ):
+            got = f"{tensor.dtype} {list(tensor.shape)}" + ("" if whole else f" at row {row}")
+            raise ValueError(f"tensor {name!r} is {got}, planned {slot.dtype} {list(slot.shape)}")
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        if self.in_order and slot.start == self.position:
+        offset = slot.start if whole else slot.start + row * (slot.end - slot.start) // max(1, slot.shape[0])
+        self._place(data, offset)
+        if not whole:
+            self.rows[name] = self.rows.get(name, 0) + tensor.shape[0]
+        if whole or self.rows[name] == slot.shape[0]:
+            self.written.add(name)
+
+    def _place(self, data: torch.Tensor, offset: int) -> None:
+        if self.in_order and offset == self.position:
             self._append(data)
+            while self.position in self.held:
+                early = self.held.pop(self.position)
+                self.held_bytes -= early.numel()
+                self._append(early)
+        elif self.in_order and offset > self.position and self.held_bytes + data.numel() <= HOLD_BYTES:
+            self.held[offset] = data
+            self.held_bytes += data.numel()
         else:
             self._leave_order()
-            self._pwrite(memoryview(data.numpy()), slot.start)
-        self.written.add(name)
+            self._pwrite(memoryview(data.numpy()), offset)
 
     def _leave_order(self) -> None:
         """Write what is staged and go on through the page cache, at each tensor's offset."""
@@ -143,6 +181,10 @@ class SafetensorsWriter:
         if self.staged:
             self._flush()
         self.in_order = False
+        for offset, early in sorted(self.held.items()):
+            self._pwrite(memoryview(early.numpy()), offset)
+        self.held.clear()
+        self.held_bytes = 0
 
     def _append(self, data: torch.Tensor) -> None:
         """The next bytes of the file: hashed, then written (or staged)."""

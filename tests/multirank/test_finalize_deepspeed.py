@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from support import (
     our_traceback,
     read_json,
     read_output,
+    run_cli,
     torchrun,
     tree_digest,
 )
@@ -135,6 +137,32 @@ def test_float32_is_bit_identical_to_zero_to_fp32(
     check_model(run, dest, expected, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_tensor_larger_than_the_read_batch_goes_in_row_blocks(
+    deepspeed_runs: Path, tmp_path: Path, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--read-batch smaller than the biggest tensors: they are read, cast and written a block of rows at a time, so
+    no buffer the reader allocates is bigger than the read batch, and the output is still zero_to_fp32's, bit for
+    bit, in files that hash as they are written. In process (one rank), the reader's allocations counted."""
+    run, dest, batch = deepspeed_runs / "zero3-untied", tmp_path / "out", 8 * 1024
+    allocated: list[int] = []
+    real = ds_source.DeepSpeedTensorReader._read
+
+    def counting(self, layout, handles, stack):
+        if threading.current_thread().name == "distfinalize-feed":  # the write step's reads (not the tie check's)
+            allocated.append(sum(p.numel for p in layout.pieces) * layout.dtype.itemsize)
+        return real(self, layout, handles, stack)
+
+    monkeypatch.setattr(ds_source.DeepSpeedTensorReader, "_read", counting)
+    check_ok(finalize(run, dest, "--dtype", dtype, "--read-batch", str(batch), "--max-shard-size", SHARD))
+    biggest = max(t.nbytes for t in DeepSpeedSource(run / LATEST).tensors)
+    assert biggest > 2 * batch  # the case at hand: several blocks
+    assert 0 < max(allocated) <= batch
+    expected = expected_state(run)
+    check_tensors(dest, expected, getattr(torch, dtype), tied=False)
+    check_ok(run_cli("verify", dest))  # every file's recorded sha256 (computed while writing) is the file's
+
+
 @pytest.mark.parametrize(("variant", "nproc"), [("zero1-tied", 1), ("zero2-frozen", 2), ("zero3-untied", 1)])
 def test_default_dtype_is_the_training_dtype(deepspeed_runs: Path, tmp_path: Path, variant: str, nproc: int) -> None:
     """No --dtype: bf16, as trained; the fp32 masters cast once are exactly the trained bf16 module's weights."""
@@ -232,6 +260,23 @@ def test_reader_reads_only_the_bytes_of_its_tensors(
         tensor = source.reader().read([meta.key])[meta.key]
         assert sum(reads) == meta.nbytes, meta.name
         assert torch.equal(tensor.to(expected[meta.name].dtype), expected[meta.name]), meta.name
+
+
+@pytest.mark.parametrize("variant", ["zero2-extras", "zero3-untied"])
+def test_row_blocks_read_only_their_bytes(deepspeed_runs: Path, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process: read_rows gives exactly those rows of zero_to_fp32's tensor, reading just their bytes."""
+    source = DeepSpeedSource(deepspeed_runs / variant / LATEST)
+    reads: list[int] = []
+    real = ds_source._read_exact
+    monkeypatch.setattr(ds_source, "_read_exact", lambda h, o, into, p: reads.append(len(into)) or real(h, o, into, p))
+    expected = expected_state(deepspeed_runs / variant)
+    for meta in (m for m in source.tensors if len(m.shape) == 2 and m.shape[0] >= 3):
+        rows = meta.shape[0]
+        for start, stop in ((0, 1), (1, rows - 1), (rows - 2, rows)):
+            reads.clear()
+            block = source.reader().read_rows(meta.key, start, stop)
+            assert sum(reads) == (stop - start) * meta.nbytes // rows, meta.name
+            assert torch.equal(block.to(expected[meta.name].dtype), expected[meta.name][start:stop]), meta.name
 
 
 def test_reading_needs_no_deepspeed(deepspeed_runs: Path, tmp_path: Path) -> None:

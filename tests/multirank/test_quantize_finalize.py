@@ -9,7 +9,7 @@ from pathlib import Path
 import common
 import pytest
 import torch
-from support import check_ok, finalize, read_json, read_output
+from support import check_ok, finalize, read_json, read_output, run_cli
 from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.dist
@@ -76,3 +76,30 @@ def test_quantized_output_loads_and_matches(fsdp2_runs: Path, tmp_path: Path, re
     expected = torch.load(run / "reference_logits.pt")
     assert logits.shape == expected.shape
     assert torch.nn.functional.cosine_similarity(logits.flatten(), expected.flatten(), dim=0) > 0.99
+
+
+def test_row_blocks_give_the_same_files(fsdp2_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--quantize fp8 with --read-batch smaller than the biggest weights (saved by 2 ranks, so in 2 chunks each):
+    those go through in blocks of rows (a chunk each), and every output file is byte for byte the one a run that
+    reads them whole writes. In process (one rank): the reads are counted."""
+    from distfinalize.sources import dcp as dcp_source
+
+    run = fsdp2_runs / "untied-optim"
+    check_ok(finalize(run, tmp_path / "whole", "--quantize", "fp8", "--max-shard-size", "60KB"))
+    blocks: list[tuple[int, int]] = []
+    real = dcp_source.DcpTensorReader.read_rows
+    monkeypatch.setattr(
+        dcp_source.DcpTensorReader,
+        "read_rows",
+        lambda self, key, start, stop: blocks.append((start, stop)) or real(self, key, start, stop),
+    )
+    batch = 8 * 1024
+    check_ok(
+        finalize(run, tmp_path / "blocks", "--quantize", "fp8", "--max-shard-size", "60KB", "--read-batch", str(batch))
+    )
+    assert blocks and all(start < stop for start, stop in blocks)
+    whole = sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors"))
+    assert whole == sorted(p.name for p in (tmp_path / "blocks").glob("*.safetensors"))
+    for name in whole:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "blocks" / name).read_bytes(), name
+    check_ok(run_cli("verify", tmp_path / "blocks"))  # each file's sha256, computed while writing, is the file's

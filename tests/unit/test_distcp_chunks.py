@@ -99,3 +99,11 @@ def test_buffer_file_reads_and_seeks_like_a_file() -> None:
     assert f.read(5) == data[:5]
     assert f.seek(-10, io.SEEK_END) == 90 and f.read() == data[90:]
     assert f.seek(3) == 3 and f.tell() == 3 and f.read(2) == data[3:5]
+
+
+def test_read_rows_gives_those_rows_of_each_tensor(tmp_path: Path) -> None:
+    path, state = saved(tmp_path)
+    reader = DcpSource(path).reader()
+    for key, tensor in state.items():
+        for start, stop in ((0, 1), (3, 10), (tensor.shape[0] - 2, tensor.shape[0])):
+            assert torch.equal(reader.read_rows(key, start, stop), tensor[start:stop]), key

@@ -50,7 +50,7 @@ def test_lanes_get_their_files_in_order_within_budget() -> None:
                 got.setdefault(lane, []).append(item.step.tensor.name)
             assert item.outputs[item.step.tensor.name].dtype == torch.bfloat16
 
-    stages.run(feed_of(steps), lambda inputs, t: {t.name: inputs[0].to(t.dtype)}, write)
+    stages.run(feed_of(steps), lambda inputs, t, start: {t.name: inputs[0].to(t.dtype)}, write)
     assert {lane: names for lane, names in got.items()} == {
         lane: [s.tensor.name for s in steps if s.lane == lane] for lane in got
     }
@@ -72,7 +72,7 @@ def test_first_error_is_raised_and_nothing_hangs(stage: str) -> None:
                 return
             yield s.tensor, (torch.zeros(s.tensor.shape),)
 
-    def transform(inputs, t):
+    def transform(inputs, t, start):
         if stage == "transform" and t is steps[7].tensor:
             raise ValueError("bad tensor")
         return {t.name: inputs[0]}
@@ -115,7 +115,7 @@ def test_pinned_copy_on_cuda() -> None:
 
     Stages(steps, 1 << 20, device).run(
         lambda failed: ((s.tensor, (torch.full(s.tensor.shape, 1.5),)) for s in steps),
-        lambda inputs, t: {t.name: inputs[0].to(device).to(t.dtype)},
+        lambda inputs, t, start: {t.name: inputs[0].to(device).to(t.dtype)},
         write,
     )
     assert all(v.is_pinned() and torch.equal(v, torch.full(v.shape, 1.5, dtype=v.dtype)) for v in got.values())

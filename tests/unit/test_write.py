@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distfinalize.hfnames import SAFETENSORS_DTYPES
+from distfinalize.write import writer as writer_module
 from distfinalize.write.writer import DIRECT_ALIGNMENT, SafetensorsWriter, StageBuffer, layout
 
 
@@ -41,17 +42,23 @@ def write(
     return writer, writer.close()
 
 
-@pytest.mark.parametrize("order", ["file", "mixed"])
+@pytest.mark.parametrize("order", ["file", "mixed", "mixed, over the hold"])
 @pytest.mark.parametrize("stage_bytes", [None, DIRECT_ALIGNMENT, 3 * DIRECT_ALIGNMENT, 2**20])
-def test_bytes_identical_to_save_file(tmp_path: Path, stage_bytes: int | None, order: str) -> None:
+def test_bytes_identical_to_save_file(
+    tmp_path: Path, stage_bytes: int | None, order: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Through the page cache, and staged in blocks smaller and larger than the file (O_DIRECT where /tmp's file
     system takes it: ext4 here), in file order or not, the file is the library's, and the returned sha256 is the
-    file's."""
+    file's. Tensors that come early are held until their turn (the file stays in order) unless they exceed the
+    hold."""
     tensors = sample_tensors()
     tensors["big"] = torch.randn(3000, 7, generator=torch.Generator().manual_seed(1))  # spans several blocks
     stage = StageBuffer(stage_bytes) if stage_bytes else None
-    writer, digest = write(tmp_path / "ours.safetensors", tensors, stage, order)
-    assert writer.in_order == (order == "file")
+    if order.endswith("hold"):
+        monkeypatch.setattr(writer_module, "HOLD_BYTES", 16)
+    writer, digest = write(tmp_path / "ours.safetensors", tensors, stage, order.partition(",")[0])
+    assert writer.in_order == (order != "mixed, over the hold")
+    assert not writer.held
     save_file(tensors, tmp_path / "lib.safetensors", metadata={"format": "pt"})
     ours = (tmp_path / "ours.safetensors").read_bytes()
     assert ours == (tmp_path / "lib.safetensors").read_bytes()
@@ -121,3 +128,31 @@ def test_wrong_tensor_and_missing_tensor_are_caught(tmp_path: Path) -> None:
 def test_unsupported_dtype_is_refused() -> None:
     with pytest.raises(ValueError, match="safetensors cannot store"):
         layout([("c", (2,), torch.complex64)])
+
+
+@pytest.mark.parametrize("stage_bytes", [None, DIRECT_ALIGNMENT])
+def test_row_blocks_in_any_order_make_the_same_file(tmp_path: Path, stage_bytes: int | None) -> None:
+    """Tensors written in blocks of rows, a later tensor's blocks between an earlier one's (a weight's scales
+    arrive with each block of its data): the library's bytes, in order, nothing held at the end."""
+    tensors = {"a": torch.randn(50, 6, dtype=torch.float64), "b": torch.randn(40, 3), "c": torch.randn(5)}
+    plan = layout([(n, tuple(t.shape), t.dtype) for n, t in tensors.items()])
+    writer = SafetensorsWriter(tmp_path / "ours.safetensors", plan, StageBuffer(stage_bytes) if stage_bytes else None)
+    writer.write("c", tensors["c"])  # after both in the file: held
+    for lo in range(0, 50, 20):
+        writer.write("a", tensors["a"][lo : lo + 20], row=lo)
+        writer.write("b", tensors["b"][lo // 2 : lo // 2 + 10], row=lo // 2)  # b's first 30 rows: held
+    writer.write("b", tensors["b"][30:], row=30)
+    digest = writer.close()
+    assert writer.in_order and not writer.held
+    assert (tmp_path / "ours.safetensors").read_bytes() == save_file_bytes(tensors, tmp_path / "lib.safetensors")
+    assert digest == hashlib.sha256((tmp_path / "ours.safetensors").read_bytes()).hexdigest()
+
+
+def test_a_missing_block_is_caught(tmp_path: Path) -> None:
+    plan = layout([("a", (4, 2), torch.float32)])
+    writer = SafetensorsWriter(tmp_path / "x.safetensors", plan)
+    writer.write("a", torch.zeros(2, 2), row=0)
+    with pytest.raises(RuntimeError, match="never written"):
+        writer.close()
+    with pytest.raises(ValueError, match="at row 3"):
+        SafetensorsWriter(tmp_path / "y.safetensors", plan).write("a", torch.zeros(2, 2), row=3)

@@ -22,6 +22,7 @@ fragment addresses) are replaced by inert stand-ins. Its checkpoint constants ar
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -42,6 +43,7 @@ from distfinalize.sources.deepspeed.checks import (
 )
 from distfinalize.sources.deepspeed.files import TagFiles, is_deepspeed_checkpoint, tag_files
 from distfinalize.sources.deepspeed.layout import (
+    Piece,
     TensorLayout,
     zero3_fragment_layout,
     zero3_layouts,
@@ -278,6 +280,29 @@ class DeepSpeedTensorReader:
                     ) from exc
         return out
 
+    def row_cuts(self, key: str) -> None:
+        """None: any block of rows is read exactly (see `read_rows`)."""
+        return None
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of `key` (stored dtype, CPU): positioned reads of just their elements."""
+        layout = self.layouts[key]
+        if layout.stride is not None or not layout.shape:
+            return self.read([key])[key][start:stop]
+        row = math.prod(layout.shape[1:])
+        part = TensorLayout(
+            (stop - start, *layout.shape[1:]), layout.dtype, _element_range(layout, start * row, stop * row)
+        )
+        with ExitStack() as stack:
+            try:
+                return self._read(part, {}, stack)
+            except OSError as exc:
+                raise SourceError(
+                    f"cannot read tensor {key!r}",
+                    where=self.path,
+                    hint=f"the checkpoint files may be truncated or unreadable ({exc})",
+                ) from exc
+
     def _read(self, layout: TensorLayout, handles: dict, stack: ExitStack) -> torch.Tensor:
         flat = torch.empty(sum(p.numel for p in layout.pieces), dtype=layout.dtype)
         buffer = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
@@ -291,6 +316,19 @@ class DeepSpeedTensorReader:
         if layout.stride is not None:
             return flat.as_strided(layout.shape, layout.stride).clone()
         return flat.view(layout.shape)
+
+
+def _element_range(layout: TensorLayout, start: int, stop: int) -> tuple[Piece, ...]:
+    """The pieces of elements [start, stop) of a contiguous layout (its pieces concatenated). Pure."""
+    pieces, base, itemsize = [], 0, layout.dtype.itemsize
+    for piece in layout.pieces:
+        lo, hi = max(start, base), min(stop, base + piece.numel)
+        if lo < hi:
+            pieces.append(Piece(piece.file, piece.offset + (lo - base) * itemsize, hi - lo))
+        base += piece.numel
+        if base >= stop:
+            break
+    return tuple(pieces)
 
 
 def _read_exact(handle, offset: int, into: memoryview, path: Path) -> None:

@@ -27,6 +27,7 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 FP8_REL_ERR = 2.0**-4  # e4m3 has 3 mantissa bits: round-to-nearest is within 2^-4 of |x| for normals
 FP8_SUBNORMAL_HALF_STEP = 2.0**-10  # half the e4m3 subnormal spacing (2^-9), in units of the scale
 SCALE_FLOOR = 1e-12  # amax floor so an all-zero row or block gets a finite scale
+ROW_BLOCK_BYTES = 16 * 2**20  # float32 bytes of the rows quantized at once: the bound on the math's temporaries
 NONFINITE_FLAG = "--quantize-skip-nonfinite"
 
 # Left unquantized by default: embeddings, lm_head, norms, MoE routers and gates (matched on the module name).
@@ -97,6 +98,10 @@ class Recipe:
     requires: Requirement = Requirement()
 
     casts_first: ClassVar[bool] = False  # quantize the weight cast to the model dtype (else from float32)
+    # Rows that share scales (1: per row or per group within a row; 128: fp8-block tiles). 0: the recipe quantizes
+    # the whole weight at once. Otherwise `_quantize_rows` runs on blocks of such rows (ROW_BLOCK_BYTES of float32
+    # each), so the temporaries are bounded by a block, and the outputs are exactly those of the whole weight.
+    row_group: ClassVar[int] = 0
 
     def specs(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> tuple[OutputSpec, ...]:
         """The tensors written for a weight of this shape, written for a model of `dtype`. Pure."""
@@ -107,7 +112,40 @@ class Recipe:
         raise NotImplementedError
 
     def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every output of the whole weight. Recipes with a `row_group` implement `_quantize_rows` instead."""
+        return {**self._quantize_rows(weight), **self._whole(tuple(weight.shape), weight.device)}
+
+    def _quantize_rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs that follow the weight's rows (data, scales), for a block of whole row groups."""
         raise NotImplementedError
+
+    def _whole(self, shape: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
+        """The outputs that describe the whole weight, not its rows (e.g. weight_shape). None by default."""
+        return {}
+
+    def block_rows(self, shape: tuple[int, ...]) -> int:
+        """Rows quantized at once for a weight of `shape`: a multiple of `row_group` within ROW_BLOCK_BYTES (at
+        least one group), or every row when the recipe has no row group. Pure."""
+        n, k = shape
+        if not self.row_group:
+            return n
+        return max(self.row_group, ROW_BLOCK_BYTES // (4 * max(k, 1)) // self.row_group * self.row_group)
+
+    def _rows_in_blocks(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`_quantize_rows` of these rows, computed `block_rows` rows at a time into preallocated outputs."""
+        rows = self.block_rows(tuple(weight.shape))
+        if rows >= weight.shape[0]:
+            return self._quantize_rows(weight)
+        out: dict[str, torch.Tensor] = {}
+        filled: dict[str, int] = {}
+        for start in range(0, weight.shape[0], rows):
+            for key, part in self._quantize_rows(weight[start : start + rows]).items():
+                if key not in out:
+                    spec = next(s for s in self.specs(tuple(weight.shape)) if s.suffix == key)
+                    out[key], filled[key] = torch.empty(spec.shape, dtype=part.dtype, device=part.device), 0
+                out[key][filled[key] : filled[key] + part.shape[0]].copy_(part)
+                filled[key] += part.shape[0]
+        return out
 
     def _dequantize(self, local: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -154,7 +192,24 @@ class Recipe:
         if self.casts_first and dtype is not None:
             weight = weight.to(dtype)
         check_finite(weight_name, weight, self.name)
-        return {f"{module}.{k}": v for k, v in self._quantize(weight).items()}
+        if not self.row_group:
+            local = self._quantize(weight)
+        else:
+            local = {**self._rows_in_blocks(weight), **self._whole(tuple(weight.shape), weight.device)}
+        return {f"{module}.{k}": v for k, v in local.items()}
+
+    @torch.no_grad()
+    def quantize_rows(self, weight_name: str, rows: torch.Tensor, start: int, shape: tuple[int, ...]) -> dict:
+        """The outputs for rows [start, start + len(rows)) of a weight of `shape` (whole row groups; a recipe with a
+        `row_group`): the blocks of its row outputs, and with the first block the outputs that describe the whole
+        weight. Together, exactly quantize()'s. Runs on: the rank that owns the tensor, block by block."""
+        module = module_of(weight_name)
+        _check_2d(weight_name, tuple(shape))
+        check_finite(weight_name, rows, self.name)
+        local = self._rows_in_blocks(rows)
+        if start == 0:
+            local.update(self._whole(tuple(shape), rows.device))
+        return {f"{module}.{k}": v for k, v in local.items()}
 
     def dequantize(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The float32 weight that quantize()'s tensors stand for (for verify). Runs on: the rank that owns it."""
@@ -166,11 +221,18 @@ class Recipe:
 
 
 def nonfinite_count(weight: torch.Tensor) -> int:
-    """How many elements of `weight` are NaN or +-Inf: one isfinite().all() reduction on the tensor's device, the
-    count only when that fails. Runs on: the rank that holds the tensor."""
-    if bool(torch.isfinite(weight).all()):
-        return 0
-    return int((~torch.isfinite(weight)).sum())
+    """How many elements of `weight` are NaN or +-Inf: isfinite().all() reductions on the tensor's device, a block
+    of rows at a time (the mask's bytes bounded by ROW_BLOCK_BYTES), the count only when one fails. Runs on: the
+    rank that holds the tensor."""
+    if weight.dim() < 2:
+        return 0 if bool(torch.isfinite(weight).all()) else int((~torch.isfinite(weight)).sum())
+    rows = max(1, ROW_BLOCK_BYTES // max(1, weight[0].numel()))
+    bad = 0
+    for start in range(0, weight.shape[0], rows):
+        block = weight[start : start + rows]
+        if not bool(torch.isfinite(block).all()):
+            bad += int((~torch.isfinite(block)).sum())
+    return bad
 
 
 def check_finite(weight_name: str, weight: torch.Tensor, recipe: str) -> None:

@@ -32,10 +32,12 @@ class Fp8Channel(Recipe):
         n, k = shape
         return (OutputSpec("weight", (n, k), FP8), OutputSpec("weight_scale", (n, 1), torch.float32))
 
+    row_group = 1  # one scale per row
+
     def supports(self, shape: tuple[int, ...]) -> bool:
         return len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % 16 == 0  # FP8 GEMMs need multiples of 16
 
-    def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _quantize_rows(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         data, scale = _float8(weight, [1, weight.shape[1]])
         return {"weight": data, "weight_scale": scale.reshape(-1, 1)}
 
@@ -63,7 +65,9 @@ class Fp8Block(Recipe):
         # quantize() handles ragged edge tiles (the format allows them); transformers' CPU dequantize does not.
         return len(shape) == 2 and shape[0] % BLOCK == 0 and shape[1] % BLOCK == 0
 
-    def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    row_group = BLOCK  # one scale per 128x128 tile
+
+    def _quantize_rows(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         n, k = weight.shape
         pad_n, pad_k = -n % BLOCK, -k % BLOCK
         padded = torch.nn.functional.pad(weight, (0, pad_k, 0, pad_n)) if pad_n or pad_k else weight
@@ -120,15 +124,16 @@ class PackedInt(Recipe):
     def supports(self, shape: tuple[int, ...]) -> bool:
         return len(shape) == 2 and shape[1] % self._group(shape[1]) == 0
 
-    def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    row_group = 1  # scales per row (per channel, or per group of 128 within the row)
+
+    def _quantize_rows(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
         q, scale = self.int_values(weight)
-        return {
-            "weight_packed": pack_to_int32(q, self.num_bits),
-            "weight_scale": scale,
-            "weight_shape": torch.tensor(weight.shape, dtype=torch.int64, device=weight.device),
-        }
+        return {"weight_packed": pack_to_int32(q, self.num_bits), "weight_scale": scale}
+
+    def _whole(self, shape: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
+        return {"weight_shape": torch.tensor(shape, dtype=torch.int64, device=device)}
 
     def int_values(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """torchao choose_qparams_affine + quantize_affine -> (int8 values in [qmin, qmax], float32 scale)."""
