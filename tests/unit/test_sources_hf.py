@@ -91,3 +91,32 @@ def test_bin_refusals(tmp_path: Path) -> None:
     torch.save({**state(), "path": Path("/etc")}, hostile / "pytorch_model.bin")
     with pytest.raises(SourceError, match="holds an object of class pathlib"):
         TorchBinSource(hostile)
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_rows_read_in_blocks_equal_the_whole_tensor(tmp_path: Path, safe: bool) -> None:
+    """read_rows gives exactly the rows of the whole tensor, for any block (what row-block streaming reads)."""
+    tensors = {"a.weight": torch.randn(37, 5, dtype=torch.bfloat16), "b.weight": torch.randn(11, 3)}
+    save_torch_state_dict(tensors, tmp_path, safe_serialization=safe)
+    source = (SafetensorsSource if safe else TorchBinSource)(tmp_path)
+    reader = source.reader()
+    for key, whole in tensors.items():
+        assert reader.row_cuts(key) is None
+        for start, stop in [(0, 1), (3, 9), (whole.shape[0] - 2, whole.shape[0]), (0, whole.shape[0])]:
+            assert torch.equal(reader.read_rows(key, start, stop), whole[start:stop]), (key, start, stop)
+
+
+def test_copy_rows_places_pieces_of_any_sharding() -> None:
+    """Pieces split along rows and columns: the rows of a block assembled from the pieces that hold them."""
+    from distfinalize.sources import copy_rows, overlapping, row_pieces
+
+    whole = torch.arange(12 * 6).view(12, 6)
+    pieces = [((r, c), (4, 3)) for r in (0, 4, 8) for c in (0, 3)]
+    assert row_pieces(pieces) == [0, 4, 8]
+    for start, stop in [(0, 4), (2, 10), (11, 12)]:
+        out = torch.empty(stop - start, 6, dtype=whole.dtype)
+        for offsets, sizes in pieces:
+            if overlapping(offsets, sizes, start, stop):
+                data = whole[offsets[0] : offsets[0] + sizes[0], offsets[1] : offsets[1] + sizes[1]]
+                copy_rows(out, start, offsets, data)
+        assert torch.equal(out, whole[start:stop])
