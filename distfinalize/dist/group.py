@@ -68,6 +68,21 @@ def _relabel_logging(launch: LaunchEnv) -> None:
     setup_logging(level if level in ("debug", "info", "warning", "error") else "info", launch.rank, launch.world_size)
 
 
+def gpus_shared() -> bool:
+    """Whether this node runs more ranks than it has GPUs (LOCAL_WORLD_SIZE from torchrun and the elastic agent,
+    SLURM_NTASKS_PER_NODE under srun). NCCL refuses two ranks on one GPU, so such ranks exchange over gloo, through
+    the CPU. Runs on: every rank on a GPU."""
+    per_node = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "")
+    per_node = per_node.split("(")[0]  # srun writes "8(x2)" for two nodes of 8
+    return per_node.isdigit() and int(per_node) > max(1, torch.cuda.device_count())
+
+
+def wire_device(device: torch.device) -> torch.device:
+    """Where exchanged buffers travel: this rank's GPU (over NCCL), or the CPU (over gloo) on the CPU and where
+    ranks share a GPU. Runs on: every rank."""
+    return device if device.type == "cuda" and not gpus_shared() else torch.device("cpu")
+
+
 def _pick_device(device: str, local_rank: int) -> torch.device:
     """auto: this rank's GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):

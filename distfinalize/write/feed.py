@@ -20,6 +20,7 @@ from typing import TypeVar
 import torch
 
 from distfinalize.dist.context import DistContext
+from distfinalize.dist.group import wire_device
 from distfinalize.plan import TensorPlan
 from distfinalize.sources import SourceChunk, TensorReader
 from distfinalize.transform.cast import row_group
@@ -88,12 +89,12 @@ def row_blocks(rows: int, row_bytes: int, limit: int, group: int, cuts: Sequence
     return blocks
 
 
-def exchange_feed(schedule: ExchangeSchedule, ctx: DistContext, reader, device: torch.device, failed: Failed) -> Feed:
+def exchange_feed(schedule: ExchangeSchedule, ctx: DistContext, reader, failed: Failed) -> Feed:
     """This rank's tensors, delivered round by round over the process group. Runs on: all ranks together.
 
     `reader` must have `load_chunks` (DcpTensorReader). The chunks are verified where they are read.
     """
-    wire = device if device.type == "cuda" else torch.device("cpu")
+    wire = wire_device(ctx.device)
     for number, rnd in enumerate(schedule.rounds, start=1):
         sends = rnd.sent_by(ctx.rank)
         packed: list[torch.Tensor] = []

@@ -131,7 +131,7 @@ def exchange_plan_feed(plan: Plan, ctx: DistContext, source: Source, path: DataP
         sum(1 for r in schedule.readers.values() if r == ctx.rank),
     )
     reader = source.reader()
-    return lambda failed: exchange_feed(schedule, ctx, reader, ctx.device, failed)
+    return lambda failed: exchange_feed(schedule, ctx, reader, failed)
 
 
 def exchange_schedule(

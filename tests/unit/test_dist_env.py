@@ -168,3 +168,23 @@ def test_from_env_alone_has_no_group(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cuda_without_a_gpu_is_a_clear_error() -> None:
     with pytest.raises(DistfinalizeError, match="--device cuda was asked for"):
         DistContext.from_env("cuda")
+
+
+@pytest.mark.parametrize(
+    ("env", "shared"),
+    [
+        ({"LOCAL_WORLD_SIZE": "8"}, True),  # 8 ranks on a node with fewer GPUs: NCCL would refuse
+        ({"LOCAL_WORLD_SIZE": "1"}, False),
+        ({"SLURM_NTASKS_PER_NODE": "4(x2)"}, True),
+        ({}, False),  # unknown: NCCL, as before
+    ],
+)
+def test_ranks_sharing_a_gpu_exchange_through_the_cpu(monkeypatch, env: dict[str, str], shared: bool) -> None:
+    from distfinalize.dist.group import gpus_shared
+
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert gpus_shared() is shared
