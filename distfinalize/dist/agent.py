@@ -52,8 +52,8 @@ def launch(options: AgentOptions, argv: list[str]) -> tuple[int, str | None]:
     """Run `python -m distfinalize ARGV` on every rank of this node; the exit code, and the line to print when
     no rank printed one."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
