@@ -19,6 +19,7 @@ import torch
 
 from distfinalize.errors import SourceError
 from distfinalize.sources import SourceInfo, TensorMeta, copy_rows, overlapping, row_pieces
+from distfinalize.sources.fileread import read_exact, stored_offset
 from distfinalize.sources.ranksave import (
     Piece,
     Stored,
@@ -28,9 +29,7 @@ from distfinalize.sources.ranksave import (
     load_rank_file,
     local_of,
     pieces,
-    read_exact,
     saved_by,
-    stored_offset,
 )
 
 log = logging.getLogger(__name__)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from distfinalize.errors import SourceError
+from distfinalize.sources.fileread import read_exact, stored_offset
 from distfinalize.sources.shardedtensor import (
     SUBSTITUTES,
     ShardedTensorRecord,
@@ -245,26 +246,3 @@ def saved_by(value: object) -> int | None:
     mesh = getattr(value, "device_mesh", None) if hasattr(value, "_local_tensor") else None
     rank = vars(mesh).get("_rank") if mesh is not None else None
     return rank if isinstance(rank, int) else None
-
-
-def stored_offset(tensor: torch.Tensor, path: Path) -> int:
-    """Byte offset in its file of a meta-loaded tensor's first element."""
-    base = getattr(tensor.untyped_storage(), "_checkpoint_offset", None)
-    if base is None:
-        raise SourceError(
-            "this torch does not report where tensors lie in checkpoint files",
-            where=path,
-            hint=f"torch {torch.__version__} lacks meta-load storage offsets; upgrade torch",
-        )
-    return base + tensor.storage_offset() * tensor.dtype.itemsize
-
-
-def read_exact(handle, offset: int, into: memoryview, path: Path) -> None:
-    """Fill `into` from `offset` of an open file; a short file is an OSError naming it."""
-    handle.seek(offset)
-    done = 0
-    while done < len(into):
-        n = handle.readinto(into[done:])
-        if not n:
-            raise OSError(f"{path.name} ends {len(into) - done} bytes early (at byte {offset + done})")
-        done += n

@@ -247,13 +247,13 @@ def test_reader_reads_only_the_bytes_of_its_tensors(
     """In process: each tensor costs exactly its own bytes (no padding, no neighbours, no whole partitions)."""
     source = DeepSpeedSource(deepspeed_runs / variant / LATEST)
     reads: list[int] = []
-    real = ds_source._read_exact
+    real = ds_source.read_exact
 
     def counting(handle, offset: int, into: memoryview, path: Path) -> None:
         reads.append(len(into))
         real(handle, offset, into, path)
 
-    monkeypatch.setattr(ds_source, "_read_exact", counting)
+    monkeypatch.setattr(ds_source, "read_exact", counting)
     expected = expected_state(deepspeed_runs / variant)
     for meta in source.tensors:
         reads.clear()
@@ -267,8 +267,8 @@ def test_row_blocks_read_only_their_bytes(deepspeed_runs: Path, variant: str, mo
     """In process: read_rows gives exactly those rows of zero_to_fp32's tensor, reading just their bytes."""
     source = DeepSpeedSource(deepspeed_runs / variant / LATEST)
     reads: list[int] = []
-    real = ds_source._read_exact
-    monkeypatch.setattr(ds_source, "_read_exact", lambda h, o, into, p: reads.append(len(into)) or real(h, o, into, p))
+    real = ds_source.read_exact
+    monkeypatch.setattr(ds_source, "read_exact", lambda h, o, into, p: reads.append(len(into)) or real(h, o, into, p))
     expected = expected_state(deepspeed_runs / variant)
     for meta in (m for m in source.tensors if len(m.shape) == 2 and m.shape[0] >= 3):
         rows = meta.shape[0]

@@ -22,6 +22,7 @@ from distfinalize.sources.deepspeed.layout import (
     Piece,
     TensorLayout,
 )
+from distfinalize.sources.fileread import stored_offset
 
 log = logging.getLogger(__name__)
 
@@ -131,18 +132,6 @@ def load_meta(path: Path) -> dict:
     if not isinstance(data, dict):
         raise SourceError("not a DeepSpeed checkpoint file (no dict inside)", where=path)
     return data
-
-
-def stored_offset(tensor: torch.Tensor, path: Path) -> int:
-    """Byte offset in its file of a tensor from `load_meta`'s first element."""
-    base = getattr(tensor.untyped_storage(), "_checkpoint_offset", None)
-    if base is None:
-        raise SourceError(
-            "this torch does not report where tensors lie in checkpoint files",
-            where=path,
-            hint=f"torch {torch.__version__} lacks meta-load storage offsets; upgrade torch",
-        )
-    return base + tensor.storage_offset() * tensor.dtype.itemsize
 
 
 def as_flat(tensor: object, file: int, path: Path, what: str) -> Flat:

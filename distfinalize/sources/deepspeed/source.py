@@ -59,6 +59,7 @@ from distfinalize.sources.deepspeed.meta import (
     load_meta,
     stored_layout,
 )
+from distfinalize.sources.fileread import read_exact
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +312,7 @@ class DeepSpeedTensorReader:
             if piece.file not in handles:
                 handles[piece.file] = stack.enter_context(open(self.files[piece.file], "rb", buffering=0))  # noqa: SIM115
             size = piece.numel * itemsize
-            _read_exact(handles[piece.file], piece.offset, buffer[position : position + size], self.files[piece.file])
+            read_exact(handles[piece.file], piece.offset, buffer[position : position + size], self.files[piece.file])
             position += size
         if layout.stride is not None:
             return flat.as_strided(layout.shape, layout.stride).clone()
@@ -329,16 +330,6 @@ def _element_range(layout: TensorLayout, start: int, stop: int) -> tuple[Piece, 
         if base >= stop:
             break
     return tuple(pieces)
-
-
-def _read_exact(handle, offset: int, into: memoryview, path: Path) -> None:
-    handle.seek(offset)
-    done = 0
-    while done < len(into):
-        n = handle.readinto(into[done:])
-        if not n:
-            raise OSError(f"{path.name} ends {len(into) - done} bytes early (at byte {offset + done})")
-        done += n
 
 
 DEEPSPEED_FORMAT = SourceFormat("deepspeed", "DeepSpeed", is_deepspeed_checkpoint, DeepSpeedSource)
