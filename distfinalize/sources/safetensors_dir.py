@@ -59,18 +59,8 @@ def is_safetensors_dir(path: Path) -> bool:
 
 def weight_files(path: Path) -> tuple[list[str], dict[str, str] | None]:
     """The weight files to read, and the index's tensor name -> file map when there is an index."""
-    index_path = path / INDEX_FILE
-    if index_path.is_file():
-        index = read_index(index_path)
-        files = sorted(set(index.values()))
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise SourceError(
-                f"{INDEX_FILE} names a weight file that is not there ({missing[0]})",
-                where=path,
-                hint="the model dir is incomplete; copy the missing file or save the model again",
-            )
-        return files, index
+    if (path / INDEX_FILE).is_file():
+        return indexed_files(path, INDEX_FILE)
     if (path / SINGLE_FILE).is_file():
         return [SINGLE_FILE], None
     shards = sorted(p.name for p in path.iterdir() if DCP_SHARD_FILE.match(p.name))
@@ -94,6 +84,20 @@ def check_writers(path: Path, shards: Sequence[str]) -> None:
             where=path,
             hint="the checkpoint is incomplete; restore the missing files or finalize another checkpoint",
         )
+
+
+def indexed_files(path: Path, index_name: str) -> tuple[list[str], dict[str, str]]:
+    """The weight files an index in `path` names, each checked to be there, and its tensor name -> file map."""
+    index = read_index(path / index_name)
+    files = sorted(set(index.values()))
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise SourceError(
+            f"{index_name} names a weight file that is not there ({missing[0]})",
+            where=path,
+            hint="the model dir is incomplete; copy the missing file or save the model again",
+        )
+    return files, index
 
 
 def read_index(path: Path) -> dict[str, str]:

@@ -21,7 +21,7 @@ import torch
 
 from distfinalize.errors import SourceError
 from distfinalize.sources import SourceFormat, SourceInfo, TensorMeta
-from distfinalize.sources.safetensors_dir import read_index
+from distfinalize.sources.safetensors_dir import indexed_files
 
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"
@@ -36,16 +36,7 @@ def is_torch_bin_dir(path: Path) -> bool:
 def bin_files(path: Path) -> tuple[list[str], dict[str, str] | None]:
     """The .bin files to read, and the index's tensor name -> file map when there is an index."""
     if (path / BIN_INDEX_FILE).is_file():
-        index = read_index(path / BIN_INDEX_FILE)
-        files = sorted(set(index.values()))
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise SourceError(
-                f"{BIN_INDEX_FILE} names a weight file that is not there ({missing[0]})",
-                where=path,
-                hint="the model dir is incomplete; copy the missing file or save the model again",
-            )
-        return files, index
+        return indexed_files(path, BIN_INDEX_FILE)
     return [BIN_FILE], None
 
 
