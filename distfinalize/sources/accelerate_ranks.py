@@ -16,7 +16,7 @@ from pathlib import Path
 
 from distfinalize.errors import SourceError
 from distfinalize.sources import SourceFormat
-from distfinalize.sources.rankfiles import RankFilesSource
+from distfinalize.sources.rankfiles import RankFilesSource, files_in_rank_order
 
 SHARDED_FILE = re.compile(r"^pytorch_model_fsdp_0_rank(\d+)\.bin$")
 LOCAL_FILE = re.compile(r"^pytorch_model_fsdp_rank(\d+)\.bin$")
@@ -30,7 +30,6 @@ LOCAL_HINT = (
     "save with fsdp_state_dict_type: SHARDED_STATE_DICT (or FULL_STATE_DICT) in the Accelerate FSDP config, then "
     "finalize that checkpoint"
 )
-MAX_SHOWN = 4
 
 
 def is_accelerate_rank_checkpoint(path: Path) -> bool:
@@ -52,15 +51,7 @@ def rank_files(path: Path) -> tuple[Path, ...]:
     if not sharded:
         raise SourceError(LOCAL_REFUSAL, where=path, hint=LOCAL_HINT)
     world = max(sharded) + 1
-    missing = sorted(set(range(world)) - sharded.keys())
-    if missing:
-        shown = ", ".join(f"pytorch_model_fsdp_0_rank{r}.bin" for r in missing[:MAX_SHOWN])
-        raise SourceError(
-            f"rank file(s) missing ({shown}{', ...' if len(missing) > MAX_SHOWN else ''}; found {len(sharded)})",
-            where=path,
-            hint=f"a rank did not finish saving; {HINT}",
-        )
-    return tuple(sharded[r] for r in range(world))
+    return files_in_rank_order(path, world, sharded, lambda r: f"pytorch_model_fsdp_0_rank{r}.bin", HINT)
 
 
 def open_accelerate_ranks(path: Path, step: int | None) -> RankFilesSource:

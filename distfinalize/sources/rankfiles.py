@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -33,6 +33,32 @@ from distfinalize.sources.ranksave import (
 )
 
 log = logging.getLogger(__name__)
+
+MAX_SHOWN = 4
+
+
+def files_in_rank_order(
+    path: Path, world: int, found: dict[int, Path], name_of: Callable[[int], str], hint: str
+) -> tuple[Path, ...]:
+    """`found[r]` for r in 0..world-1; refuses a missing rank, naming up to MAX_SHOWN of the missing files
+    (`name_of(r)`), and a rank outside the world size. Pure check. Runs on: all ranks."""
+    missing = sorted(set(range(world)) - found.keys())
+    if missing:
+        shown = ", ".join(name_of(r) for r in missing[:MAX_SHOWN])
+        more = ", ..." if len(missing) > MAX_SHOWN else ""
+        raise SourceError(
+            f"{len(missing)} of {world} rank files missing ({shown}{more})",
+            where=path,
+            hint=f"a rank did not finish saving; {hint}",
+        )
+    extra = sorted(r for r in found if r >= world)
+    if extra:
+        raise SourceError(
+            f"rank file {name_of(extra[0])} names a rank outside world size {world}",
+            where=path,
+            hint=f"the folder mixes files of different saves; {hint}",
+        )
+    return tuple(found[r] for r in range(world))
 
 
 class RankFilesSource:

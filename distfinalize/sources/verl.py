@@ -17,13 +17,12 @@ from pathlib import Path
 
 from distfinalize.errors import SourceError
 from distfinalize.sources import SourceFormat
-from distfinalize.sources.rankfiles import RankFilesSource
+from distfinalize.sources.rankfiles import RankFilesSource, files_in_rank_order
 
 MODEL_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
 FSDP_CONFIG = "fsdp_config.json"
 
 HINT = "finalize another global_step_N (pass --checkpoint), or restore this one"
-MAX_SHOWN = 4
 
 
 def is_verl_checkpoint(path: Path) -> bool:
@@ -51,23 +50,9 @@ def model_files(path: Path) -> tuple[Path, ...]:
             "global_step_N",
         )
     world, ranks = next(iter(found.items()))
-    missing = sorted(set(range(world)) - ranks.keys())
-    if missing:
-        shown = ", ".join(f"model_world_size_{world}_rank_{r}.pt" for r in missing[:MAX_SHOWN])
-        raise SourceError(
-            f"{len(missing)} of {world} rank files missing ({shown}{', ...' if len(missing) > MAX_SHOWN else ''})",
-            where=path,
-            hint=f"a rank did not finish saving; {HINT}",
-        )
-    extra = sorted(r for r in ranks if r >= world)
-    if extra:
-        raise SourceError(
-            f"rank file model_world_size_{world}_rank_{extra[0]}.pt names a rank outside world size {world}",
-            where=path,
-            hint=f"the folder mixes files of different saves; {HINT}",
-        )
+    files = files_in_rank_order(path, world, ranks, lambda r: f"model_world_size_{world}_rank_{r}.pt", HINT)
     _check_fsdp_config(path, world)
-    return tuple(ranks[r] for r in range(world))
+    return files
 
 
 def _check_fsdp_config(path: Path, world: int) -> None:

@@ -145,7 +145,7 @@ def accelerate_truncate(run: Path) -> None:
 ACCELERATE_BREAKAGES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     "rank0-missing": (
         lambda r: accelerate_file(r, 0).unlink(),
-        ("rank file(s) missing (pytorch_model_fsdp_0_rank0.bin; found 1)",),
+        ("1 of 2 rank files missing (pytorch_model_fsdp_0_rank0.bin)",),
     ),
     "last-rank-missing": (
         lambda r: accelerate_file(r, 1).unlink(),
