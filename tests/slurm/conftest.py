@@ -9,10 +9,12 @@ Skipped, with the reason, where sbatch is not installed (`.ci/run` installs it) 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -88,6 +90,12 @@ def _why_not() -> str | None:
     except KeyError:
         return "there is no munge user (the munge package creates it)"
     return None
+
+
+def _die_with_parent() -> None:
+    """In the daemon's child process, before exec: SIGTERM when pytest dies, even by SIGKILL (Linux prctl
+    PR_SET_PDEATHSIG), so a killed test run leaves no SLURM daemons behind."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
 def _which(name: str) -> str | None:
@@ -173,7 +181,11 @@ def slurm() -> Iterator[Slurm]:
 
     def start(cmd: list[str], log: str, **kwargs) -> None:
         with open(root / "log" / log, "wb") as out:
-            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=cluster.env(), **kwargs))
+            procs.append(
+                subprocess.Popen(
+                    cmd, stdout=out, stderr=subprocess.STDOUT, env=cluster.env(), preexec_fn=_die_with_parent, **kwargs
+                )
+            )
 
     logs = [root / "log" / n for n in ("munged.out", "slurmctld.out", "slurmd.out", "slurmctld.log", "slurmd.log")]
     try:
