@@ -46,12 +46,7 @@ import torch.distributed as dist
 
 from distfinalize.dist.agree import Status, encode, error_text, peer_failure
 from distfinalize.dist.faults import inject_fault
-from distfinalize.dist.group import (
-    _init_group,
-    _pick_device,
-    _relabel_logging,
-    _short,
-)
+from distfinalize.dist.group import _init_group, _pick_device, _relabel_logging, _short, join_group
 from distfinalize.dist.launch import FAULT_ENV, detect_launch, parse_fault
 from distfinalize.dist.liveness import check_in, dead_ranks, lost_peer, mark, publish_process
 from distfinalize.errors import DistfinalizeError, Interrupted, RankFailure, Terminated
@@ -81,6 +76,7 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = CPU
     owns_group: bool = False
+    group: Any = field(default=None, repr=False)  # the group the collectives use; None: the default group
     launcher: str = "single"
     fault: tuple[int, str, str] | None = None
     step: str = "startup"  # the step this rank is in, or ran last
@@ -115,6 +111,8 @@ class DistContext:
             ctx.owns_group = True
         elif torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)
+        if launch.world_size > 1 and not ctx.owns_group:
+            ctx.group = join_group(torch_device, timeout_s)
         publish_process(ctx)
         ctx._catch_signals()
         log.debug("launched by %s: rank %d of %d, device %s", launch.launcher, ctx.rank, ctx.world_size, torch_device)
@@ -129,7 +127,7 @@ class DistContext:
         if self.world_size == 1:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def broadcast_object(self, obj: T, src: int = 0) -> T:
@@ -137,7 +135,7 @@ class DistContext:
         if self.world_size == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=src, group=self.group)
         return box[0]
 
     def all_to_all_bytes(
@@ -152,7 +150,7 @@ class DistContext:
             return send
         recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=send.device)
         try:
-            dist.all_to_all_single(recv, send, recv_splits, send_splits)
+            dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group)
         except RuntimeError as exc:
             self._broken = self._failing = True
             if self.signal is not None:  # the job is being stopped: the peers left the exchange for that
@@ -216,7 +214,7 @@ class DistContext:
         if self.world_size == 1:
             return [obj]
         out: list[Any] | None = [None] * self.world_size if self.is_rank0 else None
-        dist.gather_object(obj, out, dst=0)
+        dist.gather_object(obj, out, dst=0, group=self.group)
         return out
 
     def run_commit(self, rename: Callable[[], None], landed: Callable[[], bool]) -> CommitOutcome:
@@ -326,24 +324,24 @@ class DistContext:
         return error
 
     def close(self) -> None:
-        """Tear down the process group this context created. Never raises, and waits for no peer once the
-        group broke or a signal came. Runs on: all ranks."""
+        """Tear down the process group this context created (a job's own group is left as it was). Never raises,
+        and waits for no peer once the group broke or a signal came. Runs on: all ranks."""
         mark(self, "done")
         self._holding = False  # a signal now stops the wait for the others (caught below)
         try:
             self.fault_point("close")
-            if self.owns_group and dist.is_initialized():
+            if (self.owns_group or self.group is not None) and dist.is_initialized():
                 if not self._broken and self.signal is None:
                     self._in_collective = True
-                    try:
-                        dist.barrier()  # tearing down gloo while a peer is still in a collective aborts the peer
+                    try:  # tearing down gloo while a peer is still in a collective aborts the peer
+                        dist.barrier(group=self.group)
                     except RuntimeError as exc:
                         log.debug("barrier before teardown failed: %s", exc)
                     finally:
                         self._in_collective = False
                 self._holding = True
-                dist.destroy_process_group()
-                self.owns_group = False
+                dist.destroy_process_group(self.group)  # ours: the default group we formed, or our own subgroup
+                self.owns_group, self.group = False, None
         except KeyboardInterrupt:
             log.debug("interrupted while closing the process group")
         finally:
@@ -366,7 +364,7 @@ class DistContext:
             return Status((code,))
         codes = torch.zeros(self.world_size, dtype=torch.uint8)
         codes[self.rank] = code
-        dist.all_reduce(codes, op=dist.ReduceOp.SUM)
+        dist.all_reduce(codes, op=dist.ReduceOp.SUM, group=self.group)
         return Status(tuple(codes.tolist()))
 
     def _failure_text(self, status: Status, own_error: BaseException | None) -> str:

@@ -1,5 +1,5 @@
-"""The DISTFINALIZE_FAIL_AT testing hook: a rank fails, dies, hangs or is signalled at a named step (dist/launch.py
-parses the variable).
+"""The DISTFINALIZE_FAIL_AT testing hook: a rank fails, dies, hangs, is signalled or pauses at a named step
+(dist/launch.py parses the variable).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from distfinalize.dist.launch import FAULT_ENV
 from distfinalize.errors import InjectedFailure
 
 log = logging.getLogger(__name__)
+PAUSE_S = 6.0
 
 
 def inject_fault(fault: tuple[int, str, str], rank: int, step: str) -> None:
@@ -27,6 +28,9 @@ def inject_fault(fault: tuple[int, str, str], rank: int, step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if mode in ("term", "int"):
         os.kill(os.getpid(), signal.SIGTERM if mode == "term" else signal.SIGINT)
+        return
+    if mode == "pause":  # a slow rank: the others wait for it in the step's collective
+        time.sleep(PAUSE_S)
         return
     while mode == "hang":
         time.sleep(3600)

@@ -43,6 +43,14 @@ def _init_group(launch: LaunchEnv, device: torch.device, timeout_s: float) -> No
         ) from exc
 
 
+def join_group(device: torch.device, timeout_s: float) -> Any:
+    """distfinalize's own group over every rank of a group that is already there (a training job's): gloo for
+    CPU collectives (the job's may be NCCL only), NCCL too on GPUs, and distfinalize's timeout rather than the
+    job's. Ranks keep their numbers. Runs on: all ranks of the job's group, together."""
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    return dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def _short(exc: BaseException) -> str:
     """The gist of a backend error: first line, without gloo's source location and advice."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -13,7 +13,7 @@ from itertools import product
 from distfinalize.errors import LaunchError
 
 FAULT_ENV = "DISTFINALIZE_FAIL_AT"
-FAULT_MODES = ("raise", "exit", "kill", "hang", "term", "int")
+FAULT_MODES = ("raise", "exit", "kill", "hang", "term", "int", "pause")
 SLURM_PORT_BASE = 20000  # srun without MASTER_PORT: 20000 + job id % 10000, below the ephemeral port range
 
 
