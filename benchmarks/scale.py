@@ -238,8 +238,8 @@ def measure(model: str, world: int, args: argparse.Namespace) -> dict:
                 sent[t.src] += t.chunk.nbytes
                 received[t.dst] += t.chunk.nbytes
         ideal = max(1, math.ceil(max(*sent, *received) / args.read_batch))
-        order = {rank: [t for rnd in schedule.rounds for t in rnd.tensors_for(rank)] for rank in range(world)}
-        alone = max(packed_rounds([t.source_nbytes for t in order[rank]], args.read_batch) for rank in range(world))
+        order = {rank: [p for rnd in schedule.rounds for p in rnd.pieces_for(rank)] for rank in range(world)}
+        alone = max(packed_rounds([p.nbytes for p in order[rank]], args.read_batch) for rank in range(world))
     steps = 8  # prepare, tie check, tokenizer, stage, write, finish, commit; + the exchange plan
     status = world * steps
     results = [results_bytes(plan, r) for r in range(world)]
@@ -265,8 +265,8 @@ def measure(model: str, world: int, args: argparse.Namespace) -> dict:
 
 
 def packed_rounds(sizes: list[int], budget: int) -> int:
-    """Rounds one rank needs for its own tensors alone, whole tensors in order within `budget` (a bigger one
-    alone): the fewest any schedule that moves whole tensors can give it."""
+    """Rounds one rank needs for its own pieces alone (tensors, or blocks of rows of the larger ones), in order
+    within `budget` (a bigger one alone): the fewest any schedule that moves those pieces can give it."""
     rounds, load = 0, budget
     for n in sizes:
         if load + n > budget and load > 0:
@@ -286,7 +286,7 @@ def table(rows: list[dict]) -> str:
     head = (
         "| model | ranks | chunks | .metadata read / rank | collectives in / rank | rank 0 in | all-gather would be "
         "| metadata load CPU s | plan s | schedule s | max/mean bytes | idle ranks "
-        "| rounds / ideal / whole tensors | memory bound |\n"
+        "| rounds / ideal / pieces alone | memory bound |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []

@@ -4,9 +4,9 @@ The tensors come from a feed (`--strategy read`: this rank reads them; `exchange
 share of the source files and swap chunks), go through the overlapped pipeline of `overlap.py`, and are
 written `write_threads` files at a time, each in file order so its sha256 is computed as it is written.
 Memory stays bounded by the bytes in flight (twice `read_batch_bytes`: the batch being read and one batch of
-tensors in the pipeline; with `read`, a larger tensor comes in blocks of rows, see feed.read_feed; with
-`exchange`, it travels whole), never by the file or the model. A finished file leaves a record in the staging
-dir's `.progress/`; `--resume` reuses files whose record and checksum still match.
+tensors in the pipeline; a larger tensor comes in blocks of rows, see feed.read_feed and exchange.py; with
+`exchange`, the round's send and receive buffers come on top), never by the file or the model. A finished file
+leaves a record in the staging dir's `.progress/`; `--resume` reuses files whose record and checksum still match.
 Runs on: every rank, each for its own files.
 """
 
