@@ -5,6 +5,9 @@ Marked `dist`: real torchrun jobs on CPU/gloo. A small --read-batch makes the ex
 
 from __future__ import annotations
 
+import ast
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -86,3 +89,30 @@ def test_exchange_tie_check_reads_only_its_files(tmp_path: Path) -> None:
     assert tree_digest(exchange) == tree_digest(read)
     tensors, _ = read_output(exchange)
     assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors
+
+
+def held_buffers(stderr: str) -> list[dict[str, int]]:
+    """Every rank's `exchange: largest buffers held` debug line: its largest send and receive buffers and the
+    largest tensor or block of rows it assembled."""
+    found = re.findall(r"exchange: largest buffers held: (\{.*?\}) bytes", stderr)
+    return [ast.literal_eval(text) for text in found]
+
+
+def test_tensors_larger_than_the_read_batch_move_in_row_blocks(fsdp2_runs: Path, tmp_path: Path) -> None:
+    """--read-batch 40KB under the 64 KB embedding and lm_head (saved by 2 ranks: chunks of 32 KB): they move in
+    blocks of rows, so no rank holds a send buffer, a receive buffer or a tensor over the batch; peak RSS per rank
+    within 2 x --read-batch + 1 GiB (the --report); the output bit for bit the trained model."""
+    run = fsdp2_runs / "untied-optim"
+    dest, report = tmp_path / "model", tmp_path / "report.json"
+    batch = 40_000
+    args = ("--strategy", "exchange", "--read-batch", "40KB", "--log-level", "debug", "--report", str(report))
+    result = check_ok(finalize(run, dest, "--max-shard-size", SHARD, *args, nproc=2))
+    held = held_buffers(result.stderr)
+    assert len(held) == 2, result.stderr
+    assert all(0 < max(h.values()) <= batch for h in held), held
+    tensors, _ = read_output(dest)
+    reference = torch.load(run / "reference.pt")
+    assert max(t.nbytes for t in reference.values()) > batch  # the embedding is bigger than a round
+    assert set(tensors) == set(reference) and all(torch.equal(tensors[k], reference[k]) for k in tensors)
+    ranks = json.loads(report.read_text())["ranks"]
+    assert len(ranks) == 2 and all(r["peak_rss_bytes"] <= 2 * batch + 2**30 for r in ranks), ranks
