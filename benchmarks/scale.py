@@ -237,9 +237,9 @@ def measure(model: str, world: int, args: argparse.Namespace) -> dict:
             for t in rnd.transfers:
                 sent[t.src] += t.chunk.nbytes
                 received[t.dst] += t.chunk.nbytes
-        ideal = max(1, math.ceil(max(*sent, *received) / args.read_batch))
+        ideal = max(1, math.ceil(max(*sent, *received) / schedule.budget))
         order = {rank: [p for rnd in schedule.rounds for p in rnd.pieces_for(rank)] for rank in range(world)}
-        alone = max(packed_rounds([p.nbytes for p in order[rank]], args.read_batch) for rank in range(world))
+        alone = max(packed_rounds([p.nbytes for p in order[rank]], schedule.budget) for rank in range(world))
     steps = 8  # prepare, tie check, tokenizer, stage, write, finish, commit; + the exchange plan
     status = world * steps
     results = [results_bytes(plan, r) for r in range(world)]

@@ -10,6 +10,9 @@ Files to readers: the file saved by training rank `w` of `W` (DCP's `__w_0.distc
 is read on the node whose disk holds it (with W == world_size, rank w reads what rank w wrote). Files with no
 writer rank go round-robin in name order.
 
+The round budget (`round_budget`) is half of `--read-batch`: a rank's send and receive buffers of one round
+together hold at most one read batch, beside the pipeline's own bytes in flight (write/overlap.py).
+
 Pieces: a tensor of at most `budget` bytes moves whole. A larger one moves in blocks of rows of at most `budget`
 bytes (`blocks.row_blocks`), cut where its stored chunks start (a chunk is read and verified whole, so it is the
 smallest piece) and on its recipe's row group (per-row scales: any row; 128x128 tiles: 128 rows); the writer
@@ -109,6 +112,12 @@ class _Move:
     piece: Piece
     chunks: tuple[SourceChunk, ...]
     slices: Mapping[int, int]
+
+
+def round_budget(read_batch: int) -> int:
+    """The bytes a rank may receive, and may send, in one round: half of `--read-batch` each, so the send and the
+    receive buffer together hold at most one read batch beside the pipeline's own (write/overlap.py). Pure."""
+    return max(1, read_batch // 2)
 
 
 def assign_readers(files: Mapping[str, int | None], world_size: int) -> dict[str, int]:

@@ -6,8 +6,8 @@ source tensor, then any LoRA factors merged into it (TensorPlan.source_keys).
   swaps chunks in one all-to-all per round (NCCL on CUDA tensors, gloo on CPU ones). Each round starts by
   agreeing that every rank read (and verified) its chunks, so a failure anywhere stops every rank at once. A
   tensor larger than a round comes in blocks of rows over several rounds (exchange.py), yielded as `read_feed`
-  yields its blocks; a rank holds its send buffer and its receive buffer (each at most a round's budget,
-  unless one stored chunk is larger) beside the pipeline's own bytes in flight.
+  yields its blocks; a rank holds its send buffer and its receive buffer (each at most a round's budget, half
+  of `--read-batch`, unless one stored chunk is larger) beside the pipeline's own bytes in flight.
 
 A feed stops early when `failed()` returns an error raised elsewhere in this rank's pipeline; the exchange
 feed reports it to the other ranks at the next round. Runs on: every rank (the exchange feed on all at once).

@@ -28,7 +28,7 @@ def run32(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("strategy", ["read", "exchange"])
 def test_32_ranks_bit_exact(run32: Path, tmp_path: Path, strategy: str) -> None:
     """One file per tensor or so (17 files: 17 ranks write, 15 only agree), the embedding larger than --read-batch:
-    with `exchange` it moves in blocks of rows, every rank's buffers within the batch and its peak RSS within
+    with `exchange` it moves in blocks of rows, every rank's buffers within a round (half the batch), peak RSS within
     2 x --read-batch + 1 GiB (the --report)."""
     ckpt = run32 / "checkpoints" / "checkpoint-1"
     assert len(list(ckpt.glob("__*_0.distcp"))) == WORLD
@@ -42,5 +42,5 @@ def test_32_ranks_bit_exact(run32: Path, tmp_path: Path, strategy: str) -> None:
     assert len(ranks) == WORLD and all(r["peak_rss_bytes"] <= 2 * 16_000 + 2**30 for r in ranks)
     if strategy == "exchange":
         held = held_buffers(result.stderr)
-        assert len(held) == WORLD and all(max(h.values()) <= 16_000 for h in held), held
+        assert len(held) == WORLD and all(max(h.values()) <= 16_000 // 2 for h in held), held
         assert max(h["piece"] for h in held) > 0
