@@ -17,8 +17,9 @@ model and world size:
 - max/mean output bytes per rank and ranks with nothing to write;
 - exchange rounds against the ideal (the busiest rank's bytes over the round budget), when the schedule's chunk
   objects fit this machine (`--max-schedule-chunks`);
-- the per-rank memory bound of the write step (`--strategy read`): twice `--read-batch`, or the largest tensor
-  a rank holds (fp32 in and bf16 out) when that is larger.
+- the per-rank memory bound of the write step (either strategy): twice `--read-batch`, or the largest piece a
+  rank holds (fp32 in and bf16 out) when that is larger: a tensor larger than the read batch moves in blocks of
+  rows, and a block is at least one stored chunk (a tensor's rows over the saving ranks).
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ def measure(model: str, world: int, args: argparse.Namespace) -> dict:
     largest = [0] * world
     for f in plan.files:
         per_rank[f.rank] += f.nbytes
-        largest[f.rank] = max([largest[f.rank], *(t.source_nbytes + t.nbytes for t in f.tensors)])
+        largest[f.rank] = max([largest[f.rank], *(piece_bytes(t, world, args.read_batch) for t in f.tensors)])
     mean = sum(per_rank) / world
     rounds = ideal = alone = schedule_s = None
     if total_chunks <= args.max_schedule_chunks:
@@ -262,6 +263,16 @@ def measure(model: str, world: int, args: argparse.Namespace) -> dict:
         "alone": alone,
         "memory_bound": max(2 * args.read_batch, max(largest)),
     }
+
+
+def piece_bytes(t, world: int, read_batch: int) -> int:
+    """Bytes the largest piece of `t` holds in flight (source and output): the whole tensor within the read batch,
+    else a block of rows of at most the read batch, or one stored chunk (its rows over `world`) when larger."""
+    if t.source_nbytes <= read_batch:
+        return t.source_nbytes + t.nbytes
+    rows = t.shape[0]
+    block = max(read_batch, -(-rows // world) * (t.source_nbytes // rows))
+    return block + block * t.nbytes // t.source_nbytes
 
 
 def packed_rounds(sizes: list[int], budget: int) -> int:

@@ -117,3 +117,10 @@ def test_tensors_larger_than_the_read_batch_move_in_row_blocks(fsdp2_runs: Path,
     assert set(tensors) == set(reference) and all(torch.equal(tensors[k], reference[k]) for k in tensors)
     ranks = json.loads(report.read_text())["ranks"]
     assert len(ranks) == 2 and all(r["peak_rss_bytes"] <= 2 * batch + 2**30 for r in ranks), ranks
+
+
+def test_quantized_row_blocks_match_read(fsdp2_runs: Path, tmp_path: Path) -> None:
+    """--quantize fp8 (a scale per row): under exchange (rounds of 10 KB) the MLP weights move and are quantized in
+    blocks of rows; the files are byte for byte those `read` writes from whole tensors."""
+    read, exchange = finalize_both(fsdp2_runs / "untied-optim", tmp_path, 2, "--quantize", "fp8")
+    assert tree_digest(exchange) == tree_digest(read)
