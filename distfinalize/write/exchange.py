@@ -17,7 +17,8 @@ Pieces: a tensor of at most `budget` bytes moves whole. A larger one moves in bl
 bytes (`blocks.row_blocks`), cut where its stored chunks start (a chunk is read and verified whole, so it is the
 smallest piece) and on its recipe's row group (per-row scales: any row; 128x128 tiles: 128 rows); the writer
 casts or quantizes and writes each block at its offset, as `--strategy read` does. Tensors whose transform needs
-them whole (a vocabulary resize, a rotary permutation, a recipe without a row group) move whole.
+them whole (a vocabulary resize, a rotary permutation, a recipe without a row group: the torchao-* ones) move
+whole.
 
 Rounds: each writing rank takes its pieces in write order, the ranks with the most bytes left first (they set
 how many rounds there are); a round carries a piece while its receiver receives at most `budget` bytes and each
@@ -204,9 +205,10 @@ def plan_exchange(
                 left[dst] -= move.piece.nbytes
                 for src, n in move.slices.items():
                     sent[src] += n
-                if rank is None or rank == dst or rank in move.slices:
-                    moves = (Transfer(c, readers[c.file], dst) for c in move.chunks)
-                    transfers += [m for m in moves if rank is None or rank in (m.src, m.dst)]
+                if rank is None or rank == dst:
+                    transfers += [Transfer(c, readers[c.file], dst) for c in move.chunks]
+                elif rank in move.slices:  # only the chunks this rank sends
+                    transfers += [Transfer(c, rank, dst) for c in move.chunks if readers[c.file] == rank]
                 pieces.append(move.piece)
         rounds.append(Round(tuple(transfers), tuple(pieces)))
     return ExchangeSchedule(tuple(rounds), readers, budget, world_size)
