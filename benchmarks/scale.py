@@ -17,8 +17,9 @@ model and world size:
 - max/mean output bytes per rank and ranks with nothing to write;
 - exchange rounds against the ideal (the busiest rank's bytes over the round budget), when the schedule's chunk
   objects fit this machine (`--max-schedule-chunks`);
-- the per-rank memory bound of the write step (`--strategy read`): twice `--read-batch`, or the largest tensor
-  a rank holds (fp32 in and bf16 out) when that is larger.
+- the per-rank memory bound of the write step (either strategy): twice `--read-batch`, or the largest piece a
+  rank holds (fp32 in and bf16 out) when that is larger: a tensor larger than the read batch moves in blocks of
+  rows, and a block is at least one stored chunk (a tensor's rows over the saving ranks).
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ def measure(model: str, world: int, args: argparse.Namespace) -> dict:
     largest = [0] * world
     for f in plan.files:
         per_rank[f.rank] += f.nbytes
-        largest[f.rank] = max([largest[f.rank], *(t.source_nbytes + t.nbytes for t in f.tensors)])
+        largest[f.rank] = max([largest[f.rank], *(piece_bytes(t, world, args.read_batch) for t in f.tensors)])
     mean = sum(per_rank) / world
     rounds = ideal = alone = schedule_s = None
     if total_chunks <= args.max_schedule_chunks:
@@ -237,9 +238,9 @@ def measure(model: str, world: int, args: argparse.Namespace) -> dict:
             for t in rnd.transfers:
                 sent[t.src] += t.chunk.nbytes
                 received[t.dst] += t.chunk.nbytes
-        ideal = max(1, math.ceil(max(*sent, *received) / args.read_batch))
-        order = {rank: [t for rnd in schedule.rounds for t in rnd.tensors_for(rank)] for rank in range(world)}
-        alone = max(packed_rounds([t.source_nbytes for t in order[rank]], args.read_batch) for rank in range(world))
+        ideal = max(1, math.ceil(max(*sent, *received) / schedule.budget))
+        order = {rank: [p for rnd in schedule.rounds for p in rnd.pieces_for(rank)] for rank in range(world)}
+        alone = max(packed_rounds([p.nbytes for p in order[rank]], schedule.budget) for rank in range(world))
     steps = 8  # prepare, tie check, tokenizer, stage, write, finish, commit; + the exchange plan
     status = world * steps
     results = [results_bytes(plan, r) for r in range(world)]
@@ -264,9 +265,19 @@ def measure(model: str, world: int, args: argparse.Namespace) -> dict:
     }
 
 
+def piece_bytes(t, world: int, read_batch: int) -> int:
+    """Bytes the largest piece of `t` holds in flight (source and output): the whole tensor within the read batch,
+    else a block of rows of at most the read batch, or one stored chunk (its rows over `world`) when larger."""
+    if t.source_nbytes <= read_batch:
+        return t.source_nbytes + t.nbytes
+    rows = t.shape[0]
+    block = max(read_batch, -(-rows // world) * (t.source_nbytes // rows))
+    return block + block * t.nbytes // t.source_nbytes
+
+
 def packed_rounds(sizes: list[int], budget: int) -> int:
-    """Rounds one rank needs for its own tensors alone, whole tensors in order within `budget` (a bigger one
-    alone): the fewest any schedule that moves whole tensors can give it."""
+    """Rounds one rank needs for its own pieces alone (tensors, or blocks of rows of the larger ones), in order
+    within `budget` (a bigger one alone): the fewest any schedule that moves those pieces can give it."""
     rounds, load = 0, budget
     for n in sizes:
         if load + n > budget and load > 0:
@@ -286,7 +297,7 @@ def table(rows: list[dict]) -> str:
     head = (
         "| model | ranks | chunks | .metadata read / rank | collectives in / rank | rank 0 in | all-gather would be "
         "| metadata load CPU s | plan s | schedule s | max/mean bytes | idle ranks "
-        "| rounds / ideal / whole tensors | memory bound |\n"
+        "| rounds / ideal / pieces alone | memory bound |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []

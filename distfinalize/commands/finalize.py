@@ -134,8 +134,8 @@ def add_data_path_options(parser: argparse.ArgumentParser) -> None:
         "--read-batch",
         default=DEFAULT_READ_BATCH,
         metavar="SIZE",
-        help="source bytes read at once, and bytes a rank sends or receives per exchange round; a rank holds at most "
-        "twice this in flight (default: %(default)s)",
+        help="source bytes read at once, and bytes a rank sends and receives per exchange round (half each); a rank "
+        "holds at most twice this in flight, whatever the largest tensor (default: %(default)s)",
     )
     path.add_argument(
         "--write-threads",

@@ -4,7 +4,10 @@ source tensor, then any LoRA factors merged into it (TensorPlan.source_keys).
 - `read_feed` (`--strategy read`): the rank reads the byte ranges of its own tensors, a batch at a time.
 - `exchange_feed` (`--strategy exchange`): the rank reads the chunks the schedule gives it, and every rank
   swaps chunks in one all-to-all per round (NCCL on CUDA tensors, gloo on CPU ones). Each round starts by
-  agreeing that every rank read (and verified) its chunks, so a failure anywhere stops every rank at once.
+  agreeing that every rank read (and verified) its chunks, so a failure anywhere stops every rank at once. A
+  tensor larger than a round comes in blocks of rows over several rounds (exchange.py), yielded as `read_feed`
+  yields its blocks; a rank holds its send buffer and its receive buffer (each at most a round's budget, half
+  of `--read-batch`, unless one stored chunk is larger) beside the pipeline's own bytes in flight.
 
 A feed stops early when `failed()` returns an error raised elsewhere in this rank's pipeline; the exchange
 feed reports it to the other ranks at the next round. Runs on: every rank (the exchange feed on all at once).
@@ -12,8 +15,8 @@ feed reports it to the other ranks at the next round. Runs on: every rank (the e
 
 from __future__ import annotations
 
-import bisect
 import itertools
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -24,8 +27,10 @@ from distfinalize.dist.group import wire_device
 from distfinalize.plan import TensorPlan
 from distfinalize.sources import SourceChunk, TensorReader
 from distfinalize.transform.cast import row_group
+from distfinalize.write.blocks import row_blocks
 from distfinalize.write.exchange import ExchangeSchedule, Round, Transfer
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Failed = Callable[[], BaseException | None]
 Feed = Iterator[tuple]  # (TensorPlan, inputs) for a whole tensor; (TensorPlan, inputs, (start, stop)) for rows
@@ -72,29 +77,13 @@ def read_feed(tensors: Sequence[TensorPlan], reader: TensorReader, batch_bytes: 
             yield t, tuple(data.pop(key) for key in t.source_keys)
 
 
-def row_blocks(rows: int, row_bytes: int, limit: int, group: int, cuts: Sequence[int] | None) -> list[tuple[int, int]]:
-    """A tensor's rows in blocks [start, stop) of at most `limit` bytes, each ending on a multiple of `group` rows
-    (or the last row) and, when `cuts` are given (the rows where the source's stored chunks start, which are read
-    whole), on a cut. A block that cannot be smaller goes alone, bigger. Pure."""
-    ends = range(1, rows + 1) if cuts is None else sorted({c for c in cuts if 0 < c < rows} | {rows})
-    ends = [e for e in ends if e % group == 0 or e == rows]
-    per = max(1, limit // max(1, row_bytes))
-    blocks, start, i = [], 0, 0
-    while start < rows:
-        j = bisect.bisect_right(ends, start + per) - 1  # the last end within the limit
-        stop = ends[j] if j >= i and ends[j] > start else ends[i]
-        blocks.append((start, stop))
-        start = stop
-        i = bisect.bisect_right(ends, start)
-    return blocks
-
-
 def exchange_feed(schedule: ExchangeSchedule, ctx: DistContext, reader, failed: Failed) -> Feed:
     """This rank's tensors, delivered round by round over the process group. Runs on: all ranks together.
 
     `reader` must have `load_chunks` (DcpTensorReader). The chunks are verified where they are read.
     """
     wire = wire_device(ctx.device)
+    held = {"sent": 0, "received": 0, "piece": 0}  # the largest of each this rank held (logged at the end)
     for number, rnd in enumerate(schedule.rounds, start=1):
         sends = rnd.sent_by(ctx.rank)
         packed: list[torch.Tensor] = []
@@ -113,8 +102,13 @@ def exchange_feed(schedule: ExchangeSchedule, ctx: DistContext, reader, failed: 
             rnd.split(receives, ctx.world_size, "src"),
             step=f"exchange round {number}",
         )
+        held["sent"], held["received"] = max(held["sent"], packed[0].numel()), max(held["received"], received.numel())
         del packed[:]
-        yield from assemble(rnd, ctx.rank, receives, received, wire)
+        for got in assemble(rnd, ctx.rank, receives, received, wire):
+            held["piece"] = max(held["piece"], got[1][0].nbytes)
+            yield got
+        del received  # the next round's send and receive buffers take its place
+    log.debug("exchange: largest buffers held: %s bytes (round budget %d)", held, schedule.budget)
 
 
 def pack(reader, chunks: Sequence[SourceChunk], device: torch.device) -> torch.Tensor:
@@ -130,20 +124,30 @@ def pack(reader, chunks: Sequence[SourceChunk], device: torch.device) -> torch.T
 
 
 def assemble(rnd: Round, rank: int, receives: Sequence[Transfer], buffer: torch.Tensor, device: torch.device) -> Feed:
-    """The whole tensors this rank holds after a round, put together from the received chunks, in write order."""
+    """The tensors, or blocks of a tensor's rows, this rank holds after a round, put together from the received
+    chunks in write order: (tensor, (data,)) for a whole tensor, (tensor, (rows,), (start, stop)) for a block."""
     pieces: dict[str, list[tuple[Transfer, torch.Tensor]]] = {}
     start = 0
     for move in receives:
         pieces.setdefault(move.chunk.key, []).append((move, buffer[start : start + move.chunk.nbytes]))
         start += move.chunk.nbytes
-    for t in rnd.tensors_for(rank):
-        tensor = torch.empty(t.source_shape or t.shape, dtype=t.source_dtype, device=device)
+    for piece in rnd.pieces_for(rank):
+        t, first = piece.tensor, 0 if piece.rows is None else piece.rows[0]
+        shape = list(t.source_shape or t.shape)
+        if piece.rows is not None:
+            shape[0] = piece.rows[1] - piece.rows[0]
+        tensor = torch.empty(shape, dtype=t.source_dtype, device=device)
         for move, data in pieces.get(t.source_key, []):
             chunk = move.chunk
+            if not piece.holds(chunk):
+                continue
             if data.storage_offset() % t.source_dtype.itemsize:
                 data = data.clone()  # a view as a wider dtype needs an aligned start
             target = tensor
             for dim, (offset, size) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
-                target = target.narrow(dim, offset, size)
+                target = target.narrow(dim, offset - first if dim == 0 else offset, size)
             target.copy_(data.view(t.source_dtype).reshape(chunk.sizes))
-        yield t, (tensor,)
+        if piece.rows is None:
+            yield t, (tensor,)
+        else:
+            yield t, (tensor,), piece.rows

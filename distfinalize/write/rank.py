@@ -3,10 +3,10 @@
 The tensors come from a feed (`--strategy read`: this rank reads them; `exchange`: the ranks read their
 share of the source files and swap chunks), go through the overlapped pipeline of `overlap.py`, and are
 written `write_threads` files at a time, each in file order so its sha256 is computed as it is written.
-Memory stays bounded by the bytes in flight (twice `read_batch_bytes`: the batch being read and one batch of
-tensors in the pipeline; with `read`, a larger tensor comes in blocks of rows, see feed.read_feed; with
-`exchange`, it travels whole), never by the file or the model. A finished file leaves a record in the staging
-dir's `.progress/`; `--resume` reuses files whose record and checksum still match.
+Memory stays bounded by the bytes in flight (twice `read_batch_bytes`: the batch being read, or with `exchange`
+a round's send and receive buffers, and one batch of tensors in the pipeline; a larger tensor comes in blocks of
+rows, see feed.read_feed and exchange.py), never by the file or the model. A finished file
+leaves a record in the staging dir's `.progress/`; `--resume` reuses files whose record and checksum still match.
 Runs on: every rank, each for its own files.
 """
 
@@ -25,7 +25,7 @@ from distfinalize.errors import DestinationError
 from distfinalize.plan import FilePlan, Plan, TensorPlan
 from distfinalize.sources import Source
 from distfinalize.transform.cast import transform
-from distfinalize.write.exchange import plan_exchange
+from distfinalize.write.exchange import plan_exchange, round_budget
 from distfinalize.write.feed import exchange_feed, read_feed
 from distfinalize.write.overlap import Item, Stages, lane_order
 from distfinalize.write.progress import Meter
@@ -147,7 +147,7 @@ def exchange_schedule(
     for writer in range(plan.world_size):
         todo = [f for f in plan.files_for(writer) if skipped is None or f.filename not in skipped[writer]]
         needs[writer] = [s.tensor for s in lane_order(todo, path.write_threads, order)]
-    return plan_exchange(needs, source.chunks(), plan.world_size, path.read_batch_bytes, rank)
+    return plan_exchange(needs, source.chunks(), plan.world_size, round_budget(path.read_batch_bytes), rank)
 
 
 def write_order(file: FilePlan, metadata: Mapping[str, str] | None = None) -> list[TensorPlan]:

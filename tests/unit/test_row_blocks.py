@@ -1,8 +1,8 @@
-"""How a tensor larger than the read batch is cut into blocks of rows (write/feed.py row_blocks). Pure."""
+"""How a tensor larger than the read batch is cut into blocks of rows (write/blocks.py row_blocks). Pure."""
 
 from __future__ import annotations
 
-from distfinalize.write.feed import row_blocks
+from distfinalize.write.blocks import row_blocks
 
 
 def test_any_row_may_end_a_block_when_the_source_reads_rows_exactly() -> None:
