@@ -58,6 +58,12 @@ class TensorPlan:
         lora = self.lora.nbytes if self.lora is not None else 0
         return torch.Size(self.source_shape or self.shape).numel() * self.source_dtype.itemsize + lora
 
+    @property
+    def work(self) -> int:
+        """What writing it costs its rank, in bytes: its output bytes, plus its source bytes when a recipe
+        quantizes it (the quantizer goes over each of them; its output is smaller). assign_ranks balances it."""
+        return self.nbytes + (self.source_nbytes if self.quant is not None else 0)
+
 
 @dataclass(frozen=True)
 class FilePlan:
@@ -70,6 +76,10 @@ class FilePlan:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def work(self) -> int:
+        return sum(t.work for t in self.tensors)
 
 
 @dataclass(frozen=True)
@@ -157,7 +167,8 @@ def split_into_files(tensors: Sequence[TensorPlan], max_shard_size: int) -> list
 
 
 def assign_ranks(sizes: Sequence[int], world_size: int) -> list[int]:
-    """Give each file a rank, balancing bytes: biggest file first to the least-loaded rank (lowest on ties)."""
+    """Give each file a rank, balancing sizes (a plan's: its files' work): biggest first to the least-loaded rank
+    (lowest on ties)."""
     load = [(0, r) for r in range(world_size)]
     heapq.heapify(load)
     ranks = [0] * len(sizes)
@@ -192,7 +203,7 @@ def build_plan(
     planned = plan_tensors(tensors, dtype, resizes, rope_heads, quant, merges)
     groups = [list(planned)] if single_file else split_into_files(planned, max_shard_size)
     names = [single_file] if single_file else file_names(len(groups))
-    ranks = assign_ranks([sum(t.nbytes for t in g) for g in groups], world_size)
+    ranks = assign_ranks([sum(t.work for t in g) for g in groups], world_size)
     files = tuple(FilePlan(n, r, tuple(g)) for n, r, g in zip(names, ranks, groups, strict=True))
     return Plan(files, world_size, file_metadata([t for g in groups for t in g]))
 

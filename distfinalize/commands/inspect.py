@@ -99,7 +99,7 @@ def replan(plan: Plan, world_size: int) -> Plan:
     """The same files for another world size: ranks assigned the way build_plan assigns them. Pure."""
     if world_size == plan.world_size:
         return plan
-    ranks = assign_ranks([f.nbytes for f in plan.files], world_size)
+    ranks = assign_ranks([f.work for f in plan.files], world_size)
     return Plan(tuple(replace(f, rank=r) for f, r in zip(plan.files, ranks, strict=True)), world_size)
 
 

@@ -163,6 +163,33 @@ def test_config_block_loads(name: str, tmp_path: Path) -> None:
         assert parsed.format == RECIPES[name].format
 
 
+@pytest.mark.parametrize("name", ["fp8", "int8", "int4"])
+def test_compressed_tensors_block_is_the_librarys_own_dump(name: str) -> None:
+    """The block is built without importing compressed_tensors; it is exactly what the library fills in and
+    writes for the recipe's scheme (every field, defaults included)."""
+    recipe = RECIPES[name]
+    strategy = "channel" if getattr(recipe, "group_size", None) is None else "group"
+    weights = {"num_bits": 8 if name == "fp8" else recipe.num_bits, "type": "float" if name == "fp8" else "int"}
+    weights |= {"strategy": strategy, "symmetric": True, "dynamic": False}
+    if strategy == "group":
+        weights["group_size"] = recipe.group_size
+    acts = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}
+    group = {"targets": ["Linear"], "weights": weights, "format": recipe.format}
+    group["input_activations"] = acts if name == "fp8" else None
+    ignored = ["lm_head", "model.layers.0.mlp.down_proj"]
+    library = QuantizationConfig.model_validate(
+        {
+            "quant_method": "compressed-tensors",
+            "format": recipe.format,
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": group},
+            "ignore": ignored,
+        }
+    ).model_dump(mode="json")
+    ours = recipe.config_block(ignored)
+    assert json.dumps(ours, sort_keys=True) == json.dumps(library, sort_keys=True)
+
+
 def test_fp8_config_block_is_the_documented_schema() -> None:
     group = RECIPES["fp8"].config_block([])["config_groups"]["group_0"]
     assert group["targets"] == ["Linear"]

@@ -77,3 +77,22 @@ def test_a_layout_that_would_misalign_falls_back_to_the_library_order() -> None:
     plan = file_layout(FilePlan("x", 0, (t,)))
     assert aligned(plan)
     assert min(plan.slots.values(), key=lambda s: s.start).name == "m.weight_shape"  # I64 first
+
+
+def test_ranks_balance_the_quantizers_work_not_only_the_bytes_written() -> None:
+    """An fp8 weight writes half its source bytes but its rank reads and quantizes all of them: a file of
+    quantized weights weighs its output plus its source, so the two ranks share the quantizing."""
+    from distfinalize.plan import assign_ranks, build_plan
+    from distfinalize.sources import TensorMeta
+
+    bf16 = torch.bfloat16
+    metas = [TensorMeta("e", "model.embed_tokens.weight", (4096, 256), bf16)]
+    metas += [TensorMeta(f"u{i}", f"model.layers.{i}.mlp.up_proj.weight", (2048, 256), bf16) for i in range(4)]
+    quant = {m.name: "fp8" for m in metas[1:]}
+    plan = build_plan(metas, dtype=bf16, max_shard_size=1_100_000, world_size=2, quant=quant)
+    assert [len(f.tensors) for f in plan.files] == [1, 2, 2]  # the embedding (2 MiB), then 2 x 1 MiB of fp8
+    quantizing = [sum(t.source_nbytes for f in plan.files_for(r) for t in f.tensors if t.quant) for r in (0, 1)]
+    assert quantizing[0] == quantizing[1]  # one file of quantized weights each
+    assert assign_ranks([f.nbytes for f in plan.files], 2) == [0, 1, 1]  # by bytes, one rank would quantize all
+    unquantized = build_plan(metas, dtype=bf16, max_shard_size=1_100_000, world_size=2)
+    assert [f.work for f in unquantized.files] == [f.nbytes for f in unquantized.files]

@@ -1,9 +1,10 @@
 """Round-to-nearest weight quantization, written as plain safetensors tensors that transformers and vLLM read.
 
-Each recipe in RECIPES names its torchao config, its on-disk format and its config.json block. The math runs
-through torchao's primitives on the tensor's own device (GPU when the rank has one); the int recipes pack with
-compressed-tensors' own packer. Everything here works on one tensor at a time, so a rank quantizes what it
-writes and nothing else.
+Each recipe in RECIPES names its torchao config, its on-disk format and its config.json block. The math runs on
+the tensor's own device (GPU when the rank has one): the int and torchao-* recipes through torchao's primitives,
+packed with compressed-tensors' own packer; the fp8 recipes through fp8.py, torchao's arithmetic bit for bit
+without its import. Everything here works on one tensor at a time, so a rank quantizes what it writes and
+nothing else.
 
 Output names: a quantized weight ``<module>.weight`` becomes ``f"{module}.{suffix}"`` for each OutputSpec of
 its recipe, e.g. ``model.layers.0.mlp.down_proj.weight_scale``. All scales are float32.
@@ -102,6 +103,9 @@ class Recipe:
     # the whole weight at once. Otherwise `_quantize_rows` runs on blocks of such rows (ROW_BLOCK_BYTES of float32
     # each), so the temporaries are bounded by a block, and the outputs are exactly those of the whole weight.
     row_group: ClassVar[int] = 0
+    # The output that is non-finite exactly when the input holds a NaN or Inf (a scale computed from the amax,
+    # which passes them through): checked after quantizing, instead of a pass over the weight before. "": none.
+    scale_output: ClassVar[str] = ""
 
     def specs(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> tuple[OutputSpec, ...]:
         """The tensors written for a weight of this shape, written for a model of `dtype`. Pure."""
@@ -191,11 +195,13 @@ class Recipe:
         _check_2d(weight_name, tuple(weight.shape))
         if self.casts_first and dtype is not None:
             weight = weight.to(dtype)
-        check_finite(weight_name, weight, self.name)
+        if not self.scale_output:
+            check_finite(weight_name, weight, self.name)
         if not self.row_group:
             local = self._quantize(weight)
         else:
             local = {**self._rows_in_blocks(weight), **self._whole(tuple(weight.shape), weight.device)}
+        self._check_scale(weight_name, weight, local)
         return {f"{module}.{k}": v for k, v in local.items()}
 
     @torch.no_grad()
@@ -205,11 +211,19 @@ class Recipe:
         weight. Together, exactly quantize()'s. Runs on: the rank that owns the tensor, block by block."""
         module = module_of(weight_name)
         _check_2d(weight_name, tuple(shape))
-        check_finite(weight_name, rows, self.name)
+        if not self.scale_output:
+            check_finite(weight_name, rows, self.name)
         local = self._rows_in_blocks(rows)
+        self._check_scale(weight_name, rows, local)
         if start == 0:
             local.update(self._whole(tuple(shape), rows.device))
         return {f"{module}.{k}": v for k, v in local.items()}
+
+    def _check_scale(self, weight_name: str, weight: torch.Tensor, local: dict[str, torch.Tensor]) -> None:
+        """With a `scale_output`: when that scale is not all finite, count the weight's NaN and Inf and raise
+        (check_finite)."""
+        if self.scale_output and not bool(torch.isfinite(local[self.scale_output]).all()):
+            check_finite(weight_name, weight, self.name)
 
     def dequantize(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The float32 weight that quantize()'s tensors stand for (for verify). Runs on: the rank that owns it."""
@@ -262,21 +276,3 @@ def _torchao() -> Any:
     except ImportError as exc:
         raise MissingDependencyError("quantization needs torchao", hint=INSTALL_HINT) from exc
     return primitives
-
-
-def _float8(weight: torch.Tensor, block: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """torchao Float8Tensor.from_hp (torch kernel, the same on CPU and GPU) -> (e4m3 data, float32 scale)."""
-    _torchao()
-    from torchao.quantization.granularity import PerBlock, PerRow
-    from torchao.quantization.quantize_.common import KernelPreference
-    from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
-
-    granularity = PerRow() if block[0] == 1 else PerBlock(block)
-    # float32 in, so the scale is amax / 448 in float32 rather than in the weight's dtype
-    t = Float8Tensor.from_hp(
-        weight.float(), granularity=granularity, kernel_preference=KernelPreference.TORCH, hp_value_lb=SCALE_FLOOR
-    )
-    return t.qdata, t.scale.float()
-
-
-_FP8_TOKEN_ACTS = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}

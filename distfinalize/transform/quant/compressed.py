@@ -10,7 +10,6 @@ import torch
 
 from distfinalize.errors import MissingDependencyError
 from distfinalize.transform.quant.base import (
-    _FP8_TOKEN_ACTS,
     BLOCK,
     FP8,
     FP8_REL_ERR,
@@ -19,9 +18,9 @@ from distfinalize.transform.quant.base import (
     SCALE_FLOOR,
     OutputSpec,
     Recipe,
-    _float8,
     _torchao,
 )
+from distfinalize.transform.quant.fp8 import quantize_fp8
 
 
 @dataclass(frozen=True)
@@ -33,23 +32,25 @@ class Fp8Channel(Recipe):
         return (OutputSpec("weight", (n, k), FP8), OutputSpec("weight_scale", (n, 1), torch.float32))
 
     row_group = 1  # one scale per row
+    scale_output = "weight_scale"
 
     def supports(self, shape: tuple[int, ...]) -> bool:
         return len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % 16 == 0  # FP8 GEMMs need multiples of 16
 
     def _quantize_rows(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        data, scale = _float8(weight, [1, weight.shape[1]])
-        return {"weight": data, "weight_scale": scale.reshape(-1, 1)}
+        data, scale = quantize_fp8(weight, (1, weight.shape[1]))
+        return {"weight": data, "weight_scale": scale}
 
     def _dequantize(self, local: dict[str, torch.Tensor]) -> torch.Tensor:
-        return _torchao()._dequantize_affine_float8(local["weight"], local["weight_scale"])
+        return local["weight"].float() * local["weight_scale"]  # torchao's _dequantize_affine_float8
 
     def _error_bound(self, weight: torch.Tensor, local: dict[str, torch.Tensor]) -> torch.Tensor:
         scale = local["weight_scale"]
         return torch.maximum(weight.float().abs() * FP8_REL_ERR, scale * FP8_SUBNORMAL_HALF_STEP)
 
     def config_block(self, ignored: list[str]) -> dict[str, Any]:
-        return _ct_block(self.format, weights=_ct_args("float", 8, "channel"), acts=_FP8_TOKEN_ACTS, ignored=ignored)
+        acts = _ct_args("float", 8, "token", dynamic=True)
+        return _ct_block(self.format, weights=_ct_args("float", 8, "channel"), acts=acts, ignored=ignored)
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,15 @@ class Fp8Block(Recipe):
         return len(shape) == 2 and shape[0] % BLOCK == 0 and shape[1] % BLOCK == 0
 
     row_group = BLOCK  # one scale per 128x128 tile
+    scale_output = "weight_scale_inv"
 
     def _quantize_rows(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         n, k = weight.shape
         pad_n, pad_k = -n % BLOCK, -k % BLOCK
-        padded = torch.nn.functional.pad(weight, (0, pad_k, 0, pad_n)) if pad_n or pad_k else weight
-        data, scale = _float8(padded, [BLOCK, BLOCK])
+        if not pad_n and not pad_k:
+            data, scale = quantize_fp8(weight, (BLOCK, BLOCK))
+            return {"weight": data, "weight_scale_inv": scale}
+        data, scale = quantize_fp8(torch.nn.functional.pad(weight, (0, pad_k, 0, pad_n)), (BLOCK, BLOCK))
         return {"weight": data[:n, :k].contiguous(), "weight_scale_inv": scale}
 
     def _dequantize(self, local: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -127,10 +131,8 @@ class PackedInt(Recipe):
     row_group = 1  # scales per row (per channel, or per group of 128 within the row)
 
     def _quantize_rows(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
         q, scale = self.int_values(weight)
-        return {"weight_packed": pack_to_int32(q, self.num_bits), "weight_scale": scale}
+        return {"weight_packed": _packer().pack_to_int32(q, self.num_bits), "weight_scale": scale}
 
     def _whole(self, shape: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
         return {"weight_shape": torch.tensor(shape, dtype=torch.int64, device=device)}
@@ -160,10 +162,8 @@ class PackedInt(Recipe):
         return q, scale.reshape(n, -1)
 
     def _dequantize(self, local: dict[str, torch.Tensor]) -> torch.Tensor:
-        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
         shape = torch.Size(local["weight_shape"].tolist())
-        q = unpack_from_int32(local["weight_packed"], self.num_bits, shape)
+        q = _packer().unpack_from_int32(local["weight_packed"], self.num_bits, shape)
         qmin, qmax = self._qrange
         block = (1, self._group(shape[1]))
         return _torchao().dequantize_affine(
@@ -181,25 +181,40 @@ class PackedInt(Recipe):
         return _ct_block(self.format, weights=weights, acts=None, ignored=ignored)
 
 
-def _ct_args(kind: str, bits: int, strategy: str, **extra: Any) -> dict[str, Any]:
-    args = {"num_bits": bits, "type": kind, "strategy": strategy, "symmetric": True, "dynamic": False}
-    return {**args, **{k: v for k, v in extra.items() if v is not None}}
+def _ct_args(kind: str, bits: int, strategy: str, dynamic: bool = False, group_size: int | None = None) -> dict:
+    """compressed-tensors QuantizationArgs, symmetric, as the library serializes them."""
+    return {
+        "num_bits": bits,
+        "type": kind,
+        "symmetric": True,
+        "group_size": group_size,
+        "strategy": strategy,
+        "dynamic": dynamic,
+    }
 
 
 def _ct_block(fmt: str, *, weights: dict[str, Any], acts: dict[str, Any] | None, ignored: list[str]) -> dict:
-    """A compressed-tensors quantization_config, validated and filled in by compressed_tensors itself."""
+    """A compressed-tensors quantization_config, exactly as the library writes it (``QuantizationConfig
+    .model_validate(...).model_dump(mode="json")``, every field filled in; tests/unit/test_quantize.py checks each
+    recipe's block against the library's). Built here because importing compressed_tensors takes seconds on
+    rank 0 (it loads transformers' quantizers and torchao)."""
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": acts, "output_activations": None}
+    return {
+        "config_groups": {"group_0": {**group, "format": fmt}},
+        "quant_method": "compressed-tensors",
+        "kv_cache_scheme": None,
+        "format": fmt,
+        "quantization_status": "compressed",
+        "global_compression_ratio": None,
+        "ignore": list(ignored),
+        "moe_sparsity_config": None,
+    }
+
+
+def _packer() -> Any:
+    """compressed-tensors' int32 packing helpers (the int recipes)."""
     try:
-        from compressed_tensors.quantization import QuantizationConfig
+        from compressed_tensors.compressors.pack_quantized import helpers
     except ImportError as exc:
         raise MissingDependencyError("this recipe needs compressed-tensors", hint=INSTALL_HINT) from exc
-    group = {"targets": ["Linear"], "weights": weights, "input_activations": acts, "format": fmt}
-    config = QuantizationConfig.model_validate(
-        {
-            "quant_method": "compressed-tensors",
-            "format": fmt,
-            "quantization_status": "compressed",
-            "config_groups": {"group_0": group},
-            "ignore": list(ignored),
-        }
-    )
-    return config.model_dump(mode="json")
+    return helpers
