@@ -64,10 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     """Check the arguments, then launch the ranks. Runs on: the launching process (one per node)."""
+    import socket
+
     from distfinalize.commands.finalize import build_parser as finalize_parser
     from distfinalize.commands.finalize import parse_config
     from distfinalize.dist.agent import AgentOptions, default_nproc, launch
+    from distfinalize.startup import profile_as
 
+    profile_as(f"launcher-{socket.gethostname()}")  # DISTFINALIZE_PROFILE: not rank 0's files
     parser = build_parser()
     args = parser.parse_args(argv)
     config = parse_config(finalize_parser(), args.finalize)  # a usage error exits 2 here, before any rank
