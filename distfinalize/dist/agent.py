@@ -65,6 +65,9 @@ def launch(options: AgentOptions, argv: list[str]) -> tuple[int, str | None]:
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from distfinalize.startup import imports_done
+
+    imports_done()  # collection back on for the rest of the job (the command line turned it off for the imports)
     quiet_agent(options.verbose)
     if options.nproc_per_node > 1 or options.nnodes > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets: one thread per rank, unless told
