@@ -19,6 +19,7 @@ class Measurement:
     peak_rss_bytes: int  # max over the process and all its (waited-for) descendants: torchrun's ranks included
     returncode: int
     output: str
+    cpu_s: float = 0.0  # user + system CPU seconds of the whole process tree (every waited-for descendant)
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
@@ -45,16 +46,17 @@ def run_measured(cmd: Sequence[str], env: dict[str, str] | None = None) -> Measu
     )
     wall = time.perf_counter() - start
     output, _, last = proc.stdout.rstrip("\n").rpartition("\n")
-    peak = json.loads(last)["peak_rss_bytes"] if last.startswith("{") else 0
-    return Measurement(wall, peak, proc.returncode, output)
+    usage = json.loads(last) if last.startswith("{") else {}
+    return Measurement(wall, usage.get("peak_rss_bytes", 0), proc.returncode, output, usage.get("cpu_s", 0.0))
 
 
 def _wrapper_main(cmd: Sequence[str]) -> int:
-    """Run `cmd`, then print {"peak_rss_bytes": ...} of the largest process in its tree (ru_maxrss, KiB)."""
+    """Run `cmd`, then print {"peak_rss_bytes": ..., "cpu_s": ...}: the largest process in its tree (ru_maxrss, KiB)
+    and the CPU time of the whole tree (user + system)."""
     returncode = subprocess.call(list(cmd), stderr=subprocess.STDOUT)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     sys.stdout.flush()
-    print(json.dumps({"peak_rss_bytes": peak}), flush=True)
+    print(json.dumps({"peak_rss_bytes": usage.ru_maxrss * 1024, "cpu_s": usage.ru_utime + usage.ru_stime}), flush=True)
     return returncode
 
 

@@ -8,7 +8,9 @@ affects every tool alike; the median of --reps is reported, with the ratio to th
 times the distfinalize in DIR (another checkout: its package dir is put first on PYTHONPATH), in the same run.
 The checkpoint is warm (in the page cache); every output is checked against the peer's, bit for bit. The model
 check's cache starts empty (WORK/spec-cache): each tool's first run builds the model, later runs read the cache;
-the "runs" column lists every run in order, so the first is the cold-cache figure. Run it
+the "runs" column lists every run in order, so the first is the cold-cache figure. The CPU column is the user +
+system time of each tool's whole process tree (launcher and ranks), median of --reps: on a shared machine it
+moves less with the load than the wall time, and the load averages before and after the run are reported. Run it
 from a directory without a distfinalize/ package in it (python -m puts the current directory first).
 """
 
@@ -76,7 +78,9 @@ def main() -> None:
         for name, cmd in tools(ckpt, out, args.max_shard_size, "baseline: ", with_run).items():
             cmds[name], envs[name] = cmd, base_env
     walls: dict[str, list[float]] = {name: [] for name in cmds}
+    cpus: dict[str, list[float]] = {name: [] for name in cmds}
     rss: dict[str, int] = dict.fromkeys(cmds, 0)
+    load_before = os.getloadavg()
     for rep in range(args.reps):
         for name, cmd in cmds.items():
             shutil.rmtree(out if name != peer else ref, ignore_errors=True)
@@ -86,19 +90,32 @@ def main() -> None:
             if name != peer and "--help" not in cmd and not same_tensors(ref, out):
                 sys.exit(f"{name} wrote different tensors from the peer")
             walls[name].append(result.wall_s)
+            cpus[name].append(result.cpu_s)
             rss[name] = max(rss[name], result.peak_rss_bytes)
-            print(f"rep {rep + 1}: {name:45} {result.wall_s:6.2f} s", flush=True)
-    base = statistics.median(walls[peer])
+            print(f"rep {rep + 1}: {name:45} {result.wall_s:6.2f} s, CPU {result.cpu_s:6.2f} s", flush=True)
+    load_after = os.getloadavg()
+    base, base_cpu = statistics.median(walls[peer]), statistics.median(cpus[peer])
     table = [
-        "| tool | seconds (median) | runs | peak RSS / process (GiB) | time vs peer |",
-        "|---|---:|---|---:|---:|",
+        "| tool | seconds (median) | runs | time vs peer | CPU s (median) | CPU vs peer | peak RSS / process (GiB) |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for name, times in walls.items():
-        median = statistics.median(times)
+        median, cpu = statistics.median(times), statistics.median(cpus[name])
         runs = ", ".join(f"{t:.2f}" for t in times)
-        table.append(f"| {name} | {median:.2f} | {runs} | {rss[name] / 2**30:.2f} | {median / base:.2f} |")
-    facts = [f"checkpoint: {gib:.2f} GiB bf16, saved by {args.save_ranks} ranks, warm", f"reps: {args.reps}"]
-    figures = {"medians_s": {n: statistics.median(t) for n, t in walls.items()}}
+        table.append(
+            f"| {name} | {median:.2f} | {runs} | {median / base:.2f} | {cpu:.2f} | {cpu / base_cpu:.2f} | "
+            f"{rss[name] / 2**30:.2f} |"
+        )
+    loads = " / ".join(f"{x:.1f}" for x in (*load_before, *load_after))
+    facts = [
+        f"checkpoint: {gib:.2f} GiB bf16, saved by {args.save_ranks} ranks, warm",
+        f"reps: {args.reps}",
+        f"load average (1, 5, 15 min) before / after: {loads}",
+    ]
+    figures = {
+        "medians_s": {n: statistics.median(t) for n, t in walls.items()},
+        "cpu_medians_s": {n: statistics.median(t) for n, t in cpus.items()},
+    }
     rows = []
     append_section(args.report, "start-up", facts, table, figures, rows)
 

@@ -60,8 +60,10 @@ PROFILE_ENV = "DISTFINALIZE_PROFILE"
 class Profiles:
     """`DISTFINALIZE_PROFILE=DIR`: cProfile every thread of this process and write one pstats file per thread name
     into DIR before the process's hard exit: `rank<R>-<thread>.pstats` (R from RANK or SLURM_PROCID, else 0; the
-    main thread is `MainThread`, the pipeline's are `distfinalize-feed` and `distfinalize-write<N>`). Threads that
-    are still running at the exit (the launcher's watchdogs) are left out. Runs on: every rank, when set."""
+    main thread is `MainThread`, the pipeline's are `distfinalize-feed` and `distfinalize-write<N>`), or
+    `launcher-<host>-<thread>.pstats` for the process of `distfinalize run` that starts a node's ranks
+    (profile_as). Threads that are still running at the exit (the launcher's watchdogs) are left out. Runs on:
+    every rank, when set."""
 
     def __init__(self, directory: str) -> None:
         import cProfile
@@ -92,6 +94,7 @@ class Profiles:
 
         self.main.disable()
         rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+        prefix = PROFILE_NAME[-1] if PROFILE_NAME else f"rank{rank}"
         os.makedirs(self.directory, exist_ok=True)
         by_name: dict[str, pstats.Stats] = {}
         for name, profile in [("MainThread", self.main), *self.finished]:
@@ -101,7 +104,16 @@ class Profiles:
                 by_name[name] = pstats.Stats(profile)
         for name, stats in by_name.items():
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-            stats.dump_stats(os.path.join(self.directory, f"rank{rank}-{safe}.pstats"))
+            stats.dump_stats(os.path.join(self.directory, f"{prefix}-{safe}.pstats"))
+
+
+PROFILE_NAME: list[str] = []  # profile_as's name, when this process is not a rank
+
+
+def profile_as(name: str) -> None:
+    """Name this process's profiles `name` instead of its rank's (the launcher of `distfinalize run`, whose
+    environment may hold SLURM_PROCID, must not overwrite a rank's files). Runs on: the launching process."""
+    PROFILE_NAME.append(name)
 
 
 def profiles_from_env() -> Profiles | None:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Finalize on several nodes: run this same command on every node; torchrun's c10d rendezvous forms one job.
+# Finalize on several nodes: run this same command on every node; `distfinalize run`'s c10d rendezvous (the one
+# torchrun uses) forms one job.
 #
 #   launch/finalize-multinode.sh --nnodes N --rdzv-endpoint HOST:PORT [--job-id ID] [launcher options] \
 #       SRC DEST [distfinalize options...]
@@ -14,11 +15,12 @@
 #                                             the node whose address it is hosts the store
 #   --job-id ID                JOB_ID         rendezvous id, the same on every node (default: SLURM_JOB_ID, else
 #                                             "distfinalize"); two jobs on the same endpoint need different ids
-#   RDZV_CONF                                 torchrun --rdzv-conf, e.g. join_timeout=900 (default join timeout 600 s)
-#   --nproc, --log-dir, --tee, --local-ranks-filter, PYTHON, TORCHRUN_ARGS: as in launch/finalize.sh
+#   RDZV_CONF                                 rendezvous settings (distfinalize run --rdzv-conf, as torchrun's),
+#                                             e.g. join_timeout=900 (default join timeout 600 s)
+#   --nproc, --log-dir, --tee, --local-ranks-filter, PYTHON, RUN_ARGS: as in launch/finalize.sh
 #
 # SRC and DEST must be the same paths on every node (a shared file system). Ranks are numbered node by node in
-# the order the nodes join. The exit code is torchrun's: non-zero on a node when any rank failed.
+# the order the nodes join. The exit code is non-zero on a node when any rank failed.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }

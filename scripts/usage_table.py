@@ -15,12 +15,15 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-# Where the parsers live: each command is a module of distfinalize.commands with its own build_parser();
-# finalize is the default command, the others are named by their first word.
+# Where the parsers live: a command is a module of distfinalize.commands with its own build_parser(), except
+# inspect's and verify's, which live apart from their commands (commands/arguments.py); finalize is the default
+# command, the others are named by their first word.
 from distfinalize.commands import SUBCOMMANDS as SUBCOMMAND_NAMES
+from distfinalize.commands.arguments import inspect_parser, verify_parser
 from distfinalize.commands.finalize import build_parser as build_finalize_parser
 
-SUBCOMMANDS = {name: f"distfinalize.commands.{name}" for name in SUBCOMMAND_NAMES}
+PARSERS = {"inspect": inspect_parser, "verify": verify_parser}
+SUBCOMMANDS = {name: PARSERS.get(name, f"distfinalize.commands.{name}") for name in SUBCOMMAND_NAMES}
 
 ROOT = Path(__file__).resolve().parent.parent
 USAGE_DOC = ROOT / "docs" / "usage.md"

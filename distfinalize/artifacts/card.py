@@ -16,12 +16,13 @@ import re
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-
-import yaml
-from huggingface_hub import ModelCard, ModelCardData
+from typing import TYPE_CHECKING
 
 from distfinalize.commit.staging import STAGING_SUFFIX
 from distfinalize.errors import DestinationError, SourceError
+
+if TYPE_CHECKING:  # imported where a card is built (rank 0): the other ranks never load the Hub client
+    from huggingface_hub import ModelCard, ModelCardData
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ def write_model_card(directory: Path, info: CardInfo, existing: Path | None = No
     else:
         text = card.text.rstrip("\n") + "\n\n" + section
     data = _card_data(info, card)
+    from huggingface_hub import ModelCard
+
     content = ModelCard(f"---\n{data.to_yaml()}\n---\n{text}").content
     path = directory / CARD_NAME
     try:
@@ -170,6 +173,8 @@ def library_versions(extras: tuple[str, ...] = ()) -> list[tuple[str, str]]:
 
 def _card_data(info: CardInfo, existing: ModelCard | None) -> ModelCardData:
     """Our metadata, merged into the existing card's when there is one."""
+    from huggingface_hub import ModelCardData
+
     data = existing.data if existing is not None else ModelCardData()
     if info.base_model_id:
         data.base_model = info.base_model_id
@@ -184,6 +189,9 @@ def _card_data(info: CardInfo, existing: ModelCard | None) -> ModelCardData:
 def _load_existing(existing: Path | None) -> ModelCard | None:
     if existing is None:
         return None
+    import yaml
+    from huggingface_hub import ModelCard
+
     try:
         return ModelCard.load(Path(existing))
     except OSError as exc:

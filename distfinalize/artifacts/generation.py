@@ -6,7 +6,11 @@ config.json's own eos_token_id is not changed. Runs on: rank 0.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +22,7 @@ from distfinalize.hfnames import read_json_object
 
 log = logging.getLogger(__name__)
 
+GENERATION_CONFIG = "generation_config.json"
 AUTO_STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eot|>", "<|end_of_turn|>")
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 
@@ -81,7 +86,17 @@ def generation_config(
 
 
 def write_generation_config(directory: Path, data: Mapping[str, object]) -> Path:
-    """Validate through transformers' GenerationConfig and save it (normalized) into `directory`."""
+    """Validate through transformers' GenerationConfig and save it (normalized) into `directory`.
+
+    Remembered in the model check's cache (prepare/model.py): the same values under the same transformers and
+    distfinalize versions give the same file, so a later run writes the cached bytes without importing
+    transformers. Only valid configs are cached; a cache that cannot be read or written is ignored."""
+    target = directory / GENERATION_CONFIG
+    cached = _cache_path(data)
+    if cached is not None:
+        with contextlib.suppress(OSError):
+            target.write_bytes(cached.read_bytes())
+            return target
     from transformers import GenerationConfig
 
     try:
@@ -92,7 +107,34 @@ def write_generation_config(directory: Path, data: Mapping[str, object]) -> Path
     except (ValueError, TypeError) as exc:
         raise UsageError("the generation config is not valid", hint=str(exc).splitlines()[0]) from exc
     config.save_pretrained(directory)
-    return directory / "generation_config.json"
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(target.read_bytes())
+            os.replace(tmp, cached)
+        except OSError as exc:
+            log.debug("generation config cache not written (%s)", exc)
+    return target
+
+
+def _cache_path(data: Mapping[str, object]) -> Path | None:
+    """Where the file written for `data` is cached: named by the values and the versions; None without a cache
+    (or for values JSON cannot hold exactly)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from distfinalize import __version__
+    from distfinalize.prepare.model import spec_cache_dir
+
+    folder = spec_cache_dir()
+    if folder is None:
+        return None
+    try:
+        key = json.dumps(dict(data), sort_keys=True, allow_nan=False)
+        versions = f"|transformers {version('transformers')}|distfinalize {__version__}"
+    except (TypeError, ValueError, PackageNotFoundError):
+        return None
+    return folder / f"generation-{hashlib.sha256((key + versions).encode()).hexdigest()}.json"
 
 
 def find_generation_config(config_path: Path | None) -> Path | None:

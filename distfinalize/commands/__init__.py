@@ -2,7 +2,8 @@
 inspect and verify.
 
 Each is `main(argv) -> exit code` and runs under runner.run_guarded. A command's module is imported only when
-it runs, so `distfinalize verify` never loads the finalize pipeline.
+it runs, so `distfinalize verify` never loads the finalize pipeline; inspect's and verify's arguments are checked
+first by their parsers alone (commands/arguments.py), so --help and usage errors answer without importing torch.
 """
 
 from __future__ import annotations
@@ -17,12 +18,18 @@ def _finalize(argv: Sequence[str]) -> int:
 
 
 def _inspect(argv: Sequence[str]) -> int:
+    from distfinalize.commands.arguments import inspect_args
+
+    inspect_args(argv)  # --help and usage errors exit here, before the command (and torch) loads
     from distfinalize.commands.inspect import main
 
     return main(argv)
 
 
 def _verify(argv: Sequence[str]) -> int:
+    from distfinalize.commands.arguments import verify_args
+
+    verify_args(argv)  # --help and usage errors exit here, before the command (and torch) loads
     from distfinalize.commands.verify import main
 
     return main(argv)

@@ -21,7 +21,6 @@ It reports:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -29,18 +28,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from distfinalize.commands.arguments import inspect_args
 from distfinalize.commands.breakdown import BREAKDOWNS, KINDS, Breakdown, Tally, _tallies, plan_breakdown, tally_dcp
-from distfinalize.commands.runner import add_timeout_option
 from distfinalize.config import (
-    DEFAULT_MAX_SHARD_SIZE,
-    LOG_LEVELS,
     FinalizeConfig,
     LoraOptions,
     format_bytes,
-    parse_size,
 )
 from distfinalize.errors import SourceError
-from distfinalize.hfnames import DTYPES, INDEX_FILE, SAFETENSORS_DTYPES
+from distfinalize.hfnames import INDEX_FILE, SAFETENSORS_DTYPES
 from distfinalize.plan import Plan, assign_ranks, describe
 
 if TYPE_CHECKING:
@@ -337,50 +333,15 @@ def format_report(data: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="distfinalize inspect",
-        description="Show what a checkpoint holds (format, step, saved world size, model/optimizer bytes by dtype), "
-        "the plan a finalize would use, and what is missing. Reads metadata (and the tokenizer); writes nothing.",
-    )
-    parser.add_argument("src", type=Path, metavar="SRC", help="checkpoint folder, training output dir or model dir")
-    parser.add_argument("--checkpoint", type=Path, metavar="PATH", help="the checkpoint to inspect (default: latest)")
-    parser.add_argument("--tag", help="DeepSpeed checkpoint tag (e.g. global_step500)")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--world-size", type=int, metavar="N", help="plan for N ranks (default: this job's)")
-    parser.add_argument(
-        "--max-shard-size",
-        default=DEFAULT_MAX_SHARD_SIZE,
-        metavar="SIZE",
-        help="largest output file of the plan (default: %(default)s)",
-    )
-    parser.add_argument("--dtype", choices=list(DTYPES), help="output dtype of the plan")
-    parser.add_argument(
-        "--log-level",
-        choices=LOG_LEVELS,
-        default="warning",
-        help="default: %(default)s (info adds the dry run's own log lines)",
-    )
-    add_timeout_option(parser)
-    return parser
-
-
 def parse_options(argv: Sequence[str]) -> Options:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.world_size is not None and args.world_size < 1:
-        parser.error(f"--world-size must be at least 1, got {args.world_size}")
-    try:
-        max_shard_size = parse_size(args.max_shard_size)
-    except ValueError as exc:
-        parser.error(str(exc))
+    args = inspect_args(argv)
     return Options(
         args.src,
         args.checkpoint,
         args.tag,
         args.json,
         args.world_size,
-        max_shard_size,
+        args.max_shard_size,
         args.dtype,
         args.log_level,
         args.timeout,

@@ -40,15 +40,14 @@ to every rank; rank 0 also loads the configs and the tokenizer, and prints the t
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from distfinalize.commands.arguments import verify_args
 from distfinalize.commands.checks import (
     FAIL,
     PASS,
@@ -74,10 +73,7 @@ from distfinalize.commands.compare import (
     recorded_checkpoint,
 )
 from distfinalize.commands.hfdir import HeaderError, Survey, WeightFile, read_header, survey
-from distfinalize.commands.runner import add_timeout_option
-from distfinalize.config import LOG_LEVELS
 from distfinalize.errors import DistfinalizeError
-from distfinalize.hfnames import DTYPES
 from distfinalize.plan import assign_ranks
 from distfinalize.write.writer import file_sha256
 
@@ -194,38 +190,8 @@ def verdict(checks: Sequence[Check]) -> str:
     return f"verify: passed ({counts[PASS]} passed, {counts[SKIP]} skipped)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="distfinalize verify",
-        description="Check a finalized model dir: safetensors headers, the index, the manifest's checksums, dtypes, "
-        "and (with --source) every tensor against the training checkpoint; config, tokenizer and generation "
-        "config load with transformers. Exit 1 when a check fails.",
-        epilog="Run alone, or under torchrun to split the files over ranks: "
-        "torchrun --nproc_per_node=N -m distfinalize verify DEST --source SRC",
-    )
-    parser.add_argument("dest", type=Path, metavar="DEST", help="the finalized model directory")
-    parser.add_argument("--source", type=Path, metavar="SRC", help="the training checkpoint DEST was made from")
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        metavar="PATH",
-        help="the checkpoint under SRC (default: the one the manifest records, else the latest)",
-    )
-    parser.add_argument("--tag", help="DeepSpeed tag (global_stepN) under SRC")
-    parser.add_argument(
-        "--dtype", choices=list(DTYPES), help="the dtype the floating tensors must have (default: what DEST declares)"
-    )
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
-    add_timeout_option(parser)
-    return parser
-
-
 def parse_options(argv: Sequence[str]) -> Options:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if (args.checkpoint is not None or args.tag is not None) and args.source is None:
-        parser.error("--checkpoint and --tag need --source")
+    args = verify_args(argv)
     return Options(
         args.dest,
         args.source,

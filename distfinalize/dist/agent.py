@@ -15,8 +15,12 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distfinalize.errors import LaunchError
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing import LogsSpecs
 
 OUR_EXIT_CODES = frozenset({1, 2, 70, 130})  # a rank that exits with one of these has printed its own line
 
@@ -29,7 +33,10 @@ class AgentOptions:
     nnodes: int = 1
     rdzv_endpoint: str | None = None  # HOST:PORT of the c10d rendezvous; None: this node alone (standalone)
     rdzv_id: str | None = None
+    rdzv_conf: tuple[tuple[str, str], ...] = ()  # torchrun's --rdzv-conf, e.g. (("join_timeout", "900"),)
     log_dir: Path | None = None  # also write each rank's stdout/stderr under it
+    tee: int | None = None  # with log_dir: the streams (1 stdout, 2 stderr, 3 both) that also reach the console
+    local_ranks: frozenset[int] | None = None  # only these local ranks' output reaches the console
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -39,6 +46,8 @@ class AgentOptions:
             raise ValueError(f"--nnodes must be at least 1, got {self.nnodes}")
         if self.nnodes > 1 and self.rdzv_endpoint is None:
             raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (a host every node reaches)")
+        if self.tee is not None and self.log_dir is None:
+            raise ValueError("--tee needs --log-dir DIR")
 
 
 def default_nproc() -> int:
@@ -51,16 +60,17 @@ def default_nproc() -> int:
 def launch(options: AgentOptions, argv: list[str]) -> tuple[int, str | None]:
     """Run `python -m distfinalize ARGV` on every rank of this node; the exit code, and the line to print when
     no rank printed one."""
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from distfinalize.startup import imports_done
+
+    imports_done()  # collection back on for the rest of the job (the command line turned it off for the imports)
     quiet_agent(options.verbose)
     if options.nproc_per_node > 1 or options.nnodes > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets: one thread per rank, unless told
-    logs = Std.ALL if options.log_dir is not None else Std.NONE
     config = LaunchConfig(
         min_nodes=options.nnodes,
         max_nodes=options.nnodes,
@@ -68,10 +78,9 @@ def launch(options: AgentOptions, argv: list[str]) -> tuple[int, str | None]:
         run_id=options.rdzv_id or os.environ.get("SLURM_JOB_ID") or str(uuid.uuid4()),
         rdzv_backend="c10d",
         rdzv_endpoint=options.rdzv_endpoint or "localhost:0",
+        rdzv_configs=dict(options.rdzv_conf),
         max_restarts=0,
-        logs_specs=DefaultLogsSpecs(
-            log_dir=str(options.log_dir) if options.log_dir else None, redirects=logs, tee=logs
-        ),
+        logs_specs=logs_specs(options),
     )
     try:
         elastic_launch(config, sys.executable)("-u", "-m", "distfinalize", *argv)
@@ -88,6 +97,23 @@ def launch(options: AgentOptions, argv: list[str]) -> tuple[int, str | None]:
             hint="check --rdzv-endpoint HOST:PORT and that every node runs the same command",
         ) from exc
     return 0, None
+
+
+def logs_specs(options: AgentOptions) -> LogsSpecs:
+    """Where each rank's output goes, as torchrun's --log-dir, --tee and --local-ranks-filter place it: the console
+    by default (no per-run log folder is made); with --log-dir, files under it and, for --tee's streams (default
+    both), the console too; --local-ranks-filter keeps the other ranks off the console."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+
+    if options.log_dir is None and options.local_ranks is None:
+        return DefaultLogsSpecs(log_dir=os.devnull)
+    files = options.log_dir is not None
+    return DefaultLogsSpecs(
+        log_dir=str(options.log_dir) if files else None,  # None: a temporary folder, as torchrun makes
+        redirects=Std.ALL if files else Std.NONE,
+        tee=Std.from_str(str(3 if options.tee is None else options.tee)) if files else Std.NONE,
+        local_ranks_filter=set(options.local_ranks) if options.local_ranks is not None else None,
+    )
 
 
 def child_failure(failures: dict) -> tuple[int, str | None]:

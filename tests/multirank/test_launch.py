@@ -113,10 +113,10 @@ def test_srun_one_error_line_from_the_right_rank(
     assert error_lines(killed[1][2])[0].startswith("[rank1] "), killed[1][2]
 
 
-def test_torchrun_hung_rank_others_stop_within_the_timeout(fsdp2_runs: Path, tmp_path: Path) -> None:
-    """launch/finalize.sh, 2 ranks: rank 1 hangs in its write. Rank 0 gives up after --timeout, names rank 1,
-    keeps its own finished files for --resume, torchrun stops rank 1 and exits non-zero. With --local-ranks-filter 0
-    only rank 0 reaches the console, and --log-dir keeps every rank's output in files."""
+def test_launch_script_hung_rank_others_stop_within_the_timeout(fsdp2_runs: Path, tmp_path: Path) -> None:
+    """launch/finalize.sh (distfinalize run), 2 ranks: rank 1 hangs in its write. Rank 0 gives up after --timeout,
+    names rank 1, keeps its own finished files for --resume, the agent stops rank 1 and the run exits non-zero.
+    With --local-ranks-filter 0 only rank 0 reaches the console, and --log-dir keeps every rank's output in files."""
     dest, logs = tmp_path / "out" / "model", tmp_path / "logs"
     dest.parent.mkdir()
     timeout_s = 5
@@ -126,7 +126,7 @@ def test_torchrun_hung_rank_others_stop_within_the_timeout(fsdp2_runs: Path, tmp
     result = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=run_env, timeout=TIMEOUT_S)
     assert result.returncode != 0
     lines = error_lines(result.stderr)
-    assert len(lines) == 1, result.stderr  # torchrun prefixes the lines it filters with "[default0]:"
+    assert len(lines) == 1, result.stderr  # the agent prefixes the lines it tees with "[default0]:"
     assert (
         "[rank0] distfinalize: error: rank 1 failed during write: it died or stopped responding (Timed out"
         in (lines[0])
@@ -143,7 +143,7 @@ def test_torchrun_hung_rank_others_stop_within_the_timeout(fsdp2_runs: Path, tmp
     assert f"--resume will reuse the {finished} finished file(s) kept in {staging}" in lines[0], lines[0]
 
 
-def test_torchrun_two_agents_c10d_rendezvous(fsdp2_runs: Path, tmp_path: Path, reference: dict[str, str]) -> None:
+def test_launch_scripts_two_agents_c10d_rendezvous(fsdp2_runs: Path, tmp_path: Path, reference: dict[str, str]) -> None:
     """launch/finalize-multinode.sh twice on 127.0.0.1 (--nnodes 2, one rank each): one job, same output."""
     dest = tmp_path / "model"
     cmd = ["bash", str(LAUNCH / "finalize-multinode.sh"), "--nnodes", "2", "--nproc", "1", "--rdzv-endpoint"]

@@ -113,6 +113,9 @@ def test_bad_source_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[st
         (["--nnodes", "2", "SRC", "DEST"], "--nnodes 2 needs --rdzv-endpoint"),
         (["--nproc-per-node", "1", "SRC"], "the following arguments are required: DEST"),
         (["--nproc-per-node", "1", "SRC", "DEST", "--dtype", "int3"], "invalid choice: 'int3'"),
+        (["--tee", "3", "SRC", "DEST"], "--tee needs --log-dir DIR"),
+        (["--local-ranks-filter", "0,x", "SRC", "DEST"], "--local-ranks-filter takes local ranks"),
+        (["--rdzv-conf", "join_timeout", "SRC", "DEST"], "--rdzv-conf takes KEY=VALUE pairs"),
     ],
 )
 def test_run_usage_errors_before_any_rank(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:

@@ -61,13 +61,15 @@ def test_usage_table_covers_every_command_and_option(usage_table):
 
 
 def fenced_lines(text: str) -> list[str]:
-    """The lines of fenced code blocks, with backslash continuations joined and comments dropped."""
-    lines, inside, pending = [], False, ""
+    """The lines of fenced code blocks, with backslash continuations joined and comments dropped (JSON blocks, such
+    as the benchmark results' figures, hold no command lines and are left out)."""
+    lines, inside, data, pending = [], False, False, ""
     for raw in text.splitlines():
         if raw.lstrip().startswith("```"):
             inside = not inside
+            data = inside and raw.strip().removeprefix("```").strip() == "json"
             continue
-        if not inside:
+        if not inside or data:
             continue
         line = pending + raw.split(" #", 1)[0].rstrip()
         if line.endswith("\\"):

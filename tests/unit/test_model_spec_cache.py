@@ -43,3 +43,31 @@ def test_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str) ->
     monkeypatch.setenv("DISTFINALIZE_CACHE_DIR", "off" if case == "off" else str(cache))
     assert cached_model_spec(config) == load_model_spec(config)
     assert not cache.is_dir()
+
+
+def test_generation_config_is_written_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same values under the same versions: the cached file, byte for byte, without importing transformers;
+    an invalid config is never cached; with the cache off, nothing is kept."""
+    import sys
+
+    from distfinalize.artifacts.generation import write_generation_config
+    from distfinalize.errors import UsageError
+
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DISTFINALIZE_CACHE_DIR", "off")
+    data = {"bos_token_id": 1, "eos_token_id": [2, 7], "temperature": 0.6, "do_sample": True}
+    first = write_generation_config(tmp_path / "a", data)
+    assert not cache.exists() and b'"transformers_version"' in first.read_bytes()
+    monkeypatch.setenv("DISTFINALIZE_CACHE_DIR", str(cache))
+    with pytest.raises(UsageError, match="not valid"):
+        write_generation_config(tmp_path / "b", {"pad_token_id": -1})
+    assert not list(cache.glob("generation-*.json"))
+    assert write_generation_config(tmp_path / "b", data).read_bytes() == first.read_bytes()
+    assert len(list(cache.glob("generation-*.json"))) == 1
+    monkeypatch.setitem(sys.modules, "transformers", None)  # any import of transformers now fails
+    again = write_generation_config(tmp_path / "c", dict(reversed(data.items())))
+    assert again.read_bytes() == first.read_bytes()
+    with pytest.raises(ImportError):  # other values: built again
+        write_generation_config(tmp_path / "c", {**data, "temperature": 0.7})
