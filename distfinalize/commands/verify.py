@@ -79,7 +79,7 @@ from distfinalize.config import LOG_LEVELS
 from distfinalize.errors import DistfinalizeError
 from distfinalize.hfnames import DTYPES
 from distfinalize.plan import assign_ranks
-from distfinalize.write.writer import file_sha256
+from distfinalize.write.writer import range_digests
 
 if TYPE_CHECKING:
     from distfinalize.dist.context import DistContext
@@ -115,7 +115,7 @@ def verify_share(options: Options, found: Survey, rank: int, world_size: int) ->
     )
     with bar:
         for weight in mine:
-            findings.append(check_file(weight, rank, wanted, reader))
+            findings.append(check_file(weight, rank, wanted, reader, piece_bounds(found, weight)))
             bar.update(weight.size)
     artifacts = check_artifacts(found) if rank == 0 else ()
     return RankFindings(rank, tuple(findings), summary, artifacts)
@@ -142,16 +142,33 @@ def _source_for(options: Options, found: Survey) -> tuple[SourceSummary, dict | 
     return SourceSummary(description, outputs, absent, merged=len(prepared.merges)), wanted, reader
 
 
-def check_file(weight: WeightFile, rank: int, wanted: Mapping[str, Expectation] | None, reader: Any) -> FileFindings:
-    """Header, sha256 and (with a source) tensors of one weight file. Runs on: the rank that owns it."""
+def piece_bounds(found: Survey, weight: WeightFile) -> list[int]:
+    """The offsets between the byte ranges the manifest records a digest of, for a file several ranks wrote (from
+    0 to its size); none for a file with one sha256. Pure."""
+    entry = ((found.manifest or {}).get("files") or {}).get(weight.manifest_key)
+    if not isinstance(entry, dict) or "pieces" not in entry:
+        return []
+    return [0, *(stop for _, stop, _ in entry["pieces"])]
+
+
+def check_file(
+    weight: WeightFile,
+    rank: int,
+    wanted: Mapping[str, Expectation] | None,
+    reader: Any,
+    bounds: Sequence[int] = (),
+) -> FileFindings:
+    """Header, sha256 (and of each byte range between `bounds`, in the same pass) and (with a source) tensors of
+    one weight file. Runs on: the rank that owns it."""
     try:
         header = read_header(weight.path)
     except HeaderError as exc:
         header, header_error = None, str(exc)
     else:
         header_error = None
+    pieces: list[str] = []
     try:
-        digest = file_sha256(weight.path)
+        digest, pieces = range_digests(weight.path, bounds)
     except OSError as exc:
         digest = None
         header_error = header_error or f"cannot read: {exc.strerror or exc}"
@@ -168,7 +185,7 @@ def check_file(weight: WeightFile, rank: int, wanted: Mapping[str, Expectation] 
         comparison.compared,
         len(comparison.problems),
     )
-    return FileFindings(weight.name, rank, weight.size, digest, header, header_error, comparison)
+    return FileFindings(weight.name, rank, weight.size, digest, header, header_error, comparison, tuple(pieces))
 
 
 # ------------------------------------------------------------------------------------------------ the verdict
