@@ -224,14 +224,19 @@ def build_plan(
     groups = [list(planned)] if single_file else split_into_files(planned, max_shard_size)
     names = [single_file] if single_file else file_names(len(groups))
     metadata = file_metadata([t for g in groups for t in g])
-    files = [FilePlan(n, 0, tuple(g)) for n, g in zip(names, groups, strict=True)]
-    segments = [file_segments(f, metadata, row_cuts) for f in files]
-    pieces = split_pieces([(f.nbytes, s) for f, s in zip(files, segments, strict=True)], world_size)
-    planned_files = tuple(
+    files = tuple(FilePlan(n, 0, tuple(g)) for n, g in zip(names, groups, strict=True))
+    return assign_pieces(Plan(files, world_size, metadata), world_size, row_cuts)
+
+
+def assign_pieces(plan: Plan, world_size: int, row_cuts: bool = True) -> Plan:
+    """The same files cut into pieces for `world_size` ranks (split_pieces). Pure."""
+    segments = [file_segments(f, plan.metadata, row_cuts) for f in plan.files]
+    pieces = split_pieces([(f.nbytes, s) for f, s in zip(plan.files, segments, strict=True)], world_size)
+    files = tuple(
         FilePlan(f.filename, p[0].rank, f.tensors, tuple(p) if len(p) > 1 else ())
-        for f, p in zip(files, pieces, strict=True)
+        for f, p in zip(plan.files, pieces, strict=True)
     )
-    return Plan(planned_files, world_size, metadata)
+    return Plan(files, world_size, plan.metadata)
 
 
 def file_layout(file: FilePlan, metadata: Mapping[str, str] | None = None) -> FileLayout:

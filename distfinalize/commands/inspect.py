@@ -25,7 +25,7 @@ import argparse
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +41,7 @@ from distfinalize.config import (
 )
 from distfinalize.errors import SourceError
 from distfinalize.hfnames import DTYPES, INDEX_FILE, SAFETENSORS_DTYPES
-from distfinalize.plan import Plan, assign_ranks, describe
+from distfinalize.plan import Plan, assign_pieces, describe
 
 if TYPE_CHECKING:
     from distfinalize.dist.context import DistContext
@@ -96,11 +96,10 @@ def has_weights(directory: Path) -> bool:
 
 
 def replan(plan: Plan, world_size: int) -> Plan:
-    """The same files for another world size: ranks assigned the way build_plan assigns them. Pure."""
+    """The same files for another world size: cut into pieces the way build_plan cuts them. Pure."""
     if world_size == plan.world_size:
         return plan
-    ranks = assign_ranks([f.nbytes for f in plan.files], world_size)
-    return Plan(tuple(replace(f, rank=r) for f, r in zip(plan.files, ranks, strict=True)), world_size)
+    return assign_pieces(plan, world_size)
 
 
 def finalize_config(options: Options) -> FinalizeConfig:
