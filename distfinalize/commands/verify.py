@@ -12,8 +12,10 @@ One row per check, each pass, fail or skip; the exit code is 1 when any check fa
   index                    model.safetensors.index.json names every tensor exactly once, in the file that holds
                            it, names only files that exist, and its metadata.total_size is the sum of the tensor
                            bytes; without an index, model.safetensors is the one weight file
-  checksums                every weight file's size and sha256 match the manifest, and the manifest lists no
-                           file that is not there (with --keep-checkpoint the root's symlinks are followed)
+  checksums                every weight file's size and sha256 match the manifest (for a file several ranks
+                           wrote, the sha256 of each byte range the manifest records, computed in the same
+                           read), and the manifest lists no file that is not there (with --keep-checkpoint the
+                           root's symlinks are followed)
   dtype                    every floating tensor has the dtype DEST declares: --dtype, else the manifest's, else
                            config.json's (which must agree with the manifest's); the tensors of quantized weights
                            have the dtypes of the recipe the manifest records
@@ -33,7 +35,7 @@ One row per check, each pass, fail or skip; the exit code is 1 when any check fa
 The source is opened like finalize opens it (pipeline.prepare): the checkpoint the manifest records when it lies
 in SRC (else the latest, or --checkpoint / --tag), names mapped through its config.json (else DEST's).
 
-Work is split like finalize's: each weight file goes to one rank (balanced by bytes); a rank parses, hashes and
+Work is split over the ranks: each weight file goes to one rank (balanced by bytes); a rank parses, hashes and
 compares only its files, reading only the source bytes of their tensors. One gather brings every rank's findings
 to every rank; rank 0 also loads the configs and the tokenizer, and prints the table.
 """
