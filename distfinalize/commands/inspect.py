@@ -297,8 +297,12 @@ def format_report(data: Mapping[str, Any]) -> str:
         width = max(len(f["file"]) for f in plan["files"])
         lines.append(f"{'':<17}   {'file':<{width}}  rank  tensors  bytes")
         lines += [
-            f"{'':<17}   {f['file']:<{width}}  {f['rank']:>4}  {f['tensors']:>7}  {f['bytes']}" for f in plan["files"]
+            f"{'':<17}   {f['file']:<{width}}  {str(f['rank']) + '+' * ('pieces' in f):>4}  "
+            f"{f['tensors']:>7}  {f['bytes']}"
+            for f in plan["files"]
         ]
+        if any("pieces" in f for f in plan["files"]):  # the first piece's rank writes the header
+            lines.append(f"{'':<17}   +: written in pieces by several ranks (--json lists them)")
         lines.append(
             f"{'':<17}   bytes per rank: " + ", ".join(f"rank {r}: {b}" for r, b in enumerate(plan["bytes_per_rank"]))
         )
