@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -119,9 +120,17 @@ class Plan:
     def weight_map(self) -> dict[str, str]:
         return {name: f.filename for f in self.files for t in f.tensors for name in t.outputs}
 
+    @cached_property
+    def _by_rank(self) -> dict[int, tuple[tuple[FilePlan, Piece], ...]]:
+        by_rank: dict[int, list[tuple[FilePlan, Piece]]] = {}
+        for f in self.files:
+            for p in f.ranges:
+                by_rank.setdefault(p.rank, []).append((f, p))
+        return {rank: tuple(pieces) for rank, pieces in by_rank.items()}
+
     def pieces_for(self, rank: int) -> tuple[tuple[FilePlan, Piece], ...]:
         """The pieces `rank` writes, in file order."""
-        return tuple((f, p) for f in self.files for p in f.ranges if p.rank == rank)
+        return self._by_rank.get(rank, ())
 
     def files_for(self, rank: int) -> tuple[FilePlan, ...]:
         """The files `rank` writes some of."""

@@ -83,11 +83,11 @@ class Share:
         return piece_name(self.file.filename, start, stop - start, None if not self.file.shared else self.layout.size)
 
 
-def shares_for(plan: Plan, rank: int) -> list[Share]:
-    """The pieces `rank` writes, laid out. Pure."""
-    shares = []
+def shares_for(plan: Plan, rank: int, layouts: dict[str, FileLayout] | None = None) -> list[Share]:
+    """The pieces `rank` writes, laid out (each file once, into `layouts` when given). Pure."""
+    shares, layouts = [], {} if layouts is None else layouts
     for file, piece in plan.pieces_for(rank):
-        laid = file_layout(file, plan.metadata)
+        laid = layouts.get(file.filename) or layouts.setdefault(file.filename, file_layout(file, plan.metadata))
         shares.append(Share(file, piece, laid, tuple(piece_parts(file, piece, laid))))
     return shares
 
@@ -212,9 +212,9 @@ def exchange_schedule(
     """The exchange schedule for every rank's pieces in feed order, less the pieces each rank reuses; with `rank`,
     only that rank's own transfers are kept. The plan must cut files between tensors only (build_plan's
     `row_cuts=False`): a tensor travels whole to one rank. Pure."""
-    needs = {}
+    needs, layouts = {}, {}
     for writer in range(plan.world_size):
-        todo = [s for s in shares_for(plan, writer) if skipped is None or s.name not in skipped[writer]]
+        todo = [s for s in shares_for(plan, writer, layouts) if skipped is None or s.name not in skipped[writer]]
         needs[writer] = [s.tensor for s in share_steps(todo, path.write_threads)]
     return plan_exchange(needs, source.chunks(), plan.world_size, path.read_batch_bytes, rank)
 
