@@ -55,7 +55,7 @@ class SafetensorsWriter:
     is padded, then the file truncated to its size). Otherwise, or when the file system refuses an O_DIRECT write,
     they go through the page cache as they are. A tensor out of file order turns the rest of the file to the page
     cache, and the file is read back once to hash it (the plan lays out and orders every file so this does not
-    happen: see write/rank.py's file_layout).
+    happen: see plan.file_layout).
     """
 
     def __init__(
