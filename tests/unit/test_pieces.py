@@ -223,3 +223,16 @@ def test_a_file_one_rank_wrote_keeps_its_whole_sha256() -> None:
     assert file_checksums((one,)) == {"a.safetensors": {"size": 100, "sha256": "ab" * 32}}
     assert not pieces_cover([[0, 50, "x"], [60, 100, "y"]], 100)
     assert not pieces_cover([[0, 50, "x"]], 100)
+
+
+def test_describe_and_the_dry_run_table_show_the_pieces() -> None:
+    from distfinalize.commands.finalize import format_plan
+    from distfinalize.plan import describe
+
+    plan = build_plan(metas([(100, 16)] * 3), dtype=None, max_shard_size=10**9, world_size=4)
+    (file,) = describe(plan)["files"]
+    assert file["rank"] == 0 and [p["rank"] for p in file["pieces"]] == [0, 1, 2, 3]
+    assert [p["bytes"] for p in file["pieces"]] == [[p.start, p.stop] for p in plan.files[0].ranges]
+    assert describe(plan)["bytes_per_rank"] == [plan.bytes_for(r) for r in range(4)] == [4800] * 4
+    table = format_plan(plan)
+    assert "model.safetensors   0-3" in table and "  piece: rank 3 bytes [14400, 19200)" in table
