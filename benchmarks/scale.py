@@ -221,11 +221,16 @@ def measure(model: str, world: int, args: argparse.Namespace) -> dict:
     per_rank = [0] * world
     largest = [0] * world
     for f in plan.files:
-        per_rank[f.rank] += f.nbytes
-        largest[f.rank] = max([largest[f.rank], *(piece_bytes(t, world, args.read_batch) for t in f.tensors)])
+        for p in f.ranges:  # a file's pieces: one rank each (a tensor cut between ranks streams in row blocks)
+            per_rank[p.rank] += p.nbytes
+            largest[p.rank] = max([largest[p.rank], *(piece_bytes(t, world, args.read_batch) for t in f.tensors)])
     mean = sum(per_rank) / world
     rounds = ideal = alone = schedule_s = None
     if total_chunks <= args.max_schedule_chunks:
+        # --strategy exchange moves whole tensors: its plan cuts files between tensors only
+        plan = build_plan(
+            tensors, dtype=torch.bfloat16, max_shard_size=args.max_shard_size, world_size=world, row_cuts=False
+        )
         full = fsdp2_metadata(shapes, world)
         source = ChunkSource(stored_chunks(full, {n for n, _ in shapes}))
         start = time.process_time()

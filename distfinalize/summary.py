@@ -114,7 +114,7 @@ def summarize(dest: Path, clock: Clock, ranks: list[dict[str, Any]], weights: Se
         "dest": str(dest),
         "files": len(sizes),
         "bytes": sum(sizes),
-        "weight_files": len(weights),
+        "weight_files": len({f.filename for f in weights}),  # a file several ranks wrote counts once
         "weight_bytes": weight_bytes,
         "read_bytes": read_bytes,
         "seconds": {k: phases[k] for k in PHASES if k in phases} | {"total": round(sum(clock.phases.values()), 3)},

@@ -59,6 +59,7 @@ class FileFindings:
     header: Header | None = None
     header_error: str | None = None
     comparison: FileComparison = field(default_factory=FileComparison)  # with --source; else nothing compared
+    pieces: tuple[str, ...] = ()  # the sha256 of each byte range the manifest records (a file several ranks wrote)
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,14 @@ def checksums_check(found: Survey, files: Sequence[FileFindings]) -> Check:
             problems.append(f"{weight.name} could not be read")
         elif got.size != entry["size"]:
             problems.append(f"{weight.name} has {got.size} bytes, the manifest says {entry['size']}")
+        elif "pieces" in entry:
+            digests = got.pieces if len(got.pieces) == len(entry["pieces"]) else [None] * len(entry["pieces"])
+            problems += [
+                f"{weight.name}: bytes [{start}, {stop}) differ from the manifest's sha256 (the file changed after "
+                "finalize, or the rank that wrote them failed to)"
+                for (start, stop, want), have in zip(entry["pieces"], digests, strict=True)
+                if have != want
+            ]
         elif got.sha256 != entry["sha256"]:
             problems.append(f"{weight.name}: sha256 differs from the manifest (the file changed after finalize)")
     problems += [f"{key}, listed in the manifest, is missing" for key in sorted(set(listed) - seen)]

@@ -305,8 +305,13 @@ def hub_options(args: argparse.Namespace):
 def format_plan(plan) -> str:
     """The dry-run plan as a table: file, rank, tensors, bytes."""
     width = max(len(f.filename) for f in plan.files)
-    lines = [f"{'file':<{width}}  rank  tensors  bytes"]
-    lines += [f"{f.filename:<{width}}  {f.rank:>4}  {len(f.tensors):>7}  {f.nbytes}" for f in plan.files]
+    ranks = [f"{f.ranges[0].rank}-{f.ranges[-1].rank}" if f.shared else str(f.rank) for f in plan.files]
+    rank_width = max(4, *(len(r) for r in ranks))
+    lines = [f"{'file':<{width}}  {'rank':>{rank_width}}  tensors  bytes"]
+    for f, r in zip(plan.files, ranks, strict=True):
+        lines.append(f"{f.filename:<{width}}  {r:>{rank_width}}  {len(f.tensors):>7}  {f.nbytes}")
+        if f.shared:  # written by several ranks: each piece's bytes of the data region
+            lines += [f"  piece: rank {p.rank} bytes [{p.start}, {p.stop})" for p in f.ranges]
     per_rank = ", ".join(f"rank {r}: {plan.bytes_for(r)}" for r in range(plan.world_size))
     lines.append(
         f"total: {len(plan.tensors)} tensors, {plan.total_size} bytes in {len(plan.files)} file(s); {per_rank}"

@@ -131,13 +131,28 @@ def _manifest_shape_error(manifest: object) -> str | None:
     if not isinstance(files, dict):
         return f"{MANIFEST} has no files mapping"
     for name, entry in files.items():
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("size"), int)
-            or not isinstance(entry.get("sha256"), str)
-        ):
+        if not isinstance(entry, dict) or not isinstance(entry.get("size"), int):
+            return f"{MANIFEST}: the entry of {name!r} has no size"
+        if "pieces" in entry:
+            if not pieces_cover(entry["pieces"], entry["size"]):
+                return f"{MANIFEST}: the pieces of {name!r} are not [start, stop, sha256] ranges covering the file"
+        elif not isinstance(entry.get("sha256"), str):
             return f"{MANIFEST}: the entry of {name!r} has no sha256"
     return None
+
+
+def pieces_cover(pieces: object, size: int) -> bool:
+    """Whether a manifest's "pieces" are [start, stop, sha256] byte ranges covering [0, size) in order. Pure."""
+    if not isinstance(pieces, list) or not pieces:
+        return False
+    position = 0
+    for piece in pieces:
+        if not (isinstance(piece, list) and len(piece) == 3 and isinstance(piece[2], str)):
+            return False
+        if not all(isinstance(x, int) for x in piece[:2]) or piece[0] != position or piece[1] < piece[0]:
+            return False
+        position = piece[1]
+    return position == size
 
 
 def config_dtype(config: Mapping[str, Any] | None) -> str | None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,7 @@ from distfinalize.config import (
 )
 from distfinalize.errors import SourceError
 from distfinalize.hfnames import INDEX_FILE, SAFETENSORS_DTYPES
-from distfinalize.plan import Plan, assign_ranks, describe
+from distfinalize.plan import Plan, assign_pieces, describe
 
 if TYPE_CHECKING:
     from distfinalize.dist.context import DistContext
@@ -92,11 +92,10 @@ def has_weights(directory: Path) -> bool:
 
 
 def replan(plan: Plan, world_size: int) -> Plan:
-    """The same files for another world size: ranks assigned the way build_plan assigns them. Pure."""
+    """The same files for another world size: cut into pieces the way build_plan cuts them. Pure."""
     if world_size == plan.world_size:
         return plan
-    ranks = assign_ranks([f.work for f in plan.files], world_size)
-    return Plan(tuple(replace(f, rank=r) for f, r in zip(plan.files, ranks, strict=True)), world_size)
+    return assign_pieces(plan, world_size)
 
 
 def finalize_config(options: Options) -> FinalizeConfig:
@@ -294,8 +293,12 @@ def format_report(data: Mapping[str, Any]) -> str:
         width = max(len(f["file"]) for f in plan["files"])
         lines.append(f"{'':<17}   {'file':<{width}}  rank  tensors  bytes")
         lines += [
-            f"{'':<17}   {f['file']:<{width}}  {f['rank']:>4}  {f['tensors']:>7}  {f['bytes']}" for f in plan["files"]
+            f"{'':<17}   {f['file']:<{width}}  {str(f['rank']) + '+' * ('pieces' in f):>4}  "
+            f"{f['tensors']:>7}  {f['bytes']}"
+            for f in plan["files"]
         ]
+        if any("pieces" in f for f in plan["files"]):  # the first piece's rank writes the header
+            lines.append(f"{'':<17}   +: written in pieces by several ranks (--json lists them)")
         lines.append(
             f"{'':<17}   bytes per rank: " + ", ".join(f"rank {r}: {b}" for r, b in enumerate(plan["bytes_per_rank"]))
         )

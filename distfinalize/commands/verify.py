@@ -12,8 +12,10 @@ One row per check, each pass, fail or skip; the exit code is 1 when any check fa
   index                    model.safetensors.index.json names every tensor exactly once, in the file that holds
                            it, names only files that exist, and its metadata.total_size is the sum of the tensor
                            bytes; without an index, model.safetensors is the one weight file
-  checksums                every weight file's size and sha256 match the manifest, and the manifest lists no
-                           file that is not there (with --keep-checkpoint the root's symlinks are followed)
+  checksums                every weight file's size and sha256 match the manifest (for a file several ranks
+                           wrote, the sha256 of each byte range the manifest records, computed in the same
+                           read), and the manifest lists no file that is not there (with --keep-checkpoint the
+                           root's symlinks are followed)
   dtype                    every floating tensor has the dtype DEST declares: --dtype, else the manifest's, else
                            config.json's (which must agree with the manifest's); the tensors of quantized weights
                            have the dtypes of the recipe the manifest records
@@ -33,7 +35,7 @@ One row per check, each pass, fail or skip; the exit code is 1 when any check fa
 The source is opened like finalize opens it (pipeline.prepare): the checkpoint the manifest records when it lies
 in SRC (else the latest, or --checkpoint / --tag), names mapped through its config.json (else DEST's).
 
-Work is split like finalize's: each weight file goes to one rank (balanced by bytes); a rank parses, hashes and
+Work is split over the ranks: each weight file goes to one rank (balanced by bytes); a rank parses, hashes and
 compares only its files, reading only the source bytes of their tensors. One gather brings every rank's findings
 to every rank; rank 0 also loads the configs and the tokenizer, and prints the table.
 """
@@ -75,7 +77,7 @@ from distfinalize.commands.compare import (
 from distfinalize.commands.hfdir import HeaderError, Survey, WeightFile, read_header, survey
 from distfinalize.errors import DistfinalizeError
 from distfinalize.plan import assign_ranks
-from distfinalize.write.writer import file_sha256
+from distfinalize.write.writer import range_digests
 
 if TYPE_CHECKING:
     from distfinalize.dist.context import DistContext
@@ -111,7 +113,7 @@ def verify_share(options: Options, found: Survey, rank: int, world_size: int) ->
     )
     with bar:
         for weight in mine:
-            findings.append(check_file(weight, rank, wanted, reader))
+            findings.append(check_file(weight, rank, wanted, reader, piece_bounds(found, weight)))
             bar.update(weight.size)
     artifacts = check_artifacts(found) if rank == 0 else ()
     return RankFindings(rank, tuple(findings), summary, artifacts)
@@ -138,16 +140,33 @@ def _source_for(options: Options, found: Survey) -> tuple[SourceSummary, dict | 
     return SourceSummary(description, outputs, absent, merged=len(prepared.merges)), wanted, reader
 
 
-def check_file(weight: WeightFile, rank: int, wanted: Mapping[str, Expectation] | None, reader: Any) -> FileFindings:
-    """Header, sha256 and (with a source) tensors of one weight file. Runs on: the rank that owns it."""
+def piece_bounds(found: Survey, weight: WeightFile) -> list[int]:
+    """The offsets between the byte ranges the manifest records a digest of, for a file several ranks wrote (from
+    0 to its size); none for a file with one sha256. Pure."""
+    entry = ((found.manifest or {}).get("files") or {}).get(weight.manifest_key)
+    if not isinstance(entry, dict) or "pieces" not in entry:
+        return []
+    return [0, *(stop for _, stop, _ in entry["pieces"])]
+
+
+def check_file(
+    weight: WeightFile,
+    rank: int,
+    wanted: Mapping[str, Expectation] | None,
+    reader: Any,
+    bounds: Sequence[int] = (),
+) -> FileFindings:
+    """Header, sha256 (and of each byte range between `bounds`, in the same pass) and (with a source) tensors of
+    one weight file. Runs on: the rank that owns it."""
     try:
         header = read_header(weight.path)
     except HeaderError as exc:
         header, header_error = None, str(exc)
     else:
         header_error = None
+    pieces: list[str] = []
     try:
-        digest = file_sha256(weight.path)
+        digest, pieces = range_digests(weight.path, bounds)
     except OSError as exc:
         digest = None
         header_error = header_error or f"cannot read: {exc.strerror or exc}"
@@ -164,7 +183,7 @@ def check_file(weight: WeightFile, rank: int, wanted: Mapping[str, Expectation] 
         comparison.compared,
         len(comparison.problems),
     )
-    return FileFindings(weight.name, rank, weight.size, digest, header, header_error, comparison)
+    return FileFindings(weight.name, rank, weight.size, digest, header, header_error, comparison, tuple(pieces))
 
 
 # ------------------------------------------------------------------------------------------------ the verdict

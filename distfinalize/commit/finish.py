@@ -167,12 +167,29 @@ def write_checksums(
             else None,
             "key_map": config.key_map.to_mapping() if isinstance(config.key_map, KeyMapRules) else config.key_map,
             "files": {
-                str(prefix / f.filename) if str(prefix) != "." else f.filename: {"size": f.size, "sha256": f.sha256}
-                for f in sorted(files, key=lambda f: f.filename)
+                str(prefix / name) if str(prefix) != "." else name: entry
+                for name, entry in file_checksums(files).items()
             },
             **lora,
         },
     )
+
+
+def file_checksums(files: tuple[WrittenFile, ...]) -> dict[str, dict[str, object]]:
+    """The manifest's entry of each weight file: its size and sha256, or for a file several ranks wrote, the
+    sha256 of each piece ("pieces": [[start, stop, sha256], ...], byte ranges covering the file in order). Pure."""
+    by_name: dict[str, list[WrittenFile]] = {}
+    for f in files:
+        by_name.setdefault(f.filename, []).append(f)
+    out: dict[str, dict[str, object]] = {}
+    for name in sorted(by_name):
+        parts = sorted(by_name[name], key=lambda f: f.offset)
+        if len(parts) == 1 and parts[0].file_size is None:
+            out[name] = {"size": parts[0].size, "sha256": parts[0].sha256}
+        else:
+            pieces = [[p.offset, p.offset + p.size, p.sha256] for p in parts]
+            out[name] = {"size": parts[0].file_size, "pieces": pieces}
+    return out
 
 
 def keep_checkpoint(

@@ -32,8 +32,14 @@ class Step:
     """One tensor in feed order: which lane (writer thread) writes it, into which of the rank's files."""
 
     lane: int
-    file: int  # index into the rank's files
+    file: int  # index into the rank's files (or pieces of files)
     tensor: TensorPlan
+    rows: tuple[int, int] | None = None  # the rows [start, stop) this rank writes of a tensor cut between ranks
+
+    @property
+    def end_row(self) -> int:
+        """The row after the last one this step holds."""
+        return self.rows[1] if self.rows is not None else (self.tensor.shape[0] if self.tensor.shape else 1)
 
 
 def lane_order(files: Sequence[FilePlan], lanes: int, order: Callable[[FilePlan], list[TensorPlan]]) -> list[Step]:
@@ -126,7 +132,7 @@ class Item:
     @property
     def last(self) -> bool:
         """Whether it completes its tensor."""
-        return self.rows is None or self.rows[1] == self.step.tensor.shape[0]
+        return self.rows is None or self.rows[1] == self.step.end_row
 
 
 class Stages:
@@ -185,11 +191,12 @@ class Stages:
         try:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)  # the current device is per thread
-            step = None
+            step, complete = None, True
             for got in feed(self.failed):
                 t, inputs, rows = got if len(got) == 3 else (*got, None)
-                if rows is None or rows[0] == 0:
+                if complete:
                     step = next(steps)
+                complete = rows is None or rows[1] == step.end_row
                 if step.tensor is not t:
                     raise RuntimeError(f"feed out of order: got {t.name}, expected {step.tensor.name}")
                 charge = source_share(t, rows)

@@ -1,13 +1,15 @@
-"""The write step of one rank: get its tensors, transform them on its device, write its files.
+"""The write step of one rank: get its tensors, transform them on its device, write its pieces of the files.
 
-The tensors come from a feed (`--strategy read`: this rank reads them; `exchange`: the ranks read their
-share of the source files and swap chunks), go through the overlapped pipeline of `overlap.py`, and are
-written `write_threads` files at a time, each in file order so its sha256 is computed as it is written.
+A rank writes the pieces the plan gives it (plan.Piece: a byte range of a file, most often the whole file):
+the tensors of each, whole or (a tensor cut between ranks) a block of its rows. They come from a feed
+(`--strategy read`: this rank reads them; `exchange`: the ranks read their share of the source files and swap
+chunks), go through the overlapped pipeline of `overlap.py`, and are written `write_threads` pieces at a time,
+each in file order so its sha256 is computed as it is written: the file's, or the piece's.
 Memory stays bounded by the bytes in flight (twice `read_batch_bytes`: the batch being read, or with `exchange`
 a round's send and receive buffers, and one batch of tensors in the pipeline; a larger tensor comes in blocks of
-rows, see feed.read_feed and exchange.py), never by the file or the model. A finished file
-leaves a record in the staging dir's `.progress/`; `--resume` reuses files whose record and checksum still match.
-Runs on: every rank, each for its own files.
+rows, see feed.read_feed and exchange.py), never by the file or the model. A finished piece leaves a record in
+the staging dir's `.progress/`; `--resume` reuses pieces whose record and checksum still match.
+Runs on: every rank, each for its own pieces.
 """
 
 from __future__ import annotations
@@ -16,35 +18,30 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from functools import partial
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from distfinalize.dist.context import DistContext
 from distfinalize.errors import DestinationError
-from distfinalize.plan import FilePlan, Plan, TensorPlan
-from distfinalize.sources import Source
+from distfinalize.plan import FilePlan, Piece, Plan, TensorPlan, file_layout, piece_parts
+from distfinalize.sources import Source, TensorReader
 from distfinalize.transform.cast import transform
+from distfinalize.write.blocks import row_blocks
 from distfinalize.write.exchange import plan_exchange, round_budget
 from distfinalize.write.feed import exchange_feed, read_feed
-from distfinalize.write.overlap import Item, Stages, lane_order
+from distfinalize.write.overlap import Item, Stages, Step, lane_order
 from distfinalize.write.progress import Meter
-from distfinalize.write.writer import (
-    DEFAULT_METADATA,
-    FileLayout,
-    SafetensorsWriter,
-    StageBuffer,
-    aligned,
-    file_sha256,
-    layout,
-)
+from distfinalize.write.writer import FileLayout, SafetensorsWriter, StageBuffer, file_sha256, range_sha256
+
+__all__ = ["DataPath", "WrittenFile", "exchange_schedule", "file_layout", "write_order", "write_rank_files"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class WrittenFile:
-    """One finished output file, as reported to rank 0."""
+    """One finished output file, or one rank's piece of it (bytes [offset, offset + size) of a file of
+    `file_size` bytes), as reported to rank 0; `sha256` is that of the bytes written."""
 
     filename: str
     rank: int
@@ -52,6 +49,58 @@ class WrittenFile:
     tensors: int
     sha256: str
     reused: bool = False
+    offset: int = 0
+    file_size: int | None = None  # None: the whole file
+
+    @property
+    def record_name(self) -> str:
+        return piece_name(self.filename, self.offset, self.size, self.file_size)
+
+
+def piece_name(filename: str, offset: int, size: int, file_size: int | None) -> str:
+    """The name of a piece's progress record: the file's name, and for a piece its byte range."""
+    return filename if file_size is None else f"{filename}@{offset}-{offset + size}"
+
+
+@dataclass(frozen=True)
+class Share:
+    """One piece of one file this rank writes: its byte span in the file and its parts in file order (a tensor,
+    rows None, or a block of a tensor's rows [start, stop))."""
+
+    file: FilePlan
+    piece: Piece
+    layout: FileLayout
+    parts: tuple[tuple[TensorPlan, tuple[int, int] | None], ...]
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The bytes it writes, from the start of the file (the first piece's include the header)."""
+        base = self.layout.data_start
+        return (0 if self.piece.start == 0 else base + self.piece.start), base + self.piece.stop
+
+    @property
+    def name(self) -> str:
+        start, stop = self.span
+        return piece_name(self.file.filename, start, stop - start, None if not self.file.shared else self.layout.size)
+
+
+def shares_for(plan: Plan, rank: int, layouts: dict[str, FileLayout] | None = None) -> list[Share]:
+    """The pieces `rank` writes, laid out (each file once, into `layouts` when given). Pure."""
+    shares, layouts = [], {} if layouts is None else layouts
+    for file, piece in plan.pieces_for(rank):
+        laid = layouts.get(file.filename) or layouts.setdefault(file.filename, file_layout(file, plan.metadata))
+        shares.append(Share(file, piece, laid, tuple(piece_parts(file, piece, laid))))
+    return shares
+
+
+def share_steps(shares: Sequence[Share], lanes: int) -> list[Step]:
+    """The feed order of the shares' parts (overlap.lane_order), each step with its block of rows. Pure."""
+    steps, seen = lane_order(shares, lanes, lambda s: [t for t, _ in s.parts]), [0] * len(shares)
+    out = []
+    for step in steps:
+        out.append(replace(step, rows=shares[step.file].parts[seen[step.file]][1]))
+        seen[step.file] += 1
+    return out
 
 
 @dataclass(frozen=True)
@@ -73,31 +122,51 @@ def write_rank_files(
     progress_dir: Path | None = None,
     resume: bool = False,
 ) -> list[WrittenFile]:
-    """Write every file the plan gives this rank into `directory`; `progress` counts the bytes written and each
+    """Write every piece the plan gives this rank into `directory`; `progress` counts the bytes written and each
     stage's busy time (write/progress.py). Runs on: every rank (with `exchange`, all ranks together)."""
-    files = plan.files_for(ctx.rank)
-    reused = {f.filename: w for f in files if resume and (w := reusable(f, directory, progress_dir)) is not None}
+    shares = shares_for(plan, ctx.rank)
+    reused = {s.name: w for s in shares if resume and (w := reusable(s, directory, progress_dir)) is not None}
     for name in reused:
         log.info("resume: reusing %s (size and sha256 match)", name)
-    todo = [f for f in files if f.filename not in reused]
-    order = partial(write_order, metadata=plan.metadata)
-    steps = lane_order(todo, path.write_threads, order)
+    todo = [s for s in shares if s.name not in reused]
+    steps = share_steps(todo, path.write_threads)
     if path.strategy == "exchange":
         feed = exchange_plan_feed(plan, ctx, source, path, sorted(reused))
     else:
-        reader, tensors = source.reader(), [s.tensor for s in steps]
-        feed = lambda failed: read_feed(tensors, reader, path.read_batch_bytes, failed)  # noqa: E731
+        reader = source.reader()
+        feed = lambda failed: steps_feed(steps, reader, path.read_batch_bytes, failed)  # noqa: E731
     written: dict[str, WrittenFile] = {}
     meter = progress if progress is not None else Meter()
-    meter.update(sum(f.nbytes for f in files if f.filename in reused))
-    writers = LaneWriters(todo, directory, meter, written, progress_dir, plan.metadata)
+    meter.update(sum(s.piece.nbytes for s in shares if s.name in reused))
+    writers = LaneWriters(todo, directory, meter, written, progress_dir)
     # in flight: the batch being read, and up to one batch of read or transformed tensors (overlap.py)
     Stages(steps, path.read_batch_bytes, ctx.device).run(
         metered(feed, meter), lambda inputs, t, start: timed_transform(inputs, t, ctx, meter, start), writers.write_lane
     )
-    done = [reused.get(f.filename) or written[f.filename] for f in files]
-    log.debug("wrote %d file(s)", len(done))
+    done = [reused.get(s.name) or written[s.name] for s in shares]
+    log.debug("wrote %d piece(s)", len(done))
     return done
+
+
+def steps_feed(steps: Sequence[Step], reader: TensorReader, batch_bytes: int, failed) -> Iterator[tuple]:
+    """The `read` feed of the steps: runs of whole tensors through feed.read_feed, a tensor cut between ranks as
+    blocks of its rows [start, stop) of this rank's share. Runs on: each rank."""
+    run: list[TensorPlan] = []
+    for step in [*steps, None]:
+        if step is not None and step.rows is None:
+            run.append(step.tensor)
+            continue
+        yield from read_feed(run, reader, batch_bytes, failed)
+        run = []
+        if step is None or failed() is not None:
+            continue
+        t, (first, last) = step.tensor, step.rows
+        cuts = reader.row_cuts(t.source_key)
+        local = None if cuts is None else [c - first for c in cuts if first < c < last]
+        for start, stop in row_blocks(last - first, t.source_nbytes // t.shape[0], batch_bytes, 1, local):
+            if failed() is not None:
+                return
+            yield t, (reader.read_rows(t.source_key, first + start, first + stop),), (first + start, first + stop)
 
 
 def metered(feed, meter: Meter):
@@ -122,7 +191,7 @@ def timed_transform(inputs, t: TensorPlan, ctx: DistContext, meter: Meter, start
 
 
 def exchange_plan_feed(plan: Plan, ctx: DistContext, source: Source, path: DataPath, reused: list[str]):
-    """The exchange feed: every rank's needs (skipping every rank's reused files), scheduled alike everywhere."""
+    """The exchange feed: every rank's needs (skipping every rank's reused pieces), scheduled alike everywhere."""
     skipped = ctx.run_step("exchange plan", lambda: reused, collect="all")
     schedule = exchange_schedule(plan, source, path, skipped, rank=ctx.rank)
     log.debug(
@@ -141,12 +210,13 @@ def exchange_schedule(
     skipped: Sequence[Sequence[str]] | None = None,
     rank: int | None = None,
 ):
-    """The exchange schedule for every rank's files in feed order, less the files each rank reuses; with `rank`,
-    only that rank's own transfers are kept. Pure."""
-    needs, order = {}, partial(write_order, metadata=plan.metadata)
+    """The exchange schedule for every rank's pieces in feed order, less the pieces each rank reuses; with `rank`,
+    only that rank's own transfers are kept. The plan must cut files between tensors only (build_plan's
+    `row_cuts=False`): a tensor travels whole to one rank. Pure."""
+    needs, layouts = {}, {}
     for writer in range(plan.world_size):
-        todo = [f for f in plan.files_for(writer) if skipped is None or f.filename not in skipped[writer]]
-        needs[writer] = [s.tensor for s in lane_order(todo, path.write_threads, order)]
+        todo = [s for s in shares_for(plan, writer, layouts) if skipped is None or s.name not in skipped[writer]]
+        needs[writer] = [s.tensor for s in share_steps(todo, path.write_threads)]
     return plan_exchange(needs, source.chunks(), plan.world_size, round_budget(path.read_batch_bytes), rank)
 
 
@@ -156,39 +226,19 @@ def write_order(file: FilePlan, metadata: Mapping[str, str] | None = None) -> li
     return sorted(file.tensors, key=lambda t: min(slots[name].start for name in t.outputs))
 
 
-def file_layout(file: FilePlan, metadata: Mapping[str, str] | None = None) -> FileLayout:
-    """The file's safetensors layout; `metadata` (a recipe's, e.g. torchao's) joins the header's {"format": "pt"}.
-
-    A file without quantized weights is laid out as the safetensors library lays it out (byte-identical to
-    save_file's). A file with quantized weights keeps each weight's outputs together, in the recipe's order
-    (the quantized data, then its scales), the weights in the plan's order: the library's order would put every
-    float32 scale before all the data, so no weight could be written (and hashed, and sent past the page cache)
-    before the last one was quantized. Loaders find tensors by the header's offsets, whatever their order; when
-    that order would leave a tensor misaligned for its dtype, the library's is used.
-    """
-    tensors = [(name, shape, dtype) for t in file.tensors for name, (shape, dtype) in t.outputs.items()]
-    header = {**DEFAULT_METADATA, **(metadata or {})}
-    if any(t.quant is not None for t in file.tensors):
-        grouped = layout(tensors, header, as_given=True)
-        if aligned(grouped):
-            return grouped
-    return layout(tensors, header)
-
-
 class LaneWriters:
     """Writes the items of each lane into their files, one file at a time per lane. Runs on: writer threads."""
 
     def __init__(
         self,
-        files: Sequence[FilePlan],
+        shares: Sequence[Share],
         directory: Path,
         bar: Meter,
         written: dict[str, WrittenFile],
         progress_dir: Path | None,
-        metadata: Mapping[str, str] | None = None,
     ) -> None:
-        self.files, self.directory, self.bar, self.written = files, directory, bar, written
-        self.progress_dir, self.metadata = progress_dir, metadata
+        self.files, self.directory, self.bar, self.written = shares, directory, bar, written
+        self.progress_dir = progress_dir
 
     def write_lane(self, lane: int, items: Iterator[Item]) -> None:
         writer, left, current = None, 0, -1
@@ -197,7 +247,7 @@ class LaneWriters:
             for item in items:
                 if item.step.file != current:
                     current, file = item.step.file, self.files[item.step.file]
-                    writer, left = self._open(file, stage), len(file.tensors)
+                    writer, left = self._open(file, stage), len(file.parts)
                 with self.bar.busy("write"):
                     self._write_item(writer, item)
                 if not item.last:
@@ -225,47 +275,65 @@ class LaneWriters:
         done = t.nbytes if item.rows is None else t.nbytes * (item.rows[1] - item.rows[0]) // t.shape[0]
         self.bar.update(done)
 
-    def _open(self, file: FilePlan, stage: StageBuffer) -> SafetensorsWriter:
+    def _open(self, share: Share, stage: StageBuffer) -> SafetensorsWriter:
         try:
-            return SafetensorsWriter(self.directory / file.filename, file_layout(file, self.metadata), stage)
+            return SafetensorsWriter(self.directory / share.file.filename, share.layout, stage, share.span)
         except OSError as exc:
-            raise self._error(file, exc) from exc
+            raise self._error(share, exc) from exc
 
-    def _close(self, file: FilePlan, writer: SafetensorsWriter) -> None:
-        path = self.directory / file.filename
+    def _close(self, share: Share, writer: SafetensorsWriter) -> None:
         digest = writer.close()
-        finished = WrittenFile(file.filename, file.rank, os.path.getsize(path), len(file.tensors), digest)
+        start, stop = share.span
+        whole = not share.file.shared
+        finished = WrittenFile(
+            share.file.filename,
+            share.piece.rank,
+            os.path.getsize(self.directory / share.file.filename) if whole else stop - start,
+            len(share.parts),
+            digest,
+            offset=start,
+            file_size=None if whole else share.layout.size,
+        )
         if self.progress_dir is not None:
             record_progress(self.progress_dir, finished)
-        self.written[file.filename] = finished
+        self.written[share.name] = finished
 
-    def _error(self, file: FilePlan, exc: OSError) -> DestinationError:
+    def _error(self, share: Share, exc: OSError) -> DestinationError:
         return DestinationError(
-            f"cannot write {file.filename}",
+            f"cannot write {share.file.filename}",
             where=self.directory,
             hint=f"{exc.strerror or exc}; free space or choose another DEST",
         )
 
 
 def record_progress(progress_dir: Path, written: WrittenFile) -> None:
-    """Atomically record a finished file (written after the file itself was fsynced)."""
-    tmp = progress_dir / f"{written.filename}.json.tmp"
+    """Atomically record a finished file or piece (written after its bytes were fsynced)."""
+    tmp = progress_dir / f"{written.record_name}.json.tmp"
     tmp.write_text(json.dumps(asdict(written)))
-    os.replace(tmp, progress_dir / f"{written.filename}.json")
+    os.replace(tmp, progress_dir / f"{written.record_name}.json")
 
 
-def reusable(file: FilePlan, directory: Path, progress_dir: Path | None) -> WrittenFile | None:
-    """The record of a file an interrupted run finished, when the file on disk still matches it."""
+def reusable(share: Share, directory: Path, progress_dir: Path | None) -> WrittenFile | None:
+    """The record of a file or piece an interrupted run finished, when the bytes on disk still match it."""
     if progress_dir is None:
         return None
-    record_path, path = progress_dir / f"{file.filename}.json", directory / file.filename
+    record_path, path = progress_dir / f"{share.name}.json", directory / share.file.filename
     try:
         record = WrittenFile(**json.loads(record_path.read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    if not path.is_file() or path.stat().st_size != record.size or record.tensors != len(file.tensors):
+    start, stop = share.span
+    whole = record.file_size is None
+    size = record.size if whole else record.file_size
+    if (
+        not path.is_file()
+        or path.stat().st_size != size
+        or size != share.layout.size
+        or record.tensors != len(share.parts)
+        or (record.offset, record.offset + record.size) != (start, stop)
+    ):
         return None
-    if file_sha256(path) != record.sha256:
-        log.warning("resume: %s does not match its record; writing it again", file.filename)
+    if (file_sha256(path) if whole else range_sha256(path, start, stop)) != record.sha256:
+        log.warning("resume: %s does not match its record; writing it again", share.name)
         return None
-    return WrittenFile(record.filename, file.rank, record.size, record.tensors, record.sha256, reused=True)
+    return replace(record, rank=share.piece.rank, reused=True)

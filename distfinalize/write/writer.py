@@ -1,9 +1,9 @@
-"""Write one safetensors file, streaming: the header is known from the plan, tensors go to their offsets.
+"""Write one safetensors file, or one rank's byte range of it, streaming: the header is known from the plan
+(distfinalize/layout.py), tensors go to their offsets.
 
 The safetensors library serializes a whole file from memory at once; writing tensor by tensor at
 precomputed offsets keeps a rank's memory to the tensors in flight instead of the whole file.
-The layout is the library's own: 8-byte little-endian header length, JSON header padded with spaces
-to a multiple of 8, data sorted by alignment then name. Runs on: the rank that owns the file.
+Runs on: the rank that writes the file, or each rank that writes a piece of it.
 """
 
 from __future__ import annotations
@@ -11,85 +11,16 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import json
 import mmap
 import os
-import struct
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from distfinalize.hfnames import SAFETENSORS_DTYPES
+from distfinalize.layout import DEFAULT_METADATA, FileLayout, TensorSlot, aligned, layout
 
-# The library orders a file's tensors by dtype (descending, in the order of its Dtype enum), then by name.
-# Following it makes our files byte-identical to `safetensors.torch.save_file`'s (checked in the unit tests).
-SAFETENSORS_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
-HEADER_ALIGNMENT = 8
-DEFAULT_METADATA = {"format": "pt"}
-
-
-@dataclass(frozen=True)
-class TensorSlot:
-    """Where one tensor's bytes go in the file (offsets from the start of the file)."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
-class FileLayout:
-    """A safetensors file's serialized header and the slot of every tensor."""
-
-    header: bytes
-    slots: Mapping[str, TensorSlot]
-    size: int
-
-
-def layout(
-    tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
-    metadata: Mapping[str, str] | None = None,
-    as_given: bool = False,
-) -> FileLayout:
-    """Compute the file layout from (name, shape, dtype) alone: in the library's order, or in the order given
-    (`as_given`). Pure."""
-    for name, _, dtype in tensors:
-        if dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
-    ordered = (
-        list(tensors)
-        if as_given
-        else sorted(tensors, key=lambda t: (-SAFETENSORS_ORDER.index(SAFETENSORS_DTYPES[t[2]]), t[0]))
-    )
-    entries: dict[str, object] = {"__metadata__": dict(metadata or DEFAULT_METADATA)}
-    spans = []
-    offset = 0
-    for name, shape, dtype in ordered:
-        size = torch.Size(shape).numel() * dtype.itemsize
-        entries[name] = {
-            "dtype": SAFETENSORS_DTYPES[dtype],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        spans.append((name, dtype, tuple(shape), offset, offset + size))
-        offset += size
-    body = json.dumps(entries, separators=(",", ":")).encode()
-    body += b" " * (-len(body) % HEADER_ALIGNMENT)
-    header = struct.pack("<Q", len(body)) + body
-    base = len(header)
-    slots = {n: TensorSlot(n, d, s, base + a, base + b) for n, d, s, a, b in spans}
-    return FileLayout(header, slots, base + offset)
-
-
-def aligned(file_layout: FileLayout) -> bool:
-    """Whether every tensor starts at a multiple of its element size (what loaders that view the file's bytes
-    as the tensor's dtype need; the library's order guarantees it). Pure."""
-    return all(slot.start % slot.dtype.itemsize == 0 for slot in file_layout.slots.values())
-
+__all__ = ["DEFAULT_METADATA", "FileLayout", "SafetensorsWriter", "StageBuffer", "TensorSlot", "aligned", "layout"]
 
 DIRECT_ALIGNMENT = 4096  # O_DIRECT wants buffer, offset and length on the device's logical blocks (<= 4 KiB)
 STAGE_BYTES = 32 * 2**20  # one O_DIRECT write
@@ -110,7 +41,13 @@ class StageBuffer:
 
 
 class SafetensorsWriter:
-    """Writes a file laid out by `layout`, one tensor at a time; fsyncs on close and returns its sha256.
+    """Writes a file laid out by `layout` (or with `span`, bytes [start, stop) of it), one tensor at a time; fsyncs
+    on close and returns the sha256 of the bytes it wrote (the file's, when it wrote all of it).
+
+    A writer of a span opens the file without truncating it (other ranks write the other spans, in any order)
+    and sizes it to the whole file; the header goes with the span that starts at 0. With O_DIRECT, its first
+    bytes up to a block boundary and its last ones after one go through the page cache: a block shared with the
+    next span is never padded over.
 
     Tensors in file order are hashed as they go. With a `stage` buffer and a file system that takes O_DIRECT,
     their bytes are gathered in the buffer and written in large aligned blocks past the page cache: no copy into
@@ -118,24 +55,34 @@ class SafetensorsWriter:
     is padded, then the file truncated to its size). Otherwise, or when the file system refuses an O_DIRECT write,
     they go through the page cache as they are. A tensor out of file order turns the rest of the file to the page
     cache, and the file is read back once to hash it (the plan lays out and orders every file so this does not
-    happen: see write/rank.py's file_layout).
+    happen: see plan.file_layout).
     """
 
-    def __init__(self, path: Path, file_layout: FileLayout, stage: StageBuffer | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        file_layout: FileLayout,
+        stage: StageBuffer | None = None,
+        span: tuple[int, int] | None = None,
+    ) -> None:
         self.path = path
         self.layout = file_layout
+        self.whole = span is None or tuple(span) == (0, file_layout.size)
+        self.start, self.stop = span or (0, file_layout.size)
         self.written: set[str] = set()
         self.rows: dict[str, int] = {}  # rows written so far of tensors written in blocks
         self.held: dict[int, torch.Tensor] = {}  # bytes that came before their turn, by file offset (HOLD_BYTES)
         self.held_bytes = 0
-        self.position = 0  # bytes handed over in file order so far
+        self.position = self.start  # the file offset the bytes handed over in file order have reached
+        self.placed = 0  # bytes handed over
         self.in_order = True  # every tensor so far came in file order: the digest is the file's
         self.digest = hashlib.sha256()
         self.stage = stage
         self.staged = 0  # bytes waiting in the stage buffer, which starts at file offset position - staged
-        self.fd, self.direct = open_output(path, direct=stage is not None)
-        os.ftruncate(self.fd, file_layout.size)
-        self._append(torch.frombuffer(bytearray(file_layout.header), dtype=torch.uint8))
+        self.fd, self.direct = open_output(path, direct=stage is not None, truncate=self.whole)
+        os.ftruncate(self.fd, file_layout.size)  # the same size from every writer: nothing written is cut
+        if self.start == 0:
+            self._append(torch.frombuffer(bytearray(file_layout.header), dtype=torch.uint8))
 
     def write(self, name: str, tensor: torch.Tensor, row: int | None = None) -> None:
         """Write `tensor` (CPU, the planned dtype) into its slot: the whole tensor, or (`row`) a block of its rows
@@ -152,6 +99,9 @@ class SafetensorsWriter:
             raise ValueError(f"tensor {name!r} is {got}, planned {slot.dtype} {list(slot.shape)}")
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         offset = slot.start if whole else slot.start + row * (slot.end - slot.start) // max(1, slot.shape[0])
+        if offset < self.start or offset + data.numel() > self.stop:
+            raise ValueError(f"tensor {name!r}: bytes [{offset}, {offset + data.numel()}) lie outside this writer's")
+        self.placed += data.numel()
         self._place(data, offset)
         if not whole:
             self.rows[name] = self.rows.get(name, 0) + tensor.shape[0]
@@ -187,8 +137,14 @@ class SafetensorsWriter:
         self.held_bytes = 0
 
     def _append(self, data: torch.Tensor) -> None:
-        """The next bytes of the file: hashed, then written (or staged)."""
+        """The next bytes of the file: hashed, then written (or staged). With O_DIRECT, bytes before the first
+        block boundary of a span that starts inside a block go through the page cache."""
         self.digest.update(memoryview(data.numpy()))
+        if self.direct and not self.staged and self.position % DIRECT_ALIGNMENT:
+            head = min(data.numel(), -self.position % DIRECT_ALIGNMENT)
+            self._cached_pwrite(memoryview(data[:head].numpy()), self.position)
+            self.position += head
+            data = data[head:]
         if not self.direct:
             self._pwrite(memoryview(data.numpy()), self.position)
             self.position += data.numel()
@@ -204,21 +160,37 @@ class SafetensorsWriter:
                 self._flush()
 
     def _flush(self) -> None:
-        """Write the staged bytes at their offset (with O_DIRECT: padded to whole blocks)."""
-        start = self.position - self.staged
-        if self.direct:
-            padded = -(-self.staged // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
-            self.stage.tensor[self.staged : padded].zero_()
+        """Write the staged bytes at their offset. With O_DIRECT, whole blocks (the file's last one padded, the
+        padding cut at close); a span's last partial block, which the next span shares, through the page cache."""
+        start, staged = self.position - self.staged, self.staged
+        self.staged = 0
+        if not self.direct:
+            self._pwrite(self.stage.view[:staged], start)
+            return
+        tail = staged % DIRECT_ALIGNMENT if self.position < self.layout.size else 0
+        blocks = staged - tail
+        if blocks:
+            padded = -(-blocks // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+            self.stage.tensor[blocks:padded].zero_()
             try:
                 self._pwrite(self.stage.view[:padded], start)
-                self.staged = 0
-                return
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 self._leave_direct()  # the file system took the open but not the write
-        self._pwrite(self.stage.view[: self.staged], start)
-        self.staged = 0
+                self._pwrite(self.stage.view[:staged], start)
+                return
+        if tail:
+            self._cached_pwrite(self.stage.view[blocks:staged], start + blocks)
+
+    def _cached_pwrite(self, data: memoryview, offset: int) -> None:
+        """Write through the page cache (bytes that do not fill an O_DIRECT block of their own)."""
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        try:
+            self._pwrite(data, offset)
+        finally:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags)
 
     def _leave_direct(self) -> None:
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
@@ -230,26 +202,33 @@ class SafetensorsWriter:
             data, offset = data[n:], offset + n
 
     def close(self) -> str:
-        """Check every tensor was written, fsync and close. Returns the file's sha256 (hex)."""
+        """Check every tensor (or every byte of the span) was written, fsync and close. Returns the sha256 (hex) of
+        the bytes written: the file's, or the span's."""
         try:
             missing = self.layout.slots.keys() - self.written
-            if missing:
+            if self.whole and missing:
                 raise RuntimeError(f"{self.path.name}: {len(missing)} tensor(s) never written, e.g. {min(missing)}")
+            wanted = self.stop - max(self.start, len(self.layout.header))
+            if self.placed != wanted:
+                raise RuntimeError(
+                    f"{self.path.name}: {self.placed} of the {wanted} bytes of [{self.start}, {self.stop}) written"
+                )
             if self.staged:
                 self._flush()
             os.ftruncate(self.fd, self.layout.size)  # drops the last block's padding
             os.fsync(self.fd)
         finally:
             os.close(self.fd)
-        return self.digest.hexdigest() if self.in_order else file_sha256(self.path)
+        return self.digest.hexdigest() if self.in_order else range_sha256(self.path, self.start, self.stop)
 
     def abort(self) -> None:
         os.close(self.fd)
 
 
-def open_output(path: Path, direct: bool) -> tuple[int, bool]:
-    """Open `path` for writing, with O_DIRECT when asked and the platform and file system take it."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+def open_output(path: Path, direct: bool, truncate: bool = True) -> tuple[int, bool]:
+    """Open `path` for writing, with O_DIRECT when asked and the platform and file system take it; created when
+    missing, emptied first only with `truncate` (one writer for the whole file)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else 0)
     if direct and hasattr(os, "O_DIRECT"):
         try:
             return os.open(path, flags | os.O_DIRECT, 0o644), True
@@ -261,8 +240,36 @@ def open_output(path: Path, direct: bool) -> tuple[int, bool]:
 
 def file_sha256(path: Path, block: int = 16 * 2**20) -> str:
     """sha256 of a file, read in blocks (the same digest the Hub records for LFS files)."""
+    return range_digests(path, (), block)[0]
+
+
+def range_sha256(path: Path, start: int, stop: int, block: int = 16 * 2**20) -> str:
+    """sha256 of bytes [start, stop) of a file, read in blocks."""
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(block):
+        f.seek(start)
+        left = stop - start
+        while left > 0 and (chunk := f.read(min(block, left))):
             digest.update(chunk)
+            left -= len(chunk)
     return digest.hexdigest()
+
+
+def range_digests(path: Path, bounds: Sequence[int], block: int = 16 * 2**20) -> tuple[str, list[str]]:
+    """In one pass: the sha256 of the whole file and of each range between consecutive `bounds` (offsets from
+    0 to the file's size; none: the whole file alone). A range the file does not fill hashes what is there."""
+    whole = hashlib.sha256()
+    ranges = [hashlib.sha256() for _ in range(max(0, len(bounds) - 1))]
+    position, current = 0, 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(block):
+            whole.update(chunk)
+            view = memoryview(chunk)
+            while ranges and len(view) and current < len(ranges):
+                take = min(len(view), bounds[current + 1] - position)
+                ranges[current].update(view[:take])
+                view, position = view[take:], position + take
+                if position == bounds[current + 1]:
+                    current += 1
+            position += len(view)
+    return whole.hexdigest(), [r.hexdigest() for r in ranges]

@@ -80,9 +80,10 @@ def test_a_layout_that_would_misalign_falls_back_to_the_library_order() -> None:
 
 
 def test_ranks_balance_the_quantizers_work_not_only_the_bytes_written() -> None:
-    """An fp8 weight writes half its source bytes but its rank reads and quantizes all of them: a file of
-    quantized weights weighs its output plus its source, so the two ranks share the quantizing."""
-    from distfinalize.plan import assign_ranks, build_plan
+    """An fp8 weight writes half its source bytes but its rank reads and quantizes all of them: the plan's pieces
+    weigh a quantized weight's output plus its source, so the two ranks share the quantizing."""
+    from distfinalize.pieces import Segment, split_pieces
+    from distfinalize.plan import build_plan, file_layout, file_segments, piece_parts
     from distfinalize.sources import TensorMeta
 
     bf16 = torch.bfloat16
@@ -91,8 +92,21 @@ def test_ranks_balance_the_quantizers_work_not_only_the_bytes_written() -> None:
     quant = {m.name: "fp8" for m in metas[1:]}
     plan = build_plan(metas, dtype=bf16, max_shard_size=1_100_000, world_size=2, quant=quant)
     assert [len(f.tensors) for f in plan.files] == [1, 2, 2]  # the embedding (2 MiB), then 2 x 1 MiB of fp8
-    quantizing = [sum(t.source_nbytes for f in plan.files_for(r) for t in f.tensors if t.quant) for r in (0, 1)]
-    assert quantizing[0] == quantizing[1]  # one file of quantized weights each
-    assert assign_ranks([f.nbytes for f in plan.files], 2) == [0, 1, 1]  # by bytes, one rank would quantize all
+
+    def work(pieces_of) -> list[int]:
+        """Each rank's work (TensorPlan.work) under a cut of the files into pieces."""
+        out = [0, 0]
+        for f, pieces in zip(plan.files, pieces_of, strict=True):
+            for p in pieces:
+                for t, rows in piece_parts(f, p, file_layout(f, plan.metadata)):
+                    out[p.rank] += t.work if rows is None else t.work * (rows[1] - rows[0]) // t.shape[0]
+        return out
+
+    planned = work([f.ranges for f in plan.files])
+    assert max(planned) - min(planned) <= max(t.work for t in plan.tensors)  # within one weight of even
+    segments = [file_segments(f, plan.metadata, True) for f in plan.files]
+    unweighted = [[Segment(s.start, s.stop, s.row_bytes) for s in segs] for segs in segments]
+    by_bytes = split_pieces([(f.nbytes, segs) for f, segs in zip(plan.files, unweighted, strict=True)], 2)
+    assert max(work(by_bytes)) > max(planned) * 1.25  # by bytes alone, rank 1 would quantize every weight
     unquantized = build_plan(metas, dtype=bf16, max_shard_size=1_100_000, world_size=2)
     assert [f.work for f in unquantized.files] == [f.nbytes for f in unquantized.files]
