@@ -65,7 +65,7 @@ class TensorPlan:
     @property
     def work(self) -> int:
         """What writing it costs its rank, in bytes: its output bytes, plus its source bytes when a recipe
-        quantizes it (the quantizer goes over each of them; its output is smaller). assign_ranks balances it."""
+        quantizes it (the quantizer goes over each of them; its output is smaller). The pieces balance it."""
         return self.nbytes + (self.source_nbytes if self.quant is not None else 0)
 
     @property
@@ -90,10 +90,6 @@ class FilePlan:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
-
-    @property
-    def work(self) -> int:
-        return sum(t.work for t in self.tensors)
 
     @property
     def ranges(self) -> tuple[Piece, ...]:

@@ -109,4 +109,4 @@ def test_ranks_balance_the_quantizers_work_not_only_the_bytes_written() -> None:
     by_bytes = split_pieces([(f.nbytes, segs) for f, segs in zip(plan.files, unweighted, strict=True)], 2)
     assert max(work(by_bytes)) > max(planned) * 1.25  # by bytes alone, rank 1 would quantize every weight
     unquantized = build_plan(metas, dtype=bf16, max_shard_size=1_100_000, world_size=2)
-    assert [f.work for f in unquantized.files] == [f.nbytes for f in unquantized.files]
+    assert all(t.work == t.nbytes for t in unquantized.tensors)
