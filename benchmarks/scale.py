@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.metadata import (
 from distfinalize.artifacts.tokenizer import FinalTokenizer, TokenizerOutcome
 from distfinalize.plan import Plan, build_plan
 from distfinalize.sources import TensorMeta
-from distfinalize.sources.dcp import model_tensors, stored_chunks
+from distfinalize.sources.dcp import model_tensors
 from distfinalize.sources.dcp_metadata import MetadataUnpickler, check_storage_entry
 from distfinalize.write.rank import DataPath, WrittenFile, exchange_schedule
 

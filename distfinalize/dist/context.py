@@ -46,12 +46,7 @@ import torch.distributed as dist
 
 from distfinalize.dist.agree import Status, encode, error_text, peer_failure
 from distfinalize.dist.faults import inject_fault
-from distfinalize.dist.group import (
-    _init_group,
-    _pick_device,
-    _relabel_logging,
-    _short,
-)
+from distfinalize.dist.group import _init_group, _pick_device, _relabel_logging, _short, scatter_object
 from distfinalize.dist.launch import FAULT_ENV, detect_launch, parse_fault
 from distfinalize.dist.liveness import check_in, dead_ranks, lost_peer, mark, publish_process
 from distfinalize.errors import DistfinalizeError, Interrupted, RankFailure, Terminated
@@ -168,15 +163,17 @@ class DistContext:
         ranks: str = "all",
         collect: str = "own",
         share: Callable[[T], Any] | None = None,
+        scatter: bool = False,
     ) -> Any:
         """Run `fn` (on every rank, or only rank 0 with ranks="rank0") and agree on the outcome (dist/agree.py).
 
         What comes back: with ranks="rank0", rank 0's value on every rank (the others get `share(value)` when
-        given: only what they need); otherwise by `collect`: "own" (each rank its own value; nothing is sent),
-        "rank0" (rank 0 gets every rank's value in rank order, the others None), "all" (every rank gets them all:
-        small values only). When any rank raised, every rank raises: the failing rank its own error, the others
-        a RankFailure naming the failed rank and step. When a rank died or hung (the collective failed or timed
-        out), the others raise a RankFailure naming the ranks that never checked in. Runs on: all ranks.
+        given: only what they need; with scatter=True, item r of it on rank r); otherwise by `collect`: "own" (each
+        rank its own value; nothing is sent), "rank0" (rank 0 gets every rank's value in rank order, the others
+        None), "all" (every rank gets them all: small values only). When any rank raised, every rank raises: the
+        failing rank its own error, the others a RankFailure naming the failed rank and step. When a rank died or
+        hung (the collective failed or timed out), the others raise a RankFailure naming the ranks that never
+        checked in. Runs on: all ranks.
         """
         self._steps += 1
         self.step = step
@@ -203,6 +200,8 @@ class DistContext:
             raise peer_failure(step, status, text)
         with self._collective(step, None):
             if ranks == "rank0":
+                if scatter:
+                    return scatter_object(value, self.world_size, self.is_rank0)
                 sent = self.broadcast_object(share(value) if share is not None and self.is_rank0 else value)
                 return value if self.is_rank0 else sent
             if collect == "rank0":

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from distfinalize.errors import DestinationError
 from distfinalize.plan import FilePlan, Plan, TensorPlan
 from distfinalize.sources import Source
 from distfinalize.transform.cast import transform
-from distfinalize.write.exchange import plan_exchange
+from distfinalize.write.exchange import ExchangeSchedule, Round, Transfer, plan_exchange
 from distfinalize.write.feed import exchange_feed, read_feed
 from distfinalize.write.overlap import Item, Stages, lane_order
 from distfinalize.write.progress import Meter
@@ -122,9 +122,11 @@ def timed_transform(inputs, t: TensorPlan, ctx: DistContext, meter: Meter, start
 
 
 def exchange_plan_feed(plan: Plan, ctx: DistContext, source: Source, path: DataPath, reused: list[str]):
-    """The exchange feed: every rank's needs (skipping every rank's reused files), scheduled alike everywhere."""
-    skipped = ctx.run_step("exchange plan", lambda: reused, collect="all")
-    schedule = exchange_schedule(plan, source, path, skipped, rank=ctx.rank)
+    """The exchange feed: rank 0 (which holds the whole chunk table) schedules every rank's needs, skipping every
+    rank's reused files, and each rank receives only its own part of the schedule (`split_schedule`)."""
+    skipped = ctx.run_step("exchange plan", lambda: reused, collect="rank0")
+    whole = lambda: split_schedule(exchange_schedule(plan, source, path, skipped), plan.world_size)  # noqa: E731
+    schedule = ctx.run_step("exchange schedule", whole, ranks="rank0", scatter=True)
     log.debug(
         "exchange: %d round(s), %d file(s) read here",
         len(schedule.rounds),
@@ -148,6 +150,27 @@ def exchange_schedule(
         todo = [f for f in plan.files_for(writer) if skipped is None or f.filename not in skipped[writer]]
         needs[writer] = [s.tensor for s in lane_order(todo, path.write_threads, order)]
     return plan_exchange(needs, source.chunks(), plan.world_size, path.read_batch_bytes, rank)
+
+
+def split_schedule(schedule: ExchangeSchedule, world_size: int) -> list[ExchangeSchedule]:
+    """Each rank's part of a whole schedule, in one pass: every round (the same count for all), with only the
+    transfers that rank sends or receives and the tensors it writes, and the files it reads. Pure."""
+    rounds: list[list[Round]] = [[] for _ in range(world_size)]
+    for rnd in schedule.rounds:
+        moves: list[list[Transfer]] = [[] for _ in range(world_size)]
+        held: list[list[tuple[int, TensorPlan]]] = [[] for _ in range(world_size)]
+        for t in rnd.transfers:
+            moves[t.src].append(t)
+            if t.dst != t.src:
+                moves[t.dst].append(t)
+        for writer, tensor in rnd.tensors:
+            held[writer].append((writer, tensor))
+        for rank in range(world_size):
+            rounds[rank].append(replace(rnd, transfers=tuple(moves[rank]), tensors=tuple(held[rank])))
+    readers: list[dict[str, int]] = [{} for _ in range(world_size)]
+    for file, rank in schedule.readers.items():
+        readers[rank][file] = rank
+    return [replace(schedule, rounds=tuple(rounds[r]), readers=readers[r]) for r in range(world_size)]
 
 
 def write_order(file: FilePlan, metadata: Mapping[str, str] | None = None) -> list[TensorPlan]:
