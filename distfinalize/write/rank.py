@@ -126,7 +126,7 @@ def exchange_plan_feed(plan: Plan, ctx: DistContext, source: Source, path: DataP
     rank's reused files, and each rank receives only its own part of the schedule (`split_schedule`)."""
     skipped = ctx.run_step("exchange plan", lambda: reused, collect="rank0")
     whole = lambda: split_schedule(exchange_schedule(plan, source, path, skipped), plan.world_size)  # noqa: E731
-    schedule = ctx.run_step("exchange schedule", whole, ranks="rank0", scatter=True)
+    schedule = relink(ctx.run_step("exchange schedule", whole, ranks="rank0", scatter=True), plan, ctx.rank)
     log.debug(
         "exchange: %d round(s), %d file(s) read here",
         len(schedule.rounds),
@@ -171,6 +171,14 @@ def split_schedule(schedule: ExchangeSchedule, world_size: int) -> list[Exchange
     for file, rank in schedule.readers.items():
         readers[rank][file] = rank
     return [replace(schedule, rounds=tuple(rounds[r]), readers=readers[r]) for r in range(world_size)]
+
+
+def relink(schedule: ExchangeSchedule, plan: Plan, rank: int) -> ExchangeSchedule:
+    """`schedule` (this rank's part, received as a copy) holding this rank's own TensorPlan objects, by name: the
+    write pipeline follows its tensors by identity. Pure."""
+    mine = {t.name: t for f in plan.files_for(rank) for t in f.tensors}
+    rounds = (replace(r, tensors=tuple((w, mine[t.name]) for w, t in r.tensors)) for r in schedule.rounds)
+    return replace(schedule, rounds=tuple(rounds))
 
 
 def write_order(file: FilePlan, metadata: Mapping[str, str] | None = None) -> list[TensorPlan]:
