@@ -4,16 +4,19 @@
 
 Each checkpoint is saved as FSDP2 saves it: every tensor in fp32, row-sharded (`Shard(0)`) over the same world
 size that finalizes it, one `__<rank>_0.distcp` file per training rank. The script builds DCP's own `Metadata`
-for it and runs the project's own code over it: the metadata loader (`MetadataUnpickler`, the storage checks),
-the chunk table (`stored_chunks`), `build_plan`, and the exchange schedule (`exchange_schedule`). It reports, per
-model and world size:
+for it and runs the project's own code over it: the metadata loader rank 0 runs (`LightUnpickler`, `model_table`:
+every chunk checked), the shared tensor table and the chunk lists each rank receives (`plan_parts`,
+`reading_parts`), `build_plan`, and the exchange schedule rank 0 builds and splits (`exchange_schedule`,
+`split_schedule`). It reports, per model and world size:
 
-- the `.metadata` pickle every rank reads, and the bytes the step collectives move (the status byte vector of
-  each step, the tokenizer outcome broadcast from rank 0, the write results gathered to rank 0), against what
-  an all-gather of every rank's prepare result would move (each rank receiving every rank's metadata);
-- CPU per rank: loading and checking the metadata and building the chunk table (measured on a sample of the
-  tensors and scaled by the chunk count: both are linear in chunks), `build_plan`, the exchange schedule as
-  one rank builds it (its own transfers);
+- the `.metadata` pickle rank 0 alone reads, and its CPU to load, check and tabulate it (measured on a sample of
+  the tensors and scaled by the chunk count: both are linear in chunks);
+- the metadata every other rank receives: the tensor table broadcast once, plus the largest rank's own chunk lists
+  (`--strategy read`: those of the tensors it writes; `exchange`: those stored in the files it reads, plus its
+  part of the schedule where the schedule is built); and the bytes the step collectives move (the status byte
+  vector of each step, the tokenizer outcome broadcast from rank 0, the write results gathered to rank 0);
+- CPU per rank: a rank other than 0 unpickles what it receives and runs `build_plan`; rank 0 also loads the
+  metadata and, for `exchange`, builds the whole schedule;
 - max/mean output bytes per rank and ranks with nothing to write;
 - exchange rounds against the ideal (the busiest rank's bytes over the round budget), when the schedule's chunk
   objects fit this machine (`--max-schedule-chunks`);
@@ -30,7 +33,6 @@ import math
 import pickle
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,10 +47,12 @@ from torch.distributed.checkpoint.metadata import (
 
 from distfinalize.artifacts.tokenizer import FinalTokenizer, TokenizerOutcome
 from distfinalize.plan import Plan, build_plan
+from distfinalize.prepare.chunks import plan_parts, reading_parts
 from distfinalize.sources import TensorMeta
-from distfinalize.sources.dcp import model_tensors, stored_chunks
-from distfinalize.sources.dcp_metadata import MetadataUnpickler, check_storage_entry
-from distfinalize.write.rank import DataPath, WrittenFile, exchange_schedule
+from distfinalize.sources.dcp import DcpSource, _model_name
+from distfinalize.sources.dcp_metadata import LightUnpickler, no_gc
+from distfinalize.sources.dcp_table import ChunkTable, DcpShared, StoredChunk, model_table
+from distfinalize.write.rank import DataPath, WrittenFile, exchange_schedule, split_schedule
 
 GB = 10**9
 SAMPLE_CHUNKS = 200_000  # chunks of metadata built and timed per model and world size (the rest is scaled)
@@ -163,24 +167,47 @@ def chunk_count(shapes: list[tuple[str, tuple]], world: int) -> int:
 
 
 def load_and_table(data: bytes) -> float:
-    """Seconds to load and check a `.metadata` pickle and build its chunk table, as a rank's prepare does."""
+    """Seconds for rank 0 to load and check a `.metadata` pickle and build its chunk table (DcpSource's load)."""
     start = time.process_time()
-    loaded = MetadataUnpickler(io.BytesIO(data)).load()
-    for index, info in loaded.storage_data.items():
-        check_storage_entry(index, info, Path(".metadata"))
-    tensors, _ = model_tensors(loaded)
-    stored_chunks(loaded, {t.key for t in tensors})
+    with no_gc():
+        loaded = LightUnpickler(io.BytesIO(data)).load()
+    model_table(loaded, Path("."), _model_name)
     return time.process_time() - start
 
 
-@dataclass
-class ChunkSource:
-    """The one thing `exchange_schedule` asks of a source: its chunk table."""
+def shared_table(shapes: list[tuple[str, tuple]], world: int) -> DcpShared:
+    """The tensor table rank 0 broadcasts (DcpSource.shared), without building any chunk."""
+    tensors = tuple(TensorMeta(name, name, shape, torch.float32) for name, shape in shapes)
+    return DcpShared(tensors, 0, {f"__{rank}_0.distcp": rank for rank in range(world)})
 
-    table: dict
 
-    def chunks(self) -> dict:
-        return self.table
+def chunks_of(name: str, shape: tuple, world: int, ranks: set[int] | None = None) -> tuple[StoredChunk, ...]:
+    """A tensor's StoredChunks as fsdp2_metadata lays them out (byte offsets left 0: their size is what counts),
+    only those in the files of `ranks` when given."""
+    rest = math.prod(shape[1:])
+    return tuple(
+        StoredChunk(
+            rank, (start, *[0] * (len(shape) - 1)), (rows, *shape[1:]), f"__{rank}_0.distcp", 0, rows * rest * 4
+        )
+        for rank, (start, rows) in enumerate(row_shards(shape[0], world))
+        if ranks is None or rank in ranks
+    )
+
+
+def largest_read_part(plan: Plan, shapes: dict[str, tuple], world: int) -> ChunkTable:
+    """The `--strategy read` part of the rank with the most chunks to receive (the chunk lists of its tensors)."""
+    counts, keys = [0] * world, [set() for _ in range(world)]
+    for f in plan.files:
+        for t in f.tensors:
+            keys[f.rank].add(t.source_key)
+            counts[f.rank] += len(row_shards(shapes[t.source_key][0], world))
+    busiest = counts.index(max(counts))
+    return {key: chunks_of(key, shapes[key], world) for key in keys[busiest]}
+
+
+def reading_part(shapes: dict[str, tuple], world: int) -> ChunkTable:
+    """The `--strategy exchange` part of rank 0 (the largest: every tensor has a row shard in its file)."""
+    return {key: chunks_of(key, shape, world, {0}) for key, shape in shapes.items()}
 
 
 def tokenizer_bytes() -> int:
@@ -213,11 +240,18 @@ def measure(model: str, world: int, args: argparse.Namespace) -> dict:
     data = pickle.dumps(fsdp2_metadata(sample, world))
     scale = total_chunks / n
     metadata_bytes = int(len(data) * scale)
-    prepare_s = load_and_table(data) * scale
+    load_s = load_and_table(data) * scale
+    shared = pickle.dumps(shared_table(shapes, world))
     tensors = [TensorMeta(name, name, shape, torch.float32) for name, shape in shapes]
     start = time.process_time()
     plan = build_plan(tensors, dtype=torch.bfloat16, max_shard_size=args.max_shard_size, world_size=world)
     plan_s = time.process_time() - start
+    by_key = dict(shapes)
+    read_part = pickle.dumps(largest_read_part(plan, by_key, world))
+    exchange_part = pickle.dumps(reading_part(by_key, world))
+    start = time.process_time()
+    pickle.loads(shared), pickle.loads(read_part)
+    receive_s = time.process_time() - start
     per_rank = [0] * world
     largest = [0] * world
     for f in plan.files:
@@ -225,18 +259,27 @@ def measure(model: str, world: int, args: argparse.Namespace) -> dict:
             per_rank[p.rank] += p.nbytes
             largest[p.rank] = max([largest[p.rank], *(piece_bytes(t, world, args.read_batch) for t in f.tensors)])
     mean = sum(per_rank) / world
-    rounds = ideal = alone = schedule_s = None
+    rounds = ideal = alone = schedule_s = schedule_part = split_s = None
+    read_bytes = len(read_part)
     if total_chunks <= args.max_schedule_chunks:
         # --strategy exchange moves whole tensors: its plan cuts files between tensors only
-        plan = build_plan(
+        xplan = build_plan(
             tensors, dtype=torch.bfloat16, max_shard_size=args.max_shard_size, world_size=world, row_cuts=False
         )
-        full = fsdp2_metadata(shapes, world)
-        source = ChunkSource(stored_chunks(full, {n for n, _ in shapes}))
-        start = time.process_time()
-        exchange_schedule(plan, source, DataPath("exchange", args.read_batch), rank=0)  # what one rank builds
-        schedule_s = time.process_time() - start
-        schedule = exchange_schedule(plan, source, DataPath("exchange", args.read_batch))  # every transfer
+        with no_gc():
+            full = DcpSource.__new__(DcpSource)  # rank 0's source, without a file: its table built from the shapes
+            full.shared, full.tensors = shared_table(shapes, world), tuple(tensors)
+            full.table = {name: chunks_of(name, shape, world) for name, shape in shapes}
+            start = time.process_time()
+            schedule = exchange_schedule(xplan, full, DataPath("exchange", args.read_batch))  # every transfer
+            parts = split_schedule(schedule, world)
+            schedule_s = time.process_time() - start
+            start = time.process_time()
+            sizes = [len(pickle.dumps(p)) for p in plan_parts(plan)(full)]  # what rank 0 scatters (read)
+            split_s = time.process_time() - start
+            read_bytes = max(sizes)  # exact where every part is built; else the rank with the most chunks
+            assert len(pickle.dumps(reading_parts(world)(full)[0])) == len(exchange_part)
+            schedule_part = max(len(pickle.dumps(p)) for p in parts)
         rounds = len(schedule.rounds)
         sent, received = [0] * world, [0] * world
         for rnd in schedule.rounds:
@@ -255,11 +298,15 @@ def measure(model: str, world: int, args: argparse.Namespace) -> dict:
         "tensors": len(shapes),
         "chunks": total_chunks,
         "metadata_bytes": metadata_bytes,
+        "received_read": len(shared) + read_bytes,
+        "received_exchange": len(shared) + len(exchange_part) + (schedule_part or 0),
+        "schedule_part": schedule_part,
         "collective_in_per_rank": status + tokenizer_bytes(),
         "collective_in_rank0": status + sum(results),
-        "allgather_before": world * metadata_bytes,
-        "prepare_s": prepare_s,
+        "load_s": load_s,
+        "receive_s": receive_s,
         "plan_s": plan_s,
+        "split_s": split_s,
         "schedule_s": schedule_s,
         "max_over_mean": max(per_rank) / mean if mean else 0.0,
         "idle": sum(1 for b in per_rank if b == 0),
@@ -300,19 +347,21 @@ def size(n: float) -> str:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| model | ranks | chunks | .metadata read / rank | collectives in / rank | rank 0 in | all-gather would be "
-        "| metadata load CPU s | plan s | schedule s | max/mean bytes | idle ranks "
+        "| model | ranks | chunks | rank 0: .metadata read | rank 0: load CPU s | other ranks: metadata in (read) "
+        "| other ranks: metadata in (exchange) | other ranks: CPU s | plan s | rank 0: split s (read) "
+        "| rank 0: schedule s (exchange) | collectives in / rank | max/mean bytes | idle ranks "
         "| rounds / ideal / pieces alone | memory bound |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in rows:
         rounds = f"{r['rounds']} / {r['ideal']} / {r['alone']}" if r["rounds"] is not None else "n/a"
-        schedule = f"{r['schedule_s']:.2f}" if r["schedule_s"] is not None else "n/a"
+        opt = lambda v: f"{v:.2f}" if v is not None else "n/a"  # noqa: E731
+        exchange = size(r["received_exchange"]) + ("" if r["schedule_part"] is not None else " + schedule n/a")
         lines.append(
-            f"| {r['model']} | {r['ranks']} | {r['chunks']:,} | {size(r['metadata_bytes'])} "
-            f"| {size(r['collective_in_per_rank'])} | {size(r['collective_in_rank0'])} "
-            f"| {size(r['allgather_before'])} | {r['prepare_s']:.2f} | {r['plan_s']:.2f} | {schedule} "
+            f"| {r['model']} | {r['ranks']} | {r['chunks']:,} | {size(r['metadata_bytes'])} | {r['load_s']:.2f} "
+            f"| {size(r['received_read'])} | {exchange} | {r['receive_s'] + r['plan_s']:.2f} | {r['plan_s']:.2f} "
+            f"| {opt(r['split_s'])} | {opt(r['schedule_s'])} | {size(r['collective_in_per_rank'])} "
             f"| {r['max_over_mean']:.2f} | {r['idle']} | {rounds} | {size(r['memory_bound'])} |"
         )
     return head + "\n".join(lines) + "\n"

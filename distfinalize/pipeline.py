@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,11 +68,13 @@ from distfinalize.errors import DistfinalizeError, SourceError
 from distfinalize.hfnames import ADAPTER_FILE
 from distfinalize.plan import Plan, build_plan, describe, fingerprint
 from distfinalize.prepare import basemodel, tie
+from distfinalize.prepare.chunks import Checkpoint, plan_parts, read_checkpoint, reading_parts, share_chunks, shared_of
 from distfinalize.prepare.model import ModelSpec
 from distfinalize.prepare.nonfinite import skip_nonfinite
 from distfinalize.prepare.prepared import Prepared, check_destination, input_paths, model_check, prepare
-from distfinalize.sources import SourceInfo
+from distfinalize.sources import Source, SourceInfo
 from distfinalize.sources.formats import format_of
+from distfinalize.sources.locate import Located
 from distfinalize.startup import imports_done
 from distfinalize.summary import Clock, log_plan, log_summary, progress_mode, rank_figures, summarize, write_report
 from distfinalize.transform.quant.selection import embedding_names, quantized_tensors
@@ -103,10 +106,14 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     clock = Clock()
     config = basemodel.resolve(config, ctx, lambda: config.dest and check_destination(config.dest, config.src))
     spec = ctx.run_step("model check", lambda: model_check(config), ranks="rank0")
-    prepared = ctx.run_step("prepare", lambda: prepare_step(config, ctx.device, spec))
-    prepared = skip_nonfinite(config, prepared, ctx)  # --quantize-skip-nonfinite only
+    given = ctx.run_step("metadata", lambda: read_checkpoint(config), ranks="rank0", share=shared_of)
+    checkpoint = Checkpoint(given)  # rank 0 read .metadata; the others hold its tensor table (prepare/chunks.py)
+    prepared = ctx.run_step("prepare", lambda: prepare_step(config, ctx.device, spec, checkpoint.open))
+    if config.strategy == "exchange":
+        share_chunks(ctx, checkpoint, "chunk tables", reading_parts(ctx.world_size))
+    prepared = skip_nonfinite(config, prepared, ctx, checkpoint)  # --quantize-skip-nonfinite only
     imports_done()
-    tied_head = check_tied(config, prepared, ctx)
+    tied_head = check_tied(config, prepared, ctx, checkpoint)
     if tied_head is not None:
         prepared = replace(prepared, tensors=tuple(t for t in prepared.tensors if t.name != tied_head), tied=True)
     final = ctx.run_step("tokenizer", lambda: final_tokenizer(config, prepared), ranks="rank0")
@@ -138,6 +145,8 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
         log_plan(plan, prepared, tokenizer, vocab_size)
     if config.dry_run:
         return Outcome(config.dest, plan, prepared.source.info, (), True, report)
+    if config.strategy != "exchange":
+        share_chunks(ctx, checkpoint, "chunk tables", plan_parts(plan))
     clock.mark("prepare")
 
     staging = staging_path(config.dest)
@@ -193,19 +202,21 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
     return Outcome(config.dest, plan, prepared.source.info, files, False, report)
 
 
-def prepare_step(config: FinalizeConfig, device: torch.device, spec: ModelSpec | None) -> Prepared:
-    """DEST checked against SRC (cheap, first), the source opened with rank 0's model `spec`, then DEST checked
-    against every input the source named (the checkpoint folder, --checkpoint, --base-model, --tokenizer).
-    Runs on: all ranks."""
+def prepare_step(
+    config: FinalizeConfig, device: torch.device, spec: ModelSpec | None, open_source: Callable[[Located], Source]
+) -> Prepared:
+    """DEST checked against SRC (cheap, first), the source opened (`open_source`) with rank 0's model `spec`, then
+    DEST checked against every input the source named (the checkpoint folder, --checkpoint, --base-model,
+    --tokenizer). Runs on: all ranks."""
     if config.dest is not None:
         check_destination(config.dest, config.src)
-    prepared = prepare(config, device, spec_of=lambda _: spec)
+    prepared = prepare(config, device, spec_of=lambda _: spec, open_source=open_source)
     if config.dest is not None and prepared.folder is not None:
         check_destination(config.dest, config.src, input_paths(config, prepared.folder))
     return prepared
 
 
-def check_tied(config: FinalizeConfig, prepared: Prepared, ctx: DistContext) -> str | None:
+def check_tied(config: FinalizeConfig, prepared: Prepared, ctx: DistContext, checkpoint: Checkpoint) -> str | None:
     """The lm_head name to drop as tied to the embedding (see prepare/tie.py): rank 0 reads both, or with
     `--strategy exchange` every rank compares the chunks of its own files. Runs on: all ranks."""
     pairs = tie.candidates(prepared.tensors, prepared.merges)
@@ -214,7 +225,8 @@ def check_tied(config: FinalizeConfig, prepared: Prepared, ctx: DistContext) -> 
     if config.strategy != "exchange":
         return ctx.run_step("tie check", lambda: tie.tied_head(pairs, prepared.source), ranks="rank0")
     source = prepared.source
-    share = lambda: tie.tie_share(pairs, source.chunks(), source.reader(), ctx.rank, ctx.world_size)  # noqa: E731
+    files = checkpoint.source.files() if checkpoint.source is not None else None  # every rank's, for the readers
+    share = lambda: tie.tie_share(pairs, source.chunks(), source.reader(), ctx.rank, ctx.world_size, files)  # noqa: E731
     return tie.combine(pairs, ctx.run_step("tie check", share, collect="all"))
 
 

@@ -10,7 +10,8 @@ small registry (first match wins):
 - anything else: a single process, world size 1, no process group at all.
 
 Backends: gloo only when ranks work on the CPU; with CUDA, one group with NCCL for CUDA tensors and gloo for
-the CPU objects the pipeline exchanges (metadata, results). Each rank takes cuda:LOCAL_RANK.
+the CPU objects the pipeline exchanges (metadata, results). Each rank takes cuda:LOCAL_RANK. Inside a job whose
+group is already formed, the collectives run on a group of their own over its ranks (group.join_group).
 
 Each step ends in one small collective (dist/agree.py): a status byte per rank, then only the values the step
 shares. It raises on every rank when any rank failed; a rank that dies or hangs is named from the check-ins
@@ -21,12 +22,9 @@ become `Terminated`, a KeyboardInterrupt, so the pipeline cleans up on the way o
 the commit is being made (`hold_signals`), the signal is only recorded. `interruption` turns it into one error for
 the job: printed by the lowest surviving rank, naming any rank whose process is gone ("rank N died").
 
-Testing hook: DISTFINALIZE_FAIL_AT="RANK:STEP[:MODE]" makes rank RANK fail at the start of step STEP
-(startup, prepare, tie check, stage, write, finish, commit, ...), or at a point the pipeline names (`committed`:
-just after the rename to DEST). `startup` is before the device is picked and the process group formed. MODE is
-`raise` (default: an error, exit code 1, like a real one), `exit` (the process exits with status 3), `kill`
-(SIGKILL, a rank that dies), `hang` (sleeps forever), `term` or `int` (the rank sends itself SIGTERM or SIGINT
-and carries on, as if the launcher had). It exists for the failure tests; a warning is logged whenever it is set.
+Testing hook: DISTFINALIZE_FAIL_AT="RANK:STEP[:MODE]" makes rank RANK fail (raise, exit, kill, hang, term, int or
+pause: dist/faults.py) at the start of step STEP, or at a point the pipeline names (`committed`: just after the
+rename to DEST); `startup` is before the device is picked and the process group formed. A warning says it is set.
 """
 
 from __future__ import annotations
@@ -46,7 +44,7 @@ import torch.distributed as dist
 
 from distfinalize.dist.agree import Status, encode, error_text, peer_failure
 from distfinalize.dist.faults import inject_fault
-from distfinalize.dist.group import _init_group, _pick_device, _relabel_logging, _short, join_group
+from distfinalize.dist.group import _init_group, _pick_device, _relabel_logging, _short, join_group, scatter_object
 from distfinalize.dist.launch import FAULT_ENV, detect_launch, parse_fault
 from distfinalize.dist.liveness import check_in, dead_ranks, lost_peer, mark, publish_process
 from distfinalize.errors import DistfinalizeError, Interrupted, RankFailure, Terminated
@@ -166,15 +164,17 @@ class DistContext:
         ranks: str = "all",
         collect: str = "own",
         share: Callable[[T], Any] | None = None,
+        scatter: bool = False,
     ) -> Any:
         """Run `fn` (on every rank, or only rank 0 with ranks="rank0") and agree on the outcome (dist/agree.py).
 
         What comes back: with ranks="rank0", rank 0's value on every rank (the others get `share(value)` when
-        given: only what they need); otherwise by `collect`: "own" (each rank its own value; nothing is sent),
-        "rank0" (rank 0 gets every rank's value in rank order, the others None), "all" (every rank gets them all:
-        small values only). When any rank raised, every rank raises: the failing rank its own error, the others
-        a RankFailure naming the failed rank and step. When a rank died or hung (the collective failed or timed
-        out), the others raise a RankFailure naming the ranks that never checked in. Runs on: all ranks.
+        given: only what they need; with scatter=True, item r of it on rank r); otherwise by `collect`: "own" (each
+        rank its own value; nothing is sent), "rank0" (rank 0 gets every rank's value in rank order, the others
+        None), "all" (every rank gets them all: small values only). When any rank raised, every rank raises: the
+        failing rank its own error, the others a RankFailure naming the failed rank and step. When a rank died or
+        hung (the collective failed or timed out), the others raise a RankFailure naming the ranks that never
+        checked in. Runs on: all ranks.
         """
         self._steps += 1
         self.step = step
@@ -201,6 +201,8 @@ class DistContext:
             raise peer_failure(step, status, text)
         with self._collective(step, None):
             if ranks == "rank0":
+                if scatter:
+                    return scatter_object(value, self.world_size, self.is_rank0, self.group)
                 sent = self.broadcast_object(share(value) if share is not None and self.is_rank0 else value)
                 return value if self.is_rank0 else sent
             if collect == "rank0":

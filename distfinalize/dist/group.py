@@ -101,3 +101,13 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
             hint="use --device auto or --device cpu",
         )
     return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def scatter_object(objs: list[Any] | None, world_size: int, is_rank0: bool, group: Any = None) -> Any:
+    """Item r of rank 0's `objs` on rank r: each rank receives only its own (one pickle per rank, padded to the
+    largest by torch). Runs on: all ranks together (DistContext.run_step with scatter=True)."""
+    if world_size == 1:
+        return objs[0] if objs else None
+    box: list[Any] = [None]
+    dist.scatter_object_list(box, objs if is_rank0 else None, src=0, group=group)
+    return box[0]

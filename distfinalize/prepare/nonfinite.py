@@ -12,8 +12,9 @@ Runs on: all ranks, one step, only with the flag (and not for --dry-run, which r
 
 from __future__ import annotations
 
+import heapq
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ import torch
 from distfinalize.config import FinalizeConfig
 from distfinalize.dist.context import DistContext
 from distfinalize.logs import log_rank0
+from distfinalize.prepare.chunks import Checkpoint, key_parts, share_chunks
 from distfinalize.sources import TensorMeta
 from distfinalize.transform.quant.selection import quantized_tensors
 
@@ -31,9 +33,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def skip_nonfinite(config: FinalizeConfig, prepared: Prepared, ctx: DistContext) -> Prepared:
+def skip_nonfinite(
+    config: FinalizeConfig, prepared: Prepared, ctx: DistContext, checkpoint: Checkpoint | None = None
+) -> Prepared:
     """`prepared` with the quantizable weights that hold NaN or Inf in `nonfinite` (left unquantized by the plan,
-    config.json and the card). Runs on: all ranks."""
+    config.json and the card); each rank gets the chunk lists of its share from rank 0 first (`checkpoint`, see
+    chunks.py; with `--strategy exchange` it holds those of the files it reads already). Runs on: all ranks."""
     if config.quantize is None or not config.quantize_skip_nonfinite:
         return prepared
     if config.dry_run:
@@ -46,9 +51,17 @@ def skip_nonfinite(config: FinalizeConfig, prepared: Prepared, ctx: DistContext)
     wanted = quantized_tensors(config, prepared)
     tensors = [t for t in prepared.tensors if t.name in wanted]
     strategy = config.strategy if hasattr(prepared.source, "chunks") else "read"
+    files = None
+    if checkpoint is not None and strategy != "exchange":
+        keys = [[t.key for t in mine] for mine in owners(tensors, ctx.world_size)]
+        share_chunks(ctx, checkpoint, "non-finite chunk tables", key_parts(keys))
+    elif checkpoint is not None and checkpoint.source is not None:
+        files = checkpoint.source.files()
     shares = ctx.run_step(
         "non-finite scan",
-        lambda: scan_share(prepared.source, tensors, ctx.rank, ctx.world_size, cast, config.read_batch_bytes, strategy),
+        lambda: scan_share(
+            prepared.source, tensors, ctx.rank, ctx.world_size, cast, config.read_batch_bytes, strategy, files
+        ),
         collect="all",
     )
     found = frozenset(name for share in shares for name in share)
@@ -71,17 +84,20 @@ def scan_share(
     cast: torch.dtype | None,
     batch_bytes: int,
     strategy: str = "read",
+    files: Mapping[str, int | None] | None = None,
 ) -> list[str]:
-    """Names of the weights in this rank's share that hold NaN or Inf (in `cast` when given). Runs on: every rank."""
+    """Names of the weights in this rank's share that hold NaN or Inf (in `cast` when given). With `exchange`,
+    `files` names every data file for the readers when this rank holds only the chunks of its own files.
+    Runs on: every rank."""
     reader = source.reader()
     if strategy == "exchange":  # node-local files: check the chunks of the files this rank reads
         from distfinalize.write.exchange import assign_readers
 
         chunks = source.chunks()
-        readers = assign_readers({c.file: c.writer for t in tensors for c in chunks[t.key]}, world_size)
+        readers = assign_readers(files or {c.file: c.writer for t in tensors for c in chunks[t.key]}, world_size)
         bad = []
         for t in tensors:
-            mine = [c for c in chunks[t.key] if readers[c.file] == rank]
+            mine = [c for c in chunks.get(t.key, ()) if readers[c.file] == rank]
             if mine and any(not finite(part, cast) for part in reader.read_chunks(mine)):
                 bad.append(t.name)
         return bad
@@ -98,15 +114,19 @@ def finite(tensor: torch.Tensor, cast: torch.dtype | None) -> bool:
 
 
 def share(tensors: Sequence[TensorMeta], rank: int, world_size: int) -> list[TensorMeta]:
-    """This rank's byte-balanced share: largest first, each to the least loaded rank (ties: the lowest). Pure."""
-    loads = [0] * world_size
-    mine = []
+    """This rank's byte-balanced share (see `owners`). Pure."""
+    return owners(tensors, world_size)[rank]
+
+
+def owners(tensors: Sequence[TensorMeta], world_size: int) -> list[list[TensorMeta]]:
+    """Every rank's byte-balanced share: largest first, each to the least loaded rank (ties: the lowest). Pure."""
+    loads = [(0, rank) for rank in range(world_size)]  # a heap: (bytes so far, rank)
+    out: list[list[TensorMeta]] = [[] for _ in range(world_size)]
     for t in sorted(tensors, key=lambda t: (-t.nbytes, t.name)):
-        owner = loads.index(min(loads))
-        loads[owner] += t.nbytes
-        if owner == rank:
-            mine.append(t)
-    return mine
+        load, owner = heapq.heappop(loads)
+        out[owner].append(t)
+        heapq.heappush(loads, (load + t.nbytes, owner))
+    return out
 
 
 def batches(tensors: Sequence[TensorMeta], batch_bytes: int) -> list[list[TensorMeta]]:

@@ -77,12 +77,14 @@ def prepare(
     device: torch.device | None = None,
     *,
     spec_of: Callable[[Path], ModelSpec | None] = load_model_spec,
+    open_source: Callable[[Located], Source] | None = None,
 ) -> Prepared:
     """Locate and open the checkpoint, read config.json, map names, choose the dtype; refuse a --quantize recipe
     this rank's `device` cannot run. `spec_of` gives config.json's ModelSpec (the pipeline passes the one rank 0
-    made). Runs on: all ranks."""
+    made); `open_source` opens the located checkpoint (the pipeline's reuses the metadata rank 0 read, see
+    chunks.py). Runs on: all ranks."""
     located, search, config_path = _open_inputs(config)
-    source = located.format.open(located.path, located.step)
+    source = open_source(located) if open_source else located.format.open(located.path, located.step)
     spec = _config_spec(config_path, spec_of)
     lora = None
     if is_lora_checkpoint(t.name for t in source.tensors):

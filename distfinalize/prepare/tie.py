@@ -71,13 +71,16 @@ def tie_share(
     reader,
     rank: int,
     world_size: int,
+    files: Mapping[str, int | None] | None = None,
 ) -> list[bool]:
-    """Per pair: whether every chunk pair this rank reads is equal (and comparable here). Runs on: every rank,
-    reading only chunks of the files `exchange` gives it."""
-    readers = assign_readers({c.file: c.writer for cs in chunks.values() for c in cs}, world_size)
+    """Per pair: whether every chunk pair this rank reads is equal (and comparable here). `chunks` may hold only
+    the chunks of the files this rank reads, when `files` names every data file (and its writer) for the readers:
+    pairs stored alike are then paired within each rank's files. Runs on: every rank, reading only chunks of the
+    files `exchange` gives it."""
+    readers = assign_readers(files or {c.file: c.writer for cs in chunks.values() for c in cs}, world_size)
     verdicts = []
     for head, embed in pairs:
-        matched = paired_chunks(chunks[head.key], chunks[embed.key])
+        matched = paired_chunks(chunks.get(head.key, ()), chunks.get(embed.key, ()))
         if matched is None or any(readers[h.file] != readers[e.file] for h, e in matched):
             verdicts.append(False)
             continue

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from distfinalize.errors import SourceError
 from distfinalize.sources import SourceChunk, SourceFormat, SourceInfo, TensorMeta
-from distfinalize.sources.dcp_metadata import data_file, load_metadata
+from distfinalize.sources.dcp_metadata import data_file, load_light, load_metadata
+from distfinalize.sources.dcp_table import ChunkTable, DcpShared, StoredChunk, model_table
 from distfinalize.sources.distcp import ChunkError, load_chunk, read_chunk
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ NON_MODEL_CONTAINERS = frozenset(
         "rng_states",
     }
 )
-RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
 
 
 def is_dcp_checkpoint(path: Path) -> bool:
@@ -51,41 +51,57 @@ def is_dcp_checkpoint(path: Path) -> bool:
 
 
 class DcpSource:
-    """A DCP checkpoint folder, described from its `.metadata` alone. Runs on: all ranks."""
+    """A DCP checkpoint folder, described from its `.metadata` alone.
 
-    def __init__(self, path: Path, step: int | None = None) -> None:
+    Opened from the folder, it reads `.metadata` (dcp_table.model_table) and holds the whole model's chunk table;
+    opened from `shared` (what that rank broadcast), it holds no chunks until `install` gives it its own.
+    Runs on: the rank that reads `.metadata` (rank 0 under the pipeline, or a single process); the others open it
+    from `shared`."""
+
+    def __init__(self, path: Path, step: int | None = None, shared: DcpShared | None = None) -> None:
         self.path = path
-        self.metadata = read_metadata(path)
-        try:
-            self.tensors, skipped = model_tensors(self.metadata)
-            world = saved_world_size(self.metadata)
-        except (AttributeError, TypeError, KeyError, ValueError, IndexError) as exc:
-            raise SourceError(
-                "DCP metadata is malformed",
-                where=path / ".metadata",
-                hint="the file is corrupt; pick another checkpoint with --checkpoint",
-            ) from exc
-        if not self.tensors:
+        self.table: ChunkTable = {}
+        if shared is None:
+            shared, self.table = model_table(load_light(path), path, _model_name)
+        if not shared.tensors:
             raise SourceError(
                 "the checkpoint holds no model tensors",
                 where=path / ".metadata",
-                hint=f"found only {skipped} optimizer/trainer entries; point SRC at a checkpoint saved with "
+                hint=f"found only {shared.skipped} optimizer/trainer entries; point SRC at a checkpoint saved with "
                 "the model's state dict",
             )
-        self.info = SourceInfo("dcp", path, step, world, skipped)
-        self.metadata = model_only(self.metadata, {t.key for t in self.tensors})  # the rest was counted: skipped
+        self.shared = shared
+        self.tensors = shared.tensors
+        self.info = SourceInfo("dcp", path, step, shared.saved_world_size, shared.skipped)
+
+    def install(self, table: ChunkTable) -> None:
+        """Add chunk lists (this rank's part of the table, from the rank that read `.metadata`)."""
+        self.table.update(table)
 
     def reader(self) -> DcpTensorReader:
-        return DcpTensorReader(self.path, self.metadata)
+        return DcpTensorReader(self.path, self.table, {t.key: t for t in self.tensors})
+
+    def files(self) -> Mapping[str, int | None]:
+        """Every data file holding model chunks -> the training rank that wrote it (the same on every rank)."""
+        return self.shared.files
 
     def chunks(self) -> dict[str, tuple[SourceChunk, ...]]:
-        """Every model tensor's stored chunks: file, writer rank, place in the tensor (for --strategy exchange)."""
-        return stored_chunks(self.metadata, {t.key for t in self.tensors})
+        """The stored chunks this rank holds (every model tensor's on the rank that read `.metadata`): file,
+        writer rank, place in the tensor (for --strategy exchange and the tie check)."""
+        sizes = {t.key: t.dtype.itemsize for t in self.tensors}
+        files = self.shared.files
+        return {
+            key: tuple(
+                SourceChunk(key, c.index, c.file, files[c.file], c.offsets, c.sizes, math.prod(c.sizes) * sizes[key])
+                for c in chunks
+            )
+            for key, chunks in self.table.items()
+        }
 
 
 def read_metadata(path: Path) -> Metadata:
-    """Load `path/.metadata` safely (dcp_metadata.load_metadata), turning every way it can be broken or hostile
-    into one SourceError. Runs on: each rank that opens the checkpoint."""
+    """`path/.metadata` as DCP's own objects, safely (dcp_metadata.load_metadata): for inspect, breakdown and
+    --keep-optimizer. Runs on: each rank that opens the checkpoint that way."""
     return load_metadata(path)
 
 
@@ -106,18 +122,6 @@ def model_tensors(metadata: Metadata) -> tuple[tuple[TensorMeta, ...], int]:
     return tuple(tensors), skipped
 
 
-def model_only(metadata: Metadata, keys: set[str]) -> Metadata:
-    """`metadata` less every entry that is not a model tensor (optimizer and trainer state: counted by
-    `model_tensors`, never kept), so a rank holds only the model's chunk table. Pure."""
-    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else None
-    return Metadata(
-        {k: md for k, md in metadata.state_dict_metadata.items() if k in keys},
-        planner_data={k: p for k, p in paths.items() if k in keys} if paths is not None else metadata.planner_data,
-        storage_data={i: info for i, info in metadata.storage_data.items() if i.fqn in keys},
-        storage_meta=metadata.storage_meta,
-    )
-
-
 def _model_name(key: str, path: object) -> str | None:
     """The tensor's name inside the model, or None when the entry is not part of the model."""
     if isinstance(path, tuple) and len(path) >= 2 and isinstance(path[0], str):
@@ -129,69 +133,41 @@ def _model_name(key: str, path: object) -> str | None:
     return None if key.split(".", 1)[0] in NON_MODEL_CONTAINERS else key
 
 
-def stored_chunks(metadata: Metadata, keys: set[str]) -> dict[str, tuple[SourceChunk, ...]]:
-    """The chunks of `keys`, from `.metadata`'s chunk list and storage index: linear in the chunks (each chunk's
-    place found by its offsets in a dict). Pure."""
-    out: dict[str, list[SourceChunk]] = {key: [] for key in keys}
-    positions: dict[str, dict[tuple[int, ...], int]] = {}  # per tensor: a chunk's offsets -> its place in the list
-    for index, info in (metadata.storage_data or {}).items():
-        md = metadata.state_dict_metadata.get(index.fqn)
-        if index.fqn not in out or not isinstance(md, TensorStorageMetadata):
-            continue
-        if index.fqn not in positions:
-            positions[index.fqn] = {tuple(c.offsets): i for i, c in enumerate(md.chunks)}
-        position = positions[index.fqn][tuple(index.offset)]
-        sizes = tuple(md.chunks[position].sizes)
-        match = RANK_FILE.search(info.relative_path)
-        out[index.fqn].append(
-            SourceChunk(
-                index.fqn,
-                position,
-                info.relative_path,
-                int(match.group(1)) if match else None,
-                tuple(index.offset),
-                sizes,
-                torch.Size(sizes).numel() * md.properties.dtype.itemsize,
-            )
-        )
-    return {key: tuple(sorted(chunks, key=lambda c: c.index)) for key, chunks in out.items()}
-
-
-def saved_world_size(metadata: Metadata) -> int | None:
-    """How many ranks wrote the checkpoint, from the `__<rank>_<n>.distcp` file names."""
-    ranks = set()
-    for info in (metadata.storage_data or {}).values():
-        match = RANK_FILE.search(getattr(info, "relative_path", ""))
-        if match:
-            ranks.add(int(match.group(1)))
-    return max(ranks) + 1 if ranks else None
-
-
 class DcpTensorReader:
     """Reads whole tensors, or single chunks, out of a DCP folder: each chunk read once and verified
     (distcp.py). Whole-tensor reads need every chunk of a tensor whole, so DCP's load planner, which
-    intersects chunks with the parts a caller wants, has nothing to add here. Runs on: each rank."""
+    intersects chunks with the parts a caller wants, has nothing to add here. Runs on: each rank, for the tensors
+    whose chunks it holds (`table`)."""
 
-    def __init__(self, path: Path, metadata: Metadata) -> None:
+    def __init__(self, path: Path, table: Mapping[str, tuple[StoredChunk, ...]], tensors: Mapping[str, TensorMeta]):
         self.path = path
-        self.metadata = metadata
+        self.table = table
+        self.tensors = tensors
+        self._places: dict[str, dict[tuple[int, ...], StoredChunk]] = {}
+
+    def stored(self, key: str) -> tuple[StoredChunk, ...]:
+        """`key`'s chunks, as this rank was given them."""
+        try:
+            return self.table[key]
+        except KeyError:
+            raise SourceError(
+                f"no chunk list for {key!r} on this rank",
+                where=self.path / ".metadata",
+                hint="distfinalize shares each rank only the chunks its plan reads; this is a bug, please report it",
+            ) from None
 
     def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """Fetch `keys` (stored dtype, CPU), reading only the chunks they cover. A tensor stored as one chunk
         is a view of the bytes read; the others are put together from their chunks, one chunk held at a time."""
-        wanted = [
-            SourceChunk(key, i, "", None, tuple(c.offsets), tuple(c.sizes), 0)
-            for key in keys
-            for i, c in enumerate(self.metadata.state_dict_metadata[key].chunks)
-        ]
+        wanted = [SourceChunk(key, c.index, "", None, c.offsets, c.sizes, 0) for key in keys for c in self.stored(key)]
         out: dict[str, torch.Tensor] = {}
         for number, data in self.load_chunks(wanted):
             chunk = wanted[number]
-            md = self.metadata.state_dict_metadata[chunk.key]
-            if tuple(data.shape) == tuple(md.size):
+            meta = self.tensors[chunk.key]
+            if tuple(data.shape) == meta.shape:
                 out[chunk.key] = data
                 continue
-            tensor = out.setdefault(chunk.key, torch.empty(md.size, dtype=md.properties.dtype))
+            tensor = out.setdefault(chunk.key, torch.empty(meta.shape, dtype=meta.dtype))
             target = tensor
             for dim, (offset, size) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
                 target = target.narrow(dim, offset, size)
@@ -200,20 +176,20 @@ class DcpTensorReader:
 
     def row_cuts(self, key: str) -> list[int]:
         """The rows where `key`'s stored chunks start: `read_rows` reads whole chunks, so blocks end there."""
-        return sorted({c.offsets[0] for c in self.metadata.state_dict_metadata[key].chunks if c.offsets})
+        return sorted({c.offsets[0] for c in self.stored(key) if c.offsets})
 
     def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of `key` (stored dtype, CPU), from the chunks that hold them (each read whole and
         verified, as `read` does)."""
-        md = self.metadata.state_dict_metadata[key]
-        if not md.size:
+        meta = self.tensors[key]
+        if not meta.shape:
             return self.read([key])[key]
         wanted = [
-            SourceChunk(key, i, "", None, tuple(c.offsets), tuple(c.sizes), 0)
-            for i, c in enumerate(md.chunks)
+            SourceChunk(key, c.index, "", None, c.offsets, c.sizes, 0)
+            for c in self.stored(key)
             if c.offsets[0] < stop and c.offsets[0] + c.sizes[0] > start
         ]
-        out = torch.empty((stop - start, *md.size[1:]), dtype=md.properties.dtype)
+        out = torch.empty((stop - start, *meta.shape[1:]), dtype=meta.dtype)
         for number, data in self.load_chunks(wanted):
             chunk = wanted[number]
             lo, hi = max(start, chunk.offsets[0]), min(stop, chunk.offsets[0] + chunk.sizes[0])
@@ -235,14 +211,16 @@ class DcpTensorReader:
         holds only the chunks it keeps."""
         located = []
         for number, c in enumerate(chunks):
-            info = (self.metadata.storage_data or {}).get(MetadataIndex(c.key, c.offsets))
+            if c.key not in self._places:
+                self._places[c.key] = {s.offsets: s for s in self.stored(c.key)}
+            info = self._places[c.key].get(tuple(c.offsets))
             if info is None:
                 raise SourceError(
-                    "DCP metadata lists a chunk it has no storage entry for",
+                    f"no chunk of {c.key!r} at {list(c.offsets)} on this rank",
                     where=self.path / ".metadata",
-                    hint=f"{c.key} at {list(c.offsets)}: the file is corrupt",
+                    hint="distfinalize shares each rank only the chunks it reads; this is a bug, please report it",
                 )
-            located.append((info.relative_path, info.offset, number, info))
+            located.append((info.file, info.offset, number, info))
         files = {relative: data_file(self.path, relative) for relative, *_ in located}  # inside the checkpoint
         with self._read_errors([c.key for c in chunks]):
             file, opened = None, None
@@ -253,14 +231,14 @@ class DcpTensorReader:
                             file.close()
                         file, opened = open(files[relative], "rb", buffering=0), relative  # noqa: SIM115
                     where = f"{relative} bytes {offset}-{offset + info.length}"
-                    if info.transform_descriptors:
+                    if info.transforms:
                         raise ChunkError(
-                            f"{where}: stored with DCP transforms {list(info.transform_descriptors)}, "
+                            f"{where}: stored with DCP transforms {list(info.transforms)}, "
                             "which distfinalize does not read"
                         )
-                    md = self.metadata.state_dict_metadata[chunks[number].key]
+                    dtype = self.tensors[chunks[number].key].dtype
                     buffer = read_chunk(file, offset, info.length, where)
-                    yield number, load_chunk(buffer, where, md.properties.dtype, tuple(chunks[number].sizes))
+                    yield number, load_chunk(buffer, where, dtype, tuple(chunks[number].sizes))
             finally:
                 if file is not None:
                     file.close()
@@ -286,9 +264,7 @@ class DcpTensorReader:
             ) from exc
         except BaseException as exc:  # DCP raises CheckpointException, a BaseException
             wanted = set(keys)
-            files = sorted(
-                {info.relative_path for index, info in self.metadata.storage_data.items() if index.fqn in wanted}
-            )
+            files = sorted({c.file for key in wanted for c in self.table.get(key, ())})
             hint = f"the .distcp files may be truncated or corrupt ({type(exc).__name__}: {exc})"
             denied = _permission_error(exc)
             if denied is not None:  # not corruption: say so, and what to do

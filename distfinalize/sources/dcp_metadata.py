@@ -15,12 +15,16 @@ a bare name) and opened only inside the checkpoint folder. Runs on: every rank t
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import pathlib
 import pickle
 import re
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint import filesystem, metadata
@@ -83,16 +87,103 @@ class MetadataUnpickler(pickle.Unpickler):
             raise RefusedGlobal(module, name) from None
 
 
+class LightUnpickler(MetadataUnpickler):
+    """MetadataUnpickler that builds light stand-ins (plain attribute holders, `torch.Size` as a tuple) for DCP's
+    per-chunk classes: the same globals are allowed and refused, but no dataclass machinery runs per chunk. The
+    result is only read by `dcp_table.model_table`, which checks every field it takes."""
+
+    def find_class(self, module: str, name: str) -> object:
+        found = super().find_class(module, name)
+        return LIGHT.get(found, found)
+
+
+class Light:
+    """An attribute holder: what NEWOBJ + BUILD make of a DCP dataclass under LightUnpickler. Hashed by identity
+    (so a storage index loads as a dict without running a dataclass __hash__ per chunk)."""
+
+
+class LightMetadata(Light):
+    """Stands in for Metadata."""
+
+
+class LightTensor(Light):
+    """Stands in for TensorStorageMetadata."""
+
+
+class LightChunk(Light):
+    """Stands in for ChunkStorageMetadata."""
+
+
+class LightIndex(Light):
+    """Stands in for MetadataIndex."""
+
+
+class LightStorage(Light):
+    """Stands in for filesystem._StorageInfo."""
+
+
+class LightBytes(Light):
+    """Stands in for BytesStorageMetadata."""
+
+
+LIGHT: dict[object, object] = {
+    metadata.Metadata: LightMetadata,
+    metadata.TensorStorageMetadata: LightTensor,
+    metadata.ChunkStorageMetadata: LightChunk,
+    metadata.MetadataIndex: LightIndex,
+    metadata.BytesStorageMetadata: LightBytes,
+    filesystem._StorageInfo: LightStorage,
+    torch.Size: tuple,
+}
+
+
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused: unpickling millions of chunk objects otherwise spends most of its time
+    in collections that free nothing (the objects are all alive)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def load_metadata(folder: Path) -> metadata.Metadata:
     """`folder/.metadata`, safely unpickled and checked: every failure is one SourceError naming the file.
 
-    The one loader of DCP metadata (finalize, inspect, verify --source, --keep-optimizer). Runs on: each rank
-    that reads it.
+    The loader of DCP metadata as DCP's own objects (inspect, verify --source, --keep-optimizer); finalize's source
+    reads it through `load_light` (dcp_table.py). Runs on: each rank that reads it.
     """
     path = folder / METADATA_FILE
+    loaded = unpickle(path, MetadataUnpickler)
+    if not isinstance(loaded, metadata.Metadata) or not all(
+        isinstance(getattr(loaded, field, None), dict) for field in ("state_dict_metadata", "storage_data")
+    ):
+        raise not_metadata(path)
+    for index, info in loaded.storage_data.items():
+        check_storage_entry(index, info, path)
+    return loaded
+
+
+def load_light(folder: Path) -> LightMetadata:
+    """`folder/.metadata` unpickled by LightUnpickler (the same globals refused), unchecked beyond its top level:
+    the caller checks what it takes (dcp_table.model_table). Runs on: the rank that reads the metadata."""
+    path = folder / METADATA_FILE
+    loaded = unpickle(path, LightUnpickler)
+    if not isinstance(loaded, LightMetadata) or not all(
+        isinstance(getattr(loaded, field, None), dict) for field in ("state_dict_metadata", "storage_data")
+    ):
+        raise not_metadata(path)
+    return loaded
+
+
+def unpickle(path: Path, unpickler: type[pickle.Unpickler]) -> Any:
+    """The pickle at `path` loaded by `unpickler`, every failure one SourceError naming the file."""
     try:
-        with open(path, "rb") as file:
-            loaded = MetadataUnpickler(file).load()
+        with open(path, "rb") as file, no_gc():
+            return unpickler(file).load()
     except RefusedGlobal as exc:
         raise SourceError(
             f"refusing to load DCP metadata: it names {exc.qualified!r}, which a DCP checkpoint never holds",
@@ -108,17 +199,12 @@ def load_metadata(folder: Path) -> metadata.Metadata:
             where=path,
             hint=f"the checkpoint may be incomplete; pick another one with --checkpoint ({type(exc).__name__})",
         ) from exc
-    if not isinstance(loaded, metadata.Metadata) or not all(
-        isinstance(getattr(loaded, field, None), dict) for field in ("state_dict_metadata", "storage_data")
-    ):
-        raise SourceError(
-            "not a DCP metadata file, or a corrupt one",
-            where=path,
-            hint="pick another checkpoint with --checkpoint",
-        )
-    for index, info in loaded.storage_data.items():
-        check_storage_entry(index, info, path)
-    return loaded
+
+
+def not_metadata(path: Path) -> SourceError:
+    return SourceError(
+        "not a DCP metadata file, or a corrupt one", where=path, hint="pick another checkpoint with --checkpoint"
+    )
 
 
 def check_storage_entry(index: object, info: object, path: Path) -> None:

@@ -27,7 +27,8 @@ from distfinalize.plan import FilePlan, Piece, Plan, TensorPlan, file_layout, pi
 from distfinalize.sources import Source, TensorReader
 from distfinalize.transform.cast import transform
 from distfinalize.write.blocks import row_blocks
-from distfinalize.write.exchange import plan_exchange, round_budget
+from distfinalize.write.exchange import ExchangeSchedule, Round, Transfer, plan_exchange, round_budget
+from distfinalize.write.exchange import Piece as ExchangePiece
 from distfinalize.write.feed import exchange_feed, read_feed
 from distfinalize.write.overlap import Item, Stages, Step, lane_order
 from distfinalize.write.progress import Meter
@@ -191,9 +192,11 @@ def timed_transform(inputs, t: TensorPlan, ctx: DistContext, meter: Meter, start
 
 
 def exchange_plan_feed(plan: Plan, ctx: DistContext, source: Source, path: DataPath, reused: list[str]):
-    """The exchange feed: every rank's needs (skipping every rank's reused pieces), scheduled alike everywhere."""
-    skipped = ctx.run_step("exchange plan", lambda: reused, collect="all")
-    schedule = exchange_schedule(plan, source, path, skipped, rank=ctx.rank)
+    """The exchange feed: rank 0 (which holds the whole chunk table) schedules every rank's needs, skipping every
+    rank's reused files, and each rank receives only its own part of the schedule (`split_schedule`)."""
+    skipped = ctx.run_step("exchange plan", lambda: reused, collect="rank0")
+    whole = lambda: split_schedule(exchange_schedule(plan, source, path, skipped), plan.world_size)  # noqa: E731
+    schedule = relink(ctx.run_step("exchange schedule", whole, ranks="rank0", scatter=True), plan, ctx.rank)
     log.debug(
         "exchange: %d round(s), %d file(s) read here",
         len(schedule.rounds),
@@ -218,6 +221,37 @@ def exchange_schedule(
         todo = [s for s in shares_for(plan, writer, layouts) if skipped is None or s.name not in skipped[writer]]
         needs[writer] = [s.tensor for s in share_steps(todo, path.write_threads)]
     return plan_exchange(needs, source.chunks(), plan.world_size, round_budget(path.read_batch_bytes), rank)
+
+
+def split_schedule(schedule: ExchangeSchedule, world_size: int) -> list[ExchangeSchedule]:
+    """Each rank's part of a whole schedule, in one pass: every round (the same count for all), with only the
+    transfers that rank sends or receives and the pieces it writes, and the files it reads. Pure."""
+    rounds: list[list[Round]] = [[] for _ in range(world_size)]
+    for rnd in schedule.rounds:
+        moves: list[list[Transfer]] = [[] for _ in range(world_size)]
+        held: list[list[ExchangePiece]] = [[] for _ in range(world_size)]
+        for t in rnd.transfers:
+            moves[t.src].append(t)
+            if t.dst != t.src:
+                moves[t.dst].append(t)
+        for piece in rnd.pieces:
+            held[piece.rank].append(piece)
+        for rank in range(world_size):
+            rounds[rank].append(replace(rnd, transfers=tuple(moves[rank]), pieces=tuple(held[rank])))
+    readers: list[dict[str, int]] = [{} for _ in range(world_size)]
+    for file, rank in schedule.readers.items():
+        readers[rank][file] = rank
+    return [replace(schedule, rounds=tuple(rounds[r]), readers=readers[r]) for r in range(world_size)]
+
+
+def relink(schedule: ExchangeSchedule, plan: Plan, rank: int) -> ExchangeSchedule:
+    """`schedule` (this rank's part, received as a copy) holding this rank's own TensorPlan objects, by name: the
+    write pipeline follows its tensors by identity. Pure."""
+    mine = {t.name: t for f in plan.files_for(rank) for t in f.tensors}
+    rounds = (
+        replace(r, pieces=tuple(replace(p, tensor=mine[p.tensor.name]) for p in r.pieces)) for r in schedule.rounds
+    )
+    return replace(schedule, rounds=tuple(rounds))
 
 
 def write_order(file: FilePlan, metadata: Mapping[str, str] | None = None) -> list[TensorPlan]:

@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from distfinalize.errors import SourceError
 from distfinalize.sources.dcp import DcpSource
+from distfinalize.sources.dcp_metadata import load_metadata
 from distfinalize.sources.distcp import BufferFile, ChunkError, load_chunk, zip_records
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -32,7 +33,7 @@ def saved(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 def storage_of(path: Path, key: str):  # the _StorageInfo DCP recorded for a tensor's only chunk
-    metadata = DcpSource(path).metadata
+    metadata = load_metadata(path)
     return metadata.storage_data[MetadataIndex(key, (0,) * len(metadata.state_dict_metadata[key].size))]
 
 

@@ -1,0 +1,203 @@
+"""A DCP checkpoint's model chunk table: built once from `.metadata` (by the rank that reads it), shared trimmed.
+
+`.metadata` holds, for every tensor, its chunk list (offsets and sizes in the tensor) and, in a storage index,
+each chunk's data file and byte range; optimizer and trainer entries sit beside the model's. `model_table` turns
+the light objects `dcp_metadata.load_light` unpickles into:
+
+- `DcpShared`: what every rank needs to plan (model tensors' names, shapes and dtypes, the count of skipped
+  entries, the data files and their writer ranks), small enough to broadcast;
+- the chunk table, storage key -> `StoredChunk`s, which a rank needs only for the tensors it reads: rank 0 keeps
+  the whole model's, the others get their own part (`trim`, `in_files`).
+
+Every field taken is checked here (the file is untrusted): chunk lists are lists of chunks whose offsets and
+sizes are tuples of non-negative ints, one per dimension, inside the tensor; each chunk has exactly one storage
+entry, a bare DCP data file name with a non-negative byte range. Optimizer entries are counted, never kept.
+Pure (no I/O).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch.distributed.checkpoint.metadata import TensorProperties
+
+from distfinalize.errors import SourceError
+from distfinalize.sources import TensorMeta
+from distfinalize.sources.dcp_metadata import (
+    METADATA_FILE,
+    LightChunk,
+    LightIndex,
+    LightMetadata,
+    LightStorage,
+    LightTensor,
+    check_data_file_name,
+    no_gc,
+)
+
+RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
+
+
+class StoredChunk(NamedTuple):
+    """One stored chunk of a tensor: its place in the tensor's chunk list and in the tensor, and its bytes in
+    a data file. (A NamedTuple: rank 0 makes millions of them for the largest checkpoints.)"""
+
+    index: int  # its place in the tensor's chunk list
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str  # the data file (a checked bare `__<rank>_<n>.distcp` name)
+    offset: int  # byte range of its torch.save record in the file
+    length: int
+    transforms: tuple[str, ...] = ()  # DCP transform descriptors (distfinalize refuses to read such a chunk)
+
+
+ChunkTable = dict[str, tuple[StoredChunk, ...]]
+
+
+@dataclass(frozen=True)
+class DcpShared:
+    """What every rank knows of a DCP checkpoint before reading a byte: broadcast once from the rank that read
+    `.metadata`."""
+
+    tensors: tuple[TensorMeta, ...]
+    skipped: int  # entries that are not model tensors (optimizer and trainer state): counted, not kept
+    files: Mapping[str, int | None]  # every data file holding model chunks -> the training rank that wrote it
+
+    @property
+    def saved_world_size(self) -> int | None:
+        writers = [w for w in self.files.values() if w is not None]
+        return max(writers) + 1 if writers else None
+
+
+def corrupt(path: Path, what: str) -> SourceError:
+    return SourceError(
+        f"DCP metadata is malformed: {what}",
+        where=path / METADATA_FILE,
+        hint="the file is corrupt; pick another checkpoint with --checkpoint",
+    )
+
+
+def model_table(loaded: LightMetadata, path: Path, name_of) -> tuple[DcpShared, ChunkTable]:
+    """The shared description and the chunk table of the model tensors of `loaded`; `name_of(key, path)` gives a
+    tensor's model name, or None for an entry that is not part of the model. Pure; raises SourceError for
+    anything malformed."""
+    paths = getattr(loaded, "planner_data", None)
+    paths = paths if isinstance(paths, dict) else {}
+    with no_gc():
+        tensors, skipped = [], 0
+        for key, md in loaded.state_dict_metadata.items():
+            name = name_of(key, paths.get(key)) if isinstance(key, str) else None
+            if name is None or not isinstance(md, LightTensor):
+                skipped += 1
+                continue
+            shape, dtype = tensor_header(md, key, path)
+            tensors.append(TensorMeta(key, name, shape, dtype))
+        wanted = {t.key: t for t in tensors}
+        places = storage_places(loaded.storage_data, wanted, path)
+        table: ChunkTable = {}
+        files: dict[str, int | None] = {}
+        for t in tensors:
+            chunks = getattr(loaded.state_dict_metadata[t.key], "chunks", None)
+            if not isinstance(chunks, list):
+                raise corrupt(path, f"{t.key!r} has no chunk list")
+            table[t.key] = tuple(stored(t, i, c, places, files, path) for i, c in enumerate(chunks))
+        if places:
+            key, offsets = next(iter(places))
+            raise corrupt(path, f"the storage index has an entry for {key!r} at {list(offsets)} that no chunk lists")
+    return DcpShared(tuple(tensors), skipped, files), table
+
+
+def tensor_header(md: LightTensor, key: str, path: Path) -> tuple[tuple[int, ...], torch.dtype]:
+    """A tensor entry's shape and dtype, checked."""
+    size, props = getattr(md, "size", None), getattr(md, "properties", None)
+    dtype = getattr(props, "dtype", None)
+    if not isinstance(props, TensorProperties) or not isinstance(dtype, torch.dtype):
+        raise corrupt(path, f"{key!r} has no dtype")
+    if type(size) is not tuple or not all(type(d) is int and d >= 0 for d in size):
+        raise corrupt(path, f"{key!r} has the size {size!r}")
+    return size, dtype
+
+
+def storage_places(
+    storage: object, wanted: Mapping[str, TensorMeta], path: Path
+) -> dict[tuple[str, tuple[int, ...]], LightStorage]:
+    """(key, offsets) -> storage entry, for the model tensors' entries (the others are not looked at further)."""
+    if not isinstance(storage, dict):
+        raise corrupt(path, "no storage index")
+    places = {}
+    for index, info in storage.items():
+        fqn, offsets = getattr(index, "fqn", None), getattr(index, "offset", None)
+        if not isinstance(index, LightIndex) or fqn not in wanted:
+            continue
+        if not isinstance(info, LightStorage) or type(offsets) is not tuple:
+            raise corrupt(path, f"a storage entry of {fqn!r}")
+        if (fqn, offsets) in places:
+            raise corrupt(path, f"two storage entries for {fqn!r} at {list(offsets)}")
+        places[(fqn, offsets)] = info
+    return places
+
+
+def stored(
+    t: TensorMeta,
+    index: int,
+    chunk: object,
+    places: dict[tuple[str, tuple[int, ...]], LightStorage],
+    files: dict[str, int | None],
+    path: Path,
+) -> StoredChunk:
+    """One chunk of `t`, checked against its tensor and joined with its storage entry (taken out of `places`)."""
+    offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
+    if not isinstance(chunk, LightChunk) or type(offsets) is not tuple or type(sizes) is not tuple:
+        raise corrupt(path, f"chunk {index} of {t.key!r} is not a chunk")
+    if not (len(offsets) == len(sizes) == len(t.shape)) or not all(
+        type(o) is int and type(s) is int and o >= 0 and s >= 0 and o + s <= d
+        for o, s, d in zip(offsets, sizes, t.shape, strict=True)
+    ):
+        raise corrupt(path, f"chunk {index} of {t.key!r} at {offsets!r} of {sizes!r} lies outside {list(t.shape)}")
+    info = places.pop((t.key, offsets), None)
+    if info is None:
+        raise corrupt(path, f"{t.key!r} lists a chunk at {list(offsets)} that has no storage entry")
+    file, offset, length = (getattr(info, field, None) for field in ("relative_path", "offset", "length"))
+    if type(file) is not str or file not in files:
+        check_data_file_name(file, path / METADATA_FILE)
+        match = RANK_FILE.search(file)
+        files[file] = int(match.group(1)) if match else None
+    for field, value in (("offset", offset), ("length", length)):
+        if type(value) is not int or value < 0:
+            raise SourceError(
+                f"DCP metadata gives a chunk the {field} {value!r}",
+                where=f"{path / METADATA_FILE} (entry {t.key!r})",
+                hint="the file is corrupt; pick another checkpoint with --checkpoint",
+            )
+    transforms = getattr(info, "transform_descriptors", None) or ()
+    return StoredChunk(index, offsets, sizes, file, offset, length, tuple(map(str, transforms)))
+
+
+def trim(table: Mapping[str, tuple[StoredChunk, ...]], keys: Iterable[str]) -> ChunkTable:
+    """The chunk lists of `keys` (those in the table). Pure."""
+    return {key: table[key] for key in keys if key in table}
+
+
+def in_files(table: Mapping[str, tuple[StoredChunk, ...]], files: Collection[str]) -> ChunkTable:
+    """Each tensor's chunks stored in `files` (tensors with none left out). Pure."""
+    out: ChunkTable = {}
+    for key, chunks in table.items():
+        mine = tuple(c for c in chunks if c.file in files)
+        if mine:
+            out[key] = mine
+    return out
+
+
+def by_reader(
+    table: Mapping[str, tuple[StoredChunk, ...]], readers: Mapping[str, int], world_size: int
+) -> list[ChunkTable]:
+    """Per rank, the chunks stored in the files it reads (`readers`: file -> rank), in one pass. Pure."""
+    out: list[dict[str, list[StoredChunk]]] = [{} for _ in range(world_size)]
+    for key, chunks in table.items():
+        for c in chunks:
+            out[readers[c.file]].setdefault(key, []).append(c)
+    return [{key: tuple(chunks) for key, chunks in part.items()} for part in out]

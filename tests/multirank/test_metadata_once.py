@@ -1,0 +1,102 @@
+"""Metadata read once (prepare/chunks.py): only rank 0 opens a DCP checkpoint's `.metadata`; every other rank gets
+the tensor table and exactly the chunk lists it reads.
+
+The end-to-end test watches every `open` of every rank through a Python audit hook (a `sitecustomize` put on the
+ranks' PYTHONPATH), so it observes the processes themselves, not a counter the library keeps. The trimming tests
+are pure: they split a real DCP checkpoint's table (DTensors saved by 3 ranks, uneven row/column shards) as rank 0
+does, and check each rank's part against what its plan reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from support import check_ok, finalize, read_output
+
+from distfinalize.errors import SourceError
+from distfinalize.plan import build_plan
+from distfinalize.prepare.chunks import plan_parts, reading_parts
+from distfinalize.sources.dcp import DcpSource
+from distfinalize.write.rank import DataPath, exchange_schedule, relink, split_schedule
+
+pytestmark = pytest.mark.dist
+
+HOOK = """
+import os, sys
+
+_log = os.environ.get("DISTFINALIZE_TEST_OPEN_LOG")
+
+
+def _opened(event, args):
+    if event == "open" and str(args[0]).endswith("/.metadata"):
+        with open(f"{_log}.{os.environ.get('RANK', 'launcher')}", "a") as out:
+            out.write(f"{args[0]}\\n")
+
+
+if _log:
+    sys.addaudithook(_opened)
+"""
+
+
+@pytest.mark.parametrize("strategy", ["read", "exchange"])
+def test_only_rank0_opens_the_metadata(
+    fsdp2_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    """3 ranks over a checkpoint with optimizer state: rank 0 opens `.metadata` (to unpickle it, and to hash it
+    for --resume); ranks 1 and 2 never do. The output is still bit-exact."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOOK)
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    monkeypatch.setenv("DISTFINALIZE_TEST_OPEN_LOG", str(tmp_path / "opened"))
+    run, dest = fsdp2_runs / "untied-optim", tmp_path / "out" / "model"
+    args = ("--max-shard-size", "60KB", "--read-batch", "20KB", "--strategy", strategy)
+    check_ok(finalize(run, dest, *args, nproc=3))
+    assert sorted(p.name for p in tmp_path.glob("opened.*")) == ["opened.0"]
+    tensors, _ = read_output(dest)
+    reference = torch.load(run / "reference.pt")
+    assert set(tensors) == set(reference)
+    assert all(torch.equal(tensors[k], reference[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_read_each_rank_receives_exactly_the_chunks_its_plan_reads(dtensor_run: Path, world: int) -> None:
+    full = DcpSource(dtensor_run / "checkpoint-0")
+    plan = build_plan(full.tensors, dtype=None, max_shard_size=20_000, world_size=world)
+    parts = plan_parts(plan)(full)
+    for rank in range(world):
+        keys = {k for f in plan.files_for(rank) for t in f.tensors for k in t.source_keys}
+        assert set(parts[rank]) == keys
+        assert {(k, c) for k, cs in parts[rank].items() for c in cs} == {(k, c) for k in keys for c in full.table[k]}
+        mine = DcpSource(full.path, shared=full.shared)  # as a rank other than 0 opens it: no chunks
+        mine.install(parts[rank])
+        got, want = mine.reader().read(sorted(keys)), full.reader().read(sorted(keys))
+        assert all(torch.equal(got[k], want[k]) for k in keys)
+        others = sorted(set(full.table) - keys)
+        if others:
+            with pytest.raises(SourceError, match="no chunk list"):
+                mine.reader().read(others[:1])
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_exchange_each_rank_receives_its_files_chunks_and_its_part_of_the_schedule(
+    dtensor_run: Path, world: int
+) -> None:
+    full = DcpSource(dtensor_run / "checkpoint-0")
+    plan = build_plan(full.tensors, dtype=None, max_shard_size=20_000, world_size=world)
+    parts = reading_parts(world)(full)
+    path = DataPath("exchange", 4_000)
+    split = split_schedule(exchange_schedule(plan, full, path), world)
+    assert len(split[0].rounds) > 1
+    for rank in range(world):
+        own = exchange_schedule(plan, full, path, rank=rank)  # what the rank would build with the whole table
+        part = relink(split[rank], plan, rank)
+        assert len(part.rounds) == len(own.rounds)
+        for got, want in zip(part.rounds, own.rounds, strict=True):
+            assert sorted(map(repr, got.transfers)) == sorted(map(repr, want.transfers))
+            assert all(a is b for a, b in zip(got.tensors_for(rank), want.tensors_for(rank), strict=True))
+            assert len(got.tensors_for(rank)) == len(want.tensors_for(rank))
+        sends = {(t.chunk.key, t.chunk.offsets) for r in part.rounds for t in r.sent_by(rank)}
+        assert sends == {(k, c.offsets) for k, cs in parts[rank].items() for c in cs}  # every chunk it holds
