@@ -101,7 +101,7 @@ def split_pieces(files: Sequence[tuple[int, Sequence[Segment]]], world_size: int
         for k in range(first, world_size):
             if cuts[k] >= stop:
                 break
-            if cuts[k + 1] > start:
+            if cuts[k + 1] > start and cuts[k + 1] > cuts[k]:  # two cuts at one place: rank k writes nothing
                 mine.append(Piece(k, max(cuts[k], start) - start, min(cuts[k + 1], stop) - start))
         pieces.append(mine or [Piece(first, 0, nbytes)])
     return pieces

@@ -110,6 +110,17 @@ def test_between_tensors_only_without_row_cuts() -> None:
     assert sorted(n for names in owners for n in names) == [f"w{i:03d}" for i in range(8)]  # each whole, once
 
 
+def test_no_empty_piece_when_a_tensor_outweighs_several_shares() -> None:
+    """Whole tensors only, one far bigger than a rank's share: several cuts fall on the same place, and the ranks
+    between them write nothing rather than an empty piece (the write path has no tensor to feed it)."""
+    shapes = [(4000, 64), *[(10, 64)] * 6]
+    plan = build_plan(metas(shapes), dtype=None, max_shard_size=10**9, world_size=8, row_cuts=False)
+    check_cover(plan)
+    assert all(p.nbytes > 0 for f in plan.files for p in f.ranges)
+    assert all(share.parts for r in range(8) for share in shares_for(plan, r))
+    assert sum(1 for r in range(8) if plan.bytes_for(r) == 0) > 0  # the ranks the big tensor crowds out
+
+
 def test_quantized_weights_stay_whole() -> None:
     tensors = [TensorMeta(f"k{i}", f"layers.{i}.proj.weight", (256, 128), torch.float32) for i in range(6)]
     quant = {t.name: "fp8" for t in tensors}
