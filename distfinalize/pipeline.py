@@ -325,13 +325,13 @@ def abandon(ctx: DistContext, staging: Path, exc: BaseException, owned: bool) ->
         remove_staging(staging)
     if isinstance(error, DistfinalizeError) and keep and (owned or not ctx.is_rank0) and staging.exists():
         extra = (
-            f"--resume will reuse the {finished} finished file(s) kept in {staging}"
+            f"--resume will reuse the {finished} kept in {staging}"
             if finished
             else f"remove {staging} (nothing in it is finished), or pass --resume"
         )
         error.hint = f"{error.hint}; {extra}" if error.hint else extra
     elif not isinstance(error, DistfinalizeError) and ctx.is_rank0 and staging.exists():
-        log.warning("kept %s: --resume will reuse its %d finished file(s)", staging, finished)
+        log.warning("kept %s: --resume will reuse its %s", staging, finished)
     return error
 
 

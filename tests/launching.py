@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import TIMEOUT_S, check_ok, env, finalize, tree_digest
+from support import TIMEOUT_S, check_ok, env, finalize, output_digest
 
 VARIANT = "untied-optim"  # model + optimizer state (the optimizer is skipped)
 ARGS = ("--max-shard-size", "100KB")  # several output files, so that every rank writes
@@ -59,14 +59,14 @@ def wait_all(procs: list[subprocess.Popen], timeout: float = TIMEOUT_S) -> list[
 
 
 def reference_digest(src: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """sha256 of every file a plain 2-rank torchrun run writes from `src` (once per session and source).
+    """output_digest of what a plain 2-rank torchrun run writes from `src` (once per session and source).
 
     DEST's basename appears in the model card, so every run compared with it writes to a dir named `model`.
     """
     if src not in _references:
         dest = tmp_path_factory.mktemp("reference") / "model"
         check_ok(finalize(src, dest, *ARGS, nproc=2))
-        _references[src] = tree_digest(dest)
+        _references[src] = output_digest(dest)
     return _references[src]
 
 

@@ -97,6 +97,28 @@ def tree_digest(root: Path) -> dict[str, str]:
     return out
 
 
+def output_digest(root: Path) -> dict[str, str]:
+    """tree_digest of an output dir, with its manifest's checksums left out (their sizes kept): a file several
+    ranks write records a sha256 per piece, and the pieces depend on the world size. Every other file, the
+    weights included, must match byte for byte."""
+    out = tree_digest(root)
+    manifest = root / "distfinalize-manifest.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        data["files"] = {name: entry["size"] for name, entry in data["files"].items()}
+        out[manifest.name] = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    return out
+
+
+def finished_text(staging: Path) -> str:
+    """How the error hint names what --resume will reuse from `staging`'s progress records: whole files, and the
+    pieces ("file@start-stop") of files several ranks write."""
+    names = [p.stem for p in (staging / ".progress").glob("*.json")]
+    pieces = sum(1 for n in names if "@" in n)
+    text = f"{len(names) - pieces} finished file(s)"
+    return text + (f" and {pieces} finished piece(s) of shared files" if pieces else "")
+
+
 def error_lines(stderr: str) -> list[str]:
     """The lines distfinalize itself printed as errors."""
     return [line for line in stderr.splitlines() if "distfinalize: error:" in line]

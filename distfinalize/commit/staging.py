@@ -172,12 +172,18 @@ def _content_digest(path: Path) -> str | None:
     return None
 
 
-def finished_files(staging: Path) -> int:
-    """How many output files the staging dir records as finished (what --resume would reuse). Runs on: any rank."""
+def finished_files(staging: Path) -> str:
+    """What the staging dir records as finished (what --resume would reuse): "N finished file(s)", and the pieces
+    of files several ranks write ("file@start-stop" records); "" when nothing is. Runs on: any rank."""
     try:
-        return sum(1 for p in (staging / PROGRESS_DIR).glob("*.json"))
+        names = [p.stem for p in (staging / PROGRESS_DIR).glob("*.json")]
     except OSError:
-        return 0
+        return ""
+    pieces = sum(1 for n in names if "@" in n)
+    files = len(names) - pieces
+    if not names:
+        return ""
+    return f"{files} finished file(s)" + (f" and {pieces} finished piece(s) of shared files" if pieces else "")
 
 
 def commit(staging: Path, dest: Path) -> None:

@@ -23,6 +23,7 @@ outcome = distfinalize.finalize(sys.argv[1], sys.argv[2], max_shard_size="60KB")
 total = torch.ones(1)
 dist.all_reduce(total)  # the job's group goes on working after the finalize
 print(f"rank {dist.get_rank()}: after finalize, all_reduce gives {int(total.item())}", flush=True)
+dist.barrier()  # no rank tears gloo down while the other is still in a collective
 dist.destroy_process_group()
 """
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from launching import ARGS, VARIANT, assert_nothing_written, bare_env, free_port, reference_digest, wait_all
-from support import TIMEOUT_S, error_lines, tree_digest
+from support import TIMEOUT_S, error_lines, output_digest
 
 pytestmark = pytest.mark.dist
 
@@ -42,7 +42,7 @@ def test_run_two_ranks_writes_torchruns_output(fsdp2_runs: Path, tmp_path: Path,
     dest = tmp_path / "model"
     result = run_command("--nproc-per-node", "2", fsdp2_runs / VARIANT, dest, *ARGS)
     assert result.returncode == 0, result.stderr
-    assert tree_digest(dest) == reference
+    assert output_digest(dest) == reference
     assert foreign_lines(result) == []
     assert "[rank0] INFO wrote" in result.stderr and "[rank1] INFO" not in result.stderr
 
@@ -59,7 +59,7 @@ def test_run_two_nodes_meet_at_the_endpoint(fsdp2_runs: Path, tmp_path: Path, re
     ]
     results = wait_all(agents)
     assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
-    assert tree_digest(dest) == reference
+    assert output_digest(dest) == reference
 
 
 def test_run_failure_is_one_line_and_its_exit_code(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from launching import ARGS, VARIANT, assert_nothing_written, reference_digest
-from support import REPO, tree_digest
+from support import REPO, output_digest
 
 from distfinalize.dist.launch import expand_nodelist
 
@@ -40,7 +40,7 @@ def test_cpu_script_plain_srun(slurm, fsdp2_runs: Path, tmp_path: Path, referenc
     assert code == 0, log
     for rank in (0, 1):
         assert f"[rank{rank}] DEBUG launched by slurm: rank {rank} of 2" in log, log
-    assert tree_digest(dest) == reference
+    assert output_digest(dest) == reference
 
 
 def test_multinode_script_two_agents(slurm, fsdp2_runs: Path, tmp_path: Path, reference: dict[str, str]) -> None:
@@ -62,7 +62,7 @@ def test_multinode_script_two_agents(slurm, fsdp2_runs: Path, tmp_path: Path, re
     assert f"2 agent(s) x 1 rank(s), rendezvous {slurm.node}:" in log, log
     for rank in (0, 1):
         assert f"[rank{rank}] DEBUG launched by torchrun: rank {rank} of 2" in log, log
-    assert tree_digest(dest) == reference
+    assert output_digest(dest) == reference
 
 
 def test_failing_rank_fails_the_job(slurm, fsdp2_runs: Path, tmp_path: Path) -> None:

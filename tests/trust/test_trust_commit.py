@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support import error_lines, our_traceback
+from support import error_lines, finished_text, our_traceback
 from trust_runs import ARGS, finished_records, one_error_line, run, staging_of, verify
 
 pytestmark = pytest.mark.dist
@@ -45,7 +45,7 @@ def test_failure_before_the_decision_writes_no_dest(fsdp2_runs: Path, tmp_path: 
     assert not our_traceback(out), out
     assert staging_of(dest).exists() == kept, out
     if kept:
-        assert f"--resume will reuse the {finished_records(dest)} finished file(s)" in line, line
+        assert f"--resume will reuse the {finished_text(staging_of(dest))} kept in" in line, line
         assert finished_records(dest) > 0
 
 

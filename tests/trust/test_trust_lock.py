@@ -40,4 +40,5 @@ def test_second_run_is_refused_while_the_first_writes(fsdp2_runs: Path, tmp_path
     # its owner is gone, so is the lock: --resume takes the staging dir over and reuses rank 0's files
     resumed = finalize_alone(fsdp2_runs / SRC, dest, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert resumed.stderr.count("resume: reusing") == 5 and dest.is_dir() and not staging_of(dest).exists()
+    # rank 0's 4 whole files (its piece of the 5th is cut for 2 ranks, so a single process writes that file anew)
+    assert resumed.stderr.count("resume: reusing") == 4 and dest.is_dir() and not staging_of(dest).exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import error_lines, our_traceback, tree_digest
+from support import error_lines, finished_text, our_traceback, tree_digest
 from trust_runs import ARGS, finished_records, one_error_line, run, staging_of, verify
 
 from distfinalize.commit.staging import source_identity
@@ -55,14 +55,14 @@ def kill_at_commit(src: Path, dest: Path, log: Path) -> int:
     assert code != 0 and not dest.exists(), out
     line = one_error_line(out)
     assert line.startswith("[rank1] ") and "rank 0 failed during commit" in line, line
-    assert f"--resume will reuse the {finished_records(dest)} finished file(s)" in line, line
+    assert f"--resume will reuse the {finished_text(staging_of(dest))} kept in" in line, line
     return finished_records(dest)
 
 
 @pytest.mark.dist
 def test_resume_after_the_source_was_resaved_is_refused(own_src: Path, tmp_path: Path) -> None:
     dest = tmp_path / "out"
-    assert kill_at_commit(own_src, dest, tmp_path / "killed.log") == 10
+    assert kill_at_commit(own_src, dest, tmp_path / "killed.log") == 11  # 10 files, one in two ranks' pieces
     resave_in_place(own_src / CKPT, seed=1)
 
     code, out = run(own_src, dest, *ARGS, "--resume", log=tmp_path / "resume.log")
@@ -88,7 +88,7 @@ def test_resume_with_the_source_untouched_reuses_every_file(own_src: Path, tmp_p
     files = kill_at_commit(own_src, resumed, tmp_path / "killed.log")
     code, out = run(own_src, resumed, *ARGS, "--resume", log=tmp_path / "resume.log")
     assert code == 0 and error_lines(out) == [], out
-    assert out.count("resume: reusing") == files == 10, out
+    assert out.count("resume: reusing") == files == 11, out  # 10 files, one in two ranks' pieces
     assert tree_digest(resumed) == tree_digest(dest)
 
 

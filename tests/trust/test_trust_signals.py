@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 from launching import bare_env, free_port, wait_all
-from support import error_lines, our_traceback, run_as_nobody
+from support import error_lines, finished_text, our_traceback, run_as_nobody
 from trust_runs import ARGS, finished_records, one_error_line, run, staging_of, start
 
 pytestmark = pytest.mark.dist
 
 SRC = "untied-model"
-RANK0_FILES = 5  # of the 10 files at 60KB, rank 0 writes 5
+RANK0_FILES = 5  # of the 10 files at 60KB, rank 0 writes 4 and its piece of the 5th: 5 progress records
 
 
 def wait_until(predicate, what: str, timeout: float = 120) -> None:
@@ -46,7 +46,8 @@ def test_signal_mid_write_one_line_for_the_job(fsdp2_runs: Path, tmp_path: Path,
     line = one_error_line(out)
     assert line.startswith("[rank0] "), line
     assert f"interrupted by {sig.name} during write: nothing was written to DEST" in line, line
-    assert f"--resume will reuse the {RANK0_FILES} finished file(s) kept in {staging_of(dest)}" in line, line
+    assert f"--resume will reuse the {finished_text(staging_of(dest))} kept in {staging_of(dest)}" in line, line
+    assert "4 finished file(s) and 1 finished piece(s) of shared files" in line, line
     assert finished_records(dest) == RANK0_FILES
     assert "KeyboardInterrupt" not in out and not our_traceback(out), out
     if sig == signal.SIGTERM:
@@ -68,7 +69,8 @@ def test_sigkilled_rank_is_named_not_interrupted(fsdp2_runs: Path, tmp_path: Pat
     line = one_error_line(out)
     assert line.startswith("[rank0] ") and "rank 1 failed during write: it died" in line, line
     assert "interrupted" not in line, line
-    assert "--resume will reuse the 5 finished file(s)" in line and not our_traceback(out), line
+    assert f"--resume will reuse the {finished_text(staging_of(dest))} kept" in line, line
+    assert "5 finished file(s) and 1 finished piece(s)" in line and not our_traceback(out), line
 
 
 def test_sigint_in_the_shutdown_barrier_no_traceback(fsdp2_runs: Path, tmp_path: Path) -> None:
