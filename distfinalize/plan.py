@@ -188,14 +188,20 @@ def plan_tensors(
 def split_into_files(tensors: Sequence[TensorPlan], max_shard_size: int) -> list[list[TensorPlan]]:
     """Group tensors into files no bigger than `max_shard_size` the way transformers does.
 
-    Uses huggingface_hub's splitter on meta tensors (no memory), so names and grouping match
+    Uses huggingface_hub's splitter (the factory `save_pretrained`'s torch splitter is built on), sized by each
+    tensor's output bytes and with no storage shared (as for meta tensors), so names and grouping match
     `save_pretrained`: in order, a new file when the next tensor would overflow, oversized tensors alone.
     """
-    from huggingface_hub import split_torch_state_dict_into_shards
+    from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
     by_name = {t.name: t for t in tensors}
-    meta = {t.name: torch.empty((t.nbytes,), dtype=torch.uint8, device="meta") for t in tensors}  # sized by bytes
-    split = split_torch_state_dict_into_shards(meta, filename_pattern=FILENAME_PATTERN, max_shard_size=max_shard_size)
+    split = split_state_dict_into_shards_factory(
+        {t.name: t.nbytes for t in tensors},
+        get_storage_size=lambda nbytes: nbytes,
+        get_storage_id=lambda _: None,
+        filename_pattern=FILENAME_PATTERN,
+        max_shard_size=max_shard_size,
+    )
     return [[by_name[n] for n in names] for names in split.filename_to_tensors.values()]
 
 

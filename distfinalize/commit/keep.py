@@ -14,11 +14,13 @@ import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-from torch.distributed.checkpoint.metadata import Metadata
+from typing import TYPE_CHECKING
 
 from distfinalize.errors import SourceError
 from distfinalize.sources.dcp_metadata import data_file, kept_file_name
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
 
 OPTIMIZER_CONTAINERS = frozenset({"optim", "optimizer", "optimizers", "optimizer_state", "optim_state"})
 ACCELERATE_OPTIMIZER_DIR = "optimizer_0"
@@ -101,6 +103,8 @@ def plan_optimizer_copy(source_dir: Path, metadata: Metadata, whole: bool) -> Op
             storage[index] = replace(info, relative_path=target, offset=offset)
             offset += info.length
         files.append(FileCopy(name, tuple(ranges), target))
+    from torch.distributed.checkpoint.metadata import Metadata
+
     new = Metadata(
         state_dict_metadata={k: metadata.state_dict_metadata[k] for k in keys},
         planner_data={k: v for k, v in paths.items() if k in wanted} or None,

@@ -11,15 +11,18 @@ import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from distfinalize.errors import SourceError
 from distfinalize.sources import SourceChunk, SourceFormat, SourceInfo, TensorMeta
 from distfinalize.sources.dcp_metadata import data_file, load_light, load_metadata
 from distfinalize.sources.dcp_table import ChunkTable, DcpShared, StoredChunk, model_table
 from distfinalize.sources.distcp import ChunkError, load_chunk, read_chunk
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,8 @@ def model_tensors(metadata: Metadata) -> tuple[tuple[TensorMeta, ...], int]:
     DCP records each flattened key's path in the original nested dict (`planner_data`), which tells
     `{"model": {...}}` containers apart from model names that merely start with "model.".
     """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
     tensors, skipped = [], 0
     for key, md in metadata.state_dict_metadata.items():

@@ -16,6 +16,7 @@ a bare name) and opened only inside the checkpoint folder. Runs on: every rank t
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import pathlib
@@ -24,12 +25,14 @@ import re
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.distributed.checkpoint import filesystem, metadata
 
 from distfinalize.errors import SourceError
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
 
 METADATA_FILE = ".metadata"
 # FileSystemWriter's names: f"{prefix}{file_count}.distcp" with prefix f"__{rank}_" (no leading zeros, no path).
@@ -49,13 +52,13 @@ _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
 _PATHS = ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")
 
 
-def _allowed() -> dict[tuple[str, str], object]:
-    """(module, name) -> the object, for every global real DCP metadata may name."""
-    allowed: dict[tuple[str, str], object] = {
-        (metadata.__name__, name): getattr(metadata, name) for name in _DCP_CLASSES
-    }
-    allowed[(filesystem.__name__, "_StorageInfo")] = filesystem._StorageInfo
-    allowed[("torch", "Size")] = torch.Size
+DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+DCP_FILESYSTEM_MODULE = "torch.distributed.checkpoint.filesystem"
+
+
+def _plain_allowed() -> dict[tuple[str, str], object]:
+    """(module, name) -> the object, for every global real DCP metadata may name outside DCP's own modules."""
+    allowed: dict[tuple[str, str], object] = {("torch", "Size"): torch.Size}
     # dtypes, layouts and memory formats pickle as `torch.<name>`; layouts also through serialization's lookup
     allowed.update({("torch", n): v for n, v in vars(torch).items() if isinstance(v, _TORCH_VALUES)})
     allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
@@ -66,7 +69,19 @@ def _allowed() -> dict[tuple[str, str], object]:
     return allowed
 
 
-ALLOWED_GLOBALS = _allowed()
+PLAIN_GLOBALS = _plain_allowed()
+
+
+@functools.cache
+def allowed_globals() -> dict[tuple[str, str], object]:
+    """(module, name) -> the object, for every global real DCP metadata may name: DCP's own classes (imported
+    here, on first use: finalize's light loader never needs them) and PLAIN_GLOBALS."""
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    allowed: dict[tuple[str, str], object] = {(DCP_METADATA_MODULE, n): getattr(metadata, n) for n in _DCP_CLASSES}
+    allowed[(DCP_FILESYSTEM_MODULE, "_StorageInfo")] = filesystem._StorageInfo
+    allowed.update(PLAIN_GLOBALS)
+    return allowed
 
 
 class RefusedGlobal(pickle.UnpicklingError):
@@ -78,23 +93,25 @@ class RefusedGlobal(pickle.UnpicklingError):
 
 
 class MetadataUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only ALLOWED_GLOBALS; persistent ids are refused by pickle itself."""
+    """An unpickler that resolves only allowed_globals(); persistent ids are refused by pickle itself."""
 
     def find_class(self, module: str, name: str) -> object:
         try:
-            return ALLOWED_GLOBALS[(module, name)]
+            return allowed_globals()[(module, name)]
         except KeyError:
             raise RefusedGlobal(module, name) from None
 
 
-class LightUnpickler(MetadataUnpickler):
-    """MetadataUnpickler that builds light stand-ins (plain attribute holders, `torch.Size` as a tuple) for DCP's
-    per-chunk classes: the same globals are allowed and refused, but no dataclass machinery runs per chunk. The
-    result is only read by `dcp_table.model_table`, which checks every field it takes."""
+class LightUnpickler(pickle.Unpickler):
+    """An unpickler that builds light stand-ins (plain attribute holders, `torch.Size` as a tuple) for DCP's
+    classes, by name, without importing DCP: the same globals as MetadataUnpickler are allowed and everything else
+    refused. The result is only read by `dcp_table.model_table`, which checks every field it takes."""
 
     def find_class(self, module: str, name: str) -> object:
-        found = super().find_class(module, name)
-        return LIGHT.get(found, found)
+        found = LIGHT_GLOBALS.get((module, name)) or PLAIN_GLOBALS.get((module, name))
+        if found is None:
+            raise RefusedGlobal(module, name)
+        return found
 
 
 class Light:
@@ -126,14 +143,32 @@ class LightBytes(Light):
     """Stands in for BytesStorageMetadata."""
 
 
-LIGHT: dict[object, object] = {
-    metadata.Metadata: LightMetadata,
-    metadata.TensorStorageMetadata: LightTensor,
-    metadata.ChunkStorageMetadata: LightChunk,
-    metadata.MetadataIndex: LightIndex,
-    metadata.BytesStorageMetadata: LightBytes,
-    filesystem._StorageInfo: LightStorage,
-    torch.Size: tuple,
+class LightProperties(Light):
+    """Stands in for TensorProperties, which pickles its fields as a tuple (dtype first)."""
+
+    def __setstate__(self, state: object) -> None:
+        if isinstance(state, tuple) and state:
+            self.dtype = state[0]
+        elif isinstance(state, dict):
+            self.__dict__.update(state)
+
+
+def _enum_value(value: object) -> object:
+    """Stands in for DCP's _MEM_FORMAT_ENCODING enum (pickled as a call with its value)."""
+    return value
+
+
+LIGHT_GLOBALS: dict[tuple[str, str], object] = {
+    (DCP_METADATA_MODULE, "Metadata"): LightMetadata,
+    (DCP_METADATA_MODULE, "TensorStorageMetadata"): LightTensor,
+    (DCP_METADATA_MODULE, "ChunkStorageMetadata"): LightChunk,
+    (DCP_METADATA_MODULE, "MetadataIndex"): LightIndex,
+    (DCP_METADATA_MODULE, "BytesStorageMetadata"): LightBytes,
+    (DCP_METADATA_MODULE, "TensorProperties"): LightProperties,
+    (DCP_METADATA_MODULE, "StorageMeta"): Light,
+    (DCP_METADATA_MODULE, "_MEM_FORMAT_ENCODING"): _enum_value,
+    (DCP_FILESYSTEM_MODULE, "_StorageInfo"): LightStorage,
+    ("torch", "Size"): tuple,
 }
 
 
@@ -150,12 +185,14 @@ def no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def load_metadata(folder: Path) -> metadata.Metadata:
+def load_metadata(folder: Path) -> Metadata:
     """`folder/.metadata`, safely unpickled and checked: every failure is one SourceError naming the file.
 
     The loader of DCP metadata as DCP's own objects (inspect, verify --source, --keep-optimizer); finalize's source
     reads it through `load_light` (dcp_table.py). Runs on: each rank that reads it.
     """
+    from torch.distributed.checkpoint import metadata
+
     path = folder / METADATA_FILE
     loaded = unpickle(path, MetadataUnpickler)
     if not isinstance(loaded, metadata.Metadata) or not all(
@@ -210,7 +247,12 @@ def not_metadata(path: Path) -> SourceError:
 def check_storage_entry(index: object, info: object, path: Path) -> None:
     """One entry of the storage index: a chunk key, and a bare DCP data file name with a byte range."""
     where = f"{path} (entry {getattr(index, 'fqn', index)!r})"
-    if not isinstance(index, metadata.MetadataIndex) or not isinstance(info, filesystem._StorageInfo):
+    globals_ = allowed_globals()
+    index_type, info_type = (
+        globals_[(DCP_METADATA_MODULE, "MetadataIndex")],
+        globals_[(DCP_FILESYSTEM_MODULE, "_StorageInfo")],
+    )
+    if not isinstance(index, index_type) or not isinstance(info, info_type):
         raise SourceError(
             "DCP metadata has a malformed storage entry",
             where=where,

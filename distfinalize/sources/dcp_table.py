@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from torch.distributed.checkpoint.metadata import TensorProperties
 
 from distfinalize.errors import SourceError
 from distfinalize.sources import TensorMeta
@@ -33,6 +32,7 @@ from distfinalize.sources.dcp_metadata import (
     LightChunk,
     LightIndex,
     LightMetadata,
+    LightProperties,
     LightStorage,
     LightTensor,
     check_data_file_name,
@@ -115,7 +115,7 @@ def tensor_header(md: LightTensor, key: str, path: Path) -> tuple[tuple[int, ...
     """A tensor entry's shape and dtype, checked."""
     size, props = getattr(md, "size", None), getattr(md, "properties", None)
     dtype = getattr(props, "dtype", None)
-    if not isinstance(props, TensorProperties) or not isinstance(dtype, torch.dtype):
+    if not isinstance(props, LightProperties) or not isinstance(dtype, torch.dtype):
         raise corrupt(path, f"{key!r} has no dtype")
     if type(size) is not tuple or not all(type(d) is int and d >= 0 for d in size):
         raise corrupt(path, f"{key!r} has the size {size!r}")

@@ -32,7 +32,7 @@ from support import (
 )
 
 from distfinalize.errors import SourceError
-from distfinalize.sources.dcp_metadata import ALLOWED_GLOBALS, load_metadata
+from distfinalize.sources.dcp_metadata import LIGHT_GLOBALS, PLAIN_GLOBALS, allowed_globals, load_metadata
 
 CKPT = Path("checkpoints") / "checkpoint-3"
 PAYLOADS = {"posix.system": "system", "builtins.exec": "exec"}  # the global each payload names -> its kind
@@ -110,9 +110,10 @@ def test_refuses_any_other_global_without_running_it(tmp_path: Path, reduce) -> 
 def test_allowlist_holds_no_callable_that_reaches_code() -> None:
     """The allowlist is data types, their constructors and torch's layout lookup: no module-level function
     besides `_get_layout`, nothing from os, subprocess, builtins' eval/exec/getattr/open, or torch.load."""
-    functions = {f"{m}.{n}" for (m, n), v in ALLOWED_GLOBALS.items() if not isinstance(v, type) and callable(v)}
+    allowed = allowed_globals()
+    functions = {f"{m}.{n}" for (m, n), v in allowed.items() if not isinstance(v, type) and callable(v)}
     assert functions == {"torch.serialization._get_layout"}
-    modules = {m for m, _ in ALLOWED_GLOBALS}
+    modules = {m for m, _ in allowed}
     assert modules <= {
         "torch",
         "torch.serialization",
@@ -123,7 +124,9 @@ def test_allowlist_holds_no_callable_that_reaches_code() -> None:
         "collections",
         "builtins",
     }
-    assert {n for m, n in ALLOWED_GLOBALS if m == "builtins"} == {"set", "frozenset", "complex"}
+    assert {n for m, n in allowed if m == "builtins"} == {"set", "frozenset", "complex"}
+    # finalize's light loader resolves exactly the same names, DCP's own to stand-ins that run no code of theirs
+    assert set(LIGHT_GLOBALS) | set(PLAIN_GLOBALS) == set(allowed)
 
 
 @pytest.mark.parametrize(
