@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pickle
 import re
 from typing import Any
 
@@ -103,11 +104,44 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+SCATTER_WINDOW = 32  # sends rank 0 keeps in flight while scattering: its extra memory is this many parts
+
+
 def scatter_object(objs: list[Any] | None, world_size: int, is_rank0: bool, group: Any = None) -> Any:
-    """Item r of rank 0's `objs` on rank r: each rank receives only its own (one pickle per rank, padded to the
-    largest by torch). Runs on: all ranks together (DistContext.run_step with scatter=True)."""
+    """Item r of rank 0's `objs` on rank r: rank 0 pickles each part and sends it to its rank alone, a size then
+    the bytes, a window of ranks at a time; so every rank receives only its own part's bytes (no padding to the
+    largest) and rank 0 holds at most SCATTER_WINDOW pickled parts beside `objs`. Runs on: all ranks together
+    (DistContext.run_step with scatter=True)."""
     if world_size == 1:
         return objs[0] if objs else None
-    box: list[Any] = [None]
-    dist.scatter_object_list(box, objs if is_rank0 else None, src=0, group=group)
-    return box[0]
+    if not is_rank0:
+        size = torch.zeros(1, dtype=torch.int64)
+        dist.recv(size, group_src=0, group=group, tag=_SIZE_TAG)
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.recv(data, group_src=0, group=group, tag=_DATA_TAG)
+        return pickle.loads(memoryview(data.numpy()))
+    assert objs is not None and len(objs) == world_size
+    in_flight: list[tuple[Any, ...]] = []
+    for rank in range(1, world_size):
+        data = torch.frombuffer(
+            bytearray(pickle.dumps(objs[rank], protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8
+        )
+        size = torch.tensor([data.numel()], dtype=torch.int64)
+        sends = [
+            dist.isend(t, group_dst=rank, group=group, tag=tag) for t, tag in ((size, _SIZE_TAG), (data, _DATA_TAG))
+        ]
+        in_flight.append((size, data, *sends))
+        if len(in_flight) >= SCATTER_WINDOW:
+            _wait(in_flight.pop(0))
+    for sent in in_flight:
+        _wait(sent)
+    return objs[0]
+
+
+_SIZE_TAG, _DATA_TAG = 71, 72
+
+
+def _wait(sent: tuple[Any, ...]) -> None:
+    for work in sent[2:]:
+        if work is not None:
+            work.wait()
