@@ -55,7 +55,7 @@ def lock_staging(staging: Path) -> StagingLock:
     """Take the staging dir's lock, or refuse: another run (pid N on host H) holds it. Runs on: rank 0."""
     path = staging / PROGRESS_DIR / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except FileNotFoundError:  # no .progress: being made, or being committed, by another run
         raise DestinationError(
             "another distfinalize run is writing to",

@@ -227,8 +227,9 @@ class SafetensorsWriter:
 
 def open_output(path: Path, direct: bool, truncate: bool = True) -> tuple[int, bool]:
     """Open `path` for writing, with O_DIRECT when asked and the platform and file system take it; created when
-    missing, emptied first only with `truncate` (one writer for the whole file)."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else 0)
+    missing, emptied first only with `truncate` (one writer for the whole file). A symlink in its place is refused
+    (ELOOP): a resumed run reopens files in a staging dir it did not just create."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
     if direct and hasattr(os, "O_DIRECT"):
         try:
             return os.open(path, flags | os.O_DIRECT, 0o644), True

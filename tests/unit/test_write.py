@@ -156,3 +156,17 @@ def test_a_missing_block_is_caught(tmp_path: Path) -> None:
         writer.close()
     with pytest.raises(ValueError, match="at row 3"):
         SafetensorsWriter(tmp_path / "y.safetensors", plan).write("a", torch.zeros(2, 2), row=3)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("truncate", [True, False])
+def test_a_symlink_in_the_output_place_is_refused(tmp_path: Path, direct: bool, truncate: bool) -> None:
+    """A file reopened in a staging dir (a resumed run) is never written through a link planted in its place."""
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"keep")
+    link = tmp_path / "model-00001-of-00002.safetensors"
+    link.symlink_to(target)
+    with pytest.raises(OSError) as caught:
+        writer_module.open_output(link, direct, truncate)
+    assert caught.value.errno == errno.ELOOP
+    assert target.read_bytes() == b"keep"
