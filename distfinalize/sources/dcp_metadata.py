@@ -103,7 +103,7 @@ class MetadataUnpickler(pickle.Unpickler):
 
 
 class LightUnpickler(pickle.Unpickler):
-    """An unpickler that builds light stand-ins (plain attribute holders, `torch.Size` as a tuple) for DCP's
+    """An unpickler that builds light stand-ins (attribute holders and dicts, `torch.Size` as a tuple) for DCP's
     classes, by name, without importing DCP: the same globals as MetadataUnpickler are allowed and everything else
     refused. The result is only read by `dcp_table.model_table`, which checks every field it takes."""
 
@@ -115,8 +115,20 @@ class LightUnpickler(pickle.Unpickler):
 
 
 class Light:
-    """An attribute holder: what NEWOBJ + BUILD make of a DCP dataclass under LightUnpickler. Hashed by identity
-    (so a storage index loads as a dict without running a dataclass __hash__ per chunk)."""
+    """An attribute holder: what NEWOBJ + BUILD make of a DCP dataclass under LightUnpickler."""
+
+
+class LightRecord(dict):
+    """What NEWOBJ + BUILD make of the dataclasses DCP pickles once per chunk (the chunk, its storage key and its
+    storage entry) under LightUnpickler: a dict of the pickled fields, filled by `dict.update` (no Python code runs
+    per object), hashed and compared by identity (so a storage index loads as a dict without running a dataclass
+    __hash__ per chunk)."""
+
+    __slots__ = ()
+    __setstate__ = dict.update
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
 
 
 class LightMetadata(Light):
@@ -127,16 +139,23 @@ class LightTensor(Light):
     """Stands in for TensorStorageMetadata."""
 
 
-class LightChunk(Light):
-    """Stands in for ChunkStorageMetadata."""
+class LightChunk(LightRecord):
+    """Stands in for ChunkStorageMetadata: {"offsets": ..., "sizes": ...}."""
+
+    __slots__ = ()
 
 
-class LightIndex(Light):
-    """Stands in for MetadataIndex."""
+class LightIndex(LightRecord):
+    """Stands in for MetadataIndex: {"fqn": ..., "offset": ..., "index": ...}."""
+
+    __slots__ = ()
 
 
-class LightStorage(Light):
-    """Stands in for filesystem._StorageInfo."""
+class LightStorage(LightRecord):
+    """Stands in for filesystem._StorageInfo: {"relative_path": ..., "offset": ..., "length": ...} (and
+    "transform_descriptors" when set)."""
+
+    __slots__ = ()
 
 
 class LightBytes(Light):

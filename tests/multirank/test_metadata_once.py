@@ -18,7 +18,9 @@ from support import check_ok, finalize, read_output
 from distfinalize.errors import SourceError
 from distfinalize.plan import build_plan
 from distfinalize.prepare.chunks import plan_parts, reading_parts
-from distfinalize.sources.dcp import DcpSource
+from distfinalize.sources.dcp import DcpSource, _model_name
+from distfinalize.sources.dcp_metadata import load_light
+from distfinalize.sources.dcp_table import bulk_table, checked_table, model_table
 from distfinalize.write.rank import DataPath, exchange_schedule, relink, shares_for, split_schedule
 
 pytestmark = pytest.mark.dist
@@ -101,3 +103,17 @@ def test_exchange_each_rank_receives_its_files_chunks_and_its_part_of_the_schedu
             assert all(a.tensor is b.tensor for a, b in zip(mine, built, strict=True))  # its own TensorPlan objects
         sends = {(t.chunk.key, t.chunk.offsets) for r in part.rounds for t in r.sent_by(rank)}
         assert sends == {(k, c.offsets) for k, cs in parts[rank].items() for c in cs}  # every chunk it holds
+
+
+def test_the_bulk_check_builds_the_per_chunk_tables_table(dtensor_run: Path) -> None:
+    """DTensors saved by 3 ranks (uneven row and column shards): the bulk check accepts the real metadata and builds
+    exactly the per-chunk check's table, also when the storage index lists the entries in another order than the
+    chunk lists (joined by offsets then)."""
+    path = dtensor_run / "checkpoint-0"
+    loaded = load_light(path)
+    shared, _ = model_table(loaded, path, _model_name)
+    tensors = list(shared.tensors)
+    assert any(len(md.chunks) > 1 for md in loaded.state_dict_metadata.values() if hasattr(md, "chunks"))
+    for order in (list, lambda items: list(reversed(items))):
+        loaded.storage_data = dict(order(list(loaded.storage_data.items())))
+        assert bulk_table(loaded, tensors) == checked_table(loaded, tensors, path)
