@@ -2,7 +2,8 @@
 the tensor table and exactly the chunk lists it reads.
 
 The end-to-end test watches every `open` of every rank through a Python audit hook (a `sitecustomize` put on the
-ranks' PYTHONPATH), so it observes the processes themselves, not a counter the library keeps. The trimming tests
+ranks' PYTHONPATH), so it observes the processes themselves, not a counter the library keeps; with --keep-optimizer
+too. The trimming tests
 are pure: they split a real DCP checkpoint's table (DTensors saved by 3 ranks, uneven row/column shards) as rank 0
 does, and check each rank's part against what its plan reads.
 """
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from support import check_ok, finalize, read_output
+from torch.distributed.checkpoint import FileSystemReader
 
 from distfinalize.errors import SourceError
 from distfinalize.plan import build_plan
@@ -42,25 +45,59 @@ if _log:
 """
 
 
+def watch_opens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every rank's opens of a `.metadata` logged to `<returned>.<RANK>` by the audit hook."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOOK)
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    monkeypatch.setenv("DISTFINALIZE_TEST_OPEN_LOG", str(tmp_path / "opened"))
+    return tmp_path / "opened"
+
+
 @pytest.mark.parametrize("strategy", ["read", "exchange"])
 def test_only_rank0_opens_the_metadata(
     fsdp2_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str
 ) -> None:
     """3 ranks over a checkpoint with optimizer state: rank 0 opens `.metadata` (to unpickle it, and to hash it
     for --resume); ranks 1 and 2 never do. The output is still bit-exact."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(HOOK)
-    monkeypatch.setenv("PYTHONPATH", str(hook))
-    monkeypatch.setenv("DISTFINALIZE_TEST_OPEN_LOG", str(tmp_path / "opened"))
+    log = watch_opens(tmp_path, monkeypatch)
     run, dest = fsdp2_runs / "untied-optim", tmp_path / "out" / "model"
     args = ("--max-shard-size", "60KB", "--read-batch", "20KB", "--strategy", strategy)
     check_ok(finalize(run, dest, *args, nproc=3))
-    assert sorted(p.name for p in tmp_path.glob("opened.*")) == ["opened.0"]
+    assert sorted(p.name for p in tmp_path.glob("opened.*")) == [f"{log.name}.0"]
     tensors, _ = read_output(dest)
     reference = torch.load(run / "reference.pt")
     assert set(tensors) == set(reference)
     assert all(torch.equal(tensors[k], reference[k]) for k in tensors)
+
+
+def test_keep_optimizer_reads_the_metadata_on_rank0_only(
+    fsdp2_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--keep-optimizer on 3 ranks: rank 0 reads the source `.metadata` and writes the kept optimizer's; ranks 1
+    and 2 open neither, and copy their share of the optimizer files from what rank 0 sent them. The kept optimizer
+    state loads with DCP equal to the source's."""
+    log = watch_opens(tmp_path, monkeypatch)
+    run, dest = fsdp2_runs / "untied-optim", tmp_path / "out"
+    check_ok(finalize(run, dest, "--max-shard-size", "60KB", "--keep-checkpoint", "--keep-optimizer", nproc=3))
+    assert sorted(p.name for p in tmp_path.glob("opened.*")) == [f"{log.name}.0"]
+    kept, source_dir = dest / "checkpoints" / "checkpoint-3" / "optimizer", run / "checkpoints" / "checkpoint-3"
+    opened = set(Path(f"{log}.0").read_text().split())
+    assert str(source_dir / ".metadata") in opened and any(p.endswith("/optimizer/.metadata") for p in opened)
+    kept_md = FileSystemReader(str(kept)).read_metadata()
+    source_md = FileSystemReader(str(source_dir)).read_metadata()
+    assert set(kept_md.state_dict_metadata) == {k for k in source_md.state_dict_metadata if k.startswith("optim.")}
+    assert len(list(kept.glob("*.distcp"))) == 2  # the two training ranks' files: copied by ranks 0 and 1
+    tensors = {k: m for k, m in kept_md.state_dict_metadata.items() if hasattr(m, "size")}
+
+    def load(path: Path) -> dict[str, torch.Tensor]:
+        state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in tensors.items()}
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        return state
+
+    ours, theirs = load(kept), load(source_dir)
+    assert tensors and all(torch.equal(ours[k], theirs[k]) for k in tensors)
 
 
 @pytest.mark.parametrize("world", [2, 3, 5])
