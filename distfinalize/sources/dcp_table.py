@@ -21,7 +21,7 @@ import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from itertools import chain, repeat
+from itertools import chain, compress, repeat
 from operator import add, itemgetter
 from pathlib import Path
 from typing import NamedTuple
@@ -152,9 +152,10 @@ def bulk_table(loaded: LightMetadata, tensors: list[TensorMeta]) -> tuple[ChunkT
     what DCP writes (a type, a count, a bound, a missing, spare or repeated entry, a transform), so the per-chunk
     check runs and decides.
 
-    The storage index is joined to the chunk lists by grouping its entries by tensor (a stable sort on small ints)
-    and comparing each group's offsets with the chunk list's: DCP lists both in the order the ranks saved them,
-    and a group in another order is joined through a dict of its own entries."""
+    The storage index is read field by field in its own order (rank by rank, as DCP writes it: each entry's
+    objects lie together in memory), checked, and grouped by tensor (a stable sort on small ints); each group's
+    offsets are compared with the tensor's chunk list, which DCP lists in the same rank order (a group in another
+    order is joined by offsets)."""
     storage = loaded.storage_data
     if type(storage) is not dict:
         raise Irregular
@@ -167,31 +168,52 @@ def bulk_table(loaded: LightMetadata, tensors: list[TensorMeta]) -> tuple[ChunkT
     position = {t.key: i for i, t in enumerate(tensors)}
     try:
         owner = list(map(position.get, map(_FQN, keys), repeat(-1)))  # -1: not a model tensor's entry
-    except (KeyError, TypeError):  # a key without its field, or an unhashable one
+        if -1 in owner:  # optimizer and trainer entries: not looked at further
+            model = list(compress(range(len(keys)), map((-1).__ne__, owner)))
+            keys, infos, owner = (list(map(column.__getitem__, model)) for column in (keys, infos, owner))
+        columns = [list(map(_OFFSET, keys)), *(list(map(field, infos)) for field in (_FILE, _OFFSET, _LENGTH))]
+    except (KeyError, TypeError):  # an entry without a field, or an unhashable one
         raise Irregular from None
-    order = sorted(range(len(keys)), key=owner.__getitem__)[owner.count(-1) :]
+    if infos and not regular_entries(*columns[1:], infos):
+        raise Irregular
+    order = sorted(range(len(keys)), key=owner.__getitem__)
     lengths = list(map(len, lists))
     if list(map(owner.__getitem__, order)) != list(chain.from_iterable(map(repeat, range(len(tensors)), lengths))):
         raise Irregular  # a tensor with more or fewer storage entries than chunks
-    try:
-        stored = list(map(_OFFSET, map(keys.__getitem__, order)))
-    except KeyError:
-        raise Irregular from None
-    infos = list(map(infos.__getitem__, order))
+    stored, names, starts, sizes = (list(map(column.__getitem__, order)) for column in columns)
+    files = data_files(names)
     table: ChunkTable = {}
-    files: dict[str, int | None] = {}
-    start = 0
+    at = 0
     for t, chunks, n in zip(tensors, lists, lengths, strict=True):
-        table[t.key] = bulk_chunks(t, chunks, stored[start : start + n], infos[start : start + n], files)
-        start += n
+        places = slice(at, at + n)
+        table[t.key] = bulk_chunks(t, chunks, stored[places], names[places], starts[places], sizes[places])
+        at += n
     return table, files
 
 
+def regular_entries(names: list, starts: list, lengths: list, infos: list[LightStorage]) -> bool:
+    """Whether storage entries (as columns) name files by str with int byte ranges, none negative, no transform."""
+    if set(map(type, names)) != {str} or {*map(type, starts), *map(type, lengths)} != {int}:
+        return False
+    return min(starts) >= 0 and min(lengths) >= 0 and not any(map(dict.get, infos, repeat("transform_descriptors")))
+
+
+def data_files(names: list[str]) -> dict[str, int | None]:
+    """Each data file named (in order of first use) -> its writer rank, every name a DCP data file name."""
+    files: dict[str, int | None] = {}
+    for name in dict.fromkeys(names):
+        match = DATA_FILE.fullmatch(name)
+        if match is None:
+            raise Irregular
+        files[name] = int(match.group(1))
+    return files
+
+
 def bulk_chunks(
-    t: TensorMeta, chunks: list, stored: list, infos: list[LightStorage], files: dict[str, int | None]
+    t: TensorMeta, chunks: list, stored: list, names: list[str], starts: list[int], lengths: list[int]
 ) -> tuple[StoredChunk, ...]:
-    """`stored` for every chunk of `t`'s chunk list at once, given its storage entries (`infos`, at the offsets
-    `stored`, as many as chunks)."""
+    """`stored` for every chunk of `t`'s chunk list at once, given its storage entries as columns (as many as
+    chunks): offsets, file names, byte ranges (their types already checked)."""
     if not chunks:
         return ()
     if set(map(type, chunks)) - {LightChunk}:
@@ -214,26 +236,13 @@ def bulk_chunks(
                 raise Irregular
     if stored != offsets:  # saved in another order: join by offsets
         try:
-            by_offsets = dict(zip(stored, infos, strict=True))
-            if len(by_offsets) != len(infos):
+            place = dict(zip(stored, range(len(stored)), strict=True))
+            if len(place) != len(stored):
                 raise Irregular
-            infos = list(map(by_offsets.pop, offsets))
+            perm = list(map(place.pop, offsets))
         except (KeyError, TypeError):  # an offset with no entry, or an unhashable one
             raise Irregular from None
-    try:
-        names, starts, lengths = list(map(_FILE, infos)), list(map(_OFFSET, infos)), list(map(_LENGTH, infos))
-    except KeyError:
-        raise Irregular from None
-    if set(map(type, names)) != {str} or {*map(type, starts), *map(type, lengths)} != {int}:
-        raise Irregular
-    if min(starts) < 0 or min(lengths) < 0 or any(map(dict.get, infos, repeat("transform_descriptors"))):
-        raise Irregular
-    for name in dict.fromkeys(names):
-        if name not in files:
-            match = DATA_FILE.fullmatch(name)
-            if match is None:
-                raise Irregular
-            files[name] = int(match.group(1))
+        names, starts, lengths = (list(map(column.__getitem__, perm)) for column in (names, starts, lengths))
     return tuple(map(_NEW_CHUNK, zip(range(len(chunks)), offsets, sizes, names, starts, lengths, repeat(()))))
 
 
