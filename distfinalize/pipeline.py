@@ -47,8 +47,7 @@ from distfinalize.commit.keep import (
     OptimizerCopy,
     checkpoint_dir_name,
     copy_optimizer_files,
-    optimizer_source,
-    plan_optimizer_copy,
+    plan_copy,
     share_optimizer_copy,
 )
 from distfinalize.commit.manifest import MANIFEST
@@ -262,7 +261,7 @@ def plan_optimizer(config: FinalizeConfig, prepared: Prepared, ctx: DistContext)
             where=prepared.source.info.path,
             hint="drop --keep-optimizer",
         )
-    return share_optimizer_copy(ctx, lambda: plan_optimizer_copy(*optimizer_source(prepared.source.info.path)))
+    return share_optimizer_copy(ctx, lambda: plan_copy(prepared.source.info.path))
 
 
 def stage(

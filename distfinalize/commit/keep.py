@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distfinalize.errors import SourceError
-from distfinalize.sources.dcp_metadata import data_file, kept_file_name
+from distfinalize.sources.dcp_metadata import data_file, kept_file_name, no_gc
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
@@ -94,6 +94,14 @@ def optimizer_source(model_dir: Path, metadata: Metadata | None = None) -> tuple
     if (sibling / ".metadata").is_file():
         return sibling, read_metadata(sibling), True
     return model_dir, metadata if metadata is not None else read_metadata(model_dir), False
+
+
+def plan_copy(model_dir: Path) -> OptimizerCopy:
+    """The optimizer copy of the checkpoint at `model_dir`: its metadata read and the copy planned with the cyclic
+    collector paused (the loaded metadata is millions of objects for a large checkpoint, all alive until the plan
+    is made, and freed before the collector resumes). Runs on: rank 0."""
+    with no_gc():
+        return plan_optimizer_copy(*optimizer_source(model_dir))
 
 
 def plan_optimizer_copy(source_dir: Path, metadata: Metadata, whole: bool) -> OptimizerCopy:

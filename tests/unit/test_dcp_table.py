@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from distfinalize.errors import SourceError
 from distfinalize.sources import dcp_table
 from distfinalize.sources.dcp import DcpSource
-from distfinalize.sources.dcp_metadata import load_metadata
+from distfinalize.sources.dcp_metadata import load_metadata, storage_regular
 from distfinalize.sources.dcp_table import in_files, trim
 
 
@@ -49,6 +49,7 @@ def test_model_tensors_kept_optimizer_entries_counted(tmp_path: Path, monkeypatc
     ran = per_chunk_check_ran(monkeypatch)
     source = DcpSource(path)
     assert ran == []  # a real checkpoint passes the bulk check
+    assert storage_regular(load_metadata(path).storage_data)  # and the strict loader's bulk check
     assert {t.name: (t.shape, t.dtype) for t in source.tensors} == {
         k: (tuple(v.shape), v.dtype) for k, v in model.items()
     }
