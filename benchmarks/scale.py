@@ -9,8 +9,9 @@ every chunk checked), the shared tensor table and the chunk lists each rank rece
 `reading_parts`), `build_plan`, and the exchange schedule rank 0 builds and splits (`exchange_schedule`,
 `split_schedule`). It reports, per model and world size:
 
-- the `.metadata` pickle rank 0 alone reads, and its CPU to load, check and tabulate it (measured on a sample of
-  the tensors and scaled by the chunk count: both are linear in chunks);
+- the `.metadata` pickle rank 0 alone reads, and its CPU to load, check and tabulate it and free the loaded
+  objects (measured on a sample of the tensors and scaled by the chunk count: both are linear in chunks;
+  `benchmarks/metadata_load.py` breaks it down);
 - the metadata every other rank receives: the tensor table broadcast once, plus the largest rank's own chunk lists
   (`--strategy read`: those of the tensors it writes; `exchange`: those stored in the files it reads, plus its
   part of the schedule where the schedule is built); and the bytes the step collectives move (the status byte
