@@ -10,6 +10,8 @@ does, and check each rank's part against what its plan reads.
 
 from __future__ import annotations
 
+import pickle
+import random
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ from distfinalize.plan import build_plan
 from distfinalize.prepare.chunks import plan_parts, reading_parts
 from distfinalize.sources.dcp import DcpSource, _model_name
 from distfinalize.sources.dcp_metadata import load_light
-from distfinalize.sources.dcp_table import bulk_table, checked_table, model_table
+from distfinalize.sources.dcp_table import Irregular, bulk_table, checked_table, model_table
 from distfinalize.write.rank import DataPath, exchange_schedule, relink, shares_for, split_schedule
 
 pytestmark = pytest.mark.dist
@@ -154,3 +156,65 @@ def test_the_bulk_check_builds_the_per_chunk_tables_table(dtensor_run: Path) -> 
     for order in (list, lambda items: list(reversed(items))):
         loaded.storage_data = dict(order(list(loaded.storage_data.items())))
         assert bulk_table(loaded, tensors) == checked_table(loaded, tensors, path)
+
+
+def _edits(loaded) -> list:
+    """Ways to corrupt (or merely reorder) light metadata: each takes the loaded objects and changes them."""
+    model = [k for k in loaded.state_dict_metadata if k.startswith("model.")]
+    entries = lambda key: [(i, v) for i, v in loaded.storage_data.items() if i["fqn"] == key]  # noqa: E731
+    chunks = lambda key: loaded.state_dict_metadata[key].chunks  # noqa: E731
+    big = max(model, key=lambda k: len(chunks(k)))
+
+    def put(key, field, value):
+        return lambda: chunks(key)[0].__setitem__(field, value)
+
+    def entry(key, field, value):
+        return lambda: entries(key)[0][1].__setitem__(field, value)
+
+    def index(key, field, value):
+        return lambda: entries(key)[0][0].__setitem__(field, value)
+
+    return [
+        lambda: chunks(big).reverse(),
+        lambda: random.Random(0).shuffle(chunks(big)),
+        put(big, "offsets", (True, *chunks(big)[0]["offsets"][1:])),
+        put(big, "offsets", (-1, *chunks(big)[0]["offsets"][1:])),
+        put(big, "sizes", (10**9, *chunks(big)[0]["sizes"][1:])),
+        put(big, "sizes", list(chunks(big)[0]["sizes"])),
+        lambda: chunks(big).pop(),
+        lambda: chunks(big).append(chunks(big)[0]),
+        lambda: chunks(big)[0].pop("sizes"),
+        entry(big, "length", -1),
+        entry(big, "offset", 2**70),
+        entry(big, "relative_path", "../__0_0.distcp"),
+        entry(big, "transform_descriptors", ["zstd"]),
+        index(big, "offset", [0] * len(chunks(big)[0]["offsets"])),
+        index(big, "fqn", model[0] if model[0] != big else model[-1]),
+        index(big, "fqn", ["unhashable"]),
+        lambda: loaded.storage_data.pop(entries(big)[0][0]),
+        lambda: loaded.storage_data.update({type(entries(big)[0][0])(entries(big)[0][0]): entries(big)[0][1]}),
+    ]
+
+
+def test_the_bulk_check_never_accepts_what_the_per_chunk_check_refuses(dtensor_run: Path) -> None:
+    """Each edit of real metadata (uneven DTensor shards): either both checks accept it and build the same table,
+    or the bulk check hands it over (Irregular) and the per-chunk check decides."""
+    path = dtensor_run / "checkpoint-0"
+    pristine = pickle.dumps(load_light(path))
+    shared, _ = model_table(pickle.loads(pristine), path, _model_name)
+    tensors = list(shared.tensors)
+    outcomes = set()
+    for n in range(len(_edits(pickle.loads(pristine)))):
+        loaded = pickle.loads(pristine)
+        _edits(loaded)[n]()  # the n-th edit, on a fresh copy
+        try:
+            want = checked_table(loaded, tensors, path)
+        except SourceError:
+            want = None
+        try:
+            got = bulk_table(loaded, tensors)
+        except Irregular:
+            got = "irregular"
+        assert got == "irregular" or got == want, n
+        outcomes.add("refused" if want is None else "irregular" if got == "irregular" else "accepted")
+    assert outcomes == {"refused", "accepted", "irregular"}
