@@ -9,8 +9,9 @@ every chunk checked), the shared tensor table and the chunk lists each rank rece
 `reading_parts`), `build_plan`, and the exchange schedule rank 0 builds and splits (`exchange_schedule`,
 `split_schedule`). It reports, per model and world size:
 
-- the `.metadata` pickle rank 0 alone reads, and its CPU to load, check and tabulate it (measured on a sample of
-  the tensors and scaled by the chunk count: both are linear in chunks);
+- the `.metadata` pickle rank 0 alone reads, and its CPU to load, check and tabulate it and free the loaded
+  objects (measured on a sample of the tensors and scaled by the chunk count: both are linear in chunks;
+  `benchmarks/metadata_load.py` breaks it down);
 - the metadata every other rank receives: the tensor table broadcast once, plus the largest rank's own chunk lists
   (`--strategy read`: those of the tensors it writes; `exchange`: those stored in the files it reads, plus its
   part of the schedule where the schedule is built); and the bytes the step collectives move (the status byte
@@ -146,8 +147,10 @@ def row_shards(rows: int, world: int) -> list[tuple[int, int]]:
 
 
 def fsdp2_metadata(shapes: list[tuple[str, tuple]], world: int) -> Metadata:
-    """DCP's Metadata for these fp32 tensors saved by FSDP2 on `world` ranks (one data file per rank)."""
-    sd, storage, ends = {}, {}, [0] * world
+    """DCP's Metadata for these fp32 tensors saved by FSDP2 on `world` ranks (one data file per rank), laid out as
+    DCP lays it out: each chunk list in rank order, its storage keys carrying the chunk's place in the list, and
+    the storage index rank by rank (FileSystemWriter.finish merges the ranks' write results in rank order)."""
+    sd, by_rank, ends = {}, [{} for _ in range(world)], [0] * world
     props = TensorProperties(dtype=torch.float32)
     for name, shape in shapes:
         chunks = []
@@ -156,9 +159,11 @@ def fsdp2_metadata(shapes: list[tuple[str, tuple]], world: int) -> Metadata:
             offsets, sizes = (start, *[0] * (len(shape) - 1)), (rows, *shape[1:])
             chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
             length = rows * rest * 4
-            storage[MetadataIndex(name, offsets)] = _StorageInfo(f"__{rank}_0.distcp", ends[rank], length)
+            index = MetadataIndex(name, offsets, len(chunks) - 1)
+            by_rank[rank][index] = _StorageInfo(f"__{rank}_0.distcp", ends[rank], length)
             ends[rank] += length
         sd[name] = TensorStorageMetadata(props, torch.Size(shape), chunks)
+    storage = {index: info for part in by_rank for index, info in part.items()}
     return Metadata(sd, planner_data={n: (n,) for n, _ in shapes}, storage_data=storage)
 
 
@@ -167,12 +172,14 @@ def chunk_count(shapes: list[tuple[str, tuple]], world: int) -> int:
 
 
 def load_and_table(data: bytes) -> float:
-    """Seconds for rank 0 to load and check a `.metadata` pickle and build its chunk table (DcpSource's load)."""
+    """Seconds for rank 0 to load and check a `.metadata` pickle and build its chunk table, as `read_table` does:
+    the collector paused until the loaded objects are freed (their freeing counted, the table kept)."""
     start = time.process_time()
     with no_gc():
-        loaded = LightUnpickler(io.BytesIO(data)).load()
-    model_table(loaded, Path("."), _model_name)
-    return time.process_time() - start
+        table = model_table(LightUnpickler(io.BytesIO(data)).load(), Path("."), _model_name)
+        elapsed = time.process_time() - start
+        del table
+    return elapsed
 
 
 def shared_table(shapes: list[tuple[str, tuple]], world: int) -> DcpShared:

@@ -47,8 +47,8 @@ from distfinalize.commit.keep import (
     OptimizerCopy,
     checkpoint_dir_name,
     copy_optimizer_files,
-    optimizer_source,
-    plan_optimizer_copy,
+    plan_copy,
+    share_optimizer_copy,
 )
 from distfinalize.commit.manifest import MANIFEST
 from distfinalize.commit.staging import (
@@ -138,7 +138,7 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
         row_cuts=config.strategy != "exchange",  # exchange moves whole tensors
     )
     vocab_size = next(iter(resizes.values())).rows if resizes else None
-    optimizer = plan_optimizer(config, prepared)
+    optimizer = plan_optimizer(config, prepared, ctx)
     report: dict[str, Any] = {}
     if ctx.is_rank0:
         report = dry_run_report(config, prepared, tokenizer, vocab_size, plan) if config.dry_run else {}
@@ -250,8 +250,9 @@ def final_tokenizer(config: FinalizeConfig, prepared: Prepared) -> FinalTokenize
     return FinalTokenizer(outcome, tokenizer)
 
 
-def plan_optimizer(config: FinalizeConfig, prepared: Prepared) -> OptimizerCopy | None:
-    """The optimizer copy for --keep-optimizer (DCP sources). Pure given the metadata. Runs on: all ranks."""
+def plan_optimizer(config: FinalizeConfig, prepared: Prepared, ctx: DistContext) -> OptimizerCopy | None:
+    """This rank's part of the optimizer copy for --keep-optimizer (DCP sources): rank 0 reads the optimizer
+    state's metadata and plans the copy, every rank receives the files it copies. Runs on: all ranks."""
     if not config.keep_optimizer:
         return None
     if not format_of(prepared.source).optimizer:
@@ -260,7 +261,7 @@ def plan_optimizer(config: FinalizeConfig, prepared: Prepared) -> OptimizerCopy 
             where=prepared.source.info.path,
             hint="drop --keep-optimizer",
         )
-    return plan_optimizer_copy(*optimizer_source(prepared.source.info.path))
+    return share_optimizer_copy(ctx, lambda: plan_copy(prepared.source.info.path))
 
 
 def stage(
@@ -304,9 +305,7 @@ def write_share(
         resume=config.resume,
     )
     if optimizer is not None:
-        copied = copy_optimizer_files(
-            optimizer, optimizer.files_for(ctx.rank, ctx.world_size), weights_dir / "optimizer"
-        )
+        copied = copy_optimizer_files(optimizer, optimizer.files, weights_dir / "optimizer")
         log.debug("copied %s of optimizer state", format_bytes(copied))
     return files, rank_figures(ctx.rank, bar)
 

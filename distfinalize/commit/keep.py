@@ -5,22 +5,27 @@ DEST/checkpoints/checkpoint-N/ holds the weights, the index, config.json and man
 chunk by chunk as byte ranges of the source .distcp files (each DCP chunk is a self-contained record), into
 new files holding only optimizer chunks, and a new .metadata pointing at them: bit-exact, memory-bounded,
 loadable by torch.distributed.checkpoint. Scheduler, dataloader, RNG and trainer state are dropped.
+
+Rank 0 alone reads the optimizer state's `.metadata` and plans the copy (`share_optimizer_copy`); every other rank
+receives only the files it copies, and rank 0 keeps the new metadata to write once the copies are done.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distfinalize.errors import SourceError
-from distfinalize.sources.dcp_metadata import data_file, kept_file_name
+from distfinalize.sources.dcp_metadata import data_file, kept_file_name, no_gc
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
+
+    from distfinalize.dist.context import DistContext
 
 OPTIMIZER_CONTAINERS = frozenset({"optim", "optimizer", "optimizers", "optimizer_state", "optim_state"})
 ACCELERATE_OPTIMIZER_DIR = "optimizer_0"
@@ -47,14 +52,32 @@ class FileCopy:
 
 @dataclass(frozen=True)
 class OptimizerCopy:
-    """The whole copy: source dir, per-file ranges, and the metadata of the new DCP directory."""
+    """The copy: source dir, per-file ranges, and the metadata of the new DCP directory. As planned, every file;
+    as `share_optimizer_copy` hands it out, a rank's own files, with the metadata on rank 0 alone."""
 
     source_dir: Path
     files: tuple[FileCopy, ...]
-    metadata: Metadata
+    metadata: Metadata | None
 
     def files_for(self, rank: int, world_size: int) -> tuple[FileCopy, ...]:
         return self.files[rank::world_size]
+
+    def part(self, rank: int, world_size: int) -> OptimizerCopy:
+        """What `rank` copies: its files, without the metadata (which rank 0 writes)."""
+        return OptimizerCopy(self.source_dir, self.files_for(rank, world_size), None)
+
+
+def share_optimizer_copy(ctx: DistContext, plan: Callable[[], OptimizerCopy]) -> OptimizerCopy:
+    """Rank 0 runs `plan` (the only rank that reads the optimizer state's `.metadata`) and scatters each rank its
+    part: the files it copies. Rank 0's part also holds the new metadata. Runs on: all ranks."""
+    planned: list[OptimizerCopy] = []
+
+    def parts() -> list[OptimizerCopy]:
+        planned.append(plan())
+        return [planned[0].part(rank, ctx.world_size) for rank in range(ctx.world_size)]
+
+    mine = ctx.run_step("optimizer plan", parts, ranks="rank0", scatter=True)
+    return replace(mine, metadata=planned[0].metadata) if ctx.is_rank0 else mine
 
 
 def checkpoint_dir_name(step: int | None) -> str:
@@ -63,13 +86,22 @@ def checkpoint_dir_name(step: int | None) -> str:
 
 def optimizer_source(model_dir: Path, metadata: Metadata | None = None) -> tuple[Path, Metadata, bool]:
     """(dir, its metadata, whether every entry is optimizer state) of the checkpoint's optimizer state. Without
-    `metadata` (a source keeps only the model's entries) the model dir's is read again. Runs on: all ranks."""
+    `metadata` (a source keeps only the model's entries) the model dir's is read again. Runs on: rank 0 (finalize),
+    or the one process of `breakdown`."""
     from distfinalize.sources.dcp import read_metadata
 
     sibling = model_dir.parent / ACCELERATE_OPTIMIZER_DIR
     if (sibling / ".metadata").is_file():
         return sibling, read_metadata(sibling), True
     return model_dir, metadata if metadata is not None else read_metadata(model_dir), False
+
+
+def plan_copy(model_dir: Path) -> OptimizerCopy:
+    """The optimizer copy of the checkpoint at `model_dir`: its metadata read and the copy planned with the cyclic
+    collector paused (the loaded metadata is millions of objects for a large checkpoint, all alive until the plan
+    is made, and freed before the collector resumes). Runs on: rank 0."""
+    with no_gc():
+        return plan_optimizer_copy(*optimizer_source(model_dir))
 
 
 def plan_optimizer_copy(source_dir: Path, metadata: Metadata, whole: bool) -> OptimizerCopy:
@@ -100,7 +132,7 @@ def plan_optimizer_copy(source_dir: Path, metadata: Metadata, whole: bool) -> Op
         offset, ranges, target = 0, [], kept_file_name(name, source_dir / ".metadata")
         for index, info in sorted(by_file[name], key=lambda e: e[1].offset):
             ranges.append(ByteRange(info.offset, offset, info.length))
-            storage[index] = replace(info, relative_path=target, offset=offset)
+            storage[index] = moved(info, target, offset)
             offset += info.length
         files.append(FileCopy(name, tuple(ranges), target))
     from torch.distributed.checkpoint.metadata import Metadata
@@ -113,8 +145,17 @@ def plan_optimizer_copy(source_dir: Path, metadata: Metadata, whole: bool) -> Op
     return OptimizerCopy(source_dir, tuple(files), new)
 
 
+def moved(info: object, target: str, offset: int) -> object:
+    """A storage entry (`_StorageInfo`) with its file and offset changed: a shallow copy made without running the
+    dataclass's __init__ (dataclasses.replace costs microseconds, and this runs once per optimizer chunk)."""
+    new = object.__new__(type(info))
+    new.__dict__.update(vars(info), relative_path=target, offset=offset)
+    return new
+
+
 def copy_optimizer_files(copy: OptimizerCopy, files: Sequence[FileCopy], dest_dir: Path) -> int:
-    """Copy the given files' optimizer chunks into `dest_dir`, fsynced. Returns bytes copied. Runs on: each rank.
+    """Copy the given files' optimizer chunks into `dest_dir`, fsynced. Returns bytes copied. Runs on: each rank,
+    for the files of its part.
 
     A source file is opened read-only, and only inside the checkpoint folder; a copy is created under a name
     distfinalize made, inside `dest_dir`, never through a symlink."""

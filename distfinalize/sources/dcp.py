@@ -17,8 +17,8 @@ import torch
 
 from distfinalize.errors import SourceError
 from distfinalize.sources import SourceChunk, SourceFormat, SourceInfo, TensorMeta
-from distfinalize.sources.dcp_metadata import data_file, load_light, load_metadata
-from distfinalize.sources.dcp_table import ChunkTable, DcpShared, StoredChunk, model_table
+from distfinalize.sources.dcp_metadata import data_file, load_metadata
+from distfinalize.sources.dcp_table import ChunkTable, DcpShared, StoredChunk, read_table
 from distfinalize.sources.distcp import ChunkError, load_chunk, read_chunk
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ class DcpSource:
         self.path = path
         self.table: ChunkTable = {}
         if shared is None:
-            shared, self.table = model_table(load_light(path), path, _model_name)
+            shared, self.table = read_table(path, _model_name)
         if not shared.tensors:
             raise SourceError(
                 "the checkpoint holds no model tensors",

@@ -24,6 +24,7 @@ import pickle
 import re
 from collections import OrderedDict
 from collections.abc import Iterator
+from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,7 +104,7 @@ class MetadataUnpickler(pickle.Unpickler):
 
 
 class LightUnpickler(pickle.Unpickler):
-    """An unpickler that builds light stand-ins (plain attribute holders, `torch.Size` as a tuple) for DCP's
+    """An unpickler that builds light stand-ins (attribute holders and dicts, `torch.Size` as a tuple) for DCP's
     classes, by name, without importing DCP: the same globals as MetadataUnpickler are allowed and everything else
     refused. The result is only read by `dcp_table.model_table`, which checks every field it takes."""
 
@@ -115,8 +116,20 @@ class LightUnpickler(pickle.Unpickler):
 
 
 class Light:
-    """An attribute holder: what NEWOBJ + BUILD make of a DCP dataclass under LightUnpickler. Hashed by identity
-    (so a storage index loads as a dict without running a dataclass __hash__ per chunk)."""
+    """An attribute holder: what NEWOBJ + BUILD make of a DCP dataclass under LightUnpickler."""
+
+
+class LightRecord(dict):
+    """What NEWOBJ + BUILD make of the dataclasses DCP pickles once per chunk (the chunk, its storage key and its
+    storage entry) under LightUnpickler: a dict of the pickled fields, filled by `dict.update` (no Python code runs
+    per object), hashed and compared by identity (so a storage index loads as a dict without running a dataclass
+    __hash__ per chunk)."""
+
+    __slots__ = ()
+    __setstate__ = dict.update
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
 
 
 class LightMetadata(Light):
@@ -127,16 +140,23 @@ class LightTensor(Light):
     """Stands in for TensorStorageMetadata."""
 
 
-class LightChunk(Light):
-    """Stands in for ChunkStorageMetadata."""
+class LightChunk(LightRecord):
+    """Stands in for ChunkStorageMetadata: {"offsets": ..., "sizes": ...}."""
+
+    __slots__ = ()
 
 
-class LightIndex(Light):
-    """Stands in for MetadataIndex."""
+class LightIndex(LightRecord):
+    """Stands in for MetadataIndex: {"fqn": ..., "offset": ..., "index": ...}."""
+
+    __slots__ = ()
 
 
-class LightStorage(Light):
-    """Stands in for filesystem._StorageInfo."""
+class LightStorage(LightRecord):
+    """Stands in for filesystem._StorageInfo: {"relative_path": ..., "offset": ..., "length": ...} (and
+    "transform_descriptors" when set)."""
+
+    __slots__ = ()
 
 
 class LightBytes(Light):
@@ -199,9 +219,30 @@ def load_metadata(folder: Path) -> Metadata:
         isinstance(getattr(loaded, field, None), dict) for field in ("state_dict_metadata", "storage_data")
     ):
         raise not_metadata(path)
-    for index, info in loaded.storage_data.items():
-        check_storage_entry(index, info, path)
+    if not storage_regular(loaded.storage_data):
+        for index, info in loaded.storage_data.items():
+            check_storage_entry(index, info, path)
     return loaded
+
+
+def storage_regular(storage: dict) -> bool:
+    """Whether every entry of a storage index passes `check_storage_entry`, checked a whole list at a time (the
+    per-entry check then names the first one that does not)."""
+    globals_ = allowed_globals()
+    index_type = globals_[(DCP_METADATA_MODULE, "MetadataIndex")]
+    info_type = globals_[(DCP_FILESYSTEM_MODULE, "_StorageInfo")]
+    infos = list(storage.values())
+    if set(map(type, storage)) - {index_type} or set(map(type, infos)) - {info_type}:
+        return False
+    try:
+        names, starts, lengths = (list(map(attrgetter(f), infos)) for f in ("relative_path", "offset", "length"))
+    except AttributeError:
+        return False
+    if not infos:
+        return True
+    if set(map(type, names)) != {str} or {*map(type, starts), *map(type, lengths)} != {int}:
+        return False
+    return min(starts) >= 0 and min(lengths) >= 0 and all(map(DATA_FILE.fullmatch, set(names)))
 
 
 def load_light(folder: Path) -> LightMetadata:
@@ -258,7 +299,7 @@ def check_storage_entry(index: object, info: object, path: Path) -> None:
             where=where,
             hint="the file is corrupt; pick another checkpoint with --checkpoint",
         )
-    check_data_file_name(info.relative_path, path)
+    check_data_file_name(getattr(info, "relative_path", None), path)
     for field in ("offset", "length"):
         value = getattr(info, field, None)
         if type(value) is not int or value < 0:

@@ -1,5 +1,7 @@
 """The DCP chunk table (sources/dcp_table.py) from `.metadata` loaded by the light unpickler: the same globals
-refused as DCP's own loader, every chunk list type-checked, optimizer entries counted and not kept."""
+refused as DCP's own loader, every chunk list type-checked, optimizer entries counted and not kept. A real
+checkpoint's table is built by the bulk check alone; anything malformed goes to the per-chunk check, which names
+it."""
 
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex
 
 from distfinalize.errors import SourceError
+from distfinalize.sources import dcp_table
 from distfinalize.sources.dcp import DcpSource
-from distfinalize.sources.dcp_metadata import load_metadata
+from distfinalize.sources.dcp_metadata import load_metadata, storage_regular
 from distfinalize.sources.dcp_table import in_files, trim
 
 
@@ -29,9 +32,24 @@ def saved(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     return tmp_path / "ckpt", state["model"]
 
 
-def test_model_tensors_kept_optimizer_entries_counted(tmp_path: Path) -> None:
+def per_chunk_check_ran(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Records each run of the per-chunk check (dcp_table.checked_table), which still runs."""
+    ran, checked = [], dcp_table.checked_table
+
+    def spy(loaded, tensors, path):
+        ran.append(path)
+        return checked(loaded, tensors, path)
+
+    monkeypatch.setattr(dcp_table, "checked_table", spy)
+    return ran
+
+
+def test_model_tensors_kept_optimizer_entries_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path, model = saved(tmp_path)
+    ran = per_chunk_check_ran(monkeypatch)
     source = DcpSource(path)
+    assert ran == []  # a real checkpoint passes the bulk check
+    assert storage_regular(load_metadata(path).storage_data)  # and the strict loader's bulk check
     assert {t.name: (t.shape, t.dtype) for t in source.tensors} == {
         k: (tuple(v.shape), v.dtype) for k, v in model.items()
     }
@@ -72,8 +90,9 @@ def _put(chunk: ChunkStorageMetadata, offsets: tuple) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
-def test_malformed_chunk_lists_are_one_source_error(tmp_path: Path, case: str) -> None:
+def test_malformed_chunk_lists_are_one_source_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     path, _ = saved(tmp_path)
+    ran = per_chunk_check_ran(monkeypatch)
     md = load_metadata(path)
     change, message = BROKEN[case]
     change(md)
@@ -81,6 +100,7 @@ def test_malformed_chunk_lists_are_one_source_error(tmp_path: Path, case: str) -
     with pytest.raises(SourceError, match=message) as caught:
         DcpSource(path)
     assert str(path / ".metadata") in str(caught.value.where)
+    assert ran == ([] if case == "size not ints" else [path])  # the bulk check refused it (a size: checked before)
 
 
 class Payload:
