@@ -155,16 +155,17 @@ def assign_readers(files: Mapping[str, int | None], world_size: int) -> dict[str
 
 
 def piece_rows(
-    t: TensorPlan, span: tuple[int, int] | None, chunks: Sequence[SourceChunk], budget: int
+    t: TensorPlan, span: tuple[int, int] | None, chunks: Sequence[SourceChunk], budget: int, nbytes: int | None = None
 ) -> list[tuple[int, int]] | None:
     """The blocks of source rows a writer's step moves in: None when it moves whole (a whole tensor that fits the
     budget, or whose transform needs it whole), else blocks covering `span` (the rows the plan gives this rank;
     None: all of them) on the recipe's row group, ending where stored chunks start and every `budget` bytes inside
-    a chunk larger than the budget. Pure."""
+    a chunk larger than the budget. `chunks`: those holding rows of the span; `nbytes`: the whole tensor's stored
+    bytes (default: the chunks'). Pure."""
     shape = t.source_shape or t.shape
     if len(shape) < 1 or shape[0] < 1:
         return None
-    nbytes = sum(c.nbytes for c in chunks)
+    nbytes = sum(c.nbytes for c in chunks) if nbytes is None else nbytes
     whole = span is None
     if span is None:
         if nbytes <= budget or shape[0] < 2 or not (group := row_group(t)):
@@ -174,32 +175,55 @@ def piece_rows(
         group = 1  # the plan cuts only tensors cast row by row
     row_bytes = max(1, nbytes // shape[0])
     per = max(group, budget // row_bytes // group * group)
+    first, last = span
     cuts = set()
     for c in chunks:
         start, stop = c.offsets[0], c.offsets[0] + c.sizes[0]
         cuts.add(start)
         if c.nbytes > budget:  # a chunk larger than a round: its rows go in slices of the budget
-            cuts.update(range((start // per + 1) * per, stop, per))
-    first, last = span
+            cuts.update(range((max(start, first) // per + 1) * per, min(stop, last), per))
     blocks = row_blocks(last - first, row_bytes, budget, group, sorted(c - first for c in cuts if first < c < last))
     if whole and len(blocks) == 1:
         return None
     return [(first + a, first + b) for a, b in blocks]
 
 
+@dataclass(frozen=True)
+class _Stored:
+    """A tensor's stored chunks sorted by first row (a 0-d tensor's as they are), their first rows, the most rows
+    one holds, and their bytes."""
+
+    chunks: tuple[SourceChunk, ...]
+    starts: tuple[int, ...]
+    longest: int
+    nbytes: int
+
+    @classmethod
+    def of(cls, chunks: Sequence[SourceChunk]) -> _Stored:
+        if not chunks or not chunks[0].offsets:
+            return cls(tuple(chunks), (), 1, sum(c.nbytes for c in chunks))
+        ordered = tuple(sorted(chunks, key=lambda c: c.offsets))
+        longest = max(c.sizes[0] for c in ordered)
+        return cls(ordered, tuple(c.offsets[0] for c in ordered), longest, sum(c.nbytes for c in ordered))
+
+    def overlapping(self, span: tuple[int, int] | None) -> Sequence[SourceChunk]:
+        """The chunks holding rows of `span` (None: all), found by bisection: O(log chunks + those)."""
+        if span is None or not self.starts:
+            return self.chunks
+        lo = bisect.bisect_left(self.starts, span[0] - self.longest + 1)
+        hi = bisect.bisect_left(self.starts, span[1])
+        return [c for c in self.chunks[lo:hi] if c.offsets[0] + c.sizes[0] > span[0]]
+
+
 def _parts(
-    chunks: Sequence[SourceChunk], blocks: Sequence[tuple[int, int]], longest: int
+    chunks: Sequence[SourceChunk], blocks: Sequence[tuple[int, int]]
 ) -> list[list[tuple[SourceChunk, tuple[int, int] | None]]]:
-    """The (chunk, rows) parts of each block: the rows of every chunk (sorted by first row; `longest` the most
-    rows in one) that fall in it, rows None when the whole chunk does. Pure."""
+    """The (chunk, rows) parts of each block: the rows of every chunk that fall in it, rows None when the whole
+    chunk does. Pure."""
     out: list[list[tuple[SourceChunk, tuple[int, int] | None]]] = [[] for _ in blocks]
     starts = [b[0] for b in blocks]
-    first, last = blocks[0][0], blocks[-1][1]
-    begin = bisect.bisect_left(chunks, first - longest + 1, key=lambda c: c.offsets[0])
-    for c in chunks[begin:]:
+    for c in chunks:
         lo, hi = c.offsets[0], c.offsets[0] + c.sizes[0]
-        if lo >= last:
-            break
         i = max(0, bisect.bisect_right(starts, lo) - 1)
         while i < len(blocks) and blocks[i][0] < hi:
             a, b = max(lo, blocks[i][0]), min(hi, blocks[i][1])
@@ -209,16 +233,15 @@ def _parts(
     return out
 
 
-def _moves(
-    rank: int, need: Need, chunks: Sequence[SourceChunk], readers: Mapping[str, int], budget: int, longest: int
-) -> Iterator[_Move]:
+def _moves(rank: int, need: Need, stored: _Stored, readers: Mapping[str, int], budget: int) -> Iterator[_Move]:
     """The pieces of one step for its writing `rank`, in row order, each with its parts and sender slices."""
     t, span = need
-    blocks = piece_rows(t, span, chunks, budget)
+    chunks = stored.overlapping(span)
+    blocks = piece_rows(t, span, chunks, budget, stored.nbytes)
     if blocks is None:
         groups: list[list[tuple[SourceChunk, tuple[int, int] | None]]] = [[(c, None) for c in chunks]]
     else:
-        groups = _parts(chunks, blocks, longest)
+        groups = _parts(chunks, blocks)
     for number, group in enumerate(groups):
         slices: dict[int, int] = {}
         for c, rows in group:
@@ -258,7 +281,7 @@ def plan_exchange(
     queues: dict[int, deque[_Move]] = {r: deque() for r in range(world_size)}
     left = {r: sum(need_bytes(n) for n in ns) for r, ns in steps.items()}
     current: dict[int, Need] = {}  # the step each writer is taking
-    ordered: dict[str, tuple[list[SourceChunk], int]] = {}  # a tensor's chunks by first row, and the most rows
+    stored: dict[str, _Stored] = {}
     busy = sorted((r for r in range(world_size) if steps[r]), key=lambda r: (-left[r], r))
     rounds = []
     while busy:
@@ -270,8 +293,9 @@ def plan_exchange(
             while queue or steps[dst]:
                 if not queue:
                     need = current[dst] = steps[dst].popleft()
-                    stored, longest = _ordered(ordered, chunks, need[0].source_key)
-                    queue.extend(_moves(dst, need, stored, readers, budget, longest))
+                    key = need[0].source_key
+                    held = stored.get(key) or stored.setdefault(key, _Stored.of(chunks[key]))
+                    queue.extend(_moves(dst, need, held, readers, budget))
                     if not queue:  # a tensor with no stored bytes (no chunks): nothing to move
                         queue.append(_Move(Piece(dst, need[0], need[1], 0), (), {}))
                 move = queue[0]
@@ -291,20 +315,6 @@ def plan_exchange(
         rounds.append(Round(tuple(transfers), tuple(pieces)))
         busy = sorted((r for r in busy if steps[r] or queues[r]), key=lambda r: (-left[r], r))
     return ExchangeSchedule(tuple(rounds), readers, budget, world_size)
-
-
-def _ordered(
-    cache: dict[str, tuple[list[SourceChunk], int]], chunks: Mapping[str, Sequence[SourceChunk]], key: str
-) -> tuple[list[SourceChunk], int]:
-    """`key`'s chunks sorted by first row (a 0-d tensor's as they are), and the most rows one holds; memoized."""
-    if key not in cache:
-        stored = list(chunks[key])
-        if stored and stored[0].offsets:
-            stored.sort(key=lambda c: c.offsets)
-            cache[key] = (stored, max(c.sizes[0] for c in stored))
-        else:
-            cache[key] = (stored, 1)
-    return cache[key]
 
 
 def _fits(received: int, incoming: int, outgoing: Mapping[int, int], sent: list[int], budget: int) -> bool:
