@@ -317,20 +317,22 @@ def measure(model: str, world: int, args: argparse.Namespace) -> dict:
 
 def held_chunks(schedule) -> int:
     """The most bytes of stored chunks one rank holds between exchange rounds: those larger than a round, which
-    their reader reads whole once and sends in slices of rows, from their first slice's round to their last's
-    (feed.py). One pass over the transfers."""
+    their reader reads whole and sends in slices of rows over several rounds, from the round of their first slice
+    for a receiver to that of their last, where it lets go of them before reading the round's new chunks
+    (feed.pack). One pass over the transfers."""
     spans: dict = {}
     for number, rnd in enumerate(schedule.rounds):
         for t in rnd.transfers:
             if t.rows is not None and t.chunk.nbytes > schedule.budget:
-                spans[t.src, t.chunk] = (spans.get((t.src, t.chunk), (number,))[0], number)
+                spans[t.src, t.chunk, t.dst] = (spans.get((t.src, t.chunk, t.dst), (number,))[0], number)
     events: dict[int, list[tuple[int, int]]] = {}
-    for (rank, chunk), (first, last) in spans.items():
-        events.setdefault(rank, []).extend([(first, chunk.nbytes), (last + 1, -chunk.nbytes)])
+    for (rank, chunk, _), (first, last) in spans.items():
+        if first < last:
+            events.setdefault(rank, []).extend([(first, chunk.nbytes), (last, -chunk.nbytes)])
     most = 0
     for changes in events.values():
         now = 0
-        for _, delta in sorted(changes, key=lambda e: (e[0], e[1])):  # a drop before a take in the same round
+        for _, delta in sorted(changes):  # in a round, a chunk let go before one is read
             now += delta
             most = max(most, now)
     return most

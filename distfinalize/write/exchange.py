@@ -136,6 +136,7 @@ class _Move:
     piece: Piece
     parts: tuple[tuple[SourceChunk, tuple[int, int] | None], ...]
     slices: Mapping[int, int]
+    ends: frozenset[SourceChunk] = frozenset()  # chunks whose last slice for this step this piece carries
 
 
 def round_budget(read_batch: int) -> int:
@@ -242,13 +243,15 @@ def _moves(rank: int, need: Need, stored: _Stored, readers: Mapping[str, int], b
         groups: list[list[tuple[SourceChunk, tuple[int, int] | None]]] = [[(c, None) for c in chunks]]
     else:
         groups = _parts(chunks, blocks)
+    last = {c: number for number, group in enumerate(groups) for c, rows in group if rows is not None}
     for number, group in enumerate(groups):
         slices: dict[int, int] = {}
         for c, rows in group:
             n = c.nbytes if rows is None else c.nbytes // c.sizes[0] * (rows[1] - rows[0])
             slices[readers[c.file]] = slices.get(readers[c.file], 0) + n
         rows = None if blocks is None else blocks[number]
-        yield _Move(Piece(rank, t, rows, sum(slices.values())), tuple(group), slices)
+        ends = frozenset(c for c, _ in group if last.get(c) == number)
+        yield _Move(Piece(rank, t, rows, sum(slices.values())), tuple(group), slices, ends)
 
 
 def need_bytes(need: Need) -> int:
@@ -282,39 +285,72 @@ def plan_exchange(
     left = {r: sum(need_bytes(n) for n in ns) for r, ns in steps.items()}
     current: dict[int, Need] = {}  # the step each writer is taking
     stored: dict[str, _Stored] = {}
+    slicing = _Slicing(readers, budget)
     busy = sorted((r for r in range(world_size) if steps[r]), key=lambda r: (-left[r], r))
     rounds = []
     while busy:
-        received, sent = [0] * world_size, [0] * world_size
-        transfers: list[Transfer] = []
-        pieces: list[Piece] = []
-        for dst in busy:
-            queue = queues[dst]
-            while queue or steps[dst]:
-                if not queue:
-                    need = current[dst] = steps[dst].popleft()
-                    key = need[0].source_key
-                    held = stored.get(key) or stored.setdefault(key, _Stored.of(chunks[key]))
-                    queue.extend(_moves(dst, need, held, readers, budget))
-                    if not queue:  # a tensor with no stored bytes (no chunks): nothing to move
-                        queue.append(_Move(Piece(dst, need[0], need[1], 0), (), {}))
-                move = queue[0]
-                if not _fits(received[dst], move.piece.nbytes, move.slices, sent, budget):
-                    break
-                queue.popleft()
-                received[dst] += move.piece.nbytes
-                if not queue:  # a step's bytes leave its writer's count when it is complete: its order holds
-                    left[dst] -= need_bytes(current[dst])
-                for src, n in move.slices.items():
-                    sent[src] += n
-                if rank is None or rank == dst:
-                    transfers += [Transfer(c, readers[c.file], dst, rows) for c, rows in move.parts]
-                elif rank in move.slices:  # only the rows this rank sends
-                    transfers += [Transfer(c, rank, dst, rows) for c, rows in move.parts if readers[c.file] == rank]
-                pieces.append(move.piece)
+        for relaxed in (False, True):  # relaxed: a second chunk opens on a reader, when nothing else can move
+            received, sent = [0] * world_size, [0] * world_size
+            transfers: list[Transfer] = []
+            pieces: list[Piece] = []
+            for dst in busy:
+                queue = queues[dst]
+                while queue or steps[dst]:
+                    if not queue:
+                        need = current[dst] = steps[dst].popleft()
+                        key = need[0].source_key
+                        held = stored.get(key) or stored.setdefault(key, _Stored.of(chunks[key]))
+                        queue.extend(_moves(dst, need, held, readers, budget))
+                        if not queue:  # a tensor with no stored bytes (no chunks): nothing to move
+                            queue.append(_Move(Piece(dst, need[0], need[1], 0), (), {}))
+                    move = queue[0]
+                    if not _fits(received[dst], move.piece.nbytes, move.slices, sent, budget):
+                        break
+                    if not relaxed and not slicing.allows(move):
+                        break
+                    queue.popleft()
+                    slicing.take(move)
+                    received[dst] += move.piece.nbytes
+                    if not queue:  # a step's bytes leave its writer's count when it is complete: its order holds
+                        left[dst] -= need_bytes(current[dst])
+                    for src, n in move.slices.items():
+                        sent[src] += n
+                    if rank is None or rank == dst:
+                        transfers += [Transfer(c, readers[c.file], dst, rows) for c, rows in move.parts]
+                    elif rank in move.slices:  # only the rows this rank sends
+                        transfers += [Transfer(c, rank, dst, rows) for c, rows in move.parts if readers[c.file] == rank]
+                    pieces.append(move.piece)
+            if pieces:
+                break
         rounds.append(Round(tuple(transfers), tuple(pieces)))
         busy = sorted((r for r in busy if steps[r] or queues[r]), key=lambda r: (-left[r], r))
     return ExchangeSchedule(tuple(rounds), readers, budget, world_size)
+
+
+class _Slicing:
+    """The chunks larger than the budget that readers are sending in slices of rows to a writer. feed.py holds
+    such a chunk from its first slice for a writer's step to its last (`_Move.ends`; another writer's rows of it
+    are read again), so a reader slices one at a time: a piece that would open a second one on a reader waits
+    (unless nothing else can move that round)."""
+
+    def __init__(self, readers: Mapping[str, int], budget: int) -> None:
+        self.readers, self.budget = readers, budget
+        self.open: dict[int, tuple[SourceChunk, int]] = {}  # reader -> the chunk it is slicing, and for whom
+
+    def _sliced(self, move: _Move) -> Iterator[SourceChunk]:
+        return (c for c, rows in move.parts if rows is not None and c.nbytes > self.budget)
+
+    def allows(self, move: _Move) -> bool:
+        dst = move.piece.rank
+        return all(self.open.get(self.readers[c.file], (c, dst)) == (c, dst) for c in self._sliced(move))
+
+    def take(self, move: _Move) -> None:
+        for c in self._sliced(move):
+            reader, held = self.readers[c.file], (c, move.piece.rank)
+            if c not in move.ends:
+                self.open[reader] = held
+            elif self.open.get(reader) == held:
+                del self.open[reader]
 
 
 def _fits(received: int, incoming: int, outgoing: Mapping[int, int], sent: list[int], budget: int) -> bool:

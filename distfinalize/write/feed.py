@@ -82,8 +82,9 @@ def exchange_feed(schedule: ExchangeSchedule, ctx: DistContext, reader, failed: 
     """This rank's tensors, delivered round by round over the process group. Runs on: all ranks together.
 
     `reader` must have `load_chunks` (DcpTensorReader). The chunks are verified where they are read, whole; a
-    chunk larger than the round budget is sent in slices of rows over several rounds and held here from its read
-    until its last slice is sent (`lasts`); a smaller one sent in slices in two rounds is read again.
+    chunk larger than the round budget is sent in slices of rows over several rounds and held here from its first
+    slice for a receiver until its last (`lasts`; the schedule has a rank slice one such chunk at a time); other
+    chunks sent in slices in several rounds are read again.
     """
     wire = wire_device(ctx.device)
     held = {"sent": 0, "received": 0, "piece": 0, "chunks": 0}  # the largest of each this rank held (logged)
@@ -92,16 +93,17 @@ def exchange_feed(schedule: ExchangeSchedule, ctx: DistContext, reader, failed: 
     for number, rnd in enumerate(schedule.rounds, start=1):
         sends = rnd.sent_by(ctx.rank)
         packed: list[torch.Tensor] = []
+        keep = {c for (c, _), (first, last) in lasts.items() if first <= number < last}
 
-        def read_mine(sends: tuple[Transfer, ...] = sends, packed: list[torch.Tensor] = packed, now: int = number):
+        def read_mine(sends: tuple[Transfer, ...] = sends, packed: list[torch.Tensor] = packed, keep: set = keep):
             error = failed()
             if error is not None:
                 raise error
-            packed.append(pack(reader, sends, wire, kept, {c for c, last in lasts.items() if last > now}))
+            packed.append(pack(reader, sends, wire, kept, keep))
 
         ctx.run_step(f"exchange round {number} of {len(schedule.rounds)}", read_mine)
         held["chunks"] = max(held["chunks"], sum(c.nbytes for c in kept))
-        for chunk in [c for c in kept if lasts[c] <= number]:
+        for chunk in [c for c in kept if c not in keep]:
             del kept[chunk]
         receives = rnd.received_by(ctx.rank)
         received = ctx.all_to_all_bytes(
@@ -119,21 +121,22 @@ def exchange_feed(schedule: ExchangeSchedule, ctx: DistContext, reader, failed: 
     log.debug("exchange: largest buffers held: %s bytes (round budget %d)", held, schedule.budget)
 
 
-def last_sends(schedule: ExchangeSchedule, rank: int) -> dict[SourceChunk, int]:
-    """The chunks larger than the round budget that `rank` sends in slices, and the last round (from 1) that
-    sends one of their rows. Pure."""
-    lasts: dict[SourceChunk, int] = {}
+def last_sends(schedule: ExchangeSchedule, rank: int) -> dict[tuple[SourceChunk, int], tuple[int, int]]:
+    """The chunks larger than the round budget that `rank` sends in slices of rows, per receiver: the first and
+    last round (from 1) that sends it one of their rows. Pure."""
+    runs: dict[tuple[SourceChunk, int], tuple[int, int]] = {}
     for number, rnd in enumerate(schedule.rounds, start=1):
         for t in rnd.transfers:
             if t.src == rank and t.rows is not None and t.chunk.nbytes > schedule.budget:
-                lasts[t.chunk] = number
-    return lasts
+                runs[t.chunk, t.dst] = (runs.get((t.chunk, t.dst), (number,))[0], number)
+    return runs
 
 
 def pack(reader, sends: Sequence[Transfer], device: torch.device, kept: dict, keep: Container) -> torch.Tensor:
     """The rows each transfer carries, as one flat byte buffer in `sends` order: each chunk read (and verified)
-    whole once, or taken from `kept`, and its rows copied in (so one chunk is held beside the buffer, and those
-    `keep` says are needed later); pinned and sent to the GPU when the wire is NCCL."""
+    whole, or taken from `kept`, and its rows copied in: one chunk is read at a time beside the buffer, and `kept`
+    keeps those in `keep` (needed later) and lets go of the others before it reads; pinned and sent to the GPU
+    when the wire is NCCL."""
     starts = list(itertools.accumulate((t.nbytes for t in sends), initial=0))
     buffer = torch.empty(starts[-1], dtype=torch.uint8, pin_memory=device.type == "cuda")
     uses: dict[SourceChunk, list[int]] = {}
@@ -148,6 +151,8 @@ def pack(reader, sends: Sequence[Transfer], device: torch.device, kept: dict, ke
 
     for chunk in [c for c in uses if c in kept]:
         place(chunk, kept[chunk])
+    for chunk in [c for c in kept if c not in keep]:  # done with: let go before the next is read
+        del kept[chunk]
     wanted = [c for c in uses if c not in kept]
     for number, data in reader.load_chunks(wanted):
         place(wanted[number], data)

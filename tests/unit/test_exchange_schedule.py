@@ -336,7 +336,7 @@ def test_a_chunk_larger_than_the_budget_is_sent_in_slices() -> None:
     schedule = plan_exchange({0: [], 1: [(t, None)]}, chunks, 2, budget=8 * 1024)
     assert [p.rows for rnd in schedule.rounds for p in rnd.pieces] == [(i * 64, i * 64 + 64) for i in range(8)]
     assert all(len(r.transfers) == 1 and r.transfers[0].nbytes == 8 * 1024 for r in schedule.rounds)
-    assert last_sends(schedule, 0) == {chunks["k"][0]: 8} and last_sends(schedule, 1) == {}
+    assert last_sends(schedule, 0) == {(chunks["k"][0], 1): (1, 8)} and last_sends(schedule, 1) == {}
 
 
 @settings(max_examples=100, deadline=None)
