@@ -17,12 +17,14 @@ every chunk checked), the shared tensor table and the chunk lists each rank rece
   vector of each step, the tokenizer outcome broadcast from rank 0, the write results gathered to rank 0);
 - CPU per rank: a rank other than 0 unpickles what it receives and runs `build_plan`; rank 0 also loads the
   metadata and, for `exchange`, builds the whole schedule;
-- max/mean output bytes per rank and ranks with nothing to write;
+- max/mean output bytes per rank and ranks with nothing to write (either strategy: both follow one plan);
 - exchange rounds against the ideal (the busiest rank's bytes over the round budget), when the schedule's chunk
-  objects fit this machine (`--max-schedule-chunks`);
-- the per-rank memory bound of the write step (either strategy): twice `--read-batch`, or the largest piece a
-  rank holds (fp32 in and bf16 out) when that is larger: a tensor larger than the read batch moves in blocks of
-  rows, and a block is at least one stored chunk (a tensor's rows over the saving ranks).
+  objects fit this machine (`--max-schedule-chunks`), and the most bytes of stored chunks larger than a round
+  one rank holds between rounds (its reader sends them in slices of rows);
+- the per-rank memory bound of the `read` write step: twice `--read-batch`, or the largest piece a rank holds
+  (fp32 in and bf16 out) when that is larger: a tensor larger than the read batch moves in blocks of rows, and a
+  block is at least one stored chunk (a tensor's rows over the saving ranks). With `exchange` it is twice
+  `--read-batch` plus the chunks held.
 """
 
 from __future__ import annotations
