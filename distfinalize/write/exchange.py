@@ -219,38 +219,45 @@ class _Stored:
 def _parts(
     chunks: Sequence[SourceChunk], blocks: Sequence[tuple[int, int]]
 ) -> list[list[tuple[SourceChunk, tuple[int, int] | None]]]:
-    """The (chunk, rows) parts of each block: the rows of every chunk that fall in it, rows None when the whole
-    chunk does. Pure."""
+    """The (chunk, rows) parts of each block: the rows of every chunk (sorted by first row) that fall in it, rows
+    None when the whole chunk does. One pass over both. Pure."""
     out: list[list[tuple[SourceChunk, tuple[int, int] | None]]] = [[] for _ in blocks]
-    starts = [b[0] for b in blocks]
+    i = 0
     for c in chunks:
-        lo, hi = c.offsets[0], c.offsets[0] + c.sizes[0]
-        i = max(0, bisect.bisect_right(starts, lo) - 1)
-        while i < len(blocks) and blocks[i][0] < hi:
-            a, b = max(lo, blocks[i][0]), min(hi, blocks[i][1])
-            if a < b:
-                out[i].append((c, None if (a, b) == (lo, hi) else (a, b)))
+        lo = c.offsets[0]
+        hi = lo + c.sizes[0]
+        while i < len(blocks) and blocks[i][1] <= lo:
             i += 1
+        j = i
+        while j < len(blocks) and blocks[j][0] < hi:
+            a, b = blocks[j]
+            a, b = max(lo, a), min(hi, b)
+            if a < b:
+                out[j].append((c, None if a == lo and b == hi else (a, b)))
+            j += 1
     return out
 
 
 def _moves(rank: int, need: Need, stored: _Stored, readers: Mapping[str, int], budget: int) -> Iterator[_Move]:
-    """The pieces of one step for its writing `rank`, in row order, each with its parts and sender slices."""
+    """The pieces of one step for its writing `rank`, in row order, each with its parts, sender slices and the
+    chunks larger than the budget whose last slice for this step it carries."""
     t, span = need
     chunks = stored.overlapping(span)
     blocks = piece_rows(t, span, chunks, budget, stored.nbytes)
     if blocks is None:
         groups: list[list[tuple[SourceChunk, tuple[int, int] | None]]] = [[(c, None) for c in chunks]]
+        last: dict[SourceChunk, int] = {}
     else:
         groups = _parts(chunks, blocks)
-    last = {c: number for number, group in enumerate(groups) for c, rows in group if rows is not None}
+        last = {c: n for n, g in enumerate(groups) for c, rows in g if rows is not None and c.nbytes > budget}
     for number, group in enumerate(groups):
         slices: dict[int, int] = {}
         for c, rows in group:
+            reader = readers[c.file]
             n = c.nbytes if rows is None else c.nbytes // c.sizes[0] * (rows[1] - rows[0])
-            slices[readers[c.file]] = slices.get(readers[c.file], 0) + n
+            slices[reader] = slices.get(reader, 0) + n
         rows = None if blocks is None else blocks[number]
-        ends = frozenset(c for c, _ in group if last.get(c) == number)
+        ends = frozenset(c for c, r in group if r is not None and last.get(c) == number) if last else frozenset()
         yield _Move(Piece(rank, t, rows, sum(slices.values())), tuple(group), slices, ends)
 
 
