@@ -8,7 +8,7 @@ source tensor, then any LoRA factors merged into it (TensorPlan.source_keys).
   tensor larger than a round comes in blocks of rows over several rounds (exchange.py), yielded as `read_feed`
   yields its blocks; a rank holds its send buffer and its receive buffer (each at most a round's budget, half
   of `--read-batch`, unless one block of rows cannot be smaller) beside the pipeline's own bytes in flight, and
-  the stored chunks larger than a round it is sending in slices (read whole once, to verify them).
+  the one stored chunk larger than a round it may be sending in slices (read whole, to verify it).
 
 A feed stops early when `failed()` returns an error raised elsewhere in this rank's pipeline; the exchange
 feed reports it to the other ranks at the next round. Runs on: every rank (the exchange feed on all at once).
@@ -103,8 +103,6 @@ def exchange_feed(schedule: ExchangeSchedule, ctx: DistContext, reader, failed: 
 
         ctx.run_step(f"exchange round {number} of {len(schedule.rounds)}", read_mine)
         held["chunks"] = max(held["chunks"], sum(c.nbytes for c in kept))
-        for chunk in [c for c in kept if c not in keep]:
-            del kept[chunk]
         receives = rnd.received_by(ctx.rank)
         received = ctx.all_to_all_bytes(
             packed[0],
