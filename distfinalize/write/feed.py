@@ -147,11 +147,11 @@ def pack(reader, sends: Sequence[Transfer], device: torch.device, kept: dict, ke
             part = data if rows is None else data.narrow(0, rows[0] - chunk.offsets[0], rows[1] - rows[0])
             buffer[starts[number] : starts[number + 1]].copy_(part.reshape(-1).view(torch.uint8))
 
+    wanted = [c for c in uses if c not in kept]
     for chunk in [c for c in uses if c in kept]:
         place(chunk, kept[chunk])
     for chunk in [c for c in kept if c not in keep]:  # done with: let go before the next is read
         del kept[chunk]
-    wanted = [c for c in uses if c not in kept]
     for number, data in reader.load_chunks(wanted):
         place(wanted[number], data)
         if wanted[number] in keep:

@@ -354,3 +354,28 @@ def test_a_rank_keeps_only_its_own_transfers(layout) -> None:
         for mine, every in zip(own.rounds, full.rounds, strict=True):
             assert mine.sent_by(rank) == every.sent_by(rank) and mine.received_by(rank) == every.received_by(rank)
             assert all(rank in (t.src, t.dst) for t in mine.transfers)
+
+
+def test_pack_sends_slices_of_a_chunk_read_once() -> None:
+    """A reader's send buffer: the rows each transfer carries, in order, from a chunk read (and verified) once and
+    kept while a later round still slices it, let go of once its last slice is packed."""
+    from distfinalize.write.feed import pack
+
+    data = torch.arange(64 * 4, dtype=torch.float32).reshape(64, 4)
+    (chunk,) = fsdp2_chunks("k", 64, 4, 1)
+    reads = []
+
+    class Reader:
+        def load_chunks(self, chunks):
+            for number, c in enumerate(chunks):
+                reads.append(c)
+                yield number, data.clone()
+
+    kept: dict = {}
+    sends = (Transfer(chunk, 0, 1, (0, 16)), Transfer(chunk, 0, 2, (16, 20)))
+    buffer = pack(Reader(), sends, torch.device("cpu"), kept, {chunk})
+    assert torch.equal(buffer.view(torch.float32).reshape(-1, 4), data[:20])
+    assert list(kept) == [chunk] and reads == [chunk]
+    buffer = pack(Reader(), (Transfer(chunk, 0, 1, (20, 64)),), torch.device("cpu"), kept, set())
+    assert torch.equal(buffer.view(torch.float32).reshape(-1, 4), data[20:])
+    assert kept == {} and reads == [chunk]  # the last slice came from the kept chunk, not a second read
