@@ -30,7 +30,10 @@ Rounds: each writing rank takes its pieces in write order, the ranks with the mo
 how many rounds there are); a round carries a piece while its receiver receives at most `budget` bytes and each
 of its senders sends at most `budget` bytes in the round. A piece larger than that (a block of rows that cannot
 be smaller, or a tensor that moves whole) goes in a round where its receiver receives nothing else and each of
-its senders whose slice does not fit sends nothing else.
+its senders whose slice does not fit sends nothing else. A reader slices one chunk larger than the budget at a
+time (it holds the chunk from its first slice for a writer to its last, `_Slicing`), unless nothing else can
+move in a round. A writer keeps its place in the order until its current step is complete, so it finishes the
+slices of a chunk before another writer starts on that reader.
 
 Cost: O(chunks + pieces + rounds x writing ranks) for the whole schedule; with `rank=`, only the transfers that
 rank sends or receives are built. Runs on: rank 0 (the whole schedule), or any rank for its own part.
