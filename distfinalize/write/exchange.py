@@ -32,8 +32,8 @@ of its senders sends at most `budget` bytes in the round. A piece larger than th
 be smaller, or a tensor that moves whole) goes in a round where its receiver receives nothing else and each of
 its senders whose slice does not fit sends nothing else. A reader slices one chunk larger than the budget at a
 time (it holds the chunk from its first slice for a writer to its last, `_Slicing`), unless nothing else can
-move in a round. A writer keeps its place in the order until its current step is complete, so it finishes the
-slices of a chunk before another writer starts on that reader.
+move in a round. A writer keeps its place in the order until its current step is complete, so the writer that
+started slicing a chunk keeps its priority on that reader.
 
 Cost: O(chunks + pieces + rounds x writing ranks) for the whole schedule; with `rank=`, only the transfers that
 rank sends or receives are built. Runs on: rank 0 (the whole schedule), or any rank for its own part.
