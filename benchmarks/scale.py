@@ -18,12 +18,14 @@ every chunk checked), the shared tensor table and the chunk lists each rank rece
   vector of each step, the tokenizer outcome broadcast from rank 0, the write results gathered to rank 0);
 - CPU per rank: a rank other than 0 unpickles what it receives and runs `build_plan`; rank 0 also loads the
   metadata and, for `exchange`, builds the whole schedule;
-- max/mean output bytes per rank and ranks with nothing to write;
+- max/mean output bytes per rank and ranks with nothing to write (either strategy: both follow one plan);
 - exchange rounds against the ideal (the busiest rank's bytes over the round budget), when the schedule's chunk
-  objects fit this machine (`--max-schedule-chunks`);
-- the per-rank memory bound of the write step (either strategy): twice `--read-batch`, or the largest piece a
-  rank holds (fp32 in and bf16 out) when that is larger: a tensor larger than the read batch moves in blocks of
-  rows, and a block is at least one stored chunk (a tensor's rows over the saving ranks).
+  objects fit this machine (`--max-schedule-chunks`), and the most bytes of stored chunks larger than a round
+  one rank holds between rounds (its reader sends them in slices of rows);
+- the per-rank memory bound of the `read` write step: twice `--read-batch`, or the largest piece a rank holds
+  (fp32 in and bf16 out) when that is larger: a tensor larger than the read batch moves in blocks of rows, and a
+  block is at least one stored chunk (a tensor's rows over the saving ranks). With `exchange` it is twice
+  `--read-batch` plus the chunks held.
 """
 
 from __future__ import annotations
@@ -266,19 +268,15 @@ def measure(model: str, world: int, args: argparse.Namespace) -> dict:
             per_rank[p.rank] += p.nbytes
             largest[p.rank] = max([largest[p.rank], *(piece_bytes(t, world, args.read_batch) for t in f.tensors)])
     mean = sum(per_rank) / world
-    rounds = ideal = alone = schedule_s = schedule_part = split_s = None
+    rounds = ideal = alone = schedule_s = schedule_part = split_s = held = None
     read_bytes = len(read_part)
     if total_chunks <= args.max_schedule_chunks:
-        # --strategy exchange moves whole tensors: its plan cuts files between tensors only
-        xplan = build_plan(
-            tensors, dtype=torch.bfloat16, max_shard_size=args.max_shard_size, world_size=world, row_cuts=False
-        )
         with no_gc():
             full = DcpSource.__new__(DcpSource)  # rank 0's source, without a file: its table built from the shapes
             full.shared, full.tensors = shared_table(shapes, world), tuple(tensors)
             full.table = {name: chunks_of(name, shape, world) for name, shape in shapes}
             start = time.process_time()
-            schedule = exchange_schedule(xplan, full, DataPath("exchange", args.read_batch))  # every transfer
+            schedule = exchange_schedule(plan, full, DataPath("exchange", args.read_batch))  # every transfer
             parts = split_schedule(schedule, world)
             schedule_s = time.process_time() - start
             start = time.process_time()
@@ -291,9 +289,10 @@ def measure(model: str, world: int, args: argparse.Namespace) -> dict:
         sent, received = [0] * world, [0] * world
         for rnd in schedule.rounds:
             for t in rnd.transfers:
-                sent[t.src] += t.chunk.nbytes
-                received[t.dst] += t.chunk.nbytes
+                sent[t.src] += t.nbytes
+                received[t.dst] += t.nbytes
         ideal = max(1, math.ceil(max(*sent, *received) / schedule.budget))
+        held = held_chunks(schedule)
         order = {rank: [p for rnd in schedule.rounds for p in rnd.pieces_for(rank)] for rank in range(world)}
         alone = max(packed_rounds([p.nbytes for p in order[rank]], schedule.budget) for rank in range(world))
     steps = 8  # prepare, tie check, tokenizer, stage, write, finish, commit; + the exchange plan
@@ -321,7 +320,31 @@ def measure(model: str, world: int, args: argparse.Namespace) -> dict:
         "ideal": ideal,
         "alone": alone,
         "memory_bound": max(2 * args.read_batch, max(largest)),
+        "held": held,
     }
+
+
+def held_chunks(schedule) -> int:
+    """The most bytes of stored chunks one rank holds between exchange rounds: those larger than a round, which
+    their reader reads whole and sends in slices of rows over several rounds, from the round of their first slice
+    for a receiver to that of their last, where it lets go of them before reading the round's new chunks
+    (feed.pack). One pass over the transfers."""
+    spans: dict = {}
+    for number, rnd in enumerate(schedule.rounds):
+        for t in rnd.transfers:
+            if t.rows is not None and t.chunk.nbytes > schedule.budget:
+                spans[t.src, t.chunk, t.dst] = (spans.get((t.src, t.chunk, t.dst), (number,))[0], number)
+    events: dict[int, list[tuple[int, int]]] = {}
+    for (rank, chunk, _), (first, last) in spans.items():
+        if first < last:
+            events.setdefault(rank, []).extend([(first, chunk.nbytes), (last, -chunk.nbytes)])
+    most = 0
+    for changes in events.values():
+        now = 0
+        for _, delta in sorted(changes):  # in a round, a chunk let go before one is read
+            now += delta
+            most = max(most, now)
+    return most
 
 
 def piece_bytes(t, world: int, read_batch: int) -> int:
@@ -357,8 +380,8 @@ def table(rows: list[dict]) -> str:
         "| model | ranks | chunks | rank 0: .metadata read | rank 0: load CPU s | other ranks: metadata in (read) "
         "| other ranks: metadata in (exchange) | other ranks: CPU s | plan s | rank 0: split s (read) "
         "| rank 0: schedule s (exchange) | collectives in / rank | max/mean bytes | idle ranks "
-        "| rounds / ideal / pieces alone | memory bound |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| rounds / ideal / pieces alone | memory bound | exchange: chunks held |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in rows:
@@ -369,7 +392,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['model']} | {r['ranks']} | {r['chunks']:,} | {size(r['metadata_bytes'])} | {r['load_s']:.2f} "
             f"| {size(r['received_read'])} | {exchange} | {r['receive_s'] + r['plan_s']:.2f} | {r['plan_s']:.2f} "
             f"| {opt(r['split_s'])} | {opt(r['schedule_s'])} | {size(r['collective_in_per_rank'])} "
-            f"| {r['max_over_mean']:.2f} | {r['idle']} | {rounds} | {size(r['memory_bound'])} |"
+            f"| {r['max_over_mean']:.2f} | {r['idle']} | {rounds} | {size(r['memory_bound'])} "
+            f"| {size(r['held']) if r['held'] is not None else 'n/a'} |"
         )
     return head + "\n".join(lines) + "\n"
 

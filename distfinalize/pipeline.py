@@ -135,7 +135,6 @@ def run(config: FinalizeConfig, ctx: DistContext) -> Outcome:
         quant=quantized_tensors(config, prepared),
         merges=prepared.merges,
         single_file=ADAPTER_FILE if prepared.adapter else None,
-        row_cuts=config.strategy != "exchange",  # exchange moves whole tensors
     )
     vocab_size = next(iter(resizes.values())).rows if resizes else None
     optimizer = plan_optimizer(config, prepared, ctx)

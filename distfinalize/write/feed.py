@@ -7,7 +7,8 @@ source tensor, then any LoRA factors merged into it (TensorPlan.source_keys).
   agreeing that every rank read (and verified) its chunks, so a failure anywhere stops every rank at once. A
   tensor larger than a round comes in blocks of rows over several rounds (exchange.py), yielded as `read_feed`
   yields its blocks; a rank holds its send buffer and its receive buffer (each at most a round's budget, half
-  of `--read-batch`, unless one stored chunk is larger) beside the pipeline's own bytes in flight.
+  of `--read-batch`, unless one block of rows cannot be smaller) beside the pipeline's own bytes in flight, and
+  the one stored chunk larger than a round it may be sending in slices (read whole, to verify it).
 
 A feed stops early when `failed()` returns an error raised elsewhere in this rank's pipeline; the exchange
 feed reports it to the other ranks at the next round. Runs on: every rank (the exchange feed on all at once).
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -80,21 +81,28 @@ def read_feed(tensors: Sequence[TensorPlan], reader: TensorReader, batch_bytes: 
 def exchange_feed(schedule: ExchangeSchedule, ctx: DistContext, reader, failed: Failed) -> Feed:
     """This rank's tensors, delivered round by round over the process group. Runs on: all ranks together.
 
-    `reader` must have `load_chunks` (DcpTensorReader). The chunks are verified where they are read.
+    `reader` must have `load_chunks` (DcpTensorReader). The chunks are verified where they are read, whole; a
+    chunk larger than the round budget is sent in slices of rows over several rounds and held here from its first
+    slice for a receiver until its last (`lasts`; the schedule has a rank slice one such chunk at a time); other
+    chunks sent in slices in several rounds are read again.
     """
     wire = wire_device(ctx.device)
-    held = {"sent": 0, "received": 0, "piece": 0}  # the largest of each this rank held (logged at the end)
+    held = {"sent": 0, "received": 0, "piece": 0, "chunks": 0}  # the largest of each this rank held (logged)
+    lasts = last_sends(schedule, ctx.rank)
+    kept: dict[SourceChunk, torch.Tensor] = {}
     for number, rnd in enumerate(schedule.rounds, start=1):
         sends = rnd.sent_by(ctx.rank)
         packed: list[torch.Tensor] = []
+        keep = {c for (c, _), (first, last) in lasts.items() if first <= number < last}
 
-        def read_mine(sends: tuple[Transfer, ...] = sends, packed: list[torch.Tensor] = packed) -> None:
+        def read_mine(sends: tuple[Transfer, ...] = sends, packed: list[torch.Tensor] = packed, keep: set = keep):
             error = failed()
             if error is not None:
                 raise error
-            packed.append(pack(reader, [t.chunk for t in sends], wire))
+            packed.append(pack(reader, sends, wire, kept, keep))
 
         ctx.run_step(f"exchange round {number} of {len(schedule.rounds)}", read_mine)
+        held["chunks"] = max(held["chunks"], sum(c.nbytes for c in kept))
         receives = rnd.received_by(ctx.rank)
         received = ctx.all_to_all_bytes(
             packed[0],
@@ -111,13 +119,43 @@ def exchange_feed(schedule: ExchangeSchedule, ctx: DistContext, reader, failed: 
     log.debug("exchange: largest buffers held: %s bytes (round budget %d)", held, schedule.budget)
 
 
-def pack(reader, chunks: Sequence[SourceChunk], device: torch.device) -> torch.Tensor:
-    """The chunks, read and verified, as one flat byte buffer, each copied in as it is read (so one chunk is held
-    beside the buffer); pinned and sent to the GPU when the wire is NCCL."""
-    starts = list(itertools.accumulate((c.nbytes for c in chunks), initial=0))
+def last_sends(schedule: ExchangeSchedule, rank: int) -> dict[tuple[SourceChunk, int], tuple[int, int]]:
+    """The chunks larger than the round budget that `rank` sends in slices of rows, per receiver: the first and
+    last round (from 1) that sends it one of their rows. Pure."""
+    runs: dict[tuple[SourceChunk, int], tuple[int, int]] = {}
+    for number, rnd in enumerate(schedule.rounds, start=1):
+        for t in rnd.transfers:
+            if t.src == rank and t.rows is not None and t.chunk.nbytes > schedule.budget:
+                runs[t.chunk, t.dst] = (runs.get((t.chunk, t.dst), (number,))[0], number)
+    return runs
+
+
+def pack(reader, sends: Sequence[Transfer], device: torch.device, kept: dict, keep: Container) -> torch.Tensor:
+    """The rows each transfer carries, as one flat byte buffer in `sends` order: each chunk read (and verified)
+    whole, or taken from `kept`, and its rows copied in: one chunk is read at a time beside the buffer, and `kept`
+    keeps those in `keep` (needed later) and lets go of the others before it reads; pinned and sent to the GPU
+    when the wire is NCCL."""
+    starts = list(itertools.accumulate((t.nbytes for t in sends), initial=0))
     buffer = torch.empty(starts[-1], dtype=torch.uint8, pin_memory=device.type == "cuda")
-    for number, data in reader.load_chunks(chunks):
-        buffer[starts[number] : starts[number + 1]].copy_(data.reshape(-1).view(torch.uint8))
+    uses: dict[SourceChunk, list[int]] = {}
+    for number, t in enumerate(sends):
+        uses.setdefault(t.chunk, []).append(number)
+
+    def place(chunk: SourceChunk, data: torch.Tensor) -> None:
+        for number in uses[chunk]:
+            rows = sends[number].rows
+            part = data if rows is None else data.narrow(0, rows[0] - chunk.offsets[0], rows[1] - rows[0])
+            buffer[starts[number] : starts[number + 1]].copy_(part.reshape(-1).view(torch.uint8))
+
+    wanted = [c for c in uses if c not in kept]
+    for chunk in [c for c in uses if c in kept]:
+        place(chunk, kept[chunk])
+    for chunk in [c for c in kept if c not in keep]:  # done with: let go before the next is read
+        del kept[chunk]
+    for number, data in reader.load_chunks(wanted):
+        place(wanted[number], data)
+        if wanted[number] in keep:
+            kept[wanted[number]] = data
     if device.type == "cuda":
         return buffer.to(device, non_blocking=True)
     return buffer
@@ -125,12 +163,13 @@ def pack(reader, chunks: Sequence[SourceChunk], device: torch.device) -> torch.T
 
 def assemble(rnd: Round, rank: int, receives: Sequence[Transfer], buffer: torch.Tensor, device: torch.device) -> Feed:
     """The tensors, or blocks of a tensor's rows, this rank holds after a round, put together from the received
-    chunks in write order: (tensor, (data,)) for a whole tensor, (tensor, (rows,), (start, stop)) for a block."""
+    rows of chunks in write order: (tensor, (data,)) for a whole tensor, (tensor, (rows,), (start, stop)) for a
+    block."""
     pieces: dict[str, list[tuple[Transfer, torch.Tensor]]] = {}
     start = 0
     for move in receives:
-        pieces.setdefault(move.chunk.key, []).append((move, buffer[start : start + move.chunk.nbytes]))
-        start += move.chunk.nbytes
+        pieces.setdefault(move.chunk.key, []).append((move, buffer[start : start + move.nbytes]))
+        start += move.nbytes
     for piece in rnd.pieces_for(rank):
         t, first = piece.tensor, 0 if piece.rows is None else piece.rows[0]
         shape = list(t.source_shape or t.shape)
@@ -138,15 +177,18 @@ def assemble(rnd: Round, rank: int, receives: Sequence[Transfer], buffer: torch.
             shape[0] = piece.rows[1] - piece.rows[0]
         tensor = torch.empty(shape, dtype=t.source_dtype, device=device)
         for move, data in pieces.get(t.source_key, []):
-            chunk = move.chunk
-            if not piece.holds(chunk):
+            if not piece.holds(move):
                 continue
             if data.storage_offset() % t.source_dtype.itemsize:
                 data = data.clone()  # a view as a wider dtype needs an aligned start
+            chunk, span, sizes = move.chunk, move.span, list(move.chunk.sizes)
             target = tensor
-            for dim, (offset, size) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
-                target = target.narrow(dim, offset - first if dim == 0 else offset, size)
-            target.copy_(data.view(t.source_dtype).reshape(chunk.sizes))
+            if span is not None:
+                sizes[0] = span[1] - span[0]
+                target = target.narrow(0, span[0] - first, sizes[0])
+            for dim, (offset, size) in enumerate(zip(chunk.offsets[1:], sizes[1:], strict=True), start=1):
+                target = target.narrow(dim, offset, size)
+            target.copy_(data.view(t.source_dtype).reshape(sizes))
         if piece.rows is None:
             yield t, (tensor,)
         else:

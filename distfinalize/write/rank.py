@@ -214,12 +214,12 @@ def exchange_schedule(
     rank: int | None = None,
 ):
     """The exchange schedule for every rank's pieces in feed order, less the pieces each rank reuses; with `rank`,
-    only that rank's own transfers are kept. The plan must cut files between tensors only (build_plan's
-    `row_cuts=False`): a tensor travels whole to one rank. Pure."""
+    only that rank's own transfers are kept. A tensor the plan cuts between ranks is needed by each of its writers
+    for its rows. Pure."""
     needs, layouts = {}, {}
     for writer in range(plan.world_size):
         todo = [s for s in shares_for(plan, writer, layouts) if skipped is None or s.name not in skipped[writer]]
-        needs[writer] = [s.tensor for s in share_steps(todo, path.write_threads)]
+        needs[writer] = [(s.tensor, s.rows) for s in share_steps(todo, path.write_threads)]
     return plan_exchange(needs, source.chunks(), plan.world_size, round_budget(path.read_batch_bytes), rank)
 
 

@@ -9,13 +9,18 @@ import ast
 import json
 import re
 import shutil
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from support import (
+    TIMEOUT_S,
     TRAINERS,
     check_ok,
+    env,
     error_lines,
     finalize,
     our_traceback,
@@ -32,15 +37,9 @@ MANIFEST = "distfinalize-manifest.json"
 
 
 def same_output(a: Path, b: Path) -> bool:
-    """Every file byte-identical, the manifest too but for how it records checksums: exchange cuts files between
-    tensors, read also between rows, so a file several ranks write has other pieces (each with its sha256)."""
-
-    def manifest(d: Path) -> dict:
-        data = read_json(d / MANIFEST)
-        return {**data, "files": {k: v["size"] for k, v in data["files"].items()}}
-
-    digests = [{k: v for k, v in tree_digest(d).items() if k != MANIFEST} for d in (a, b)]
-    return digests[0] == digests[1] and manifest(a) == manifest(b)
+    """Every file byte-identical, the manifest included: both strategies follow the same plan, so a file several
+    ranks write has the same pieces (each with its sha256) either way."""
+    return tree_digest(a) == tree_digest(b)
 
 
 def finalize_both(src: Path, tmp_path: Path, nproc: int, *args: str) -> tuple[Path, Path]:
@@ -147,3 +146,56 @@ def test_quantized_row_blocks_match_read(fsdp2_runs: Path, tmp_path: Path) -> No
     blocks of rows; the files are byte for byte those `read` writes from whole tensors."""
     read, exchange = finalize_both(fsdp2_runs / "untied-optim", tmp_path, 2, "--quantize", "fp8")
     assert tree_digest(exchange) == tree_digest(read)
+
+
+def cut_tensors(dest: Path, filename: str) -> list[str]:
+    """The tensors of a file whose bytes hold a boundary between two ranks' pieces (from its manifest entry)."""
+    entry = read_json(dest / MANIFEST)["files"][filename]
+    bounds = [start for start, _, _ in entry.get("pieces", [])[1:]]
+    with open(dest / filename, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    spans = {k: (8 + length + v["data_offsets"][0], 8 + length + v["data_offsets"][1]) for k, v in header.items()}
+    return sorted(k for k, (lo, hi) in spans.items() if any(lo < b < hi for b in bounds))
+
+
+def test_exchange_cuts_tensors_between_ranks(fsdp2_runs: Path, tmp_path: Path) -> None:
+    """One output file written by 3 ranks under exchange: the plan cuts tensors between ranks by rows, wherever
+    their stored chunks (saved by 2 ranks) start, and each writer receives just its rows of them; the file is the
+    one read writes, manifest and per-piece checksums included, the trained model bit for bit, and `verify`
+    passes."""
+    run = fsdp2_runs / "untied-optim"
+    read, exchange = finalize_both(run, tmp_path, 3, "--max-shard-size", "10GB")
+    assert sorted(p.name for p in exchange.glob("*.safetensors")) == ["model.safetensors"]
+    assert len(read_json(exchange / MANIFEST)["files"]["model.safetensors"]["pieces"]) == 3
+    assert cut_tensors(exchange, "model.safetensors"), "the plan cut no tensor between ranks"
+    assert same_output(exchange, read)
+    tensors, _ = read_output(exchange)
+    reference = torch.load(run / "reference.pt")
+    assert set(tensors) == set(reference) and all(torch.equal(tensors[k], reference[k]) for k in tensors)
+    cmd = [sys.executable, "-m", "distfinalize", "verify", str(exchange), "--source", str(run), "--json"]
+    result = check_ok(subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=TIMEOUT_S, check=False))
+    checks = {c["name"]: c["status"] for c in json.loads(result.stdout)["checks"]}
+    assert checks["checksums"] == "pass" and checks["source tensors"] == "pass", checks
+
+
+def test_chunks_larger_than_a_round_move_in_slices(fsdp2_runs: Path, tmp_path: Path) -> None:
+    """--read-batch 16KB: rounds of 8 KB each way, under the 32 KB stored chunks of the embedding and lm_head
+    (saved by 2 ranks), which their readers send in slices of rows: no send or receive buffer, and no block a
+    rank assembles, over the round; the chunks a rank holds between rounds are stored chunks it is still
+    slicing; peak RSS per rank within 2 x --read-batch + 1 GiB; the output the trained model bit for bit."""
+    run = fsdp2_runs / "untied-optim"
+    dest, report = tmp_path / "model", tmp_path / "report.json"
+    batch, chunk = 16_000, 32 * 1024
+    args = ("--strategy", "exchange", "--read-batch", "16KB", "--log-level", "debug", "--report", str(report))
+    result = check_ok(finalize(run, dest, "--max-shard-size", SHARD, *args, nproc=2))
+    held = held_buffers(result.stderr)
+    assert len(held) == 2, result.stderr
+    assert all(max(h["sent"], h["received"], h["piece"]) <= batch // 2 for h in held), held
+    assert max(h["chunks"] for h in held) >= chunk, held  # a 32 KB chunk kept while its slices go out
+    tensors, _ = read_output(dest)
+    reference = torch.load(run / "reference.pt")
+    assert set(tensors) == set(reference) and all(torch.equal(tensors[k], reference[k]) for k in tensors)
+    ranks = json.loads(report.read_text())["ranks"]
+    assert len(ranks) == 2 and all(r["peak_rss_bytes"] <= 2 * batch + 2**30 for r in ranks), ranks

@@ -95,8 +95,9 @@ def test_verify_finds_a_flipped_byte_in_one_range(one_file: Path, tmp_path: Path
     assert "Traceback" not in result.stderr
 
 
-def test_exchange_cuts_between_tensors(run: Path, tmp_path: Path) -> None:
-    """--strategy exchange: files shared by ranks, each tensor whole on one rank, bit-exact."""
+def test_exchange_shares_files(run: Path, tmp_path: Path) -> None:
+    """--strategy exchange: files shared by ranks as with read (tensors cut between ranks by rows), bit-exact,
+    every range's sha256 verified."""
     dest = tmp_path / "model"
     result = check_ok(finalize(run, dest, "--max-shard-size", "300KB", "--strategy", "exchange", nproc=WORLD))
     assert "Traceback" not in result.stderr
