@@ -82,8 +82,9 @@ def launch(options: AgentOptions, argv: list[str]) -> tuple[int, str | None]:
             return child_failure(exc.failures)
         except SignalException as exc:
             return 128 + int(exc.sigval), None  # the ranks got the signal too, and said so
-        except DistNetworkError as exc:  # the store could not listen: the free port was taken meanwhile
-            if options.rdzv_endpoint is None and options.nnodes == 1 and attempt < LOCAL_PORT_ATTEMPTS:
+        except DistNetworkError as exc:
+            local = options.rdzv_endpoint is None and options.nnodes == 1
+            if local and "EADDRINUSE" in str(exc) and attempt < LOCAL_PORT_ATTEMPTS:  # the port was taken meanwhile
                 attempt += 1
                 continue
             raise rendezvous_error(options, exc) from exc
