@@ -27,6 +27,15 @@ def torchrun(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (for torchrun --master-port)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
 def finalize_cmd(nproc: int, src: Path, dest: Path, *options: str, plain: bool = False) -> list[str]:
     """distfinalize SRC DEST OPTIONS with `nproc` ranks under torchrun, quiet (warnings only); `plain`: one
     process, `python -m distfinalize`."""

@@ -12,11 +12,17 @@ the "runs" column lists every run in order, so the first is the cold-cache figur
 system time of each tool's whole process tree (launcher and ranks), median of --reps: on a shared machine it
 moves less with the load than the wall time, and the load averages before and after the run are reported. Run it
 from a directory without a distfinalize/ package in it (python -m puts the current directory first).
+
+Both checkouts' packages are byte-compiled first, as `pip install` does: an editable install run with
+PYTHONDONTWRITEBYTECODE=1 would otherwise compile every module of distfinalize from source in every process (about
+0.07 s each). "torchrun" is `torchrun --standalone` (a c10d rendezvous, whose first round starts after a random
+0-0.3 s wait); "torchrun, static" is `torchrun --master-port PORT` on the same node (torchrun's static rendezvous).
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import shutil
 import statistics
@@ -24,7 +30,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from measure import finalize_cmd, run_measured, torchrun
+from measure import finalize_cmd, free_port, run_measured, torchrun
 from run import append_section, same_tensors
 
 HERE = Path(__file__).resolve().parent
@@ -34,10 +40,13 @@ def tools(ckpt: Path, out: Path, shard: str, label: str, with_run: bool = True) 
     """The distfinalize commands timed; `with_run`: the checkout has `distfinalize run`."""
     py = sys.executable
     run2 = [py, "-m", "distfinalize", "run", "--nproc-per-node", "2", str(ckpt), str(out), "-q"]
+    torchrun2 = finalize_cmd(2, ckpt, out, "--max-shard-size", shard)
+    static = [*torchrun2[:3], f"--master-port={free_port()}", *torchrun2[4:]]  # instead of --standalone
     found = {
         f"{label}distfinalize, --help": [py, "-m", "distfinalize", "--help"],
         f"{label}distfinalize, 1 process": finalize_cmd(1, ckpt, out, "--max-shard-size", shard, plain=True),
-        f"{label}distfinalize, 2 ranks, torchrun": finalize_cmd(2, ckpt, out, "--max-shard-size", shard),
+        f"{label}distfinalize, 2 ranks, torchrun": torchrun2,
+        f"{label}distfinalize, 2 ranks, torchrun, static": static,
     }
     if with_run:
         found[f"{label}distfinalize run, 2 ranks"] = [*run2, "--max-shard-size", shard]
@@ -72,6 +81,8 @@ def main() -> None:
     envs = dict.fromkeys(cmds, env)
     for name, cmd in tools(ckpt, out, args.max_shard_size, "").items():
         cmds[name], envs[name] = cmd, env
+    for package in (HERE.parent / "distfinalize", *([args.baseline / "distfinalize"] if args.baseline else [])):
+        compileall.compile_dir(package, quiet=1)  # what pip install does; see the module docstring
     if args.baseline is not None:
         base_env = dict(env, PYTHONPATH=str(args.baseline.resolve()))
         with_run = (args.baseline / "distfinalize" / "commands" / "run.py").is_file()

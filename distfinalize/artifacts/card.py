@@ -65,7 +65,8 @@ def card_preview(info: CardInfo, existing: Path | None = None) -> dict:
 def write_model_card(directory: Path, info: CardInfo, existing: Path | None = None) -> Path:
     """Write `directory/README.md`; carry the body and metadata of `existing` (a card in the source). Runs on: rank 0.
 
-    Returns the path written.
+    Returns the path written. A new card is composed from `ModelCardData` alone: `ModelCard`'s module loads the
+    Hub client (about 0.1 s, while the other ranks wait for the finish step); it is what `ModelCard` would write.
     """
     card = _load_existing(existing)
     name = info.model_name or _dest_name(directory)
@@ -76,10 +77,11 @@ def write_model_card(directory: Path, info: CardInfo, existing: Path | None = No
         text = _SECTION.sub(lambda _m: section, card.text, count=1)
     else:
         text = card.text.rstrip("\n") + "\n\n" + section
-    data = _card_data(info, card)
-    from huggingface_hub import ModelCard
+    content = f"---\n{_card_data(info, card).to_yaml()}\n---\n{text}"
+    if card is not None:  # ModelCard is loaded already: let it normalize the merged card as it reads it back
+        from huggingface_hub import ModelCard
 
-    content = ModelCard(f"---\n{data.to_yaml()}\n---\n{text}").content
+        content = ModelCard(content).content
     path = directory / CARD_NAME
     try:
         with open(path, "w", encoding="utf-8", newline="") as f:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import uuid
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from distfinalize.errors import LaunchError
 
 if TYPE_CHECKING:
     from torch.distributed.elastic.multiprocessing import LogsSpecs
+    from torch.distributed.launcher.api import LaunchConfig
 
 OUR_EXIT_CODES = frozenset({1, 2, 70, 130})  # a rank that exits with one of these has printed its own line
 
@@ -60,10 +62,11 @@ def default_nproc() -> int:
 def launch(options: AgentOptions, argv: list[str]) -> tuple[int, str | None]:
     """Run `python -m distfinalize ARGV` on every rank of this node; the exit code, and the line to print when
     no rank printed one."""
+    from torch.distributed import DistNetworkError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
     from distfinalize.startup import imports_done
 
@@ -71,32 +74,67 @@ def launch(options: AgentOptions, argv: list[str]) -> tuple[int, str | None]:
     quiet_agent(options.verbose)
     if options.nproc_per_node > 1 or options.nnodes > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets: one thread per rank, unless told
-    config = LaunchConfig(
+    attempt = 1
+    while True:
+        try:
+            elastic_launch(launch_config(options), sys.executable)("-u", "-m", "distfinalize", *argv)
+        except ChildFailedError as exc:
+            return child_failure(exc.failures)
+        except SignalException as exc:
+            return 128 + int(exc.sigval), None  # the ranks got the signal too, and said so
+        except DistNetworkError as exc:
+            local = options.rdzv_endpoint is None and options.nnodes == 1
+            if local and "EADDRINUSE" in str(exc) and attempt < LOCAL_PORT_ATTEMPTS:  # the port was taken meanwhile
+                attempt += 1
+                continue
+            raise rendezvous_error(options, exc) from exc
+        except RendezvousError as exc:
+            raise rendezvous_error(options, exc) from exc
+        return 0, None
+
+
+LOCAL_MONITOR_S = 0.02  # one node: how often the agent checks its ranks (torch's default, 0.1 s, is for many nodes)
+LOCAL_PORT_ATTEMPTS = 3  # one node: fresh free ports tried for the agent's store
+
+
+def launch_config(options: AgentOptions) -> LaunchConfig:
+    """The elastic agent's settings. Several nodes (or --rdzv-endpoint) meet through a c10d rendezvous, as torchrun
+    does. One node alone takes a static rendezvous on a free local port, with its store in this process: the c10d
+    rendezvous's first round starts after a random 0-0.3 s wait (to spread many nodes' joins), and the agent's
+    checks are LOCAL_MONITOR_S apart, so the ranks start and the run ends sooner."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    run_id = options.rdzv_id or os.environ.get("SLURM_JOB_ID") or str(uuid.uuid4())
+    local = options.rdzv_endpoint is None and options.nnodes == 1
+    return LaunchConfig(
         min_nodes=options.nnodes,
         max_nodes=options.nnodes,
         nproc_per_node=options.nproc_per_node,
-        run_id=options.rdzv_id or os.environ.get("SLURM_JOB_ID") or str(uuid.uuid4()),
-        rdzv_backend="c10d",
-        rdzv_endpoint=options.rdzv_endpoint or "localhost:0",
-        rdzv_configs=dict(options.rdzv_conf),
+        run_id=run_id,
+        rdzv_backend="static" if local else "c10d",
+        rdzv_endpoint=f"localhost:{free_port()}" if local else options.rdzv_endpoint or "localhost:0",
+        rdzv_configs={**dict(options.rdzv_conf), "rank": 0} if local else dict(options.rdzv_conf),
         max_restarts=0,
+        monitor_interval=LOCAL_MONITOR_S if local else 0.1,
         logs_specs=logs_specs(options),
     )
-    try:
-        elastic_launch(config, sys.executable)("-u", "-m", "distfinalize", *argv)
-    except ChildFailedError as exc:
-        return child_failure(exc.failures)
-    except SignalException as exc:
-        return 128 + int(exc.sigval), None  # the ranks got the signal too, and said so
-    except RendezvousError as exc:
-        where = options.rdzv_endpoint or "localhost"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LaunchError(
-            f"the ranks could not meet at the rendezvous ({first})",
-            where=where,
-            hint="check --rdzv-endpoint HOST:PORT and that every node runs the same command",
-        ) from exc
-    return 0, None
+
+
+def free_port() -> int:
+    """A TCP port no socket of this host listens on now (the agent's store binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def rendezvous_error(options: AgentOptions, exc: BaseException) -> LaunchError:
+    where = options.rdzv_endpoint or "localhost"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return LaunchError(
+        f"the ranks could not meet at the rendezvous ({first})",
+        where=where,
+        hint="check --rdzv-endpoint HOST:PORT and that every node runs the same command",
+    )
 
 
 def logs_specs(options: AgentOptions) -> LogsSpecs:

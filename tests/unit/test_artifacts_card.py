@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -165,3 +167,23 @@ def test_malformed_source_card_is_a_source_error(tmp_path: Path, header: str) ->
         write_model_card(dest(tmp_path), MINIMAL, existing)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "my-model.distfinalize-staging" / "README.md").exists()
+
+
+@pytest.mark.parametrize("info", [FULL, MINIMAL], ids=["full", "minimal"])
+def test_new_card_is_what_modelcard_writes(tmp_path: Path, info: CardInfo) -> None:
+    text = write_model_card(dest(tmp_path), info).read_text(encoding="utf-8")
+    assert ModelCard(text).content == text
+
+
+def test_new_card_leaves_the_hub_client_unloaded(tmp_path: Path) -> None:
+    """Rank 0 writes the card while the other ranks wait: huggingface_hub.repocard loads the Hub client."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from distfinalize.artifacts.card import CardInfo, write_model_card\n"
+        f"write_model_card(Path({str(dest(tmp_path))!r}), CardInfo('dcp', 'ckpt', 1, 2, 'bfloat16', None, None))\n"
+        "print(sorted(m for m in sys.modules if m in ('huggingface_hub.repocard', 'huggingface_hub.hf_api')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
+    assert (tmp_path / "my-model.distfinalize-staging" / "README.md").is_file()
