@@ -185,7 +185,7 @@ class DcpTensorReader:
 
     def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of `key` (stored dtype, CPU), from the chunks that hold them (each read whole and
-        verified, as `read` does)."""
+        verified, as `read` does); the chunk itself, not a copy, when the rows are exactly one stored chunk."""
         meta = self.tensors[key]
         if not meta.shape:
             return self.read([key])[key]
@@ -194,6 +194,9 @@ class DcpTensorReader:
             for c in self.stored(key)
             if c.offsets[0] < stop and c.offsets[0] + c.sizes[0] > start
         ]
+        if len(wanted) == 1 and exactly(wanted[0], start, stop, meta.shape):
+            [(_, data)] = list(self.load_chunks(wanted))
+            return data  # a view of the verified record: no copy
         out = torch.empty((stop - start, *meta.shape[1:]), dtype=meta.dtype)
         for number, data in self.load_chunks(wanted):
             chunk = wanted[number]
@@ -280,6 +283,11 @@ class DcpTensorReader:
                 where=f"{self.path} ({', '.join(files[:4])}{' ...' if len(files) > 4 else ''})",
                 hint=hint,
             ) from exc
+
+
+def exactly(chunk: SourceChunk, start: int, stop: int, shape: tuple[int, ...]) -> bool:
+    """Whether `chunk` holds rows [start, stop) of a tensor of `shape` whole, and nothing else. Pure."""
+    return chunk.offsets[0] == start and chunk.sizes[0] == stop - start and tuple(chunk.sizes[1:]) == tuple(shape[1:])
 
 
 def _permission_error(exc: BaseException) -> PermissionError | None:

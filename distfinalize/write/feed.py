@@ -34,6 +34,7 @@ from distfinalize.write.exchange import ExchangeSchedule, Round, Transfer
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Failed = Callable[[], BaseException | None]
+CHUNK_BLOCK_BYTES = 2**19  # see chunk_blocks: below this, the per-block work outweighs the copy saved
 Feed = Iterator[tuple]  # (TensorPlan, inputs) for a whole tensor; (TensorPlan, inputs, (start, stop)) for rows
 
 
@@ -59,23 +60,43 @@ def read_batches(items: Sequence[T], limit: int, size_of: Callable[[T], int] = s
 def read_feed(tensors: Sequence[TensorPlan], reader: TensorReader, batch_bytes: int, failed: Failed) -> Feed:
     """This rank's tensors read by itself, in order, `batch_bytes` of source data at a time. A tensor larger than
     that comes in blocks of rows (`row_blocks`), each as (tensor, (rows,), (start, stop)), when its transform
-    allows (transform.cast.row_group). Runs on: each rank."""
+    allows (transform.cast.row_group); so does a tensor stored in large chunks of whole rows (`chunk_blocks`).
+    Runs on: each rank."""
     for batch in read_batches(tensors, batch_bytes):
         if failed() is not None:
             return
         t = batch[0]
         if len(batch) == 1 and t.source_nbytes > batch_bytes and t.shape[0] > 1 and (group := row_group(t)):
             rows = t.shape[0]
-            for start, stop in row_blocks(
-                rows, t.source_nbytes // rows, batch_bytes, group, reader.row_cuts(t.source_key)
-            ):
+            cuts = reader.row_cuts(t.source_key)
+            blocks = chunk_blocks(t, reader) or row_blocks(rows, t.source_nbytes // rows, batch_bytes, group, cuts)
+            for start, stop in blocks:
                 if failed() is not None:
                     return
                 yield t, (reader.read_rows(t.source_key, start, stop),), (start, stop)
             continue
-        data = reader.read([key for t in batch for key in t.source_keys])
+        blocks = {t.name: b for t in batch if (b := chunk_blocks(t, reader))}
+        data = reader.read([key for t in batch if t.name not in blocks for key in t.source_keys])
         for t in batch:
-            yield t, tuple(data.pop(key) for key in t.source_keys)
+            if t.name not in blocks:
+                yield t, tuple(data.pop(key) for key in t.source_keys)
+                continue
+            for start, stop in blocks[t.name]:
+                if failed() is not None:
+                    return
+                yield t, (reader.read_rows(t.source_key, start, stop),), (start, stop)
+
+
+def chunk_blocks(t: TensorPlan, reader: TensorReader) -> list[tuple[int, int]] | None:
+    """The blocks of rows, one per stored chunk, in which a tensor only cast goes through when it is stored in
+    chunks of whole rows of at least CHUNK_BLOCK_BYTES on average: each block is the chunk as read, so the tensor
+    is never put together in memory. None: read it whole. Pure, but for the reader's row cuts."""
+    if t.quant is not None or row_group(t) != 1 or t.shape[0] < 2:
+        return None
+    cuts = reader.row_cuts(t.source_key)
+    if cuts is None or len(cuts) < 2 or t.source_nbytes < CHUNK_BLOCK_BYTES * len(cuts):
+        return None
+    return row_blocks(t.shape[0], t.source_nbytes // t.shape[0], 1, 1, cuts)
 
 
 def exchange_feed(schedule: ExchangeSchedule, ctx: DistContext, reader, failed: Failed) -> Feed:
