@@ -13,10 +13,12 @@ sys.path.insert(0, str(Path(__file__).parent / "trainers"))
 import common  # before transformers: it leaves out the import-time messages no user can act on
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 
 def main() -> None:
     dest, run = Path(sys.argv[1]), Path(sys.argv[2])
+    hf_logging.disable_progress_bar()  # a bar over a model this small only flashes by
     model = AutoModelForCausalLM.from_pretrained(dest).eval()
     ids = common.reference_input()
     with torch.no_grad():
