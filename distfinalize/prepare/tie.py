@@ -2,10 +2,11 @@
 once, as tied embeddings? Asked only when both are in the checkpoint with the same shape and dtype, and neither
 gets a LoRA merge (the merged weights would differ).
 
-With `--strategy read`, rank 0 reads both tensors. With `exchange` (node-local disks, where rank 0 may not hold
-the files), each rank compares the chunk pairs in the files it reads, and the answers are combined: tied only
-when every chunk pair is equal. Chunk pairs that do not sit at the same place in the same reader's files cannot be
-compared without moving them, so the answer is then "not tied" (lm_head kept: correct output, one copy more).
+With `--strategy read`, rank 0 compares both tensors. Chunk pairs are first told apart by the CRC-32s their records
+store (a few KB read), so an untied model reads no tensor data. With `exchange` (node-local disks, where rank 0 may
+not hold the files), each rank compares the chunk pairs in the files it reads, and the answers are combined: tied
+only when every chunk pair is equal. Chunk pairs that do not sit at the same place in the same reader's files cannot
+be compared without moving them, so the answer is then "not tied" (lm_head kept: correct output, one copy more).
 """
 
 from __future__ import annotations
@@ -42,14 +43,35 @@ def tied_head(pairs: Sequence[tuple[TensorMeta, TensorMeta]], source) -> str | N
 
 
 def identical(head: TensorMeta, embed: TensorMeta, reader, chunks: Mapping[str, Sequence[SourceChunk]] | None) -> bool:
-    """Whether both hold the same data: chunk pair by chunk pair when both are stored at the same places (DCP),
-    stopping at the first difference, so an untied model costs one chunk of each; else row block by row block
-    (COMPARE_BYTES of each), stopping alike."""
+    """Whether both hold the same bytes: chunk pair by chunk pair when both are stored at the same places (DCP,
+    `pairs_equal`), stopping at the first difference; else row block by row block (COMPARE_BYTES of each),
+    stopping alike."""
     both = chunks is not None and head.key in chunks and embed.key in chunks  # not from --base-model
     paired = paired_chunks(chunks[head.key], chunks[embed.key]) if both else None
     if paired is None:
-        return all(torch.equal(*pair) for pair in row_blocks(reader, head, embed))  # stops at the first False
-    return all(torch.equal(*reader.read_chunks(pair)) for pair in paired)  # all() stops at the first False
+        return all(same_bytes(*pair) for pair in row_blocks(reader, head, embed))  # stops at the first False
+    return pairs_equal(reader, paired)
+
+
+def pairs_equal(reader, pairs: Sequence[tuple[SourceChunk, SourceChunk]]) -> bool:
+    """Whether every chunk pair holds the same bytes, pair by pair, stopping at the first difference: first the
+    CRC-32s their records store (read from each record's last bytes), then, when those are equal or do not tell,
+    the chunks themselves (read whole and verified). An untied model costs a few KB of reads."""
+    for pair in pairs:
+        crcs = reader.stored_crcs(pair)
+        if None not in crcs and crcs[0] != crcs[1]:
+            return False
+        if not same_bytes(*reader.read_chunks(pair)):
+            return False
+    return True
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same bytes: writing one for both changes nothing (`torch.equal` would take
+    -0.0 for 0.0, and never a NaN for itself). Pure."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
 def row_blocks(reader, head: TensorMeta, embed: TensorMeta) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -84,9 +106,7 @@ def tie_share(
         if matched is None or any(readers[h.file] != readers[e.file] for h, e in matched):
             verdicts.append(False)
             continue
-        mine = [(h, e) for h, e in matched if readers[h.file] == rank]
-        data = reader.read_chunks([c for pair in mine for c in pair]) if mine else []
-        verdicts.append(all(torch.equal(data[2 * i], data[2 * i + 1]) for i in range(len(mine))))
+        verdicts.append(pairs_equal(reader, [(h, e) for h, e in matched if readers[h.file] == rank]))
     return verdicts
 
 

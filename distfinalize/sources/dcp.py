@@ -19,7 +19,7 @@ from distfinalize.errors import SourceError
 from distfinalize.sources import SourceChunk, SourceFormat, SourceInfo, TensorMeta
 from distfinalize.sources.dcp_metadata import data_file, load_metadata
 from distfinalize.sources.dcp_table import ChunkTable, DcpShared, StoredChunk, read_table
-from distfinalize.sources.distcp import ChunkError, load_chunk, read_chunk
+from distfinalize.sources.distcp import TAIL_BYTES, ChunkError, load_chunk, read_chunk, stored_crc
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
@@ -219,15 +219,7 @@ class DcpTensorReader:
         holds only the chunks it keeps."""
         located = []
         for number, c in enumerate(chunks):
-            if c.key not in self._places:
-                self._places[c.key] = {s.offsets: s for s in self.stored(c.key)}
-            info = self._places[c.key].get(tuple(c.offsets))
-            if info is None:
-                raise SourceError(
-                    f"no chunk of {c.key!r} at {list(c.offsets)} on this rank",
-                    where=self.path / ".metadata",
-                    hint="distfinalize shares each rank only the chunks it reads; this is a bug, please report it",
-                )
+            info = self._place(c)
             located.append((info.file, info.offset, number, info))
         files = {relative: data_file(self.path, relative) for relative, *_ in located}  # inside the checkpoint
         with self._read_errors([c.key for c in chunks]):
@@ -250,6 +242,38 @@ class DcpTensorReader:
             finally:
                 if file is not None:
                     file.close()
+
+    def stored_crcs(self, chunks: Sequence[SourceChunk]) -> list[int | None]:
+        """Per chunk, the CRC-32 its record stores for its data (`distcp.stored_crc`), from the record's last
+        TAIL_BYTES alone; None where they do not tell. Chunks whose CRCs differ hold different data; equal ones
+        must still be read to be compared."""
+        crcs: list[int | None] = []
+        with self._read_errors([c.key for c in chunks]):
+            for c in chunks:
+                info = self._place(c)
+                if info.transforms:
+                    crcs.append(None)
+                    continue
+                tail = min(info.length, TAIL_BYTES)
+                start = info.offset + info.length - tail
+                with open(data_file(self.path, info.file), "rb", buffering=0) as file:
+                    data = read_chunk(file, start, tail, f"{info.file} bytes {start}-{start + tail}")
+                nbytes = math.prod(c.sizes) * self.tensors[c.key].dtype.itemsize
+                crcs.append(stored_crc(memoryview(data.numpy()), info.length, nbytes))
+        return crcs
+
+    def _place(self, chunk: SourceChunk) -> StoredChunk:
+        """Where `chunk` is stored, from this rank's chunk lists."""
+        if chunk.key not in self._places:
+            self._places[chunk.key] = {s.offsets: s for s in self.stored(chunk.key)}
+        info = self._places[chunk.key].get(tuple(chunk.offsets))
+        if info is None:
+            raise SourceError(
+                f"no chunk of {chunk.key!r} at {list(chunk.offsets)} on this rank",
+                where=self.path / ".metadata",
+                hint="distfinalize shares each rank only the chunks it reads; this is a bug, please report it",
+            )
+        return info
 
     @contextlib.contextmanager
     def _read_errors(self, keys: Sequence[str]) -> Iterator[None]:

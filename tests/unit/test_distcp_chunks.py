@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from distfinalize.errors import SourceError
 from distfinalize.sources.dcp import DcpSource
 from distfinalize.sources.dcp_metadata import load_metadata
-from distfinalize.sources.distcp import BufferFile, ChunkError, load_chunk, zip_records
+from distfinalize.sources.distcp import TAIL_BYTES, BufferFile, ChunkError, load_chunk, stored_crc, zip_records
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -108,3 +108,16 @@ def test_read_rows_gives_those_rows_of_each_tensor(tmp_path: Path) -> None:
     for key, tensor in state.items():
         for start, stop in ((0, 1), (3, 10), (tensor.shape[0] - 2, tensor.shape[0])):
             assert torch.equal(reader.read_rows(key, start, stop), tensor[start:stop]), key
+
+
+def test_the_stored_crc_comes_from_the_record_tail_alone(tmp_path: Path) -> None:
+    path, state = saved(tmp_path)
+    info = storage_of(path, "w")
+    record = (path / info.relative_path).read_bytes()[info.offset : info.offset + info.length]
+    [storage] = [r for r in zip_records(memoryview(record), "w") if r.name.endswith("/data/0")]
+    tail = memoryview(record)[-TAIL_BYTES:]
+    assert info.length > TAIL_BYTES and stored_crc(tail, info.length, state["w"].nbytes) == storage.crc
+    assert stored_crc(tail, info.length, state["w"].nbytes + 2) is None  # not exactly the tensor's bytes
+    assert stored_crc(tail[-100:], info.length, state["w"].nbytes) is None  # the directory starts before the tail
+    source = DcpSource(path)
+    assert source.reader().stored_crcs(list(source.chunks()["w"])) == [storage.crc]

@@ -35,28 +35,45 @@ def test_under_exchange_a_pair_read_by_two_ranks_is_not_tied_and_nothing_is_read
 
 
 class CountingReader:
-    """The real DCP reader, counting the chunks it is asked for."""
+    """The real DCP reader, counting the chunks it is asked to read and to give the stored CRC-32 of."""
 
     def __init__(self, reader) -> None:
-        self.reader, self.chunks = reader, 0
+        self.reader, self.chunks, self.crcs = reader, 0, 0
 
     def read_chunks(self, chunks):
         self.chunks += len(chunks)
         return self.reader.read_chunks(chunks)
 
+    def stored_crcs(self, chunks):
+        self.crcs += len(chunks)
+        return self.reader.stored_crcs(chunks)
 
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-@pytest.mark.parametrize("same", [True, False])
-def test_rank0_compares_chunk_pairs_of_a_dcp_checkpoint(tmp_path: Path, same: bool) -> None:
-    embed = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
-    head = embed.clone() if same else embed + 1
+
+def counted_source(tmp_path: Path, embed: torch.Tensor, head: torch.Tensor) -> tuple[DcpSource, CountingReader]:
     dcp.save({"model.embed_tokens.weight": embed, "lm_head.weight": head}, checkpoint_id=str(tmp_path), no_dist=True)
     source = DcpSource(tmp_path)
     counting = CountingReader(source.reader())
     source.reader = lambda: counting
-    pairs = candidates(source.tensors, {})
-    assert tied_head(pairs, source) == ("lm_head.weight" if same else None)
-    assert counting.chunks == 2  # one chunk of each, never the whole tensors through read()
+    return source, counting
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("same", [True, False])
+def test_rank0_compares_chunk_pairs_of_a_dcp_checkpoint(tmp_path: Path, same: bool) -> None:
+    embed = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))  # a record larger than TAIL_BYTES
+    source, counting = counted_source(tmp_path, embed, embed.clone() if same else embed + 1)
+    assert tied_head(candidates(source.tensors, {}), source) == ("lm_head.weight" if same else None)
+    assert counting.crcs == 2  # the CRC-32 each record stores, from its last bytes
+    assert counting.chunks == (2 if same else 0)  # equal CRCs: one chunk of each read; different: none
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_head_that_differs_only_in_the_sign_of_a_zero_is_not_tied(tmp_path: Path) -> None:
+    embed = torch.zeros(64, 48)
+    head = embed.clone()
+    head[3, 5] = -0.0  # torch.equal takes it for 0.0; written once, lm_head's bytes would change
+    source, _ = counted_source(tmp_path, embed, head)
+    assert tied_head(candidates(source.tensors, {}), source) is None
 
 
 def test_candidates_skip_merged_and_combine_needs_every_rank() -> None:
