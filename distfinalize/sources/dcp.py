@@ -101,9 +101,10 @@ class DcpSource:
         writer rank, place in the tensor (for --strategy exchange and the tie check)."""
         itemsizes = {t.key: t.dtype.itemsize for t in self.tensors}
         writer = self.shared.files.__getitem__
+        named = {name: name for name in self.shared.files}.__getitem__  # one str per file: later lookups find it
         out = {}
         for key, chunks in self.table.items():  # each tensor's chunks built a column at a time, at C speed
-            names, sizes = list(map(_FILE, chunks)), list(map(_SIZES, chunks))
+            names, sizes = list(map(named, map(_FILE, chunks))), list(map(_SIZES, chunks))
             nbytes = map(mul, map(math.prod, sizes), repeat(itemsizes[key]))
             columns = zip(
                 repeat(key), map(_INDEX, chunks), names, map(writer, names), map(_OFFSETS, chunks), sizes, nbytes
