@@ -113,6 +113,9 @@ class Stored:
             if not head and cut == hi:
                 out.append(Parts(self.chunks[lo:hi], (None,) * (hi - lo), self.readers[lo:hi], self.sizes[lo:hi]))
                 continue
+            if cut - lo < 64:  # few chunks: cut them one by one
+                out.append(self._clip(range(head.start if head else lo, hi), (first, last)))
+                continue
             before, after = self._clip(head, (first, last)), self._clip(range(cut, hi), (first, last))
             out.append(
                 Parts(
