@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -35,9 +35,10 @@ class TensorMeta:
         return self.numel * self.dtype.itemsize
 
 
-@dataclass(frozen=True)
-class SourceChunk:
-    """One stored chunk of a tensor: which file holds it, where it sits in the tensor, its decoded size."""
+class SourceChunk(NamedTuple):
+    """One stored chunk of a tensor: which file holds it, where it sits in the tensor, its decoded size. (A
+    NamedTuple, immutable like a frozen dataclass: rank 0 makes one per stored chunk, millions for the largest
+    checkpoints, and builds them in bulk.)"""
 
     key: str  # the tensor's storage key
     index: int  # the chunk's index among the tensor's chunks

@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from itertools import compress, repeat
+from operator import mod, not_
 
 
 def row_blocks(rows: int, row_bytes: int, limit: int, group: int, cuts: Sequence[int] | None) -> list[tuple[int, int]]:
     """A tensor's rows in blocks [start, stop) of at most `limit` bytes, each ending on a multiple of `group` rows
     (or the last row) and, when `cuts` are given (the rows where the source's stored chunks start, which are read
     whole), on a cut. A block that cannot be smaller goes alone, bigger. Pure."""
-    ends = range(1, rows + 1) if cuts is None else sorted({c for c in cuts if 0 < c < rows} | {rows})
-    ends = [e for e in ends if e % group == 0 or e == rows]
+    if cuts is None:
+        ends: Sequence[int] = range(1, rows)
+    else:  # the distinct cuts inside the tensor, sorted
+        ends = sorted(set(cuts))
+        ends = ends[bisect.bisect_right(ends, 0) : bisect.bisect_left(ends, rows)]
+    if group > 1:
+        ends = list(compress(ends, map(not_, map(mod, ends, repeat(group)))))
+    ends = [*ends, rows]
     per = max(1, limit // max(1, row_bytes))
     blocks, start, i = [], 0, 0
     while start < rows:

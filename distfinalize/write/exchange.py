@@ -41,23 +41,28 @@ rank sends or receives are built. Runs on: rank 0 (the whole schedule), or any r
 
 from __future__ import annotations
 
-import bisect
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
+from itertools import chain, compress, repeat
+from operator import add, itemgetter
+from typing import NamedTuple
 
 from distfinalize.plan import TensorPlan
 from distfinalize.sources import SourceChunk
-from distfinalize.transform.cast import row_group
-from distfinalize.write.blocks import row_blocks
+from distfinalize.write.exchange_parts import Parts, Stored, piece_rows
 
 Need = tuple[TensorPlan, tuple[int, int] | None]  # a tensor a rank writes, whole (None) or its rows [first, last)
 
+_FILE, _WRITER = (itemgetter(SourceChunk._fields.index(f)) for f in ("file", "writer"))
+_NOTHING = Parts((), (), (), ())
 
-@dataclass(frozen=True)
-class Transfer:
+
+class Transfer(NamedTuple):
     """Rows of one chunk read by rank `src` and delivered to rank `dst` (which writes them): the whole chunk
-    (`rows` None) or the tensor's rows [start, stop) of it."""
+    (`rows` None) or the tensor's rows [start, stop) of it. (A NamedTuple, immutable like a frozen dataclass: a
+    schedule holds one per stored chunk, millions for the largest checkpoints, built in bulk.)"""
 
     chunk: SourceChunk
     src: int
@@ -76,6 +81,9 @@ class Transfer:
         if self.rows is not None:
             return self.rows
         return (self.chunk.offsets[0], self.chunk.offsets[0] + self.chunk.sizes[0]) if self.chunk.offsets else None
+
+
+_NEW_TRANSFER = partial(tuple.__new__, Transfer)  # a Transfer from a tuple of its fields, without Python code
 
 
 @dataclass(frozen=True)
@@ -134,11 +142,14 @@ class ExchangeSchedule:
 
 @dataclass(frozen=True)
 class _Move:
-    """A piece on its way: its (chunk, rows) parts, and the bytes each reading rank sends of it."""
+    """A piece on its way: its (chunk, rows) parts, the bytes each reading rank sends of it, the chunks larger than
+    the budget it carries a slice of."""
 
     piece: Piece
-    parts: tuple[tuple[SourceChunk, tuple[int, int] | None], ...]
+    parts: Parts
     slices: Mapping[int, int]
+    largest: int = 0  # the largest slice
+    sliced: tuple[SourceChunk, ...] = ()
     ends: frozenset[SourceChunk] = frozenset()  # chunks whose last slice for this step this piece carries
 
 
@@ -158,110 +169,20 @@ def assign_readers(files: Mapping[str, int | None], world_size: int) -> dict[str
     return readers
 
 
-def piece_rows(
-    t: TensorPlan, span: tuple[int, int] | None, chunks: Sequence[SourceChunk], budget: int, nbytes: int | None = None
-) -> list[tuple[int, int]] | None:
-    """The blocks of source rows a writer's step moves in: None when it moves whole (a whole tensor that fits the
-    budget, or whose transform needs it whole), else blocks covering `span` (the rows the plan gives this rank;
-    None: all of them) on the recipe's row group, ending where stored chunks start and every `budget` bytes inside
-    a chunk larger than the budget. `chunks`: those holding rows of the span; `nbytes`: the whole tensor's stored
-    bytes (default: the chunks'). Pure."""
-    shape = t.source_shape or t.shape
-    if len(shape) < 1 or shape[0] < 1:
-        return None
-    nbytes = sum(c.nbytes for c in chunks) if nbytes is None else nbytes
-    whole = span is None
-    if span is None:
-        if nbytes <= budget or shape[0] < 2 or not (group := row_group(t)):
-            return None
-        span = (0, shape[0])
-    else:
-        group = 1  # the plan cuts only tensors cast row by row
-    row_bytes = max(1, nbytes // shape[0])
-    per = max(group, budget // row_bytes // group * group)
-    first, last = span
-    cuts = set()
-    for c in chunks:
-        start, stop = c.offsets[0], c.offsets[0] + c.sizes[0]
-        cuts.add(start)
-        if c.nbytes > budget:  # a chunk larger than a round: its rows go in slices of the budget
-            cuts.update(range((max(start, first) // per + 1) * per, min(stop, last), per))
-    blocks = row_blocks(last - first, row_bytes, budget, group, sorted(c - first for c in cuts if first < c < last))
-    if whole and len(blocks) == 1:
-        return None
-    return [(first + a, first + b) for a, b in blocks]
-
-
-@dataclass(frozen=True)
-class _Stored:
-    """A tensor's stored chunks sorted by first row (a 0-d tensor's as they are), their first rows, the most rows
-    one holds, and their bytes."""
-
-    chunks: tuple[SourceChunk, ...]
-    starts: tuple[int, ...]
-    longest: int
-    nbytes: int
-
-    @classmethod
-    def of(cls, chunks: Sequence[SourceChunk]) -> _Stored:
-        if not chunks or not chunks[0].offsets:
-            return cls(tuple(chunks), (), 1, sum(c.nbytes for c in chunks))
-        ordered = tuple(sorted(chunks, key=lambda c: c.offsets))
-        longest = max(c.sizes[0] for c in ordered)
-        return cls(ordered, tuple(c.offsets[0] for c in ordered), longest, sum(c.nbytes for c in ordered))
-
-    def overlapping(self, span: tuple[int, int] | None) -> Sequence[SourceChunk]:
-        """The chunks holding rows of `span` (None: all), found by bisection: O(log chunks + those)."""
-        if span is None or not self.starts:
-            return self.chunks
-        lo = bisect.bisect_left(self.starts, span[0] - self.longest + 1)
-        hi = bisect.bisect_left(self.starts, span[1])
-        return [c for c in self.chunks[lo:hi] if c.offsets[0] + c.sizes[0] > span[0]]
-
-
-def _parts(
-    chunks: Sequence[SourceChunk], blocks: Sequence[tuple[int, int]]
-) -> list[list[tuple[SourceChunk, tuple[int, int] | None]]]:
-    """The (chunk, rows) parts of each block: the rows of every chunk (sorted by first row) that fall in it, rows
-    None when the whole chunk does. One pass over both. Pure."""
-    out: list[list[tuple[SourceChunk, tuple[int, int] | None]]] = [[] for _ in blocks]
-    i = 0
-    for c in chunks:
-        lo = c.offsets[0]
-        hi = lo + c.sizes[0]
-        while i < len(blocks) and blocks[i][1] <= lo:
-            i += 1
-        j = i
-        while j < len(blocks) and blocks[j][0] < hi:
-            a, b = blocks[j]
-            a, b = max(lo, a), min(hi, b)
-            if a < b:
-                out[j].append((c, None if a == lo and b == hi else (a, b)))
-            j += 1
-    return out
-
-
-def _moves(rank: int, need: Need, stored: _Stored, readers: Mapping[str, int], budget: int) -> Iterator[_Move]:
+def _moves(rank: int, need: Need, stored: Stored, budget: int) -> Iterator[_Move]:
     """The pieces of one step for its writing `rank`, in row order, each with its parts, sender slices and the
-    chunks larger than the budget whose last slice for this step it carries."""
+    chunks larger than the budget it slices, and of those the ones whose last slice for this step it carries."""
     t, span = need
-    chunks = stored.overlapping(span)
-    blocks = piece_rows(t, span, chunks, budget, stored.nbytes)
-    if blocks is None:
-        groups: list[list[tuple[SourceChunk, tuple[int, int] | None]]] = [[(c, None) for c in chunks]]
-        last: dict[SourceChunk, int] = {}
-    else:
-        groups = _parts(chunks, blocks)
-        last = {c: n for n, g in enumerate(groups) for c, rows in g if rows is not None and c.nbytes > budget}
+    blocks = piece_rows(t, span, stored, budget)
+    groups = [stored.whole(span)] if blocks is None else stored.parts(blocks)
+    sliced = [g.sliced(budget) for g in groups]
+    last = {c: n for n, chunks in enumerate(sliced) for c in chunks}
     for number, group in enumerate(groups):
-        slices: dict[int, int] = {}
-        for c, rows in group:
-            reader = readers[c.file]
-            n = c.nbytes if rows is None else c.nbytes // c.sizes[0] * (rows[1] - rows[0])
-            slices[reader] = slices.get(reader, 0) + n
+        slices = group.slices()
         rows = None if blocks is None else blocks[number]
-        ends = frozenset(c for c, r in group if r is not None and last.get(c) == number) if last else frozenset()
-        yield _Move(Piece(rank, t, rows, sum(slices.values())), tuple(group), slices, ends)
+        ends = frozenset(c for c in sliced[number] if last[c] == number)
+        piece = Piece(rank, t, rows, sum(slices.values()))
+        yield _Move(piece, group, slices, max(slices.values(), default=0), sliced[number], ends)
 
 
 def need_bytes(need: Need) -> int:
@@ -289,18 +210,19 @@ def plan_exchange(
     """
     if budget <= 0:
         raise ValueError(f"exchange round budget must be positive, got {budget}")
-    readers = assign_readers({c.file: c.writer for cs in chunks.values() for c in cs}, world_size)
+    every = list(chain.from_iterable(chunks.values()))
+    readers = assign_readers(dict(zip(map(_FILE, every), map(_WRITER, every), strict=True)), world_size)
     steps = {r: deque(needs.get(r, ())) for r in range(world_size)}
     queues: dict[int, deque[_Move]] = {r: deque() for r in range(world_size)}
     left = {r: sum(need_bytes(n) for n in ns) for r, ns in steps.items()}
     current: dict[int, Need] = {}  # the step each writer is taking
-    stored: dict[str, _Stored] = {}
+    stored: dict[str, Stored] = {}
     slicing = _Slicing(readers, budget)
     busy = sorted((r for r in range(world_size) if steps[r]), key=lambda r: (-left[r], r))
     rounds = []
     while busy:
         for relaxed in (False, True):  # relaxed: a second chunk opens on a reader, when nothing else can move
-            received, sent = [0] * world_size, [0] * world_size
+            received, sending = [0] * world_size, _Sending(world_size, budget)
             transfers: list[Transfer] = []
             pieces: list[Piece] = []
             for dst in busy:
@@ -309,12 +231,12 @@ def plan_exchange(
                     if not queue:
                         need = current[dst] = steps[dst].popleft()
                         key = need[0].source_key
-                        held = stored.get(key) or stored.setdefault(key, _Stored.of(chunks[key]))
-                        queue.extend(_moves(dst, need, held, readers, budget))
+                        held = stored.get(key) or stored.setdefault(key, Stored.of(chunks[key], readers, budget))
+                        queue.extend(_moves(dst, need, held, budget))
                         if not queue:  # a tensor with no stored bytes (no chunks): nothing to move
-                            queue.append(_Move(Piece(dst, need[0], need[1], 0), (), {}))
+                            queue.append(_Move(Piece(dst, need[0], need[1], 0), _NOTHING, {}))
                     move = queue[0]
-                    if not _fits(received[dst], move.piece.nbytes, move.slices, sent, budget):
+                    if not sending.fits(received[dst], move):
                         break
                     if not relaxed and not slicing.allows(move):
                         break
@@ -323,12 +245,15 @@ def plan_exchange(
                     received[dst] += move.piece.nbytes
                     if not queue:  # a step's bytes leave its writer's count when it is complete: its order holds
                         left[dst] -= need_bytes(current[dst])
-                    for src, n in move.slices.items():
-                        sent[src] += n
+                    sending.add(move.slices)
+                    parts = move.parts
                     if rank is None or rank == dst:
-                        transfers += [Transfer(c, readers[c.file], dst, rows) for c, rows in move.parts]
+                        transfers += map(_NEW_TRANSFER, zip(parts.chunks, parts.readers, repeat(dst), parts.rows))
                     elif rank in move.slices:  # only the rows this rank sends
-                        transfers += [Transfer(c, rank, dst, rows) for c, rows in move.parts if readers[c.file] == rank]
+                        mine = compress(
+                            zip(parts.chunks, repeat(rank), repeat(dst), parts.rows), map(rank.__eq__, parts.readers)
+                        )
+                        transfers += map(_NEW_TRANSFER, mine)
                     pieces.append(move.piece)
             if pieces:
                 break
@@ -347,15 +272,12 @@ class _Slicing:
         self.readers, self.budget = readers, budget
         self.open: dict[int, tuple[SourceChunk, int]] = {}  # reader -> the chunk it is slicing, and for whom
 
-    def _sliced(self, move: _Move) -> Iterator[SourceChunk]:
-        return (c for c, rows in move.parts if rows is not None and c.nbytes > self.budget)
-
     def allows(self, move: _Move) -> bool:
         dst = move.piece.rank
-        return all(self.open.get(self.readers[c.file], (c, dst)) == (c, dst) for c in self._sliced(move))
+        return all(self.open.get(self.readers[c.file], (c, dst)) == (c, dst) for c in move.sliced)
 
     def take(self, move: _Move) -> None:
-        for c in self._sliced(move):
+        for c in move.sliced:
             reader, held = self.readers[c.file], (c, move.piece.rank)
             if c not in move.ends:
                 self.open[reader] = held
@@ -363,14 +285,30 @@ class _Slicing:
                 del self.open[reader]
 
 
-def _fits(received: int, incoming: int, outgoing: Mapping[int, int], sent: list[int], budget: int) -> bool:
-    """Whether a piece fits the round, checked for its receiver (`received` so far, `incoming` more) and each
-    sender's slice: each stays within the budget, or carries this piece (its slice of it) alone."""
-    if not outgoing:
-        return True
-    if received and received + incoming > budget:
-        return False
-    return all(sent[s] == 0 or sent[s] + n <= budget for s, n in outgoing.items())
+class _Sending:
+    """The bytes each rank sends in the round being built, and the most any one sends."""
+
+    def __init__(self, world_size: int, budget: int) -> None:
+        self.sent, self.most, self.budget = [0] * world_size, 0, budget
+
+    def fits(self, received: int, move: _Move) -> bool:
+        """Whether `move` fits the round, checked for its receiver (`received` so far) and each sender's slice: each
+        stays within the budget, or carries this piece (its slice of it) alone."""
+        if not move.slices:
+            return True
+        if received and received + move.piece.nbytes > self.budget:
+            return False
+        if self.most + move.largest <= self.budget:  # no sender can pass the budget
+            return True
+        now = list(map(self.sent.__getitem__, move.slices))  # the senders that already send: within the budget
+        return all(map(self.budget.__ge__, map(add, compress(now, now), compress(move.slices.values(), now))))
+
+    def add(self, slices: Mapping[int, int]) -> None:
+        """Count a piece's slices (each sender once)."""
+        sent = self.sent
+        now = list(map(add, map(sent.__getitem__, slices), slices.values()))
+        list(map(sent.__setitem__, slices, now))
+        self.most = max(self.most, max(now, default=0))
 
 
 def describe(schedule: ExchangeSchedule) -> dict[str, object]:

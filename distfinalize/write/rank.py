@@ -25,6 +25,7 @@ from distfinalize.dist.context import DistContext
 from distfinalize.errors import DestinationError
 from distfinalize.plan import FilePlan, Piece, Plan, TensorPlan, file_layout, piece_parts
 from distfinalize.sources import Source, TensorReader
+from distfinalize.sources.dcp_metadata import no_gc
 from distfinalize.transform.cast import transform
 from distfinalize.write.blocks import row_blocks
 from distfinalize.write.exchange import ExchangeSchedule, Round, Transfer, plan_exchange, round_budget
@@ -195,7 +196,11 @@ def exchange_plan_feed(plan: Plan, ctx: DistContext, source: Source, path: DataP
     """The exchange feed: rank 0 (which holds the whole chunk table) schedules every rank's needs, skipping every
     rank's reused files, and each rank receives only its own part of the schedule (`split_schedule`)."""
     skipped = ctx.run_step("exchange plan", lambda: reused, collect="rank0")
-    whole = lambda: split_schedule(exchange_schedule(plan, source, path, skipped), plan.world_size)  # noqa: E731
+
+    def whole() -> list[ExchangeSchedule]:  # millions of chunk and transfer objects, all alive: the collector paused
+        with no_gc():
+            return split_schedule(exchange_schedule(plan, source, path, skipped), plan.world_size)
+
     schedule = relink(ctx.run_step("exchange schedule", whole, ranks="rank0", scatter=True), plan, ctx.rank)
     log.debug(
         "exchange: %d round(s), %d file(s) read here",
