@@ -69,13 +69,13 @@ def read_feed(tensors: Sequence[TensorPlan], reader: TensorReader, batch_bytes: 
         if len(batch) == 1 and t.source_nbytes > batch_bytes and t.shape[0] > 1 and (group := row_group(t)):
             rows = t.shape[0]
             cuts = reader.row_cuts(t.source_key)
-            blocks = chunk_blocks(t, reader) or row_blocks(rows, t.source_nbytes // rows, batch_bytes, group, cuts)
+            blocks = chunk_blocks(t, cuts) or row_blocks(rows, t.source_nbytes // rows, batch_bytes, group, cuts)
             for start, stop in blocks:
                 if failed() is not None:
                     return
                 yield t, (reader.read_rows(t.source_key, start, stop),), (start, stop)
             continue
-        blocks = {t.name: b for t in batch if (b := chunk_blocks(t, reader))}
+        blocks = {t.name: b for t in batch if (b := chunk_blocks(t, reader.row_cuts(t.source_key)))}
         data = reader.read([key for t in batch if t.name not in blocks for key in t.source_keys])
         for t in batch:
             if t.name not in blocks:
@@ -87,13 +87,12 @@ def read_feed(tensors: Sequence[TensorPlan], reader: TensorReader, batch_bytes: 
                 yield t, (reader.read_rows(t.source_key, start, stop),), (start, stop)
 
 
-def chunk_blocks(t: TensorPlan, reader: TensorReader) -> list[tuple[int, int]] | None:
+def chunk_blocks(t: TensorPlan, cuts: Sequence[int] | None) -> list[tuple[int, int]] | None:
     """The blocks of rows, one per stored chunk, in which a tensor only cast goes through when it is stored in
     chunks of whole rows of at least CHUNK_BLOCK_BYTES on average: each block is the chunk as read, so the tensor
-    is never put together in memory. None: read it whole. Pure, but for the reader's row cuts."""
+    is never put together in memory. None: read it whole. `cuts`: the reader's `row_cuts`. Pure."""
     if t.quant is not None or row_group(t) != 1 or t.shape[0] < 2:
         return None
-    cuts = reader.row_cuts(t.source_key)
     if cuts is None or len(cuts) < 2 or t.source_nbytes < CHUNK_BLOCK_BYTES * len(cuts):
         return None
     return row_blocks(t.shape[0], t.source_nbytes // t.shape[0], 1, 1, cuts)
